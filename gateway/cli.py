@@ -1,0 +1,193 @@
+"""The ``geopera-gateway`` command: ``serve``, ``demo`` and ``emulator``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import configure_logging
+
+log = logging.getLogger("gateway.cli")
+
+DEMO_API_KEY = "gpra_demo_local_emulator_only"
+"""Key the demo uses with its bundled emulator when GEOPERA_API_KEY is not set."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="geopera-gateway",
+        description="Caching XYZ tile and download proxy for the Geopera imagery API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("GEOPERA_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("GEOPERA_CONFIG"),
+        help="config file (default: $GEOPERA_CONFIG, else the packaged demo config)",
+    )
+    serve.add_argument("--host", help="listen address (default: server.host from the config)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port and the disk cache (default 1)",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log one line per request")
+
+    demo = sub.add_parser("demo", help="run the bundled emulator and the gateway on sample data")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument(
+        "--emulator-port",
+        type=int,
+        default=0,
+        help="port for the bundled emulator (default: any free port)",
+    )
+    demo.add_argument("--access-log", action="store_true", help="log one line per request")
+
+    emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=int, default=8081)
+    emu.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="accept only this key (repeatable; default: any gpra_ key)",
+    )
+    emu.add_argument(
+        "--delay-ms", type=float, default=0.0, help="added latency per upstream call, milliseconds"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2 for a configuration error)."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _emulator(args)
+    except ConfigError as exc:
+        print(f"geopera-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import run_single, run_workers
+
+    settings = load_settings(args.config)
+    host = args.host or settings.server.host
+    port = settings.server.port if args.port is None else args.port
+    if args.workers < 1:
+        print("geopera-gateway: --workers must be 1 or more", file=sys.stderr)
+        return 2
+    _print_urls(settings, f"http://{_url_host(host)}:{port}")
+    if args.workers == 1:
+        run_single(settings, host, port, access_log=args.access_log)
+        return 0
+    return run_workers(
+        args.config, host, port, args.workers, access_log=args.access_log, log_level=args.log_level
+    )
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    try:
+        from gateway.emulator import run_emulator
+    except ImportError:
+        print(
+            "geopera-gateway: the emulator needs rio-tiler: "
+            "pip install 'geopera-gateway[emulator]'",
+            file=sys.stderr,
+        )
+        return 2
+    run_emulator(args.host, args.port, api_keys=args.api_keys, delay_ms=args.delay_ms)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from gateway.emulator import start_emulator
+    except ImportError:
+        print(
+            "geopera-gateway: the demo needs rio-tiler: pip install 'geopera-gateway[emulator]'",
+            file=sys.stderr,
+        )
+        return 2
+    from gateway.server import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_run_demo(args, start_emulator))
+    finally:
+        loop.close()
+
+
+async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
+    from aiohttp import web
+
+    from gateway.app import create_app
+
+    emulator_runner, emulator_url = await start_emulator("127.0.0.1", args.emulator_port)
+    env = dict(os.environ)
+    env["GEOPERA_BASE_URL"] = emulator_url
+    env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
+    settings = load_settings(None, environ=env)
+    logger = logging.getLogger("aiohttp.access") if args.access_log else None
+    runner = web.AppRunner(create_app(settings), access_log=logger)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port).start()
+        print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
+        _print_urls(settings, f"http://{_url_host(args.host)}:{args.port}")
+        print("Press Ctrl+C to stop.", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await emulator_runner.cleanup()
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _print_urls(settings: Settings, base: str) -> None:
+    """Print ready-to-use tile URLs for every layer (XYZ templates and one sample tile)."""
+    print(f"geopera-gateway {__version__} on {base}  (config: {settings.source})")
+    for layer in settings.layers.values():
+        fmt = layer.formats[0]
+        print(
+            f"  {layer.name:<12} {layer.kind:<8} {base}/tiles/{layer.name}/{{z}}/{{x}}/{{y}}"
+            f".{fmt}   zoom {layer.minzoom}-{layer.maxzoom}"
+        )
+    if settings.default_layer:
+        print(f"  default layer: {base}/tiles/{{z}}/{{x}}/{{y}}.png -> {settings.default_layer}")
+    sys.stdout.flush()

@@ -1,0 +1,193 @@
+"""Settings: one TOML file plus environment overrides, validated at start.
+
+The file names the upstream, the cache and the layers (see ``config/gateway.toml`` and the
+README's config reference). The Geopera API key never lives in the file: it comes from
+``GEOPERA_API_KEY`` or from the file named by ``upstream.api_key_file`` /
+``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL`` overrides ``upstream.base_url`` and
+``GEOPERA_CACHE_DIR`` overrides ``cache.directory``.
+
+Every problem raises :class:`ConfigError` whose message names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway.configfile import ConfigError, TableReader
+from gateway.layers import Layer, parse_layers
+from gateway.secrets import Secret
+
+DEFAULT_CONFIG_NAME = "gateway.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """How to reach Geopera: base URL, credentials and HTTP client limits.
+
+    Timeouts are in seconds; ``max_connections`` bounds the httpx connection pool.
+    """
+
+    base_url: str
+    api_key: Secret
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_connections: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Where the gateway listens (``host``, TCP ``port``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The tile cache: a diskcache directory with an LRU size limit plus a memory hot tier.
+
+    Sizes are bytes; ``empty_ttl_s`` is the negative TTL (seconds) for tiles the upstream
+    reported empty.
+    """
+
+    directory: Path
+    size_limit_bytes: int = 1 << 30
+    memory_bytes: int = 64 << 20
+    empty_ttl_s: int = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway needs to start, already validated."""
+
+    source: str
+    upstream: UpstreamSettings
+    server: ServerSettings
+    cache: CacheSettings
+    layers: dict[str, Layer] = field(default_factory=dict)
+    default_layer: str | None = None
+
+
+def default_config_path() -> Path:
+    """The demo configuration shipped inside the package (``gateway/defaults/gateway.toml``)."""
+    return Path(str(resources.files("gateway") / "defaults" / DEFAULT_CONFIG_NAME))
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate a config file, applying environment overrides.
+
+    ``path=None`` loads the packaged demo config. ``environ`` defaults to ``os.environ``.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown or wrong-typed key, bad layer, or no
+            API key (the message says how to set ``GEOPERA_API_KEY``).
+    """
+    env = os.environ if environ is None else environ
+    file = Path(path) if path is not None else default_config_path()
+    source = str(file)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found; pass --config PATH") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+    top = TableReader(source, "", raw)
+    top.reject_unknown({"upstream", "server", "cache", "layers"})
+    upstream = _upstream(TableReader(source, "upstream", top.get("upstream", dict, {})), env)
+    server = _server(TableReader(source, "server", top.get("server", dict, {})))
+    cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env)
+    layer_tables = top.get("layers", list, [])
+    layers, default_layer = parse_layers(source, layer_tables)
+    return Settings(source, upstream, server, cache, layers, default_layer)
+
+
+def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:
+    r.reject_unknown(
+        {
+            "base_url",
+            "api_key_file",
+            "connect_timeout_s",
+            "read_timeout_s",
+            "max_connections",
+            "api_key",
+        }
+    )
+    if "api_key" in r.table:
+        raise r.error(
+            "api_key",
+            "the API key must not be written in a config file; "
+            "set GEOPERA_API_KEY or upstream.api_key_file instead",
+        )
+    base_url = env.get("GEOPERA_BASE_URL") or r.get("base_url", str)
+    if not base_url:
+        raise r.error(
+            "base_url",
+            "missing; set it to https://api.geopera.com or the emulator's "
+            "URL, or export GEOPERA_BASE_URL",
+        )
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.error("base_url", f"must be an http(s) URL with a host, got {base_url!r}")
+    return UpstreamSettings(
+        base_url=base_url.rstrip("/"),
+        api_key=_api_key(r, env),
+        connect_timeout_s=r.positive("connect_timeout_s", float, 5.0),
+        read_timeout_s=r.positive("read_timeout_s", float, 30.0),
+        max_connections=r.positive("max_connections", int, 64),
+    )
+
+
+def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:
+    value = env.get("GEOPERA_API_KEY", "").strip()
+    key_file = env.get("GEOPERA_API_KEY_FILE") or r.get("api_key_file", str)
+    if not value and key_file:
+        try:
+            value = Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise r.error("api_key_file", f"cannot read {key_file!r}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(
+            f"{r.source}: upstream: no Geopera API key; export GEOPERA_API_KEY=gpra_... "
+            "or set upstream.api_key_file (or GEOPERA_API_KEY_FILE) to a file holding it"
+        )
+    if any(c.isspace() for c in value) or not value.isprintable():
+        raise ConfigError(
+            f"{r.source}: upstream: the Geopera API key contains whitespace or "
+            "control characters; check GEOPERA_API_KEY or the key file"
+        )
+    return Secret(value)
+
+
+def _server(r: TableReader) -> ServerSettings:
+    r.reject_unknown({"host", "port"})
+    port = r.get("port", int, 8080)
+    if not 0 <= port <= 65535:
+        raise r.error("port", f"must be 0..65535, got {port}")
+    return ServerSettings(host=r.get("host", str, "127.0.0.1"), port=port)
+
+
+def _cache(r: TableReader, env: Mapping[str, str]) -> CacheSettings:
+    r.reject_unknown({"directory", "size_limit_bytes", "memory_bytes", "empty_ttl_s"})
+    directory = env.get("GEOPERA_CACHE_DIR") or r.get("directory", str)
+    if not directory:
+        raise r.error("directory", "missing; name a writable directory for the tile cache")
+    memory = r.get("memory_bytes", int, 64 << 20)
+    if memory < 0:
+        raise r.error("memory_bytes", f"must be 0 (off) or more, got {memory}")
+    return CacheSettings(
+        directory=Path(directory).expanduser(),
+        size_limit_bytes=r.positive("size_limit_bytes", int, 1 << 30),
+        memory_bytes=memory,
+        empty_ttl_s=r.positive("empty_ttl_s", int, 300),
+    )

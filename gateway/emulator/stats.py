@@ -1,0 +1,48 @@
+"""Per-operation call counters, read by tests (``app[STATS_KEY]``) and ``GET /_emulator/stats``."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any
+
+from aiohttp import web
+
+LOG_SIZE = 2000
+
+
+class EmulatorStats:
+    """Counts operation calls as they reach an operation handler, whatever the outcome.
+
+    Attributes:
+        calls: requests per operation id, e.g. ``calls["cog.tile.render"]``.
+        statuses: requests per ``(operation_id, http_status)``.
+        log: the last ``LOG_SIZE`` calls as ``(operation_id, body_dict_or_None, status)``;
+            the body is ``None`` when it was never parsed (auth failure, invalid JSON).
+    """
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.statuses: Counter[tuple[str, int]] = Counter()
+        self.log: deque[tuple[str, dict[str, Any] | None, int]] = deque(maxlen=LOG_SIZE)
+
+    def record(self, operation_id: str, body: dict[str, Any] | None, status: int) -> None:
+        """Count one answered call."""
+        self.calls[operation_id] += 1
+        self.statuses[(operation_id, status)] += 1
+        self.log.append((operation_id, body, status))
+
+    def reset(self) -> None:
+        """Forget every count and log entry."""
+        self.calls.clear()
+        self.statuses.clear()
+        self.log.clear()
+
+    def as_json(self) -> dict[str, dict[str, int]]:
+        """``{"calls": {op: n}, "statuses": {"op status": n}}`` for the HTTP stats endpoint."""
+        return {
+            "calls": dict(self.calls),
+            "statuses": {f"{op} {status}": n for (op, status), n in self.statuses.items()},
+        }
+
+
+STATS_KEY: web.AppKey[EmulatorStats] = web.AppKey("geopera_emulator_stats", EmulatorStats)

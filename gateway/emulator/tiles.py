@@ -1,0 +1,172 @@
+"""The ``cog.tile.render`` and ``cog.tile.terrain`` operations (Geopera COG & tiles operations).
+
+Request bodies follow the ``CogTileInput`` and ``CogTerrainInput`` schemas. Success is the
+tile image (200); an empty tile (outside the COG or fully masked) is ``204 No Content``.
+The ``aoi`` field is accepted (it must be a string) and ignored: tiles are not clipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from rio_tiler.colormap import cmap
+
+from .catalog import CATALOG_KEY, resolve_cog
+from .protocol import OperationHandler, RequestValidationError, field_error
+from .render import IMAGE_FORMATS, RenderInputError, render_tile, terrain_tile
+from .schema import Field, validate_body
+
+MAX_ZOOM = 30
+CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+_TILE_FIELDS = (
+    Field("url", str, required=True),
+    Field("z", int, required=True, ge=0, le=MAX_ZOOM),
+    Field("x", int, required=True, ge=0),
+    Field("y", int, required=True, ge=0),
+    Field("aoi", str),
+)
+RENDER_FIELDS = (
+    *_TILE_FIELDS,
+    Field("format", str, required=True, choices=tuple(IMAGE_FORMATS)),
+    Field("bands", str),
+    Field("expression", str),
+    Field("rescale", str),
+    Field("colormap", str),
+    Field("quality", int, ge=1, le=100),
+)
+TERRAIN_FIELDS = (*_TILE_FIELDS, Field("invert", bool))
+
+_BAND = re.compile(r"^[bB]?(\d+)$")
+_EXPRESSION = re.compile(r"^[A-Za-z0-9\s+\-*/%().,;<>=!&|~]{1,512}$")
+
+
+def _check_tile_matrix(values: dict[str, Any]) -> None:
+    """x and y must lie in 0..2**z-1 (z itself is already limited to 0..MAX_ZOOM)."""
+    last = 2 ** values["z"] - 1
+    errors = [
+        field_error(axis, f"Input should be less than or equal to {last}", "less_than_equal")
+        for axis in ("x", "y")
+        if values[axis] > last
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    """``"3,2,1"`` or ``"b3,b2,b1"`` -> ``(3, 2, 1)`` (1-based); 422 on anything else."""
+    matches = [_BAND.match(part.strip()) for part in text.split(",")]
+    if not all(matches) or any(int(m[1]) < 1 for m in matches if m):
+        raise RequestValidationError.single(
+            "bands", 'Value error, bands must be comma-separated 1-based indexes like "3,2,1"'
+        )
+    return tuple(int(m[1]) for m in matches if m)
+
+
+def parse_rescale(text: str) -> tuple[tuple[float, float], ...]:
+    """``"min,max"`` or per-band ``"min,max;min,max;..."`` -> ``((min, max), ...)``.
+
+    Each pair needs finite numbers with ``min < max``; 422 otherwise.
+    """
+    pairs: list[tuple[float, float]] = []
+    try:
+        for chunk in text.split(";"):
+            low_text, high_text = chunk.split(",")
+            low, high = float(low_text), float(high_text)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(chunk)
+            pairs.append((low, high))
+    except ValueError:
+        raise RequestValidationError.single(
+            "rescale",
+            'Value error, rescale must be "min,max" or per-band "min,max;min,max;...", min < max',
+        ) from None
+    return tuple(pairs)
+
+
+def _parse_colormap(name: str) -> str:
+    key = name.strip().lower()
+    if key not in cmap.list():
+        raise RequestValidationError.single("colormap", "Value error, unknown colormap name")
+    return key
+
+
+def _parse_expression(text: str) -> str:
+    if not _EXPRESSION.match(text):
+        raise RequestValidationError.single(
+            "expression", "Value error, expression contains unsupported characters"
+        )
+    return text
+
+
+def _cog_path(request: web.Request, url: str) -> Path:
+    return resolve_cog(request.app[CATALOG_KEY], url)
+
+
+async def _run(func: Any, *args: Any, **kwargs: Any) -> bytes | None:
+    """Run a blocking renderer in a worker thread; RenderInputError becomes a 422."""
+    try:
+        return await asyncio.to_thread(func, *args, **kwargs)
+    except RenderInputError as exc:
+        raise RequestValidationError.single(exc.field, f"Value error, {exc}") from None
+
+
+async def render_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """``cog.tile.render``: a 256x256 PNG/JPEG/WEBP tile, or 204 when empty."""
+    values = validate_body(body, RENDER_FIELDS)
+    _check_tile_matrix(values)
+    bands = parse_bands(values["bands"]) if "bands" in values else None
+    expression = _parse_expression(values["expression"]) if "expression" in values else None
+    if bands is not None and expression is not None:
+        raise RequestValidationError.single(
+            None, "Value error, bands and expression are mutually exclusive"
+        )
+    rescale = parse_rescale(values["rescale"]) if "rescale" in values else None
+    colormap = _parse_colormap(values["colormap"]) if "colormap" in values else None
+    path = _cog_path(request, values["url"])
+    image = await _run(
+        render_tile,
+        path,
+        values["z"],
+        values["x"],
+        values["y"],
+        img_format=values["format"],
+        bands=bands,
+        expression=expression,
+        rescale=rescale,
+        colormap=colormap,
+        quality=values.get("quality"),
+    )
+    if image is None:
+        return web.Response(status=204)
+    content_type = CONTENT_TYPES[IMAGE_FORMATS[values["format"]]]
+    return web.Response(body=image, content_type=content_type)
+
+
+async def terrain_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """``cog.tile.terrain``: a 256x256 Mapbox Terrain-RGB PNG (RGBA), or 204 when empty."""
+    values = validate_body(body, TERRAIN_FIELDS)
+    _check_tile_matrix(values)
+    path = _cog_path(request, values["url"])
+    image = await _run(
+        terrain_tile,
+        path,
+        values["z"],
+        values["x"],
+        values["y"],
+        invert=values.get("invert", False),
+    )
+    if image is None:
+        return web.Response(status=204)
+    return web.Response(body=image, content_type="image/png")
+
+
+TILE_OPERATIONS: dict[str, OperationHandler] = {
+    "cog.tile.render": render_operation,
+    "cog.tile.terrain": terrain_operation,
+}

@@ -1,0 +1,111 @@
+"""Pillow work: checking upstream images, blank tiles, and 512 px retina (``@2x``) tiles.
+
+The upstream renders 256 px tiles only, so an ``@2x`` tile at z/x/y is the four z+1 children
+pasted into a 512 px canvas and encoded in the asked format.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from functools import lru_cache
+
+from PIL import Image, UnidentifiedImageError
+
+TILE_SIZE = 256
+"""Edge of one upstream tile, pixels."""
+
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+SEA_LEVEL_TERRAIN_RGB = (1, 134, 160)
+"""Terrain-RGB pixel for 0 m: v = (0 + 10000) * 10 = 100000 = 0x0186A0 (Mapbox encoding)."""
+
+
+class ImageCheckError(ValueError):
+    """Bytes that are not a decodable image of the expected format and size."""
+
+
+def check_tile(body: bytes, fmt: str, size: int = TILE_SIZE) -> None:
+    """Verify that ``body`` is a ``size`` x ``size`` image in ``fmt`` (png, jpg, webp).
+
+    Raises:
+        ImageCheckError: undecodable bytes, another format, or another size.
+    """
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            found, dims = image.format, image.size
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageCheckError(f"not a decodable image ({type(exc).__name__})") from None
+    if found != PIL_FORMATS[fmt]:
+        raise ImageCheckError(f"expected {PIL_FORMATS[fmt]}, got {found}")
+    if dims != (size, size):
+        raise ImageCheckError(f"expected {size}x{size} pixels, got {dims[0]}x{dims[1]}")
+
+
+def encode(image: Image.Image, fmt: str, quality: int | None = None) -> bytes:
+    """Encode ``image`` as ``fmt``; JPEG drops alpha (transparent areas become black)."""
+    out = io.BytesIO()
+    if fmt == "jpg":
+        if image.mode != "RGB":
+            background = Image.new("RGB", image.size, (0, 0, 0))
+            if image.mode in ("RGBA", "LA"):
+                background.paste(image, mask=image.getchannel("A"))
+            else:
+                background.paste(image.convert("RGB"))
+            image = background
+        image.save(out, "JPEG", quality=quality or 85)
+    elif fmt == "webp":
+        image.save(out, "WEBP", quality=quality or 85)
+    else:
+        image.save(out, "PNG", optimize=False, compress_level=6)
+    return out.getvalue()
+
+
+@lru_cache(maxsize=16)
+def blank_tile(fmt: str, size: int = TILE_SIZE, terrain: bool = False) -> bytes:
+    """The tile served where a layer has no data, ``size`` px square, encoded as ``fmt``.
+
+    Raster PNG and WEBP are fully transparent; JPEG has no alpha channel, so it is black,
+    the colour the upstream gives masked pixels in JPEG. Terrain tiles are opaque sea level
+    (0 m in Terrain-RGB), so terrain renderers draw flat ground rather than a -10 km pit.
+    """
+    if terrain:
+        image = Image.new("RGB", (size, size), SEA_LEVEL_TERRAIN_RGB)
+    elif fmt == "jpg":
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+    else:
+        image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    return encode(image, fmt)
+
+
+def compose_2x(
+    children: Sequence[bytes | None], fmt: str, terrain: bool = False, quality: int | None = None
+) -> bytes:
+    """Paste four 256 px child tiles into one 512 px tile encoded as ``fmt``.
+
+    Args:
+        children: encoded child images in order top-left, top-right, bottom-left,
+            bottom-right (x, y), (x+1, y), (x, y+1), (x+1, y+1) at z+1; None for an empty
+            child, which is left blank (transparent, or sea level for terrain).
+        fmt: output format (png, jpg, webp).
+        terrain: children are Terrain-RGB; pixels are copied exactly, never resampled.
+
+    Raises:
+        ImageCheckError: a child cannot be decoded.
+    """
+    size = TILE_SIZE * 2
+    if terrain:
+        canvas = Image.new("RGBA", (size, size), (*SEA_LEVEL_TERRAIN_RGB, 255))
+    else:
+        canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    offsets = ((0, 0), (TILE_SIZE, 0), (0, TILE_SIZE), (TILE_SIZE, TILE_SIZE))
+    for body, offset in zip(children, offsets, strict=True):
+        if body is None:
+            continue
+        try:
+            with Image.open(io.BytesIO(body)) as child:
+                canvas.paste(child.convert("RGBA"), offset)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ImageCheckError(f"child tile not decodable ({type(exc).__name__})") from None
+    return encode(canvas, fmt, quality)

@@ -1,0 +1,113 @@
+"""Tile routes: ``GET /tiles/{layer}/{z}/{x}/{y}[@2x].{png|jpg|webp}`` and the short form
+``GET /tiles/{z}/{x}/{y}[@2x].png`` for the default layer. Both answer HEAD too.
+
+Handlers parse and validate the path strictly (400 for malformed, 404 for an unknown layer,
+400 for a tile outside the layer's zoom range or the z/x/y tile matrix, all problem+json),
+then hand a :class:`TileAddress` to the tile service and write its answer with a strong ETag,
+``Cache-Control: public, max-age=<seconds left>``, ``X-Cache`` and 304 for ``If-None-Match``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from gateway.layers import Layer
+from gateway.problem import bad_request, not_found
+from gateway.services.tiles import TileAddress, TileResult
+from gateway.state import LAYERS, SETTINGS, TILE_SERVICE
+
+_Z = re.compile(r"0|[1-9][0-9]?")
+_XY = re.compile(r"0|[1-9][0-9]{0,8}")
+_TAIL = re.compile(r"(?P<y>0|[1-9][0-9]{0,8})(?:@(?P<scale>[12])x)?\.(?P<fmt>[a-z0-9]{1,5})")
+
+
+def parse_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
+    """Validate a tile path against ``layer``.
+
+    Args:
+        z, x: path segments; ``tail`` is ``{y}.{fmt}`` or ``{y}@2x.{fmt}``.
+
+    Raises:
+        Problem: 400 for a malformed segment, a format the layer does not serve, a zoom
+            outside ``layer.minzoom..layer.maxzoom``, or x/y outside ``0..2^z-1``.
+    """
+    tail_match = _TAIL.fullmatch(tail)
+    if not _Z.fullmatch(z) or not _XY.fullmatch(x) or tail_match is None:
+        raise bad_request(
+            "Tile paths look like /tiles/{layer}/{z}/{x}/{y}.{format} or "
+            "{y}@2x.{format}, with decimal z, x and y.",
+            "malformed-tile-path",
+        )
+    zoom, col, row = int(z), int(x), int(tail_match["y"])
+    scale = int(tail_match["scale"] or 1)
+    fmt = tail_match["fmt"]
+    if fmt not in layer.formats:
+        raise bad_request(
+            f"Layer {layer.name!r} serves {', '.join(layer.formats)}, not {fmt!r}.",
+            "unsupported-format",
+        )
+    if not layer.minzoom <= zoom <= layer.maxzoom:
+        raise bad_request(
+            f"Layer {layer.name!r} has zoom levels {layer.minzoom} to "
+            f"{layer.maxzoom}; {zoom} is outside.",
+            "zoom-out-of-range",
+        )
+    limit = 1 << zoom
+    if col >= limit or row >= limit:
+        raise bad_request(f"At zoom {zoom}, x and y must be 0 to {limit - 1}.", "tile-out-of-range")
+    return TileAddress(layer, zoom, col, row, scale, fmt)
+
+
+def _respond(request: web.Request, result: TileResult) -> web.Response:
+    tile = result.tile
+    headers = {
+        "ETag": tile.etag,
+        "Cache-Control": f"public, max-age={tile.max_age()}",
+        "X-Cache": result.status,
+    }
+    if _etag_matches(request.headers.get("If-None-Match"), tile.etag):
+        return web.Response(status=304, headers=headers)
+    headers["Content-Type"] = tile.media_type
+    return web.Response(body=tile.body, headers=headers)
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match evaluation with weak comparison (RFC 9110 section 13.1.2)."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(candidate.strip().removeprefix("W/") == etag for candidate in header.split(","))
+
+
+async def layer_tile(request: web.Request) -> web.Response:
+    """``GET /tiles/{layer}/{z}/{x}/{y}[@2x].{fmt}``."""
+    info = request.match_info
+    layer = request.app[LAYERS].get(info["layer"])
+    if layer is None:
+        raise not_found(
+            f"No layer named {info['layer'][:64]!r}; GET /layers lists them.", "unknown-layer"
+        )
+    address = parse_tile(layer, info["z"], info["x"], info["tail"])
+    return _respond(request, await request.app[TILE_SERVICE].get(address))
+
+
+async def default_tile(request: web.Request) -> web.Response:
+    """``GET /tiles/{z}/{x}/{y}[@2x].png``: the layer marked ``default = true``."""
+    name = request.app[SETTINGS].default_layer
+    if name is None:
+        raise not_found(
+            "No default layer is configured; use /tiles/{layer}/{z}/{x}/{y}.png.",
+            "no-default-layer",
+        )
+    info = request.match_info
+    address = parse_tile(request.app[LAYERS][name], info["z"], info["x"], info["tail"])
+    return _respond(request, await request.app[TILE_SERVICE].get(address))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the tile routes on ``app``."""
+    app.router.add_get("/tiles/{layer}/{z}/{x}/{tail}", layer_tile, name="tile")
+    app.router.add_get("/tiles/{z}/{x}/{tail}", default_tile, name="default_tile")

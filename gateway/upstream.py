@@ -1,0 +1,227 @@
+"""The Geopera client: ``POST {base_url}/v1/op/{operation_id}`` with the server-held key.
+
+One :class:`GeoperaClient` (one ``httpx.AsyncClient`` with pool limits and timeouts) lives as
+long as the app. Each call returns an :class:`UpstreamResponse` for 2xx answers and raises
+one exception of the :class:`UpstreamError` hierarchy otherwise. Status meanings follow the
+Geopera errors guide (seeds ``004``): 401 bad key, 403 missing scope, 402 quota, 404 unknown,
+409 conflict, 422 validation, 429 throttled (``Retry-After``), 5xx server trouble.
+
+No exception text, log line or attribute ever holds the API key: upstream error bodies are
+parsed for ``title``/``detail`` only and passed through :func:`gateway.secrets.redact`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from gateway.secrets import Secret, redact
+
+log = logging.getLogger("gateway.upstream")
+
+DEFAULT_RETRY_AFTER_S = 1.0
+"""Used when a 429 carries no usable ``Retry-After`` header (seconds)."""
+
+MAX_RESPONSE_BYTES = 16 << 20
+"""Largest buffered upstream body (a tile) accepted, bytes; larger answers are refused."""
+
+
+class UpstreamError(Exception):
+    """Base of every upstream failure. ``operation`` is the Geopera operation id.
+
+    ``status`` is the upstream HTTP status, or None when no answer arrived.
+    """
+
+    def __init__(self, operation: str, message: str, status: int | None = None) -> None:
+        super().__init__(redact(f"{operation}: {message}"))
+        self.operation, self.status = operation, status
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No answer: connection refused, reset, DNS failure, protocol error."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The connect or read timeout expired."""
+
+
+class UpstreamAuthError(UpstreamError):
+    """401 (key missing, malformed or expired) or 403 (key lacks the operation's scope)."""
+
+
+class UpstreamRateLimited(UpstreamError):
+    """429: throttled. ``retry_after_s`` is how long to hold off, seconds."""
+
+    def __init__(self, operation: str, message: str, retry_after_s: float) -> None:
+        super().__init__(operation, message, 429)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamQuotaExceeded(UpstreamError):
+    """402: the organisation's quota or subscription does not allow the call."""
+
+
+class UpstreamNotFound(UpstreamError):
+    """404: the operation or the thing it names does not exist."""
+
+
+class UpstreamRejected(UpstreamError):
+    """Another 4xx (400, 409, 422...): the upstream refused the request as sent."""
+
+
+class UpstreamServerError(UpstreamError):
+    """5xx from the upstream."""
+
+
+class UpstreamBadResponse(UpstreamError):
+    """A 2xx answer that is not what the operation promises (type, size, content)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """A successful upstream answer, fully read. ``elapsed_s`` is wall time in seconds."""
+
+    status: int
+    content_type: str
+    content: bytes
+    elapsed_s: float
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3).
+
+    Accepts delay-seconds or an HTTP-date; returns :data:`DEFAULT_RETRY_AFTER_S` when the
+    header is absent or unreadable, and never less than 0.
+    """
+    if not value:
+        return DEFAULT_RETRY_AFTER_S
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return DEFAULT_RETRY_AFTER_S
+    if when is None:
+        return DEFAULT_RETRY_AFTER_S
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _problem_text(response: httpx.Response, content: bytes) -> str:
+    """``title: detail`` from a problem+json or JSON error body; the status phrase otherwise."""
+    try:
+        body = json.loads(content[:65536])
+    except ValueError:
+        return response.reason_phrase or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        parts = [str(body[k]) for k in ("title", "detail") if isinstance(body.get(k), str)]
+        if not parts and isinstance(body.get("detail"), list):
+            parts = ["validation failed: " + json.dumps(body["detail"])[:500]]
+        if parts:
+            return ": ".join(parts)[:1000]
+    return response.reason_phrase or f"HTTP {response.status_code}"
+
+
+class GeoperaClient:
+    """Async client for Geopera operations over one pooled ``httpx.AsyncClient``.
+
+    Args:
+        base_url: e.g. ``https://api.geopera.com`` (no trailing slash).
+        api_key: the ``gpra_`` key, sent as ``Authorization: Bearer``.
+        connect_timeout_s, read_timeout_s: httpx timeouts, seconds.
+        max_connections: pool size (keep-alive connections are a quarter of it, at least 8).
+        user_agent: sent on every call.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Secret,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        max_connections: int = 64,
+        user_agent: str = "geopera-gateway",
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max(8, max_connections // 4),
+            ),
+            headers={"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": user_agent},
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def call(self, operation: str, body: dict[str, Any]) -> UpstreamResponse:
+        """POST ``body`` to ``/v1/op/{operation}`` and read the whole answer.
+
+        Returns:
+            The response for any 2xx status (204 has an empty ``content``).
+
+        Raises:
+            UpstreamTimeout, UpstreamUnavailable: no answer in time / at all.
+            UpstreamAuthError (401/403), UpstreamQuotaExceeded (402), UpstreamNotFound (404),
+            UpstreamRateLimited (429), UpstreamRejected (other 4xx), UpstreamServerError
+            (5xx), UpstreamBadResponse (other statuses, or a body over
+            :data:`MAX_RESPONSE_BYTES`).
+        """
+        started = time.perf_counter()
+        try:
+            async with self._http.stream("POST", f"/v1/op/{operation}", json=body) as response:
+                content = await self._read_capped(operation, response)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(operation, "timed out") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(operation, f"no answer: {type(exc).__name__}") from None
+        elapsed = time.perf_counter() - started
+        status = response.status_code
+        if 200 <= status < 300:
+            content_type = response.headers.get("content-type", "").split(";")[0].strip()
+            return UpstreamResponse(status, content_type.lower(), content, elapsed)
+        raise self._error_for(operation, response, content)
+
+    @staticmethod
+    async def _read_capped(operation: str, response: httpx.Response) -> bytes:
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise UpstreamBadResponse(
+                    operation,
+                    f"answer larger than {MAX_RESPONSE_BYTES} bytes",
+                    response.status_code,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _error_for(operation: str, response: httpx.Response, content: bytes) -> UpstreamError:
+        status = response.status_code
+        text = _problem_text(response, content)
+        message = f"HTTP {status}: {text}"
+        if status in (401, 403):
+            return UpstreamAuthError(operation, message, status)
+        if status == 402:
+            return UpstreamQuotaExceeded(operation, message, status)
+        if status == 404:
+            return UpstreamNotFound(operation, message, status)
+        if status == 429:
+            retry = parse_retry_after(response.headers.get("retry-after"))
+            return UpstreamRateLimited(operation, message, retry)
+        if 400 <= status < 500:
+            return UpstreamRejected(operation, message, status)
+        if status >= 500:
+            return UpstreamServerError(operation, message, status)
+        return UpstreamBadResponse(operation, f"unexpected {message}", status)

@@ -1,0 +1,113 @@
+"""Shared fixtures: the bundled emulator as a real HTTP server, and gateways in front of it.
+
+Every gateway under test holds :data:`PLANTED_KEY`, a recognisable fake Geopera key; the
+autouse fixture :func:`no_planted_key_in_logs` fails any test whose log records contain it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.config import Settings, load_settings
+from gateway.emulator import STATS_KEY, EmulatorStats, start_emulator
+from gateway.logs import configure_logging
+
+PLANTED_KEY = "gpra_PLANTED-7f3a9c1e-never-echo-me"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+
+
+@dataclass
+class Emulator:
+    """A running emulator: its base URL, its call counters and its app."""
+
+    url: str
+    stats: EmulatorStats
+    app: web.Application
+
+    def renders(self) -> int:
+        """Tile operations served so far (render + terrain)."""
+        return self.stats.calls["cog.tile.render"] + self.stats.calls["cog.tile.terrain"]
+
+
+@pytest.fixture(autouse=True)
+def no_planted_key_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture every log record at DEBUG through the gateway's redacting handler set-up."""
+    configure_logging("DEBUG")
+    caplog.set_level(logging.DEBUG)
+    yield
+    for record in caplog.records:
+        text = record.getMessage() + (record.exc_text or "")
+        assert PLANTED_KEY not in text, f"API key leaked in log record {record.name}"
+    assert PLANTED_KEY not in caplog.text
+
+
+@pytest.fixture
+async def start_upstream() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: ``await start_upstream(delay_ms=0)`` runs an emulator on a free port."""
+    runners: list[web.AppRunner] = []
+
+    async def start(delay_ms: float = 0.0, api_keys: list[str] | None = None) -> Emulator:
+        runner, url = await start_emulator(
+            "127.0.0.1",
+            0,
+            api_keys=[PLANTED_KEY] if api_keys is None else api_keys,
+            delay_ms=delay_ms,
+        )
+        runners.append(runner)
+        return Emulator(url, runner.app[STATS_KEY], runner.app)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def emulator(start_upstream: Callable[..., Any]) -> Emulator:
+    """An emulator with no added latency that accepts only :data:`PLANTED_KEY`."""
+    return await start_upstream()
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path) -> Callable[..., Settings]:
+    """Factory: settings from a config file (default: config/gateway.toml) for ``upstream``."""
+
+    def make(
+        upstream: Emulator | str,
+        config: Path | str = DEFAULT_CONFIG,
+        api_key: str = PLANTED_KEY,
+        cache_dir: Path | None = None,
+    ) -> Settings:
+        url = upstream if isinstance(upstream, str) else upstream.url
+        env = {
+            "GEOPERA_BASE_URL": url,
+            "GEOPERA_API_KEY": api_key,
+            "GEOPERA_CACHE_DIR": str(cache_dir or tmp_path / "cache"),
+        }
+        return load_settings(config, environ=env)
+
+    return make
+
+
+@pytest.fixture
+def gateway_for(aiohttp_client: Any, settings_for: Callable[..., Settings]) -> Any:
+    """Factory: ``await gateway_for(emulator, **settings_kw)`` -> aiohttp TestClient."""
+
+    async def make(upstream: Emulator | str, **kw: Any) -> TestClient:
+        return await aiohttp_client(create_app(settings_for(upstream, **kw)))
+
+    return make
+
+
+@pytest.fixture
+async def gateway(gateway_for: Any, emulator: Emulator) -> TestClient:
+    """The demo config's gateway in front of :func:`emulator`, with a fresh cache."""
+    return await gateway_for(emulator)

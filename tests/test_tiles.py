@@ -1,0 +1,226 @@
+"""XYZ tiles through the gateway against the bundled emulator as a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from PIL import Image
+
+from tests.conftest import PLANTED_KEY
+
+OLINDA = "/tiles/olinda/13/3302/4278.png"  # fully covered (shared/data README)
+
+
+def decode(body: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(body))
+    image.load()
+    return image
+
+
+async def test_miss_then_hit_crosses_upstream_once(gateway, emulator):
+    first = await gateway.get(OLINDA)
+    assert first.status == 200
+    assert first.headers["X-Cache"] == "MISS"
+    assert first.headers["Content-Type"] == "image/png"
+    assert first.headers["Cache-Control"].startswith("public, max-age=")
+    body = await first.read()
+    image = decode(body)
+    assert image.size == (256, 256)
+    assert np.asarray(image.convert("RGB")).std() > 5  # real imagery, not a flat tile
+
+    second = await gateway.get(OLINDA)
+    assert second.headers["X-Cache"] == "HIT"
+    assert await second.read() == body
+    assert second.headers["ETag"] == first.headers["ETag"]
+    assert emulator.stats.calls["cog.tile.render"] == 1
+    op, sent, status = emulator.stats.log[-1]
+    assert (op, status) == ("cog.tile.render", 200)
+    assert sent["z"] == 13 and sent["x"] == 3302 and sent["y"] == 4278
+    assert sent["bands"] == "3,2,1" and sent["format"] == "png"
+
+
+async def test_if_none_match_gets_304(gateway, emulator):
+    first = await gateway.get(OLINDA)
+    etag = first.headers["ETag"]
+    assert etag.startswith('"') and not etag.startswith("W/")
+    again = await gateway.get(OLINDA, headers={"If-None-Match": etag})
+    assert again.status == 304
+    assert await again.read() == b""
+    assert again.headers["ETag"] == etag
+    other = await gateway.get(OLINDA, headers={"If-None-Match": '"something-else"'})
+    assert other.status == 200
+    assert emulator.renders() == 1
+
+
+async def test_200_concurrent_requests_for_a_new_tile_make_one_upstream_call(
+    gateway_for, start_upstream
+):
+    slow = await start_upstream(delay_ms=300)
+    client = await gateway_for(slow)
+    url = client.make_url(OLINDA)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        responses = await asyncio.gather(*(session.get(url) for _ in range(200)))
+        bodies = {await r.read() for r in responses}
+    assert [r.status for r in responses] == [200] * 200
+    assert len(bodies) == 1
+    caches = [r.headers["X-Cache"] for r in responses]
+    # connections past the test server's accept backlog (128) arrive after the fetch: HIT
+    assert caches.count("MISS") == 1
+    assert caches.count("COALESCED") >= 100
+    assert caches.count("COALESCED") + caches.count("HIT") == 199
+    assert slow.renders() == 1
+
+
+async def test_formats_and_content_types(gateway, emulator):
+    for ext, media, pil in (("jpg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")):
+        response = await gateway.get(f"/tiles/olinda/13/3302/4278.{ext}")
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"] == media
+        assert decode(await response.read()).format == pil
+    assert emulator.renders() == 2
+
+
+async def test_short_form_serves_the_default_layer(gateway):
+    short = await gateway.get("/tiles/13/3302/4278.png")
+    named = await gateway.get(OLINDA)
+    assert short.status == 200
+    assert await short.read() == await named.read()
+
+
+async def test_retina_2x_is_composed_from_four_children(gateway, emulator):
+    response = await gateway.get("/tiles/olinda/12/1651/2139@2x.png")
+    assert response.status == 200
+    image = decode(await response.read())
+    assert image.size == (512, 512)
+    children = {(e[1]["z"], e[1]["x"], e[1]["y"]) for e in emulator.stats.log}
+    assert children == {(13, 3302, 4278), (13, 3303, 4278), (13, 3302, 4279), (13, 3303, 4279)}
+    # the top-left quarter is exactly the 13/3302/4278 tile
+    child = decode(await (await gateway.get(OLINDA)).read()).convert("RGBA")
+    quarter = image.convert("RGBA").crop((0, 0, 256, 256))
+    assert np.array_equal(np.asarray(quarter), np.asarray(child))
+    assert emulator.renders() == 4  # the child came from the cache
+
+
+async def test_terrain_layer_uses_cog_tile_terrain(gateway, emulator):
+    response = await gateway.get("/tiles/st-helens/13/1315/2907.png")
+    assert response.status == 200
+    rgb = np.asarray(decode(await response.read()).convert("RGBA")).astype(np.int64)
+    valid = rgb[..., 3] > 0
+    heights = -10000 + (rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]) * 0.1
+    assert valid.any()
+    assert heights[valid].min() > 600 and heights[valid].max() < 2600  # Mount St. Helens
+    assert emulator.stats.calls["cog.tile.terrain"] == 1
+    assert "format" not in emulator.stats.log[-1][1]
+
+
+async def test_outside_bounds_is_blank_without_upstream_call(gateway, emulator):
+    png = await gateway.get("/tiles/olinda/13/3305/4278.png")
+    assert png.status == 200 and png.headers["X-Cache"] == "EMPTY"
+    image = decode(await png.read())
+    assert image.size == (256, 256) and image.mode == "RGBA"
+    assert np.asarray(image)[..., 3].max() == 0  # fully transparent
+    jpg = await gateway.get("/tiles/olinda/13/3305/4278.jpg")
+    assert jpg.headers["Content-Type"] == "image/jpeg"
+    assert np.asarray(decode(await jpg.read())).max() < 8  # black: JPEG has no alpha
+    retina = await gateway.get("/tiles/olinda/13/3305/4278@2x.webp")
+    assert decode(await retina.read()).size == (512, 512)
+    assert emulator.renders() == 0
+
+
+async def test_upstream_empty_answer_is_negatively_cached(gateway, emulator):
+    # 8/72/109 overlaps the Bahamas bounds box but 8/71/109 holds only the nodata collar
+    url = "/tiles/bahamas/8/71/109.png"
+    first = await gateway.get(url)
+    second = await gateway.get(url)
+    assert first.status == second.status == 200
+    assert first.headers["X-Cache"] == second.headers["X-Cache"] == "EMPTY"
+    assert emulator.stats.statuses[("cog.tile.render", 204)] == 1
+    assert emulator.renders() == 1
+    max_age = int(second.headers["Cache-Control"].rsplit("=", 1)[1])
+    assert 0 < max_age <= 300  # the negative TTL, not the layer's day
+
+
+async def test_bad_paths_are_problems_without_upstream_calls(gateway, emulator):
+    cases = {
+        "/tiles/olinda/13/3302/4278.gif": 400,
+        "/tiles/olinda/13/3302/-1.png": 400,
+        "/tiles/olinda/013/3302/4278.png": 400,
+        "/tiles/olinda/13/99999/4278.png": 400,
+        "/tiles/olinda/13/3302/4278@3x.png": 400,
+        "/tiles/olinda/3/3/3.png": 400,  # below minzoom
+        "/tiles/olinda/17/0/0.png": 400,  # above maxzoom
+        "/tiles/st-helens/13/1315/2907.jpg": 400,  # terrain is PNG only
+        "/tiles/nowhere/13/3302/4278.png": 404,
+        "/tiles/olinda/13/3302/4278.png/extra": 404,
+    }
+    for path, status in cases.items():
+        response = await gateway.get(path)
+        assert response.status == status, path
+        assert response.headers["Content-Type"] == "application/problem+json", path
+        problem = await response.json(content_type=None)
+        assert problem["status"] == status and problem["title"] and problem["detail"], path
+    assert emulator.renders() == 0
+
+
+async def test_changing_layer_parameters_renders_again(gateway_for, emulator, tmp_path):
+    cache = tmp_path / "shared-cache"
+    before = await gateway_for(emulator, cache_dir=cache)
+    one = await (await before.get("/tiles/olinda-ndvi/13/3302/4278.png")).read()
+    config = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+    changed = tmp_path / "changed.toml"
+    changed.write_text(config.read_text().replace('colormap = "viridis"', 'colormap = "magma"'))
+    after = await gateway_for(emulator, config=changed, cache_dir=cache)
+    response = await after.get("/tiles/olinda-ndvi/13/3302/4278.png")
+    assert response.headers["X-Cache"] == "MISS"
+    assert await response.read() != one
+    assert emulator.stats.log[-1][1]["colormap"] == "magma"
+    assert emulator.renders() == 2
+
+
+async def test_cache_survives_a_restart(gateway_for, emulator, tmp_path):
+    cache = tmp_path / "persist"
+    first = await gateway_for(emulator, cache_dir=cache)
+    await first.get(OLINDA)
+    await first.close()
+    second = await gateway_for(emulator, cache_dir=cache)
+    response = await second.get(OLINDA)
+    assert response.headers["X-Cache"] == "HIT"
+    assert emulator.renders() == 1
+
+
+async def test_wrong_key_is_a_502_that_never_shows_a_key(gateway_for, emulator, caplog):
+    wrong = "gpra_WRONG-but-also-secret-123"
+    client = await gateway_for(emulator, api_key=wrong)
+    response = await client.get(OLINDA)
+    assert response.status == 502
+    assert response.headers["Content-Type"] == "application/problem+json"
+    text = await response.text()
+    assert wrong not in text and PLANTED_KEY not in text
+    assert (await response.json(content_type=None))["type"].endswith("upstream-auth")
+    assert any(
+        r.levelname == "CRITICAL" and "GEOPERA_API_KEY" in r.getMessage() for r in caplog.records
+    )
+    assert wrong not in caplog.text
+    again = await client.get(OLINDA)
+    assert again.status == 502  # not cached
+    assert emulator.renders() == 2
+
+
+async def test_key_never_in_any_response(gateway, emulator):
+    paths = [
+        OLINDA,
+        "/tiles/olinda/13/3305/4278.png",
+        "/tiles/nowhere/1/1/1.png",
+        "/healthz",
+        "/nope",
+        "/tiles/olinda/13/3302/4278@2x.webp",
+    ]
+    for path in paths:
+        response = await gateway.get(path)
+        raw = await response.read()
+        assert PLANTED_KEY.encode() not in raw
+        assert all(PLANTED_KEY not in v for v in response.headers.values())
