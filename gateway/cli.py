@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import mercantile
+
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
@@ -180,14 +182,16 @@ def _url_host(host: str) -> str:
 
 
 def _print_urls(settings: Settings, base: str) -> None:
-    """Print ready-to-use tile URLs for every layer (XYZ templates and one sample tile)."""
+    """Print ready-to-use URLs for every layer: the XYZ template and one sample tile."""
     print(f"geopera-gateway {__version__} on {base}  (config: {settings.source})")
     for layer in settings.layers.values():
         fmt = layer.formats[0]
-        print(
-            f"  {layer.name:<12} {layer.kind:<8} {base}/tiles/{layer.name}/{{z}}/{{x}}/{{y}}"
-            f".{fmt}   zoom {layer.minzoom}-{layer.maxzoom}"
-        )
+        west, south, east, north = layer.bounds
+        zoom = min(layer.maxzoom, layer.minzoom + 4)
+        sample = mercantile.tile((west + east) / 2, (south + north) / 2, zoom)
+        print(f"  {layer.name} ({layer.kind}, zoom {layer.minzoom}-{layer.maxzoom})")
+        print(f"    XYZ template: {base}/tiles/{layer.name}/{{z}}/{{x}}/{{y}}.{fmt}")
+        print(f"    sample tile:  {base}/tiles/{layer.name}/{sample.z}/{sample.x}/{sample.y}.{fmt}")
     if settings.default_layer:
-        print(f"  default layer: {base}/tiles/{{z}}/{{x}}/{{y}}.png -> {settings.default_layer}")
+        print(f"  default layer {settings.default_layer}: {base}/tiles/{{z}}/{{x}}/{{y}}.png")
     sys.stdout.flush()

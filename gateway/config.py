@@ -24,6 +24,7 @@ from gateway.layers import Layer, parse_layers
 from gateway.secrets import Secret
 
 DEFAULT_CONFIG_NAME = "gateway.toml"
+DEFAULT_CACHE_DIR = ".cache/geopera-gateway/tiles"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +180,7 @@ def _server(r: TableReader) -> ServerSettings:
 
 def _cache(r: TableReader, env: Mapping[str, str]) -> CacheSettings:
     r.reject_unknown({"directory", "size_limit_bytes", "memory_bytes", "empty_ttl_s"})
-    directory = env.get("GEOPERA_CACHE_DIR") or r.get("directory", str)
-    if not directory:
-        raise r.error("directory", "missing; name a writable directory for the tile cache")
+    directory = env.get("GEOPERA_CACHE_DIR") or r.get("directory", str, DEFAULT_CACHE_DIR)
     memory = r.get("memory_bytes", int, 64 << 20)
     if memory < 0:
         raise r.error("memory_bytes", f"must be 0 (off) or more, got {memory}")

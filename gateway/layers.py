@@ -130,6 +130,11 @@ def parse_layers(source: str, tables: Sequence[Any]) -> tuple[dict[str, Layer], 
         layers[layer.name] = layer
         if reader.get("default", bool, False):
             defaults.append(layer.name)
+    if not layers:
+        raise ConfigError(
+            f"{source}: layers: no layers; add at least one [[layers]] table "
+            "with name, kind and url"
+        )
     if len(defaults) > 1:
         raise ConfigError(
             f"{source}: layers: more than one layer has default = true "

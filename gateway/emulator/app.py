@@ -5,7 +5,8 @@ Routes (Geopera COG & tiles operations; errors per the Geopera errors guide):
 - ``POST /v1/op/{operation_id}`` and the alias ``POST /v1/{resource}/{action...}``
   (``/v1/cog/tile/render`` is ``cog.tile.render``). Requires ``Authorization: Bearer <key>``.
 - ``GET /_emulator/stats`` and ``POST /_emulator/reset``: call counters for benchmarks in other
-  processes. These need **no auth**: the emulator is a loopback test tool, not a real service.
+  processes; ``POST``/``DELETE /_emulator/faults``: scripted failures (:mod:`.faults`). These
+  need **no auth**: the emulator is a loopback test tool, not a real service.
 
 Every error is ``application/problem+json`` except 422 validation errors
 (``HTTPValidationError``). The presented token is never echoed.
@@ -25,6 +26,8 @@ from typing import Any
 from aiohttp import web
 
 from .catalog import CATALOG_KEY, SAMPLE_COGS
+from .faults import FAULTS_KEY, FaultPlan, delete_faults, post_faults
+from .faults import apply as apply_fault
 from .protocol import (
     OperationHandler,
     ProblemError,
@@ -109,7 +112,10 @@ async def _dispatch(request: web.Request, operation_id: str) -> web.StreamRespon
                 404, "operation-not-found", "Not Found", "This operation is not available."
             )
         body = await _read_json_object(request)
-        response = await handler(request, body)
+        fault = request.app[FAULTS_KEY].take(operation_id)
+        response = await apply_fault(fault, request) if fault is not None else None
+        if response is None:
+            response = await handler(request, body)
     except (ProblemError, RequestValidationError) as exc:
         response = exc.to_response()
     except Exception:
@@ -183,6 +189,7 @@ def create_emulator_app(
     app = web.Application(middlewares=[_problem_middleware])
     app[CATALOG_KEY] = {url: Path(path) for url, path in catalog.items()}
     app[STATS_KEY] = EmulatorStats()
+    app[FAULTS_KEY] = FaultPlan()
     app[_SETTINGS_KEY] = _Settings(
         api_keys=None if api_keys is None else frozenset(api_keys),
         delay_s=delay_ms / 1000.0,
@@ -192,4 +199,6 @@ def create_emulator_app(
     app.router.add_post("/v1/{path:.+}", _operation_by_path)
     app.router.add_get("/_emulator/stats", _stats)
     app.router.add_post("/_emulator/reset", _reset)
+    app.router.add_post("/_emulator/faults", post_faults)
+    app.router.add_delete("/_emulator/faults", delete_faults)
     return app

@@ -1,0 +1,112 @@
+"""Config loading: the demo default is valid, and every mistake names file, key and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, default_config_path, load_settings
+from gateway.secrets import Secret, redact
+from gateway.upstream import parse_retry_after
+from tests.conftest import DEFAULT_CONFIG
+
+ENV = {"GEOPERA_API_KEY": "gpra_config-test-key-1"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_config_is_the_packaged_demo_default():
+    assert DEFAULT_CONFIG.read_bytes() == default_config_path().read_bytes()
+    settings = load_settings(DEFAULT_CONFIG, environ=ENV)
+    assert set(settings.layers) == {"olinda", "olinda-ndvi", "bahamas", "st-helens"}
+    assert settings.default_layer == "olinda"
+    assert settings.layers["st-helens"].operation == "cog.tile.terrain"
+    assert settings.layers["olinda"].operation == "cog.tile.render"
+
+
+def test_environment_overrides_base_url_and_cache_dir(tmp_path):
+    env = {**ENV, "GEOPERA_BASE_URL": "https://api.geopera.com/", "GEOPERA_CACHE_DIR": "/x/y"}
+    settings = load_settings(DEFAULT_CONFIG, environ=env)
+    assert settings.upstream.base_url == "https://api.geopera.com"
+    assert str(settings.cache.directory) == "/x/y"
+
+
+def test_missing_key_says_how_to_set_it():
+    with pytest.raises(ConfigError) as error:
+        load_settings(DEFAULT_CONFIG, environ={})
+    assert str(DEFAULT_CONFIG) in str(error.value)
+    assert "GEOPERA_API_KEY" in str(error.value)
+
+
+def test_key_from_a_secret_file(tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("gpra_from-file-123\n")
+    settings = load_settings(DEFAULT_CONFIG, environ={"GEOPERA_API_KEY_FILE": str(secret)})
+    assert settings.upstream.api_key.reveal() == "gpra_from-file-123"
+
+
+def test_key_written_in_the_file_is_refused(tmp_path):
+    path = write(tmp_path, '[upstream]\nbase_url = "http://x"\napi_key = "gpra_oops12345"\n')
+    with pytest.raises(ConfigError, match=r"upstream\.api_key: .*GEOPERA_API_KEY") as error:
+        load_settings(path, environ=ENV)
+    assert "gpra_oops12345" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ('[upstream]\nbase_url = "ftp://x"', r"upstream\.base_url: must be an http\(s\) URL"),
+        ("[cache]\nsize_limit_bytes = -1", r"cache\.size_limit_bytes: must be greater than 0"),
+        ("[cache]\nsize = 1", r"cache\.size: unknown key"),
+        ('[[layers]]\nname = "Bad Name"\nurl = "u"', r"layers\[0\]\.name: required; 1-64"),
+        ('[[layers]]\nname = "a"\nkind = "vector"\nurl = "u"', r"layers\[0\]\.kind"),
+        ('[[layers]]\nname = "a"', r"layers\[0\]\.url: required"),
+        ('[[layers]]\nname = "a"\nurl = "u"\nminzoom = 9\nmaxzoom = 3', r"layers\[0\]\.maxzoom"),
+        ('[[layers]]\nname = "a"\nurl = "u"\nbounds = [1, 2, 3]', r"layers\[0\]\.bounds"),
+        ('[[layers]]\nname = "a"\nurl = "u"\nformats = ["gif"]', r"layers\[0\]\.formats"),
+        ('[[layers]]\nname = "a"\nurl = "u"\nquality = "high"', r"layers\[0\]\.quality: expected"),
+        (
+            '[[layers]]\nname = "a"\nurl = "u"\nbands = "1"\nexpression = "b1"',
+            r"layers\[0\]\.expression: set either",
+        ),
+        (
+            '[[layers]]\nname = "t"\nkind = "terrain"\nurl = "u"\nformats = ["jpg"]',
+            r"layers\[0\]\.formats: terrain",
+        ),
+        (
+            '[[layers]]\nname = "a"\nurl = "u"\n[[layers]]\nname = "a"\nurl = "v"',
+            r"layers\[1\]\.name: duplicate",
+        ),
+        ("[upstream\n", r"not valid TOML"),
+        ("", r"layers: no layers"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, snippet, message):
+    base = '[upstream]\nbase_url = "http://127.0.0.1:1"\n' if "[upstream]" not in snippet else ""
+    path = write(tmp_path, base + snippet + "\n")
+    with pytest.raises(ConfigError, match=message) as error:
+        load_settings(path, environ=ENV)
+    assert str(path) in str(error.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "nope.toml", environ=ENV)
+
+
+def test_secret_never_prints():
+    secret = Secret("gpra_do-not-print-42")
+    assert "gpra_" not in f"{secret} {secret!r} {[secret]}"
+    assert redact("key=gpra_do-not-print-42!") == "key=***!"
+
+
+def test_retry_after_forms():
+    assert parse_retry_after("12") == 12.0
+    assert parse_retry_after(None) == 1.0
+    assert parse_retry_after("soon") == 1.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0

@@ -1,0 +1,110 @@
+"""Upstream failures: each maps to a clear problem+json, and nothing that failed is cached."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import aiohttp
+
+from gateway.emulator import FAULTS_KEY, Fault
+from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY
+
+OLINDA = "/tiles/olinda/13/3302/4278.png"
+
+
+def config_with(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the demo config with one text replacement."""
+    text = DEFAULT_CONFIG.read_text()
+    assert old in text
+    path = tmp_path / "gateway.toml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+async def problem(response: aiohttp.ClientResponse) -> dict:
+    assert response.headers["Content-Type"] == "application/problem+json"
+    return await response.json(content_type=None)
+
+
+async def test_upstream_500_is_502_and_not_cached(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(Fault("status", status=500))
+    failed = await gateway.get(OLINDA)
+    assert failed.status == 502
+    assert (await problem(failed))["type"].endswith("upstream-error")
+    recovered = await gateway.get(OLINDA)
+    assert recovered.status == 200 and recovered.headers["X-Cache"] == "MISS"
+    assert emulator.renders() == 2
+
+
+async def test_upstream_429_is_503_with_retry_after(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="7"))
+    throttled = await gateway.get(OLINDA)
+    assert throttled.status == 503
+    assert throttled.headers["Retry-After"] == "7"
+    assert (await problem(throttled))["type"].endswith("upstream-throttled")
+    emulator.app[FAULTS_KEY].add(
+        Fault("status", status=429, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
+    )
+    past_date = await gateway.get(OLINDA)
+    assert past_date.status == 503 and past_date.headers["Retry-After"] == "1"
+    assert (await gateway.get(OLINDA)).status == 200
+
+
+async def test_garbage_and_wrong_content_type_are_502_and_not_cached(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(Fault("garbage"), Fault("wrong-type"))
+    for _ in range(2):
+        response = await gateway.get(OLINDA)
+        assert response.status == 502
+        assert (await problem(response))["type"].endswith("upstream-bad-response")
+    assert (await gateway.get(OLINDA)).headers["X-Cache"] == "MISS"
+    assert emulator.renders() == 3
+
+
+async def test_read_timeout_is_504(gateway_for, emulator, tmp_path):
+    config = config_with(tmp_path, "read_timeout_s = 30.0", "read_timeout_s = 0.3")
+    client = await gateway_for(emulator, config=config)
+    emulator.app[FAULTS_KEY].add(Fault("hang", seconds=1.0))
+    response = await client.get(OLINDA)
+    assert response.status == 504
+    assert (await problem(response))["type"].endswith("upstream-timeout")
+
+
+async def test_upstream_down_is_502(gateway_for):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = await gateway_for(f"http://127.0.0.1:{port}")
+    response = await client.get(OLINDA)
+    assert response.status == 502
+    assert "upstream" in (await problem(response))["detail"].lower()
+
+
+async def test_upstream_echoing_the_key_never_reaches_client_or_log(gateway, emulator, caplog):
+    emulator.app[FAULTS_KEY].add(Fault("echo-key"))
+    response = await gateway.get(OLINDA)
+    assert response.status == 502
+    assert PLANTED_KEY not in await response.text()
+    assert any("***" in r.getMessage() for r in caplog.records)  # redacted, but logged
+
+
+async def test_coalesced_waiters_all_get_the_error_from_one_call(gateway_for, start_upstream):
+    slow = await start_upstream(delay_ms=200)
+    client = await gateway_for(slow)
+    slow.app[FAULTS_KEY].add(Fault("status", status=503))
+    responses = await asyncio.gather(*(client.get(OLINDA) for _ in range(50)))
+    assert {r.status for r in responses} == {502}
+    assert slow.renders() == 1
+
+
+async def test_expired_tiles_are_fetched_again(gateway_for, emulator, tmp_path):
+    config = config_with(tmp_path, "ttl_s = 86400", "ttl_s = 1")
+    client = await gateway_for(emulator, config=config)
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
+    hit = await client.get(OLINDA)
+    assert hit.headers["X-Cache"] == "HIT"
+    assert hit.headers["Cache-Control"] in ("public, max-age=0", "public, max-age=1")
+    await asyncio.sleep(1.1)
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
+    assert emulator.renders() == 2
