@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
-import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -93,27 +93,25 @@ def run_workers(
         ", ".join(str(p.pid) for p in procs),
     )
 
+    stopping = unexpected = False
+
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for proc in procs:
             if proc.is_alive() and proc.pid:
                 os.kill(proc.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    code = 0
-    try:
-        while any(p.is_alive() for p in procs):
-            for proc in procs:
-                proc.join(timeout=0.5)
-                if proc.exitcode not in (None, 0) and code == 0:
-                    code = 1
-                    log.error(
-                        "worker %s exited with %s; stopping the others", proc.pid, proc.exitcode
-                    )
-                    forward(signal.SIGTERM, None)
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-    return code if sys.exc_info()[0] is None else 1
+    while any(p.is_alive() for p in procs):
+        multiprocessing.connection.wait([p.sentinel for p in procs], timeout=1.0)
+        if not stopping and any(p.exitcode is not None for p in procs):
+            unexpected = True
+            log.error("a worker exited unexpectedly; stopping the others")
+            forward(signal.SIGTERM, None)
+    clean = {0, -signal.SIGTERM, -signal.SIGINT}  # a worker may be stopped before it serves
+    for proc in procs:
+        proc.join()
+        log.info("worker %s exited with %s", proc.pid, proc.exitcode)
+    return 1 if unexpected or any(p.exitcode not in clean for p in procs) else 0

@@ -107,8 +107,8 @@ async def test_serve_with_two_workers_shares_one_cache(emulator, tmp_path):
         assert set(statuses[1:]) == {(200, "HIT")}
         assert emulator.renders() == 1
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 20) == 0
-        output = (await process.stdout.read()).decode()
+        output = (await asyncio.wait_for(process.stdout.read(), 20)).decode()
+        assert await asyncio.wait_for(process.wait(), 20) == 0, output
         assert PLANTED_KEY not in output
 
 

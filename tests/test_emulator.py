@@ -21,7 +21,7 @@ from gateway.emulator import (
 )
 from gateway.emulator.render import encode_terrain_rgb
 
-EXAMPLES = Path("/work/shared/data/examples")
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "examples"
 BASE = "https://demo.geopera.invalid/cogs/"
 OLINDA = BASE + "landsat7_olinda_6band_cog.tif"
 BAHAMAS = BASE + "landsat7_bahamas_rgb_cog.tif"
