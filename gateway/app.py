@@ -3,37 +3,64 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, metrics
 from gateway.cache import TileCache
+from gateway.clients import ClientRateLimit, client_address
 from gateway.config import Settings
+from gateway.guard import UpstreamGuard
+from gateway.limits import SharedState
+from gateway.logs import CLIENT_KEY
 from gateway.problem import Problem
 from gateway.routes import health, tiles
 from gateway.services.tiles import TileService
-from gateway.state import LAYERS, SETTINGS, TILE_CACHE, TILE_SERVICE, UPSTREAM
+from gateway.state import (
+    CLIENT_LIMIT,
+    GUARD,
+    LAYERS,
+    SETTINGS,
+    SHARED_STATE,
+    TILE_CACHE,
+    TILE_SERVICE,
+    UPSTREAM,
+)
 from gateway.upstream import GeoperaClient
 
 log = logging.getLogger("gateway.app")
 
 SERVER = f"geopera-gateway/{__version__}"
 
+LIMITED_ROUTES = frozenset({"tile", "default_tile"})
+"""Routes that count against the per-client rate limit (those that can spend upstream)."""
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error as problem+json (RFC 9457), never with a stack trace.
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per-client rate limit, problem+json for every error, common headers and HTTP metrics.
 
     :class:`Problem` raised anywhere becomes its response; aiohttp's own 404/405/413 become
-    the matching problem; anything unexpected is logged and answered 500. Every response
-    also gets ``X-Content-Type-Options: nosniff`` and the ``Server`` name.
+    the matching problem; anything unexpected is logged and answered 500 without a trace.
+    Every response gets ``X-Content-Type-Options: nosniff`` and the ``Server`` name.
     """
+    started = time.perf_counter()
+    route = request.match_info.route.name or "unmatched"
+    rate_headers = None
     try:
+        limit = request.app[CLIENT_LIMIT]
+        if limit is not None and route in LIMITED_ROUTES:
+            client = client_address(request, request.app[SETTINGS].server.trusted_proxies)
+            request[CLIENT_KEY] = client
+            rate_headers = limit.check(client)
         response = await handler(request)
     except Problem as problem:
+        if problem.status == 429:
+            metrics.CLIENT_REJECTIONS.inc()
         response = problem.response(request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -47,8 +74,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             "The gateway failed to answer this request; the error is in its log.",
             slug="internal-error",
         ).response(request.path)
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Server"] = SERVER
+    headers = response.headers
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Server"] = SERVER
+    if rate_headers is not None:
+        headers.update(rate_headers)
+    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+    metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
     return response
 
 
@@ -67,12 +99,15 @@ def _http_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway app for ``settings``.
 
-    The Geopera client and the tile cache are created on startup and closed on cleanup
-    (aiohttp cleanup context), so one app owns one connection pool and one cache handle.
+    The Geopera client, the tile cache and the shared limiter state are created on startup
+    and closed on cleanup (aiohttp cleanup context), so one app owns one connection pool and
+    one handle on each store.
     """
-    app = web.Application(middlewares=[problem_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[LAYERS] = settings.layers
+    rate = settings.clients.rate_limit
+    app[CLIENT_LIMIT] = ClientRateLimit(rate) if rate else None
     app.cleanup_ctx.append(_resources)
     tiles.add_routes(app)
     health.add_routes(app)
@@ -84,6 +119,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     cache = TileCache(
         settings.cache.directory, settings.cache.size_limit_bytes, settings.cache.memory_bytes
     )
+    state = SharedState(settings.cache.state_directory)
     up = settings.upstream
     client = GeoperaClient(
         up.base_url,
@@ -91,13 +127,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         connect_timeout_s=up.connect_timeout_s,
         read_timeout_s=up.read_timeout_s,
         max_connections=up.max_connections,
-        user_agent=f"geopera-gateway/{__version__}",
+        user_agent=SERVER,
     )
-    app[TILE_CACHE] = cache
-    app[UPSTREAM] = client
-    app[TILE_SERVICE] = TileService(cache, client, settings.cache.empty_ttl_s)
+    guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
+    service = TileService(cache, guard, settings.cache.empty_ttl_s)
+    app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = cache, state, client
+    app[GUARD], app[TILE_SERVICE] = guard, service
     try:
         yield
     finally:
+        await service.aclose()
         await client.aclose()
+        state.close()
         cache.close()

@@ -30,6 +30,7 @@ class CachedTile:
         etag: strong entity tag, quoted, hashing ``body``.
         fresh_until: Unix time (seconds) after which the entry must be fetched again.
         empty: True when the upstream reported no data for this tile (negative caching).
+        fetch_s: how long the upstream took to produce it, seconds (0 if it did not).
     """
 
     body: bytes
@@ -37,6 +38,7 @@ class CachedTile:
     etag: str
     fresh_until: float
     empty: bool = False
+    fetch_s: float = 0.0
 
     def is_fresh(self, now: float | None = None) -> bool:
         """Whether the entry is within its TTL at ``now`` (Unix seconds)."""
@@ -53,11 +55,17 @@ def strong_etag(body: bytes) -> str:
 
 
 def make_tile(
-    body: bytes, media_type: str, ttl_s: float, *, empty: bool = False, now: float | None = None
+    body: bytes,
+    media_type: str,
+    ttl_s: float,
+    *,
+    empty: bool = False,
+    fetch_s: float = 0.0,
+    now: float | None = None,
 ) -> CachedTile:
     """A :class:`CachedTile` fresh for ``ttl_s`` seconds from ``now``."""
     start = time.time() if now is None else now
-    return CachedTile(body, media_type, strong_etag(body), start + ttl_s, empty)
+    return CachedTile(body, media_type, strong_etag(body), start + ttl_s, empty, fetch_s)
 
 
 class _MemoryTier:
@@ -143,6 +151,15 @@ class TileCache:
         self._disk.delete(key)
         if self._memory is not None:
             self._memory.discard(key)
+
+    def probe(self) -> bool:
+        """Whether the disk tier accepts a write and reads it back (for readiness checks)."""
+        value = f"probe-{time.time()}"
+        try:
+            self._disk.set("readyz-probe", value, expire=60)
+            return self._disk.get("readyz-probe") == value
+        except OSError:
+            return False
 
     def volume_bytes(self) -> int:
         """Bytes the disk tier uses (SQLite plus value files)."""

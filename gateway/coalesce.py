@@ -25,6 +25,10 @@ class SingleFlight(Generic[T]):
         """Number of keys with a fetch in flight."""
         return len(self._inflight)
 
+    def in_flight(self, key: str) -> bool:
+        """Whether a fetch for ``key`` is running now."""
+        return key in self._inflight
+
     async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Run ``fetch()`` once for ``key`` among concurrent callers.
 

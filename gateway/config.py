@@ -19,6 +19,9 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from limits import parse
+
+from gateway.clients import Network, parse_networks
 from gateway.configfile import ConfigError, TableReader
 from gateway.layers import Layer, parse_layers
 from gateway.secrets import Secret
@@ -43,10 +46,55 @@ class UpstreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """Where the gateway listens (``host``, TCP ``port``)."""
+    """Where the gateway listens (``host``, TCP ``port``), whom it trusts for
+    ``X-Forwarded-For`` (``trusted_proxies``, CIDRs) and whether it writes an access log."""
 
     host: str = "127.0.0.1"
     port: int = 8080
+    trusted_proxies: tuple[Network, ...] = ()
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Per-client request limit, a ``limits`` rate string (``"100/second"``); None = off."""
+
+    rate_limit: str | None = "100/second"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """Requests per second with a burst size (token bucket capacity)."""
+
+    rps: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Upstream protection settings (``[limits]`` in the config; see the README).
+
+    Rates are requests per second; sizes bytes; times seconds.
+    """
+
+    operation_default: Rate = Rate(20.0, 40.0)
+    operations: dict[str, Rate] = field(default_factory=dict)
+    asset: Rate = Rate(10.0, 20.0)
+    bytes_per_s: float = 25_000_000.0
+    bytes_burst: float = 25_000_000.0
+    max_concurrent: int = 16
+    max_wait_s: float = 10.0
+    daily_egress_bytes: int = 0
+    retry_attempts: int = 3
+    retry_initial_s: float = 0.1
+    retry_max_s: float = 2.0
+    failure_threshold: int = 5
+    failure_window_s: float = 30.0
+    open_s: float = 30.0
+
+    def rate_for(self, operation: str) -> Rate:
+        """The configured rate of ``operation`` (or the default)."""
+        return self.operations.get(operation, self.operation_default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +106,7 @@ class CacheSettings:
     """
 
     directory: Path
+    state_directory: Path
     size_limit_bytes: int = 1 << 30
     memory_bytes: int = 64 << 20
     empty_ttl_s: int = 300
@@ -71,6 +120,8 @@ class Settings:
     upstream: UpstreamSettings
     server: ServerSettings
     cache: CacheSettings
+    limits: LimitSettings
+    clients: ClientSettings
     layers: dict[str, Layer] = field(default_factory=dict)
     default_layer: str | None = None
 
@@ -104,13 +155,15 @@ def load_settings(
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
     top = TableReader(source, "", raw)
-    top.reject_unknown({"upstream", "server", "cache", "layers"})
+    top.reject_unknown({"upstream", "server", "cache", "limits", "clients", "layers"})
     upstream = _upstream(TableReader(source, "upstream", top.get("upstream", dict, {})), env)
     server = _server(TableReader(source, "server", top.get("server", dict, {})))
     cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env)
+    limits = _limits(TableReader(source, "limits", top.get("limits", dict, {})))
+    clients = _clients(TableReader(source, "clients", top.get("clients", dict, {})))
     layer_tables = top.get("layers", list, [])
     layers, default_layer = parse_layers(source, layer_tables)
-    return Settings(source, upstream, server, cache, layers, default_layer)
+    return Settings(source, upstream, server, cache, limits, clients, layers, default_layer)
 
 
 def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:
@@ -171,21 +224,108 @@ def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:
 
 
 def _server(r: TableReader) -> ServerSettings:
-    r.reject_unknown({"host", "port"})
+    r.reject_unknown({"host", "port", "trusted_proxies", "access_log"})
     port = r.get("port", int, 8080)
     if not 0 <= port <= 65535:
         raise r.error("port", f"must be 0..65535, got {port}")
-    return ServerSettings(host=r.get("host", str, "127.0.0.1"), port=port)
+    proxies = r.get("trusted_proxies", list, [])
+    try:
+        trusted = parse_networks(proxies)
+    except (TypeError, ValueError) as exc:
+        raise r.error("trusted_proxies", f"must be IP addresses or CIDRs: {exc}") from None
+    return ServerSettings(
+        host=r.get("host", str, "127.0.0.1"),
+        port=port,
+        trusted_proxies=trusted,
+        access_log=r.get("access_log", bool, True),
+    )
+
+
+def _clients(r: TableReader) -> ClientSettings:
+    r.reject_unknown({"rate_limit"})
+    rate = r.get("rate_limit", str, "100/second")
+    if rate in ("", "off"):
+        return ClientSettings(None)
+    try:
+        parse(rate)
+    except ValueError:
+        msg = f"expected a rate like '100/second' or 'off', got {rate!r}"
+        raise r.error("rate_limit", msg) from None
+    return ClientSettings(rate)
+
+
+def _rate(r: TableReader, prefix: str, default: Rate) -> Rate:
+    rps = r.positive(f"{prefix}rps", float, default.rps)
+    burst = r.positive(f"{prefix}burst", float, max(default.burst, rps))
+    return Rate(rps, burst)
+
+
+def _limits(r: TableReader) -> LimitSettings:
+    d = LimitSettings()
+    r.reject_unknown(
+        {
+            "operation_rps",
+            "operation_burst",
+            "asset_rps",
+            "asset_burst",
+            "bytes_per_s",
+            "bytes_burst",
+            "max_concurrent",
+            "max_wait_s",
+            "daily_egress_bytes",
+            "retry_attempts",
+            "retry_initial_s",
+            "retry_max_s",
+            "breaker_failures",
+            "breaker_window_s",
+            "breaker_open_s",
+            "operations",
+        }
+    )
+    operations = {}
+    for name, table in r.get("operations", dict, {}).items():
+        if not isinstance(table, dict):
+            raise r.error(f"operations.{name}", "expected a table with rps and burst")
+        sub = TableReader(r.source, f"{r.prefix}.operations.{name}", table)
+        sub.reject_unknown({"rps", "burst"})
+        operations[name] = _rate(sub, "", d.operation_default)
+    bytes_per_s = r.get("bytes_per_s", float, d.bytes_per_s)
+    if bytes_per_s < 0:
+        raise r.error("bytes_per_s", "must be 0 (off) or more")
+    budget = r.get("daily_egress_bytes", int, 0)
+    if budget < 0:
+        raise r.error("daily_egress_bytes", "must be 0 (no budget) or more")
+    return LimitSettings(
+        operation_default=_rate(r, "operation_", d.operation_default),
+        operations=operations,
+        asset=_rate(r, "asset_", d.asset),
+        bytes_per_s=bytes_per_s,
+        bytes_burst=r.get("bytes_burst", float, bytes_per_s),
+        max_concurrent=r.positive("max_concurrent", int, d.max_concurrent),
+        max_wait_s=r.positive("max_wait_s", float, d.max_wait_s),
+        daily_egress_bytes=budget,
+        retry_attempts=r.positive("retry_attempts", int, d.retry_attempts),
+        retry_initial_s=r.positive("retry_initial_s", float, d.retry_initial_s),
+        retry_max_s=r.positive("retry_max_s", float, d.retry_max_s),
+        failure_threshold=r.positive("breaker_failures", int, d.failure_threshold),
+        failure_window_s=r.positive("breaker_window_s", float, d.failure_window_s),
+        open_s=r.positive("breaker_open_s", float, d.open_s),
+    )
 
 
 def _cache(r: TableReader, env: Mapping[str, str]) -> CacheSettings:
-    r.reject_unknown({"directory", "size_limit_bytes", "memory_bytes", "empty_ttl_s"})
-    directory = env.get("GEOPERA_CACHE_DIR") or r.get("directory", str, DEFAULT_CACHE_DIR)
+    r.reject_unknown(
+        {"directory", "state_directory", "size_limit_bytes", "memory_bytes", "empty_ttl_s"}
+    )
+    directory = Path(env.get("GEOPERA_CACHE_DIR") or r.get("directory", str, DEFAULT_CACHE_DIR))
+    state = r.get("state_directory", str)
+    state_directory = Path(state) if state else directory.parent / (directory.name + "-state")
     memory = r.get("memory_bytes", int, 64 << 20)
     if memory < 0:
         raise r.error("memory_bytes", f"must be 0 (off) or more, got {memory}")
     return CacheSettings(
-        directory=Path(directory).expanduser(),
+        directory=directory.expanduser(),
+        state_directory=state_directory.expanduser(),
         size_limit_bytes=r.positive("size_limit_bytes", int, 1 << 30),
         memory_bytes=memory,
         empty_ttl_s=r.positive("empty_ttl_s", int, 300),

@@ -45,6 +45,8 @@ _COMMON_KEYS = {
     "bounds",
     "formats",
     "ttl_s",
+    "stale_while_revalidate_s",
+    "stale_if_error_s",
     "attribution",
 }
 
@@ -67,6 +69,10 @@ class Layer:
             outside get an empty tile without an upstream call.
         formats: allowed extensions, a subset of :data:`MEDIA_TYPES`.
         ttl_s: freshness lifetime of a rendered tile, seconds.
+        stale_while_revalidate_s: after the TTL, how long an expired tile is still served at
+            once while one background refresh runs (RFC 5861 section 3), seconds.
+        stale_if_error_s: after the TTL, how long an expired tile is served when the upstream
+            fails, throttles or is held back by a breaker or limit (RFC 5861 section 4).
         fingerprint: 16 hex digits hashing kind, url and render parameters (canonical JSON,
             SHA-256); part of every cache key, so changed parameters never hit old renders.
     """
@@ -81,6 +87,8 @@ class Layer:
     bounds: Bounds
     formats: tuple[str, ...]
     ttl_s: int
+    stale_while_revalidate_s: int
+    stale_if_error_s: int
     attribution: str
     fingerprint: str
 
@@ -96,6 +104,11 @@ class Layer:
             body["format"] = fmt
         body.update(self.render)
         return body
+
+    @property
+    def keep_s(self) -> int:
+        """How long the cache keeps a rendered tile: TTL plus the longer stale window."""
+        return self.ttl_s + max(self.stale_while_revalidate_s, self.stale_if_error_s)
 
     def covers(self, tile: mercantile.Tile) -> bool:
         """Whether ``tile`` overlaps the layer's bounds by more than an edge."""
@@ -197,9 +210,18 @@ def _parse_layer(r: TableReader) -> Layer:
         bounds=_bounds(r),
         formats=formats,
         ttl_s=ttl_s,
+        stale_while_revalidate_s=_non_negative(r, "stale_while_revalidate_s", 3600),
+        stale_if_error_s=_non_negative(r, "stale_if_error_s", 86400),
         attribution=r.get("attribution", str, ""),
         fingerprint=fingerprint,
     )
+
+
+def _non_negative(r: TableReader, key: str, default: int) -> int:
+    value = r.get(key, int, default)
+    if value < 0:
+        raise r.error(key, f"must be 0 or more seconds, got {value}")
+    return value
 
 
 def _formats(r: TableReader, kind: str) -> tuple[str, ...]:

@@ -1,9 +1,14 @@
-"""Logging set-up: one stderr handler whose records pass through the secret redactor."""
+"""Logging set-up (one stderr handler whose records pass through the secret redactor) and
+the structured access log."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
 
 from gateway.secrets import RedactingFilter
 
@@ -23,3 +28,40 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON line per request on the ``gateway.access`` logger.
+
+    Fields: ``remote`` (client address), ``method``, ``path`` (never the query string, which
+    may carry tokens), ``status``, ``bytes`` (body bytes sent), ``duration_ms``, ``cache``
+    (``X-Cache``), ``upstream_ms`` (upstream time spent for this request, when any).
+    """
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        record = {
+            "remote": request.get(CLIENT_KEY) or request.remote,
+            "method": request.method,
+            "path": request.path[:512],
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 2),
+        }
+        cache = response.headers.get("X-Cache")
+        if cache:
+            record["cache"] = cache
+        upstream = request.get(UPSTREAM_TIME_KEY)
+        if upstream is not None:
+            record["upstream_ms"] = round(upstream * 1000, 2)
+        self.logger.info(json.dumps(record, separators=(",", ":")))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+CLIENT_KEY = "gateway.client"
+"""Request key under which the middleware stores the client address."""
+
+UPSTREAM_TIME_KEY = "gateway.upstream_s"
+"""Request key under which handlers store the upstream time spent, seconds."""

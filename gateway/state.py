@@ -5,13 +5,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.cache import TileCache
+from gateway.clients import ClientRateLimit
 from gateway.config import Settings
+from gateway.guard import UpstreamGuard
 from gateway.layers import Layer
+from gateway.limits import SharedState
 from gateway.services.tiles import TileService
 from gateway.upstream import GeoperaClient
 
 SETTINGS = web.AppKey("settings", Settings)
 LAYERS = web.AppKey("layers", dict[str, Layer])
+CLIENT_LIMIT = web.AppKey("client_limit", ClientRateLimit)  # None when the limit is off
 TILE_CACHE = web.AppKey("tile_cache", TileCache)
+SHARED_STATE = web.AppKey("shared_state", SharedState)
 UPSTREAM = web.AppKey("upstream", GeoperaClient)
+GUARD = web.AppKey("guard", UpstreamGuard)
 TILE_SERVICE = web.AppKey("tile_service", TileService)

@@ -159,10 +159,25 @@ class GeoperaClient:
             headers={"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": user_agent},
             follow_redirects=False,
         )
+        self._ping_at = float("-inf")
+        self._ping_ok = False
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
+
+    async def ping(self, max_age_s: float = 5.0) -> bool:
+        """Whether the upstream answers HTTP at all (any status), checked at most every
+        ``max_age_s`` seconds; for readiness reports, not for routing decisions."""
+        now = time.monotonic()
+        if now - self._ping_at > max_age_s:
+            try:
+                await self._http.get("/", timeout=2.0)
+                self._ping_ok = True
+            except httpx.HTTPError:
+                self._ping_ok = False
+            self._ping_at = now
+        return self._ping_ok
 
     async def call(self, operation: str, body: dict[str, Any]) -> UpstreamResponse:
         """POST ``body`` to ``/v1/op/{operation}`` and read the whole answer.

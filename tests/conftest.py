@@ -76,6 +76,17 @@ async def emulator(start_upstream: Callable[..., Any]) -> Emulator:
     return await start_upstream()
 
 
+def config_with(tmp_path: Path, *replacements: tuple[str, str], append: str = "") -> Path:
+    """A copy of the demo config with text replacements (each must match) and appended TOML."""
+    text = DEFAULT_CONFIG.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / "gateway-test.toml"
+    path.write_text(text + "\n" + append)
+    return path
+
+
 @pytest.fixture
 def settings_for(tmp_path: Path) -> Callable[..., Settings]:
     """Factory: settings from a config file (default: config/gateway.toml) for ``upstream``."""

@@ -10,7 +10,7 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from tests.conftest import PLANTED_KEY
+from tests.conftest import PLANTED_KEY, config_with
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"  # fully covered (shared/data README)
 
@@ -57,10 +57,11 @@ async def test_if_none_match_gets_304(gateway, emulator):
 
 
 async def test_200_concurrent_requests_for_a_new_tile_make_one_upstream_call(
-    gateway_for, start_upstream
+    gateway_for, start_upstream, tmp_path
 ):
     slow = await start_upstream(delay_ms=300)
-    client = await gateway_for(slow)
+    no_client_limit = config_with(tmp_path, ('rate_limit = "200/second"', 'rate_limit = "off"'))
+    client = await gateway_for(slow, config=no_client_limit)
     url = client.make_url(OLINDA)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         responses = await asyncio.gather(*(session.get(url) for _ in range(200)))

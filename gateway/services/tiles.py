@@ -1,27 +1,37 @@
 """The tile service: cache policy, coalescing and translation for one tile request.
 
-One path per request: the address was validated by the route; outside the layer's bounds the
-answer is a blank tile with no upstream call; a fresh cache entry is a hit; otherwise one
-coalesced fetch renders it upstream (``cog.tile.render`` / ``cog.tile.terrain``), checks it and
-stores it. ``@2x`` tiles are composed from the four z+1 children, each going through the same
-path, so children are cached and coalesced like any tile.
+One path per request. The address was validated by the route; outside the layer's bounds the
+answer is a blank tile with no upstream call. Then, for the cached entry (RFC 5861 terms):
+
+- fresh → ``HIT`` (``EMPTY`` for a negatively cached tile);
+- expired but within ``stale_while_revalidate_s`` → ``STALE`` at once, and one background
+  refresh (coalesced with any other fetch of the tile);
+- otherwise one coalesced fetch through the upstream guard (``cog.tile.render`` /
+  ``cog.tile.terrain``): ``MISS`` for the request that started it, ``COALESCED`` for those that
+  joined; if it fails (upstream error, 429, open breaker, limiter refusal) and the expired
+  entry is within ``stale_if_error_s`` → ``STALE``; else the error as problem+json.
+
+``@2x`` tiles are composed from the four z+1 children, each going through this same path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import mercantile
 
-from gateway import imaging
+from gateway import imaging, metrics
+from gateway.breaker import BreakerOpen
 from gateway.cache import CachedTile, TileCache, make_tile
 from gateway.coalesce import SingleFlight
+from gateway.guard import UpstreamGuard
 from gateway.layers import MEDIA_TYPES, Layer
+from gateway.limits import LimitExceeded, Priority
 from gateway.problem import Problem
 from gateway.upstream import (
-    GeoperaClient,
     UpstreamAuthError,
     UpstreamError,
     UpstreamNotFound,
@@ -34,6 +44,9 @@ log = logging.getLogger("gateway.tiles")
 
 EMPTY_STATUSES = frozenset({204})
 """Upstream statuses meaning "no data in this tile" (the emulator answers 204 No Content)."""
+
+FETCH_ERRORS = (UpstreamError, LimitExceeded, BreakerOpen, imaging.ImageCheckError)
+"""Failures of a fetch that a stale entry may cover (stale-if-error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +68,18 @@ class TileAddress:
 
 @dataclass(frozen=True, slots=True)
 class TileResult:
-    """What the route serves: the cached tile and ``status`` for ``X-Cache``.
+    """What the route serves: the tile and ``status`` for ``X-Cache``.
 
-    ``status`` is one of ``HIT``, ``MISS``, ``COALESCED`` or ``EMPTY``.
+    ``status`` is ``HIT``, ``MISS``, ``COALESCED``, ``STALE`` or ``EMPTY``.
     """
 
     tile: CachedTile
     status: str
+
+    @property
+    def upstream_s(self) -> float | None:
+        """Upstream time spent on this request (MISS or COALESCED), seconds, else None."""
+        return self.tile.fetch_s if self.status in ("MISS", "COALESCED") else None
 
 
 class TileService:
@@ -69,64 +87,119 @@ class TileService:
 
     Args:
         cache: the tile cache.
-        client: the Geopera client.
+        guard: the protected upstream client.
         empty_ttl_s: negative TTL (seconds) for tiles the upstream reported empty.
     """
 
-    def __init__(self, cache: TileCache, client: GeoperaClient, empty_ttl_s: float) -> None:
+    def __init__(self, cache: TileCache, guard: UpstreamGuard, empty_ttl_s: float) -> None:
         self.cache = cache
-        self.client = client
+        self.guard = guard
         self.empty_ttl_s = empty_ttl_s
         self._flights: SingleFlight[CachedTile] = SingleFlight()
+        self._refreshes: set[asyncio.Task[None]] = set()
 
-    async def get(self, address: TileAddress) -> TileResult:
-        """The tile at ``address``.
+    async def get(
+        self, address: TileAddress, priority: Priority = Priority.INTERACTIVE
+    ) -> TileResult:
+        """The tile at ``address``; counts the cache result in the metrics.
 
         Raises:
             Problem: 502 (upstream refused, failed or sent garbage; key or scope wrong),
-                503 with Retry-After (upstream throttled), 504 (upstream timed out).
+                503 with Retry-After (upstream throttled, breaker open, limiter queue full,
+                egress budget spent), 504 (upstream timed out), when no stale entry covers.
         """
+        result = await self._get(address, priority)
+        metrics.CACHE_LOOKUP[result.status].inc()
+        if result.status != "MISS":
+            metrics.UPSTREAM_SAVED.inc()
+        return result
+
+    async def _get(self, address: TileAddress, priority: Priority) -> TileResult:
         layer = address.layer
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
-            return TileResult(self._blank(address), "EMPTY")
+            return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         key = address.key
         tile = self.cache.get(key)
-        if tile is not None and tile.is_fresh():
-            return TileResult(tile, "EMPTY" if tile.empty else "HIT")
-        tile, coalesced = await self._flights.run(key, lambda: self._fetch(address))
-        if tile.empty:
-            return TileResult(tile, "EMPTY")
-        return TileResult(tile, "COALESCED" if coalesced else "MISS")
+        now = time.time()
+        if tile is not None:
+            if tile.is_fresh(now):
+                return TileResult(tile, "EMPTY" if tile.empty else "HIT")
+            if now < tile.fresh_until + layer.stale_while_revalidate_s:
+                self._refresh_in_background(address, priority)
+                return TileResult(tile, "STALE")
+        try:
+            fetched, coalesced = await self._flights.run(
+                key, lambda: self._fetch(address, priority)
+            )
+        except FETCH_ERRORS as exc:
+            if tile is not None and time.time() < tile.fresh_until + layer.stale_if_error_s:
+                log.warning(
+                    "serving stale %s %d/%d/%d: %s",
+                    layer.name,
+                    address.z,
+                    address.x,
+                    address.y,
+                    type(exc).__name__,
+                )
+                return TileResult(tile, "STALE")
+            raise self._problem(address, exc) from None
+        if fetched.empty:
+            return TileResult(fetched, "EMPTY")
+        return TileResult(fetched, "COALESCED" if coalesced else "MISS")
 
-    def _blank(self, address: TileAddress) -> CachedTile:
+    def _refresh_in_background(self, address: TileAddress, priority: Priority) -> None:
+        """Start one refresh of ``address`` unless a fetch of it is already in flight."""
+        if self._flights.in_flight(address.key):
+            return
+
+        async def refresh() -> None:
+            try:
+                await self._flights.run(address.key, lambda: self._fetch(address, priority))
+            except FETCH_ERRORS as exc:
+                log.warning(
+                    "background refresh of %s %d/%d/%d failed: %s",
+                    address.layer.name,
+                    address.z,
+                    address.x,
+                    address.y,
+                    type(exc).__name__,
+                )
+
+        task = asyncio.ensure_future(refresh())
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def aclose(self) -> None:
+        """Cancel background refreshes (on shutdown)."""
+        for task in list(self._refreshes):
+            task.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
+
+    def _blank(self, address: TileAddress, ttl_s: float) -> CachedTile:
         terrain = address.layer.kind == "terrain"
         body = imaging.blank_tile(address.fmt, imaging.TILE_SIZE * address.scale, terrain)
-        return make_tile(body, MEDIA_TYPES[address.fmt], address.layer.ttl_s, empty=True)
+        return make_tile(body, MEDIA_TYPES[address.fmt], ttl_s, empty=True)
 
-    async def _fetch(self, address: TileAddress) -> CachedTile:
+    async def _fetch(self, address: TileAddress, priority: Priority) -> CachedTile:
         """Fetch, check and store one tile; runs once per key however many wait on it."""
         key = address.key
         stored = self.cache.get(key, from_disk=True)
         if stored is not None and stored.is_fresh():
             return stored  # another worker process stored it meanwhile
         if address.scale == 2:
-            tile = await self._fetch_2x(address)
+            tile = await self._fetch_2x(address, priority)
         else:
-            tile = await self._fetch_1x(address)
-        ttl = self.empty_ttl_s if tile.empty else address.layer.ttl_s
-        self.cache.set(key, tile, keep_s=ttl)
+            tile = await self._fetch_1x(address, priority)
+        keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
+        self.cache.set(key, tile, keep_s=keep)
         return tile
 
-    async def _fetch_1x(self, address: TileAddress) -> CachedTile:
+    async def _fetch_1x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
         body = layer.upstream_body(address.z, address.x, address.y, address.fmt)
-        try:
-            response = await self.client.call(layer.operation, body)
-        except UpstreamError as exc:
-            raise self._problem(address, exc) from None
+        response = await self.guard.call(layer.operation, body, asset=layer.url, priority=priority)
         if response.status in EMPTY_STATUSES:
-            blank = self._blank(address)
-            return make_tile(blank.body, blank.media_type, self.empty_ttl_s, empty=True)
+            return self._blank(address, self.empty_ttl_s)
         expected = MEDIA_TYPES[address.fmt]
         try:
             if response.content_type != expected:
@@ -144,15 +217,10 @@ class TileService:
                 address.y,
                 exc,
             )
-            raise Problem(
-                502,
-                "Bad upstream response",
-                "The upstream answered with something that is not a valid tile.",
-                slug="upstream-bad-response",
-            ) from None
-        return make_tile(response.content, expected, layer.ttl_s)
+            raise
+        return make_tile(response.content, expected, layer.ttl_s, fetch_s=response.elapsed_s)
 
-    async def _fetch_2x(self, address: TileAddress) -> CachedTile:
+    async def _fetch_2x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
         z, x, y = address.z + 1, address.x * 2, address.y * 2
         fmt = "png"  # lossless children; the composite is encoded in the asked format
@@ -160,11 +228,12 @@ class TileService:
             TileAddress(layer, z, cx, cy, 1, fmt)
             for cx, cy in ((x, y), (x + 1, y), (x, y + 1), (x + 1, y + 1))
         ]
-        results = await asyncio.gather(*(self.get(child) for child in children))
-        if all(r.tile.empty for r in results):
-            blank = self._blank(address)
-            return make_tile(blank.body, blank.media_type, self.empty_ttl_s, empty=True)
-        bodies = [None if r.tile.empty else r.tile.body for r in results]
+        results = await asyncio.gather(*(self._get(child, priority) for child in children))
+        tiles = [r.tile for r in results]
+        now = time.time()
+        if all(t.empty for t in tiles):
+            return self._blank(address, self.empty_ttl_s)
+        bodies = [None if t.empty else t.body for t in tiles]
         composite = await asyncio.to_thread(
             imaging.compose_2x,
             bodies,
@@ -172,12 +241,53 @@ class TileService:
             layer.kind == "terrain",
             layer.render.get("quality"),
         )
-        return make_tile(composite, MEDIA_TYPES[address.fmt], layer.ttl_s)
+        # as fresh as its stalest child, so a stale child is refreshed into the composite
+        ttl = min(layer.ttl_s, *(t.fresh_until - now for t in tiles if not t.empty))
+        return make_tile(composite, MEDIA_TYPES[address.fmt], max(0.0, ttl))
 
     @staticmethod
-    def _problem(address: TileAddress, exc: UpstreamError) -> Problem:
-        """Map an upstream failure to the client's problem+json (never the upstream text)."""
+    def _problem(address: TileAddress, exc: Exception) -> Problem:
+        """Map a fetch failure to the client's problem+json (never the upstream's text)."""
         name = address.layer.name
+        if isinstance(exc, LimitExceeded):
+            retry = max(1, round(exc.retry_after_s))
+            if exc.scope == "budget":
+                detail = (
+                    "The gateway's daily upstream egress budget is spent; only cached "
+                    "tiles are served until it renews at 00:00 UTC."
+                )
+                return Problem(
+                    503,
+                    "Egress budget spent",
+                    detail,
+                    slug="egress-budget-spent",
+                    headers={"Retry-After": str(retry)},
+                )
+            return Problem(
+                503,
+                "Upstream limit reached",
+                f"The gateway's {exc.scope} limit towards the upstream is saturated; "
+                f"retry after {retry} s.",
+                slug="upstream-limit",
+                headers={"Retry-After": str(retry)},
+            )
+        if isinstance(exc, BreakerOpen):
+            retry = max(1, round(exc.retry_after_s))
+            return Problem(
+                503,
+                "Upstream circuit open",
+                f"Calls to the upstream for layer {name!r} are paused after errors "
+                f"or throttling; retry after {retry} s.",
+                slug="upstream-circuit-open",
+                headers={"Retry-After": str(retry)},
+            )
+        if isinstance(exc, imaging.ImageCheckError):
+            return Problem(
+                502,
+                "Bad upstream response",
+                "The upstream answered with something that is not a valid tile.",
+                slug="upstream-bad-response",
+            )
         if isinstance(exc, UpstreamAuthError):
             log.critical(
                 "UPSTREAM REJECTED THE GATEWAY'S CREDENTIALS (%s) for %s: the Geopera "

@@ -1,0 +1,174 @@
+"""The upstream guard: every call to Geopera passes the budget, breakers, limiter and retries.
+
+Order for one call: daily egress budget → circuit breakers (operation, asset) → token buckets
+(operation, asset) with a bounded wait → host-wide concurrency cap → the HTTP call. Idempotent
+reads that fail with 5xx, a timeout or no answer are retried with jittered exponential backoff
+(stamina), each attempt going through the breakers and buckets again; each failure counts
+toward the operation's breaker. A 429 opens the asset's breaker (and the operation's, when the
+upstream says its bandwidth circuit breaker tripped) for the ``Retry-After`` it gave, and is
+not retried: the caller serves stale or answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import stamina
+
+from gateway import metrics
+from gateway.breaker import Breakers, Scope
+from gateway.config import LimitSettings
+from gateway.limits import (
+    Bucket,
+    ConcurrencyCap,
+    EgressBudget,
+    LimitExceeded,
+    Priority,
+    SharedState,
+    TokenBuckets,
+)
+from gateway.upstream import (
+    GeoperaClient,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamResponse,
+    UpstreamServerError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger("gateway.guard")
+
+RETRYABLE = (UpstreamServerError, UpstreamTimeout, UpstreamUnavailable)
+"""Failures worth another attempt for an idempotent read."""
+
+
+def _bandwidth_breaker(exc: UpstreamRateLimited) -> bool:
+    """Whether a 429 came from the organisation-wide bandwidth circuit breaker."""
+    text = str(exc).lower()
+    return "bandwidth" in text or "circuit" in text
+
+
+class UpstreamGuard:
+    """Protected access to the upstream for one worker process.
+
+    Args:
+        client: the Geopera client.
+        state: the host's shared limiter state.
+        settings: the limits.
+        read_timeout_s: the client's read timeout; concurrency leases outlive it.
+    """
+
+    def __init__(
+        self,
+        client: GeoperaClient,
+        state: SharedState,
+        settings: LimitSettings,
+        read_timeout_s: float,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.buckets = TokenBuckets(state)
+        self.breakers = Breakers(
+            state, settings.failure_threshold, settings.failure_window_s, settings.open_s
+        )
+        self.budget = EgressBudget(state, settings.daily_egress_bytes)
+        self.concurrency = ConcurrencyCap(state, settings.max_concurrent, read_timeout_s + 30)
+        self._local_slots = asyncio.Semaphore(settings.max_concurrent)
+
+    def _buckets(self, operation: str, asset: str) -> list[Bucket]:
+        op = self.settings.rate_for(operation)
+        asset_rate = self.settings.asset
+        return [
+            Bucket("operation", f"op:{operation}", op.rps, op.burst),
+            Bucket("asset", f"asset:{operation}:{asset}", asset_rate.rps, asset_rate.burst),
+        ]
+
+    async def _admit(self, operation: str, asset: str, priority: Priority, deadline: float) -> str:
+        """Budget, breakers, buckets and a concurrency lease; returns the lease."""
+        scopes = (Scope(operation), Scope(operation, asset))
+        self.budget.check()
+        self.breakers.check(scopes)
+        started = time.monotonic()
+        try:
+            wait = await asyncio.to_thread(
+                self.buckets.reserve,
+                self._buckets(operation, asset),
+                (1.0, 1.0),
+                max(0.0, deadline - started),
+                priority,
+            )
+            if wait > 0:
+                await asyncio.sleep(wait)
+            async with self._local_slots:
+                lease = await self.concurrency.acquire(
+                    max(0.0, deadline - time.monotonic()), priority
+                )
+        except LimitExceeded as exc:
+            metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+            raise
+        metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
+        return lease
+
+    async def call(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        *,
+        asset: str,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> UpstreamResponse:
+        """Call ``operation`` with ``body`` under every limit, retrying idempotent failures.
+
+        Args:
+            asset: what the per-asset limits and breakers key on (COG URL or clip job id).
+            priority: interactive map traffic or seeding.
+
+        Raises:
+            LimitExceeded: budget spent or no token/slot within ``max_wait_s``.
+            BreakerOpen: a breaker for the operation or asset is open.
+            UpstreamError: the call failed (after retries where they apply).
+        """
+        deadline = time.monotonic() + self.settings.max_wait_s
+        s = self.settings
+        retries = stamina.retry_context(
+            on=RETRYABLE,
+            attempts=s.retry_attempts,
+            timeout=None,
+            wait_initial=s.retry_initial_s,
+            wait_max=s.retry_max_s,
+            wait_jitter=s.retry_initial_s,
+        )
+        async for attempt in retries:
+            with attempt:
+                return await self._attempt(operation, body, asset, priority, deadline)
+        raise AssertionError("unreachable")  # stamina re-raises the last failure
+
+    async def _attempt(
+        self, operation: str, body: dict[str, Any], asset: str, priority: Priority, deadline: float
+    ) -> UpstreamResponse:
+        lease = await self._admit(operation, asset, priority, deadline)
+        try:
+            response = await self.client.call(operation, body)
+        except UpstreamRateLimited as exc:
+            self.breakers.open_for(Scope(operation, asset), exc.retry_after_s)
+            if _bandwidth_breaker(exc):
+                self.breakers.open_for(Scope(operation), exc.retry_after_s)
+            metrics.UPSTREAM_REQUESTS.labels(operation, "429").inc()
+            raise
+        except UpstreamError as exc:
+            metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
+            if isinstance(exc, RETRYABLE):
+                self.breakers.record_failure(Scope(operation))
+            raise
+        finally:
+            await asyncio.to_thread(self.concurrency.release, lease)
+        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+        self.budget.add(len(response.content))
+        metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
+        metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
+        metrics.UPSTREAM_BYTES.labels(operation).inc(len(response.content))
+        return response

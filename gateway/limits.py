@@ -1,0 +1,244 @@
+"""The upstream limiter: token buckets, a concurrency cap and a daily egress budget.
+
+All state lives in one diskcache directory (SQLite, process-safe), so the limits hold for the
+whole gateway on one host however many worker processes serve it. Each host of a multi-host
+deployment has its own state: give each host its share of the upstream's limits.
+
+Token buckets use reservation (as in GCRA / nginx ``limit_req`` with ``delay``): a request
+takes its tokens at once, even if that drives the bucket below zero, and waits until the
+deficit has refilled. Waiting requests are therefore served in arrival order without polling,
+and a request whose wait would exceed ``max_wait_s`` reserves nothing and is refused with the
+wait as its Retry-After. Seeding traffic (:attr:`Priority.SEEDING`) never reserves into a
+deficit: it only takes tokens that are there now, so interactive map requests always go first.
+
+Why not a library: aiolimiter and limits keep their state in process memory (or Redis), and
+none offers a token bucket whose state several processes share through a local file; the
+bucket arithmetic here is a few lines over diskcache's ``transact``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+
+
+class Priority(enum.IntEnum):
+    """Who is asking: map users (interactive) before bulk seeding."""
+
+    INTERACTIVE = 0
+    SEEDING = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket: ``rate`` tokens per second up to ``burst`` tokens.
+
+    ``scope`` is the label used in errors and metrics (``operation``, ``asset``, ``bytes``),
+    ``key`` the bucket's identity in the shared state (may hold a COG URL: never a label).
+    """
+
+    scope: str
+    key: str
+    rate: float
+    burst: float
+
+
+class LimitExceeded(Exception):
+    """The upstream limiter refused a call: waiting would take longer than allowed.
+
+    Attributes:
+        scope: which limit (``operation``, ``asset``, ``bytes``, ``concurrency``, ``budget``).
+        retry_after_s: seconds after which trying again may succeed.
+    """
+
+    def __init__(self, scope: str, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.scope, self.retry_after_s = scope, retry_after_s
+
+
+class SharedState:
+    """The diskcache holding limiter, breaker and budget state for every worker on a host.
+
+    Raises:
+        OSError: the directory cannot be created.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cache = diskcache.Cache(str(directory), timeout=5, eviction_policy="none")
+
+    def close(self) -> None:
+        """Close the SQLite connection of this process."""
+        self.cache.close()
+
+
+class TokenBuckets:
+    """Atomic multi-bucket reservations in :class:`SharedState`.
+
+    Args:
+        state: the shared state.
+        clock: Unix time source, seconds (tests may pass their own).
+    """
+
+    def __init__(self, state: SharedState, clock=time.time) -> None:
+        self._cache = state.cache
+        self._clock = clock
+
+    def reserve(
+        self,
+        buckets: Sequence[Bucket],
+        cost: Sequence[float],
+        max_wait_s: float,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> float:
+        """Reserve ``cost[i]`` tokens in ``buckets[i]``, all or none.
+
+        Returns:
+            Seconds the caller must wait before using the reservation (0 when tokens were
+            there). For :attr:`Priority.SEEDING` it is always 0.
+
+        Raises:
+            LimitExceeded: the wait would exceed ``max_wait_s`` (interactive), or any bucket
+                lacks the tokens right now (seeding; ``retry_after_s`` says when they will be
+                there). Nothing is reserved then.
+        """
+        with self._cache.transact(retry=True):
+            now = self._clock()
+            levels = []
+            worst_wait, worst_scope = 0.0, ""
+            for bucket, amount in zip(buckets, cost, strict=True):
+                level = self._level(bucket, now)
+                wait = max(0.0, (amount - level) / bucket.rate)
+                if wait > worst_wait:
+                    worst_wait, worst_scope = wait, bucket.scope
+                levels.append(level)
+            if priority is Priority.SEEDING and worst_wait > 0:
+                raise LimitExceeded(
+                    worst_scope, worst_wait, f"{worst_scope} limit: no tokens for seeding now"
+                )
+            if worst_wait > max_wait_s:
+                raise LimitExceeded(
+                    worst_scope,
+                    worst_wait,
+                    f"{worst_scope} limit: the queue is {worst_wait:.1f} s long",
+                )
+            for bucket, amount, level in zip(buckets, cost, levels, strict=True):
+                self._cache.set(("bucket", bucket.key), (level - amount, now))
+            return worst_wait
+
+    def _level(self, bucket: Bucket, now: float) -> float:
+        stored = self._cache.get(("bucket", bucket.key))
+        if stored is None:
+            return bucket.burst
+        tokens, stamp = stored
+        return min(bucket.burst, tokens + max(0.0, now - stamp) * bucket.rate)
+
+    def level(self, bucket: Bucket) -> float:
+        """Tokens available now (negative while reservations are queued)."""
+        return self._level(bucket, self._clock())
+
+
+class ConcurrencyCap:
+    """At most ``limit`` upstream calls in flight on this host, across worker processes.
+
+    Each holder has a lease that expires after ``lease_s`` seconds, so a crashed worker's
+    slots come back. Seeding may use at most three quarters of the slots.
+    """
+
+    POLL_S = 0.02
+
+    def __init__(self, state: SharedState, limit: int, lease_s: float) -> None:
+        self._cache = state.cache
+        self.limit = limit
+        self.lease_s = lease_s
+        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+
+    def _try_acquire(self, priority: Priority) -> str | None:
+        allowed = self.limit if priority is Priority.INTERACTIVE else max(1, self.limit * 3 // 4)
+        with self._cache.transact(retry=True):
+            now = time.time()
+            leases = {k: v for k, v in (self._cache.get("inflight") or {}).items() if v > now}
+            if len(leases) >= allowed:
+                self._cache.set("inflight", leases)
+                return None
+            lease = self._prefix + uuid.uuid4().hex[:8]
+            leases[lease] = now + self.lease_s
+            self._cache.set("inflight", leases)
+            return lease
+
+    async def acquire(self, max_wait_s: float, priority: Priority) -> str:
+        """Wait for a slot; returns the lease to :meth:`release`.
+
+        Raises:
+            LimitExceeded: no slot within ``max_wait_s`` seconds (scope ``concurrency``).
+        """
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            lease = await asyncio.to_thread(self._try_acquire, priority)
+            if lease is not None:
+                return lease
+            if time.monotonic() >= deadline:
+                raise LimitExceeded(
+                    "concurrency", 1.0, "concurrency limit: every upstream slot is busy"
+                )
+            await asyncio.sleep(self.POLL_S)
+
+    def release(self, lease: str) -> None:
+        """Give the slot back (idempotent)."""
+        with self._cache.transact(retry=True):
+            leases = self._cache.get("inflight") or {}
+            if leases.pop(lease, None) is not None:
+                self._cache.set("inflight", leases)
+
+    def in_flight(self) -> int:
+        """Leases currently held on this host."""
+        now = time.time()
+        return sum(1 for v in (self._cache.get("inflight") or {}).values() if v > now)
+
+
+class EgressBudget:
+    """Bytes received from the upstream per UTC day, against an optional daily budget.
+
+    Args:
+        daily_bytes: the budget; 0 means no budget (still counted, for metrics).
+    """
+
+    def __init__(self, state: SharedState, daily_bytes: int) -> None:
+        self._cache = state.cache
+        self.daily_bytes = daily_bytes
+
+    @staticmethod
+    def _key() -> tuple[str, str]:
+        return ("egress", time.strftime("%Y-%m-%d", time.gmtime()))
+
+    def spent(self) -> int:
+        """Bytes received today (UTC)."""
+        return int(self._cache.get(self._key(), 0))
+
+    def remaining(self) -> int | None:
+        """Bytes left today, or None without a budget."""
+        if not self.daily_bytes:
+            return None
+        return max(0, self.daily_bytes - self.spent())
+
+    def check(self) -> None:
+        """Raises LimitExceeded (scope ``budget``) once today's budget is spent."""
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            now = time.time()
+            retry = 86400 - now % 86400  # until the next UTC midnight
+            raise LimitExceeded("budget", retry, "the daily upstream egress budget is spent")
+
+    def add(self, nbytes: int) -> None:
+        """Count ``nbytes`` received (atomic across processes; kept 2 days)."""
+        if nbytes > 0:
+            self._cache.incr(self._key(), nbytes, default=0)
+            self._cache.touch(self._key(), expire=2 * 86400)

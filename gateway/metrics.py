@@ -1,0 +1,137 @@
+"""Prometheus metrics (``GET /metrics``), in base units with conventional names.
+
+Labels are bounded: routes are route names, operations are Geopera operation ids, scopes are
+a fixed set. No label ever holds z/x/y, a URL, a job id, a token or a key.
+
+With ``--workers N`` the worker processes write to ``PROMETHEUS_MULTIPROC_DIR`` (set by
+:mod:`gateway.server` before they start) and ``/metrics`` merges them with prometheus-client's
+multiprocess collector. Host-wide state (cache size, open breakers, egress budget) is read at
+scrape time from the shared state by :class:`StateCollector`, so every worker reports the
+same values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+HTTP_REQUESTS = Counter(
+    "gateway_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+HTTP_DURATION = Histogram(
+    "gateway_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+CACHE_LOOKUPS = Counter(
+    "gateway_cache_lookups_total",
+    "Tile requests by cache result (hit, miss, stale, coalesced, empty)",
+    ["result"],
+)
+UPSTREAM_SAVED = Counter(
+    "gateway_upstream_calls_saved_total",
+    "Tile requests answered without an upstream call of their own",
+)
+UPSTREAM_REQUESTS = Counter(
+    "gateway_upstream_requests_total",
+    "Calls to the Geopera API by operation and HTTP status",
+    ["operation", "status"],
+)
+UPSTREAM_DURATION = Histogram(
+    "gateway_upstream_request_duration_seconds",
+    "Duration of successful upstream calls",
+    ["operation"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_BYTES = Counter(
+    "gateway_upstream_received_bytes_total",
+    "Bytes received from the upstream (egress)",
+    ["operation"],
+)
+LIMITER_WAIT = Histogram(
+    "gateway_limiter_wait_seconds",
+    "Time upstream calls waited for the limiter",
+    ["operation"],
+    buckets=LATENCY_BUCKETS,
+)
+LIMITER_REJECTIONS = Counter(
+    "gateway_limiter_rejections_total", "Upstream calls refused by the limiter, by scope", ["scope"]
+)
+CLIENT_REJECTIONS = Counter(
+    "gateway_client_rate_limited_total", "Client requests answered 429 by the per-client rate limit"
+)
+
+_CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "empty")
+CACHE_LOOKUP = {name.upper(): CACHE_LOOKUPS.labels(name) for name in _CACHE_RESULTS}
+"""Pre-bound children by ``X-Cache`` value, so the hit path does no label lookup."""
+
+
+class StateCollector(Collector):
+    """Host-wide gauges computed at scrape time.
+
+    Args:
+        cache_bytes: returns the tile cache's disk volume, bytes.
+        open_breakers: returns ``(operation, scope_kind)`` for each open breaker.
+        budget_left: returns today's egress budget left in bytes, or None without a budget.
+    """
+
+    def __init__(
+        self,
+        cache_bytes: Callable[[], int],
+        open_breakers: Callable[[], list[tuple[str, str]]],
+        budget_left: Callable[[], int | None],
+    ) -> None:
+        self._cache_bytes = cache_bytes
+        self._open_breakers = open_breakers
+        self._budget_left = budget_left
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "gateway_cache_size_bytes", "Tile cache size on disk", value=self._cache_bytes()
+        )
+        breakers = GaugeMetricFamily(
+            "gateway_breaker_open",
+            "Open circuit breakers by operation and scope kind",
+            labels=["operation", "scope"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for key in self._open_breakers():
+            counts[key] = counts.get(key, 0) + 1
+        for (operation, scope), n in sorted(counts.items()):
+            breakers.add_metric([operation, scope], n)
+        yield breakers
+        left = self._budget_left()
+        if left is not None:
+            yield GaugeMetricFamily(
+                "gateway_egress_budget_remaining_bytes",
+                "Upstream egress budget left today (UTC)",
+                value=left,
+            )
+
+
+def render(state: Collector) -> tuple[bytes, str]:
+    """The exposition text for all metrics plus ``state``; returns ``(body, content_type)``."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY)
+    host = CollectorRegistry(auto_describe=False)
+    host.register(state)
+    return body + generate_latest(host), CONTENT_TYPE_LATEST
