@@ -15,7 +15,7 @@ import mercantile
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.logs import configure_logging
+from gateway.logs import access_log_options, configure_logging
 
 log = logging.getLogger("gateway.cli")
 
@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes sharing the port and the disk cache (default 1)",
     )
-    serve.add_argument("--access-log", action="store_true", help="log one line per request")
 
     demo = sub.add_parser("demo", help="run the bundled emulator and the gateway on sample data")
     demo.add_argument("--host", default="127.0.0.1")
@@ -63,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="port for the bundled emulator (default: any free port)",
     )
-    demo.add_argument("--access-log", action="store_true", help="log one line per request")
 
     emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
     emu.add_argument("--host", default="127.0.0.1")
@@ -107,11 +105,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _print_urls(settings, f"http://{_url_host(host)}:{port}")
     if args.workers == 1:
-        run_single(settings, host, port, access_log=args.access_log)
+        run_single(settings, host, port)
         return 0
-    return run_workers(
-        args.config, host, port, args.workers, access_log=args.access_log, log_level=args.log_level
-    )
+    return run_workers(args.config, host, port, args.workers, log_level=args.log_level)
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -156,8 +152,7 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
     env["GEOPERA_BASE_URL"] = emulator_url
     env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
     settings = load_settings(None, environ=env)
-    logger = logging.getLogger("aiohttp.access") if args.access_log else None
-    runner = web.AppRunner(create_app(settings), access_log=logger)
+    runner = web.AppRunner(create_app(settings), **access_log_options(settings.server.access_log))
     await runner.setup()
     try:
         await web.TCPSite(runner, args.host, args.port).start()

@@ -60,6 +60,14 @@ class JsonAccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
+def access_log_options(enabled: bool) -> dict[str, object]:
+    """Keyword arguments for ``web.run_app`` / ``web.AppRunner``: the JSON access log on the
+    ``gateway.access`` logger, or none."""
+    if not enabled:
+        return {"access_log": None}
+    return {"access_log": logging.getLogger("gateway.access"), "access_log_class": JsonAccessLogger}
+
+
 CLIENT_KEY = "gateway.client"
 """Request key under which the middleware stores the client address."""
 

@@ -1,8 +1,9 @@
 """Running the gateway: one process, or ``--workers N`` processes sharing one port.
 
 Workers are separate processes (``spawn``) that each load the same config file, bind the
-same address with ``SO_REUSEPORT`` (the kernel spreads connections across them) and open the
-same diskcache directory (process-safe). The parent only supervises: SIGINT/SIGTERM are passed
+same address with ``SO_REUSEPORT`` (the kernel spreads connections across them), open the
+same diskcache directories (process-safe) and write metrics to one
+``PROMETHEUS_MULTIPROC_DIR``. The parent only supervises: SIGINT/SIGTERM are passed
 on, and if one worker dies the others are stopped too so a supervisor can restart the set.
 """
 
@@ -13,14 +14,16 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
-from gateway.logs import configure_logging
+from gateway.logs import access_log_options, configure_logging
 
 log = logging.getLogger("gateway.server")
 
@@ -34,31 +37,27 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_single(
-    settings: Settings, host: str, port: int, *, access_log: bool = False, reuse_port: bool = False
-) -> None:
+def run_single(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> None:
     """Serve ``settings`` on ``host:port`` in this process until SIGINT/SIGTERM."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    logger = logging.getLogger("aiohttp.access") if access_log else None
     web.run_app(
         create_app(settings),
         host=host,
         port=port,
         reuse_port=reuse_port,
-        access_log=logger,
+        backlog=1024,
         loop=loop,
         print=None,
         handle_signals=True,
+        **access_log_options(settings.server.access_log),
     )
 
 
-def _worker_main(
-    config: str | None, host: str, port: int, access_log: bool, log_level: str
-) -> None:
+def _worker_main(config: str | None, host: str, port: int, log_level: str) -> None:
     configure_logging(log_level)
     settings = load_settings(config)
-    run_single(settings, host, port, access_log=access_log, reuse_port=True)
+    run_single(settings, host, port, reuse_port=True)
 
 
 def run_workers(
@@ -67,7 +66,6 @@ def run_workers(
     port: int,
     workers: int,
     *,
-    access_log: bool = False,
     log_level: str = "INFO",
 ) -> int:
     """Start ``workers`` processes on one port and wait for them; returns an exit code.
@@ -78,7 +76,10 @@ def run_workers(
     if port == 0:
         raise ValueError("--workers needs a fixed --port")
     ctx = multiprocessing.get_context("spawn")
-    args = (str(config) if config else None, host, port, access_log, log_level)
+    args = (str(config) if config else None, host, port, log_level)
+    # workers write metrics to files here; /metrics in any worker merges them all
+    metrics_dir = tempfile.mkdtemp(prefix="geopera-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     procs = [
         ctx.Process(target=_worker_main, args=args, name=f"gateway-worker-{i}")
         for i in range(workers)
@@ -114,4 +115,5 @@ def run_workers(
     for proc in procs:
         proc.join()
         log.info("worker %s exited with %s", proc.pid, proc.exitcode)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if unexpected or any(p.exitcode not in clean for p in procs) else 0

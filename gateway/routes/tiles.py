@@ -14,6 +14,7 @@ import re
 from aiohttp import web
 
 from gateway.layers import Layer
+from gateway.logs import UPSTREAM_TIME_KEY
 from gateway.problem import bad_request, not_found
 from gateway.services.tiles import TileAddress, TileResult
 from gateway.state import LAYERS, SETTINGS, TILE_SERVICE
@@ -62,6 +63,8 @@ def parse_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
 
 def _respond(request: web.Request, result: TileResult) -> web.Response:
     tile = result.tile
+    if result.upstream_s is not None:
+        request[UPSTREAM_TIME_KEY] = result.upstream_s
     headers = {
         "ETag": tile.etag,
         "Cache-Control": f"public, max-age={tile.max_age()}",
