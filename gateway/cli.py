@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument(
         "--delay-ms", type=float, default=0.0, help="added latency per upstream call, milliseconds"
     )
+    # literal defaults: importing gateway.emulator here would require rio-tiler for `serve`
+    emu.add_argument(
+        "--asset-rps",
+        type=float,
+        default=50.0,
+        metavar="R",
+        help="per-asset request limit, requests/s (default 50; 0 disables)",
+    )
+    emu.add_argument(
+        "--bandwidth",
+        type=float,
+        default=50_000_000,
+        metavar="BYTES_PER_S",
+        help="response bandwidth limit, bytes/s (default 50,000,000; 0 disables)",
+    )
     return parser
 
 
@@ -120,7 +135,15 @@ def _emulator(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    run_emulator(args.host, args.port, api_keys=args.api_keys, delay_ms=args.delay_ms)
+    run_emulator(
+        args.host,
+        args.port,
+        api_keys=args.api_keys,
+        delay_ms=args.delay_ms,
+        asset_rps=args.asset_rps,
+        bandwidth=args.bandwidth,
+    )
+
     return 0
 
 

@@ -2,18 +2,36 @@
 
 An aiohttp app serving the packaged sample COGs (``data/``, see ``data/ATTRIBUTION.md``) over
 the Geopera wire protocol, for tests, demos and benchmarks of the gateway.
+
+Like the real Geopera, the emulator enforces egress limits (:mod:`.egress`), answering ``429``
+problem+json with ``Retry-After``. Defaults (``create_emulator_app``, ``start_emulator``,
+``run_emulator``, ``python -m gateway.emulator --asset-rps R --bandwidth BYTES_PER_S``):
+
+- :data:`DEFAULT_ASSET_RPS` = 50 requests/s per asset (the body's ``url`` or ``job_id``),
+  burst of one second; type ``asset-rate-limited``.
+- :data:`DEFAULT_BANDWIDTH` = 50,000,000 bytes/s (50 MB/s) of response bodies, all operations
+  together, burst of one second; type ``bandwidth-circuit-open`` (the bandwidth circuit
+  breaker).
+
+``0`` or ``None`` disables a limit; change them at run time through ``app[LIMITS_KEY]`` or
+``POST /_emulator/limits``.
 """
 
 from .app import create_emulator_app
 from .catalog import SAMPLE_COGS
+from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH, LIMITS_KEY, EgressLimits
 from .faults import FAULTS_KEY, Fault, FaultPlan
 from .server import run_emulator, start_emulator
 from .stats import STATS_KEY, EmulatorStats
 
 __all__ = [
+    "DEFAULT_ASSET_RPS",
+    "DEFAULT_BANDWIDTH",
     "FAULTS_KEY",
+    "LIMITS_KEY",
     "SAMPLE_COGS",
     "STATS_KEY",
+    "EgressLimits",
     "EmulatorStats",
     "Fault",
     "FaultPlan",

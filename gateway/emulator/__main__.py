@@ -1,9 +1,11 @@
-"""``python -m gateway.emulator [--host H] [--port P] [--delay-ms MS] [--api-key KEY ...]``."""
+"""``python -m gateway.emulator [--host H] [--port P] [--delay-ms MS] [--api-key KEY ...]
+[--asset-rps R] [--bandwidth BYTES_PER_S]``."""
 
 from __future__ import annotations
 
 import argparse
 
+from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
 from .server import run_emulator
 
 
@@ -18,8 +20,29 @@ def main(argv: list[str] | None = None) -> None:
         dest="api_keys",
         help="accepted bearer token (repeatable); default: any gpra_ key of 13+ characters",
     )
+    parser.add_argument(
+        "--asset-rps",
+        type=float,
+        default=DEFAULT_ASSET_RPS,
+        metavar="R",
+        help=f"per-asset request limit, requests/s (default {DEFAULT_ASSET_RPS:g}; 0 disables)",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=DEFAULT_BANDWIDTH,
+        metavar="BYTES_PER_S",
+        help=f"response bandwidth limit, bytes/s (default {DEFAULT_BANDWIDTH:,}; 0 disables)",
+    )
     args = parser.parse_args(argv)
-    run_emulator(args.host, args.port, api_keys=args.api_keys, delay_ms=args.delay_ms)
+    run_emulator(
+        args.host,
+        args.port,
+        api_keys=args.api_keys,
+        delay_ms=args.delay_ms,
+        asset_rps=args.asset_rps,
+        bandwidth=args.bandwidth,
+    )
 
 
 if __name__ == "__main__":

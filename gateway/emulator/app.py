@@ -5,8 +5,13 @@ Routes (Geopera COG & tiles operations; errors per the Geopera errors guide):
 - ``POST /v1/op/{operation_id}`` and the alias ``POST /v1/{resource}/{action...}``
   (``/v1/cog/tile/render`` is ``cog.tile.render``). Requires ``Authorization: Bearer <key>``.
 - ``GET /_emulator/stats`` and ``POST /_emulator/reset``: call counters for benchmarks in other
-  processes; ``POST``/``DELETE /_emulator/faults``: scripted failures (:mod:`.faults`). These
-  need **no auth**: the emulator is a loopback test tool, not a real service.
+  processes; ``POST``/``DELETE /_emulator/faults``: scripted failures (:mod:`.faults`);
+  ``GET``/``POST /_emulator/limits``: the egress limits (:mod:`.egress`). These need
+  **no auth**: the emulator is a loopback test tool, not a real service.
+
+Egress limits (:mod:`.egress`), as on the real Geopera: a per-asset request rate limit and a
+bandwidth circuit breaker answer ``429`` with ``Retry-After`` (``asset-rate-limited``,
+``bandwidth-circuit-open``). They apply to authorised, valid calls only, before rendering.
 
 Every error is ``application/problem+json`` except 422 validation errors
 (``HTTPValidationError``). The presented token is never echoed.
@@ -26,6 +31,14 @@ from typing import Any
 from aiohttp import web
 
 from .catalog import CATALOG_KEY, SAMPLE_COGS
+from .egress import (
+    DEFAULT_ASSET_RPS,
+    DEFAULT_BANDWIDTH,
+    LIMITS_KEY,
+    EgressLimits,
+    get_limits,
+    post_limits,
+)
 from .faults import FAULTS_KEY, FaultPlan, delete_faults, post_faults
 from .faults import apply as apply_fault
 from .protocol import (
@@ -164,6 +177,8 @@ def create_emulator_app(
     cogs: Mapping[str, Path] | None = None,
     api_keys: Collection[str] | None = None,
     delay_ms: float = 0.0,
+    asset_rps: float | None = DEFAULT_ASSET_RPS,
+    bandwidth: float | None = DEFAULT_BANDWIDTH,
 ) -> web.Application:
     """Build the emulator application.
 
@@ -172,12 +187,18 @@ def create_emulator_app(
         api_keys: accepted bearer tokens; ``None`` accepts any token starting with ``gpra_``
             followed by at least 8 more characters.
         delay_ms: simulated upstream latency in milliseconds, slept once per operation call.
+        asset_rps: per-asset limit in requests per second (asset = the body's ``url`` or
+            ``job_id``); ``0``/``None`` disables it. Default :data:`DEFAULT_ASSET_RPS` (50).
+        bandwidth: limit on response bodies in bytes per second, across all operations;
+            ``0``/``None`` disables it. Default :data:`DEFAULT_BANDWIDTH` (50,000,000).
 
     Raises:
         FileNotFoundError: a configured COG file does not exist.
-        ValueError: ``delay_ms`` is negative.
+        ValueError: ``delay_ms`` is negative, or a limit is negative or not finite.
 
-    The app's :class:`EmulatorStats` is ``app[STATS_KEY]``.
+    The app's :class:`EmulatorStats` is ``app[STATS_KEY]``; its
+    :class:`~gateway.emulator.egress.EgressLimits` (settable at run time) is
+    ``app[LIMITS_KEY]``.
     """
     catalog = dict(SAMPLE_COGS if cogs is None else cogs)
     missing = [str(path) for path in catalog.values() if not Path(path).is_file()]
@@ -185,11 +206,13 @@ def create_emulator_app(
         raise FileNotFoundError(f"COG file(s) not found: {', '.join(missing)}")
     if delay_ms < 0:
         raise ValueError("delay_ms must be >= 0")
+    limits = EgressLimits(asset_rps, bandwidth)
 
     app = web.Application(middlewares=[_problem_middleware])
     app[CATALOG_KEY] = {url: Path(path) for url, path in catalog.items()}
     app[STATS_KEY] = EmulatorStats()
     app[FAULTS_KEY] = FaultPlan()
+    app[LIMITS_KEY] = limits
     app[_SETTINGS_KEY] = _Settings(
         api_keys=None if api_keys is None else frozenset(api_keys),
         delay_s=delay_ms / 1000.0,
@@ -201,4 +224,6 @@ def create_emulator_app(
     app.router.add_post("/_emulator/reset", _reset)
     app.router.add_post("/_emulator/faults", post_faults)
     app.router.add_delete("/_emulator/faults", delete_faults)
+    app.router.add_get("/_emulator/limits", get_limits)
+    app.router.add_post("/_emulator/limits", post_limits)
     return app

@@ -9,6 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_emulator_app
+from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
 
 
 def _base_url(host: str, port: int) -> str:
@@ -22,6 +23,8 @@ async def start_emulator(
     api_keys: Collection[str] | None = None,
     delay_ms: float = 0.0,
     cogs: Mapping[str, Path] | None = None,
+    asset_rps: float | None = DEFAULT_ASSET_RPS,
+    bandwidth: float | None = DEFAULT_BANDWIDTH,
 ) -> tuple[web.AppRunner, str]:
     """Start the emulator on ``host:port`` in the current event loop.
 
@@ -29,7 +32,13 @@ async def start_emulator(
     ``http://127.0.0.1:54321`` (the real port); stop it with ``await runner.cleanup()``.
     Other arguments as for :func:`~gateway.emulator.app.create_emulator_app`.
     """
-    app = create_emulator_app(cogs=cogs, api_keys=api_keys, delay_ms=delay_ms)
+    app = create_emulator_app(
+        cogs=cogs,
+        api_keys=api_keys,
+        delay_ms=delay_ms,
+        asset_rps=asset_rps,
+        bandwidth=bandwidth,
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -48,8 +57,15 @@ def run_emulator(
     *,
     api_keys: Collection[str] | None = None,
     delay_ms: float = 0.0,
+    asset_rps: float | None = DEFAULT_ASSET_RPS,
+    bandwidth: float | None = DEFAULT_BANDWIDTH,
 ) -> None:
-    """Serve the emulator until interrupted (blocking; no access log)."""
-    app = create_emulator_app(api_keys=api_keys, delay_ms=delay_ms)
+    """Serve the emulator until interrupted (blocking; no access log).
+
+    Arguments as for :func:`~gateway.emulator.app.create_emulator_app`.
+    """
+    app = create_emulator_app(
+        api_keys=api_keys, delay_ms=delay_ms, asset_rps=asset_rps, bandwidth=bandwidth
+    )
     line = f"Geopera emulator listening on {_base_url(host, port)} (Ctrl+C to stop)"
     web.run_app(app, host=host, port=port, access_log=None, print=lambda _msg: print(line))

@@ -18,6 +18,7 @@ class EmulatorStats:
         statuses: requests per ``(operation_id, http_status)``.
         log: the last ``LOG_SIZE`` calls as ``(operation_id, body_dict_or_None, status)``;
             the body is ``None`` when it was never parsed (auth failure, invalid JSON).
+        throttled: total ``429`` answers (egress limits or injected faults).
     """
 
     def __init__(self) -> None:
@@ -31,17 +32,23 @@ class EmulatorStats:
         self.statuses[(operation_id, status)] += 1
         self.log.append((operation_id, body, status))
 
+    @property
+    def throttled(self) -> int:
+        """How many calls were answered ``429 Too Many Requests``, all operations together."""
+        return sum(n for (_op, status), n in self.statuses.items() if status == 429)
+
     def reset(self) -> None:
         """Forget every count and log entry."""
         self.calls.clear()
         self.statuses.clear()
         self.log.clear()
 
-    def as_json(self) -> dict[str, dict[str, int]]:
-        """``{"calls": {op: n}, "statuses": {"op status": n}}`` for the HTTP stats endpoint."""
+    def as_json(self) -> dict[str, Any]:
+        """``{"calls": {op: n}, "statuses": {"op status": n}, "throttled": n}`` for HTTP."""
         return {
             "calls": dict(self.calls),
             "statuses": {f"{op} {status}": n for (op, status), n in self.statuses.items()},
+            "throttled": self.throttled,
         }
 
 

@@ -3,6 +3,11 @@
 Request bodies follow the ``CogTileInput`` and ``CogTerrainInput`` schemas. Success is the
 tile image (200); an empty tile (outside the COG or fully masked) is ``204 No Content``.
 The ``aoi`` field is accepted (it must be a string) and ignored: tiles are not clipped.
+
+Both are egress-limited by COG ``url`` (:mod:`.egress`): once the body is valid and the COG
+known, the limits are checked (``429`` when exceeded) before rendering, and the bytes of each
+tile sent count against the bandwidth circuit breaker. A request found invalid only while
+rendering (a 422 such as a band the COG lacks) gets its per-asset token back.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from rio_tiler.colormap import cmap
 
+from . import egress
 from .catalog import CATALOG_KEY, resolve_cog
 from .protocol import OperationHandler, RequestValidationError, field_error
 from .render import IMAGE_FORMATS, RenderInputError, render_tile, terrain_tile
@@ -108,12 +114,23 @@ def _cog_path(request: web.Request, url: str) -> Path:
     return resolve_cog(request.app[CATALOG_KEY], url)
 
 
-async def _run(func: Any, *args: Any, **kwargs: Any) -> bytes | None:
-    """Run a blocking renderer in a worker thread; RenderInputError becomes a 422."""
+async def _run(
+    request: web.Request, values: dict[str, Any], func: Any, *args: Any, **kwargs: Any
+) -> bytes | None:
+    """Apply the egress limits, then run a blocking renderer in a worker thread.
+
+    RenderInputError becomes a 422 (and the asset token is refunded); the bytes of a
+    rendered tile are accounted against the bandwidth breaker.
+    """
+    egress.admit(request, values)
     try:
-        return await asyncio.to_thread(func, *args, **kwargs)
+        image = await asyncio.to_thread(func, *args, **kwargs)
     except RenderInputError as exc:
+        egress.refund(request, values)
         raise RequestValidationError.single(exc.field, f"Value error, {exc}") from None
+    if image is not None:
+        egress.account(request, len(image))
+    return image
 
 
 async def render_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -130,6 +147,8 @@ async def render_operation(request: web.Request, body: dict[str, Any]) -> web.St
     colormap = _parse_colormap(values["colormap"]) if "colormap" in values else None
     path = _cog_path(request, values["url"])
     image = await _run(
+        request,
+        values,
         render_tile,
         path,
         values["z"],
@@ -154,6 +173,8 @@ async def terrain_operation(request: web.Request, body: dict[str, Any]) -> web.S
     _check_tile_matrix(values)
     path = _cog_path(request, values["url"])
     image = await _run(
+        request,
+        values,
         terrain_tile,
         path,
         values["z"],
