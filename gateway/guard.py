@@ -78,14 +78,33 @@ class UpstreamGuard:
         self.budget = EgressBudget(state, settings.daily_egress_bytes)
         self.concurrency = ConcurrencyCap(state, settings.max_concurrent, read_timeout_s + 30)
         self._local_slots = asyncio.Semaphore(settings.max_concurrent)
+        self._bytes = (
+            Bucket("bytes", "bytes", settings.bytes_per_s, max(settings.bytes_burst, 1.0))
+            if settings.bytes_per_s > 0
+            else None
+        )
 
-    def _buckets(self, operation: str, asset: str) -> list[Bucket]:
+    def _buckets(self, operation: str, asset: str) -> tuple[list[Bucket], list[float]]:
+        """The buckets one call draws from, and what it takes from each up front.
+
+        The bytes bucket takes nothing up front (the size is unknown): a call waits while it
+        is in deficit, and :meth:`_charge_bytes` takes the bytes received afterwards.
+        """
         op = self.settings.rate_for(operation)
         asset_rate = self.settings.asset
-        return [
+        buckets = [
             Bucket("operation", f"op:{operation}", op.rps, op.burst),
-            Bucket("asset", f"asset:{operation}:{asset}", asset_rate.rps, asset_rate.burst),
+            Bucket("asset", f"asset:{asset}", asset_rate.rps, asset_rate.burst),
         ]
+        costs = [1.0, 1.0]
+        if self._bytes is not None:
+            buckets.append(self._bytes)
+            costs.append(0.0)
+        return buckets, costs
+
+    async def _charge_bytes(self, nbytes: int) -> None:
+        if self._bytes is not None and nbytes > 0:
+            await asyncio.to_thread(self.buckets.charge, self._bytes, float(nbytes))
 
     async def _admit(self, operation: str, asset: str, priority: Priority, deadline: float) -> str:
         """Budget, breakers, buckets and a concurrency lease; returns the lease."""
@@ -94,12 +113,9 @@ class UpstreamGuard:
         self.breakers.check(scopes)
         started = time.monotonic()
         try:
+            buckets, costs = self._buckets(operation, asset)
             wait = await asyncio.to_thread(
-                self.buckets.reserve,
-                self._buckets(operation, asset),
-                (1.0, 1.0),
-                max(0.0, deadline - started),
-                priority,
+                self.buckets.reserve, buckets, costs, max(0.0, deadline - started), priority
             )
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -168,6 +184,8 @@ class UpstreamGuard:
             await asyncio.to_thread(self.concurrency.release, lease)
         self.breakers.record_success((Scope(operation), Scope(operation, asset)))
         self.budget.add(len(response.content))
+        await self._charge_bytes(len(response.content))
+
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
         metrics.UPSTREAM_BYTES.labels(operation).inc(len(response.content))

@@ -134,7 +134,14 @@ class TokenBuckets:
                 self._cache.set(("bucket", bucket.key), (level - amount, now))
             return worst_wait
 
+    def charge(self, bucket: Bucket, amount: float) -> None:
+        """Take ``amount`` tokens after the fact (bytes received); may drive it negative."""
+        with self._cache.transact(retry=True):
+            now = self._clock()
+            self._cache.set(("bucket", bucket.key), (self._level(bucket, now) - amount, now))
+
     def _level(self, bucket: Bucket, now: float) -> float:
+
         stored = self._cache.get(("bucket", bucket.key))
         if stored is None:
             return bucket.burst

@@ -1,0 +1,262 @@
+"""Protecting the upstream: breakers, stale serving, limiter queue, client limits, budget,
+metrics, readiness, the access log, and limits that hold across worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from gateway.app import create_app
+from gateway.emulator import FAULTS_KEY, LIMITS_KEY, Fault
+from gateway.limits import Bucket, LimitExceeded, Priority, SharedState, TokenBuckets
+from gateway.logs import access_log_options
+from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, config_with
+from tests.test_cli import free_port, running, wait_healthy
+
+OLINDA = "/tiles/olinda/13/3302/4278.png"
+OLINDA_TILES = [
+    f"/tiles/olinda/14/{x}/{y}.png" for x in range(6603, 6607) for y in range(8555, 8559)
+]  # 16 fully covered tiles
+SHORT_TTL = (("ttl_s = 86400", "ttl_s = 1"),)
+
+
+async def test_429_opens_the_breaker_until_retry_after_has_passed(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="1"))
+    assert (await gateway.get(OLINDA)).status == 503
+    for _ in range(5):
+        assert (await gateway.get(OLINDA)).status == 503
+    assert emulator.renders() == 1  # nothing reached the upstream while the breaker was open
+    await asyncio.sleep(1.1)
+    response = await gateway.get(OLINDA)
+    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    assert emulator.renders() == 2
+
+
+async def test_repeated_failures_open_the_operation_breaker(gateway_for, emulator, tmp_path):
+    config = config_with(
+        tmp_path,
+        ("retry_attempts = 3", "retry_attempts = 1"),
+        ("breaker_failures = 5", "breaker_failures = 2"),
+    )
+    client = await gateway_for(emulator, config=config)
+    emulator.app[FAULTS_KEY].add(Fault("status", status=500, count=2))
+    assert (await client.get(OLINDA)).status == 502
+    assert (await client.get("/tiles/bahamas/9/145/220.png")).status == 502
+    blocked = await client.get("/tiles/olinda-ndvi/13/3302/4278.png")  # same operation
+    assert blocked.status == 503 and int(blocked.headers["Retry-After"]) >= 1
+    terrain = await client.get("/tiles/st-helens/13/1315/2907.png")  # another operation
+    assert terrain.status == 200
+    assert emulator.stats.calls["cog.tile.render"] == 2
+
+
+async def test_stale_if_error_serves_the_expired_tile(gateway_for, emulator, tmp_path):
+    config = config_with(
+        tmp_path, *SHORT_TTL, ("stale_while_revalidate_s = 3600", "stale_while_revalidate_s = 0")
+    )
+    client = await gateway_for(emulator, config=config)
+    first = await client.get(OLINDA)
+    body = await first.read()
+    await asyncio.sleep(1.1)
+    emulator.app[FAULTS_KEY].add(Fault("status", status=503, count=3))
+    stale = await client.get(OLINDA)
+    assert stale.status == 200 and stale.headers["X-Cache"] == "STALE"
+    assert await stale.read() == body
+    emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="30"))
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "STALE"  # 429, then breaker
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "STALE"
+
+
+async def test_stale_while_revalidate_serves_at_once_and_refreshes_once(
+    gateway_for, start_upstream, tmp_path
+):
+    slow = await start_upstream(delay_ms=300)
+    client = await gateway_for(slow, config=config_with(tmp_path, *SHORT_TTL))
+    await client.get(OLINDA)
+    await asyncio.sleep(1.1)
+    started = time.monotonic()
+    responses = await asyncio.gather(*(client.get(OLINDA) for _ in range(20)))
+    assert time.monotonic() - started < 0.3  # did not wait for the 300 ms upstream
+    assert {r.headers["X-Cache"] for r in responses} == {"STALE"}
+    await asyncio.sleep(0.6)
+    assert slow.renders() == 2  # exactly one background refresh
+    refreshed = await client.get(OLINDA)
+    assert refreshed.headers["X-Cache"] == "HIT"
+
+
+async def test_queue_wait_limit_answers_503_with_retry_after(gateway_for, emulator, tmp_path):
+    config = config_with(
+        tmp_path,
+        ("asset_rps = 10.0", "asset_rps = 1.0"),
+        ("asset_burst = 20", "asset_burst = 1"),
+        ("max_wait_s = 10.0", "max_wait_s = 1.5"),
+    )
+    client = await gateway_for(emulator, config=config)
+    started = time.monotonic()
+    responses = await asyncio.gather(*(client.get(p) for p in OLINDA_TILES[:5]))
+    elapsed = time.monotonic() - started
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200, 200, 503, 503, 503]  # burst 1, then one within 1.5 s of queue
+    refused = [r for r in responses if r.status == 503]
+    for response in refused:
+        assert int(response.headers["Retry-After"]) >= 1
+        problem = await response.json(content_type=None)
+        assert problem["type"].endswith("upstream-limit") and "asset" in problem["detail"]
+    assert elapsed < 1.5 + 1.0  # nobody waited past the maximum wait plus a second
+    assert emulator.stats.calls["cog.tile.render"] == 2
+
+
+def test_seeding_never_reserves_ahead_of_map_users(tmp_path):
+    clock = [1000.0]
+    buckets = TokenBuckets(SharedState(tmp_path / "state"), clock=lambda: clock[0])
+    bucket = Bucket("asset", "a", rate=1.0, burst=1.0)
+    assert buckets.reserve([bucket], [1], 5, Priority.SEEDING) == 0  # a token was there
+    with pytest.raises(LimitExceeded) as seeding:
+        buckets.reserve([bucket], [1], 5, Priority.SEEDING)
+    assert seeding.value.retry_after_s == pytest.approx(1.0)
+    assert buckets.reserve([bucket], [1], 5, Priority.INTERACTIVE) == pytest.approx(1.0)
+    assert buckets.reserve([bucket], [1], 5, Priority.INTERACTIVE) == pytest.approx(2.0)
+    clock[0] += 2.5  # the interactive reservations are served; seeding still waits
+    with pytest.raises(LimitExceeded):
+        buckets.reserve([bucket], [1], 5, Priority.SEEDING)
+    clock[0] += 1.0
+    assert buckets.reserve([bucket], [1], 5, Priority.SEEDING) == 0
+
+
+async def test_client_rate_limit_answers_429_with_ratelimit_headers(
+    gateway_for, emulator, tmp_path
+):
+    config = config_with(tmp_path, ('rate_limit = "200/second"', 'rate_limit = "3/minute"'))
+    client = await gateway_for(emulator, config=config)
+    ok = [await client.get(OLINDA) for _ in range(3)]
+    assert [r.status for r in ok] == [200, 200, 200]
+    assert ok[-1].headers["RateLimit-Remaining"] == "0"
+    limited = await client.get(OLINDA)
+    assert limited.status == 429
+    assert limited.headers["Content-Type"] == "application/problem+json"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert limited.headers["RateLimit-Limit"] == "3"
+    assert (await client.get("/healthz")).status == 200  # only tile routes count
+    assert emulator.renders() == 1
+
+
+async def test_daily_egress_budget_serves_cache_only_once_spent(gateway_for, emulator, tmp_path):
+    config = config_with(tmp_path, ("daily_egress_bytes = 0", "daily_egress_bytes = 1000"))
+    client = await gateway_for(emulator, config=config)
+    assert (await client.get(OLINDA)).status == 200  # spends more than 1000 bytes
+    refused = await client.get("/tiles/olinda/13/3303/4278.png")
+    assert refused.status == 503
+    problem = await refused.json(content_type=None)
+    assert problem["type"].endswith("egress-budget-spent")
+    assert int(refused.headers["Retry-After"]) > 0
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "HIT"
+    ready = await (await client.get("/readyz")).json()
+    assert ready["checks"]["egress_budget_remaining_bytes"] == 0
+    assert emulator.renders() == 1
+
+
+async def test_metrics_move_with_traffic(gateway, emulator):
+    await gateway.get(OLINDA)
+    await gateway.get(OLINDA)
+    await gateway.get("/tiles/olinda/13/3305/4278.png")  # outside: empty, no upstream call
+    response = await gateway.get("/metrics")
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+
+    def value(line_start: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(line_start)]
+        assert lines, line_start
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    assert value('gateway_cache_lookups_total{result="miss"}') >= 1
+    assert value('gateway_cache_lookups_total{result="hit"}') >= 1
+    assert value('gateway_cache_lookups_total{result="empty"}') >= 1
+    assert value('gateway_upstream_requests_total{operation="cog.tile.render",status="200"}') >= 1
+    assert value('gateway_upstream_received_bytes_total{operation="cog.tile.render"}') > 1000
+    assert value("gateway_upstream_calls_saved_total") >= 2
+    assert value("gateway_cache_size_bytes") > 0
+    assert 'gateway_http_requests_total{method="GET",route="tile",status="200"}' in text
+    assert "gateway_http_request_duration_seconds_bucket" in text
+    assert "4278" not in text and "demo.geopera.invalid" not in text  # bounded labels
+    assert PLANTED_KEY not in text
+
+
+async def test_readyz_and_healthz(gateway):
+    assert (await (await gateway.get("/healthz")).json()) == {"status": "ok"}
+    ready = await gateway.get("/readyz")
+    assert ready.status == 200
+    checks = (await ready.json())["checks"]
+    assert checks["cache_writable"] is True and checks["upstream_reachable"] is True
+    assert checks["open_breakers"] == []
+
+
+async def test_one_json_access_log_line_per_request(aiohttp_server, settings_for, emulator, caplog):
+    server = await aiohttp_server(create_app(settings_for(emulator)), **access_log_options(True))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{server.port}{OLINDA}?token=secret-ish"):
+            pass
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["path"] == OLINDA and "token" not in json.dumps(line)
+    assert line["status"] == 200 and line["cache"] == "MISS" and line["upstream_ms"] > 0
+    assert line["bytes"] > 1000 and line["duration_ms"] > 0
+
+
+async def test_limits_hold_across_two_worker_processes(start_upstream, tmp_path):
+    upstream = await start_upstream()
+    upstream.app[LIMITS_KEY].asset_rps = 3  # the emulator throttles above 3 requests/s
+    config = config_with(
+        tmp_path,
+        ("asset_rps = 10.0", "asset_rps = 2.0"),
+        ("asset_burst = 20", "asset_burst = 2"),
+        ('rate_limit = "200/second"', 'rate_limit = "off"'),
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "GEOPERA_BASE_URL": upstream.url,
+        "GEOPERA_API_KEY": PLANTED_KEY,
+        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    args = ("serve", "--config", str(config), "--port", str(port), "--workers", "2")
+    async with running(*args, env=env):
+        await wait_healthy(base)
+
+        async def fetch(path: str) -> int:
+            # a connection per request, so the kernel spreads them over both workers
+            async with aiohttp.ClientSession() as session, session.get(base + path) as r:
+                await r.read()
+                return r.status
+
+        started = time.monotonic()
+        statuses = await asyncio.gather(*(fetch(p) for p in OLINDA_TILES[:8]))
+        elapsed = time.monotonic() - started
+    assert statuses == [200] * 8
+    assert upstream.stats.throttled == 0
+    assert upstream.stats.calls["cog.tile.render"] == 8
+    assert elapsed >= 2.5  # 2 at once, then 2/s for the other 6: one shared bucket
+
+
+def test_default_config_stays_below_the_emulator_defaults():
+    from gateway.config import load_settings
+    from gateway.emulator import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
+
+    limits = load_settings(DEFAULT_CONFIG, environ={"GEOPERA_API_KEY": "gpra_x12345678"}).limits
+    assert limits.asset.rps <= DEFAULT_ASSET_RPS and limits.asset.burst <= DEFAULT_ASSET_RPS
+    assert limits.bytes_per_s <= DEFAULT_BANDWIDTH and limits.bytes_burst <= DEFAULT_BANDWIDTH
+
+
+def test_bytes_received_hold_back_later_calls(tmp_path):
+    clock = [50.0]
+    buckets = TokenBuckets(SharedState(tmp_path / "state"), clock=lambda: clock[0])
+    egress = Bucket("bytes", "bytes", rate=1000.0, burst=1000.0)
+    assert buckets.reserve([egress], [0], 5) == 0
+    buckets.charge(egress, 3000)  # a 3 kB answer against 1 kB/s with 1 kB of burst
+    assert buckets.reserve([egress], [0], 5) == pytest.approx(2.0)
+    with pytest.raises(LimitExceeded) as refused:
+        buckets.reserve([egress], [0], 1.0)
+    assert refused.value.scope == "bytes"
