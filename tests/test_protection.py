@@ -195,9 +195,10 @@ async def test_readyz_and_healthz(gateway):
 
 async def test_one_json_access_log_line_per_request(aiohttp_server, settings_for, emulator, caplog):
     server = await aiohttp_server(create_app(settings_for(emulator)), **access_log_options(True))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{server.port}{OLINDA}?token=secret-ish"):
-            pass
+    url = f"http://127.0.0.1:{server.port}{OLINDA}?token=secret-ish"
+    async with aiohttp.ClientSession() as session, session.get(url):
+        pass
+
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
     assert len(lines) == 1
     line = lines[0]
