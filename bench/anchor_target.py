@@ -1,0 +1,106 @@
+"""Start geopera-gateway as an ``--ext`` target of the reference anchor harness.
+
+``../shared/bench-anchors/run_all.sh --ext '{"cmd": ...}'`` starts its extra target with a
+command in which ``{port}``, ``{upstream}`` and ``{scratch}`` are filled in. The harness's fake
+upstream answers ``POST /v1/op/cog.tile.render`` with one fixed 256 px PNG for any z/x/y and
+COG url, and the harness warms ``/tiles/{z}/{x}/{y}.png`` at z12 (x 2000-2039, y 1300-1324) and
+runs cold misses at z14. So this wrapper writes a config whose only (default) layer covers the
+whole world at zoom 0-18, with the upstream as its base URL and the cache in ``{scratch}``
+(plus the overrides of ``bench/gwconfig.py``: no access log, no per-client limit, upstream
+limits far above what the harness sends), and then execs ``python -m gateway serve`` in its
+place (same PID, so the harness's taskset pinning and stop-by-PID apply to the gateway
+itself)::
+
+    python bench/anchor_target.py --port {port} --upstream {upstream} --scratch {scratch}
+
+``bench/tiles.py --anchors`` builds that command; it can also be passed by hand to
+``run_all.sh --ext``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import gwconfig  # bench/gwconfig.py: this script's directory is first on sys.path
+
+CONFIG_TEMPLATE = """\
+# Written by bench/anchor_target.py for the anchor harness's fake upstream.
+[upstream]
+base_url = "{upstream}"
+max_connections = 64
+
+[cache]
+directory = "{cache}"
+
+[[layers]]
+name = "anchor"
+title = "Anchor harness tiles (fake upstream, fixed PNG)"
+kind = "raster"
+default = true
+url = "https://demo.geopera.invalid/cogs/anchor.tif"
+minzoom = 0
+maxzoom = 18
+formats = ["png"]
+ttl_s = 86400
+"""
+
+UPSTREAM_RPS = 10_000.0
+"""Upstream limit per operation and per asset for the fake upstream (which has none)."""
+
+BENCH_API_KEY = "gpra_bench_key_123"
+"""Sent to the fake upstream, which ignores it; the gateway refuses to start without a key."""
+
+
+def write_config(upstream: str, scratch: Path, environ: dict[str, str]) -> Path:
+    """Write ``<scratch>/gateway.toml`` for ``upstream``; returns its path.
+
+    The overrides are those of bench/tiles.py (no access log, no per-client limit), except
+    that the upstream rate is high: the fake upstream has no limits of its own.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    config = scratch / "gateway.toml"
+    base = CONFIG_TEMPLATE.format(upstream=upstream.rstrip("/"), cache=scratch / "cache")
+    overrides = gwconfig.default_overrides(
+        access_log=False, client_limit="off", upstream_rps=UPSTREAM_RPS
+    )
+    applied, skipped = gwconfig.write_config(base, config, environ, overrides)
+    print(f"anchor_target: {config}, overrides: {'; '.join(applied) or 'none'}", flush=True)
+    for reason in skipped:
+        print(f"anchor_target: override skipped: {reason}", flush=True)
+    return config
+
+
+def main() -> None:
+    """Parse the options, write the config and exec the gateway (does not return)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
+    parser.add_argument("--upstream", required=True, help="base URL of the fake upstream")
+    parser.add_argument("--scratch", type=Path, required=True, help="directory for config/cache")
+    parser.add_argument("--workers", type=int, default=1, help="gateway workers (1)")
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
+    env["GEOPERA_API_KEY"] = BENCH_API_KEY  # never a real key: the upstream is a fake
+    config = write_config(args.upstream, args.scratch, env)
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+    ]
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)
+
+
+if __name__ == "__main__":
+    main()

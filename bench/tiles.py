@@ -1,0 +1,1279 @@
+"""Tile benchmark for geopera-gateway: cache-HIT throughput and cold-miss coalescing.
+
+Run it from the repository root with the project's Python (everything it needs comes with
+``pip install -e '.[dev]'``, plus ``wrk`` and ``taskset`` on the PATH)::
+
+    python bench/tiles.py                      # defaults: 3 x 15 s, 64 connections, 50 ms delay
+    python bench/tiles.py --workers 2 --no-pin # two gateway workers sharing both CPUs
+
+Method (the same as the reference anchors in ``../shared/bench-anchors``, so the numbers can
+be set side by side; ``--anchors`` measures some anchors in the same invocation):
+
+1. **Processes.** The bundled Geopera emulator (``python -m gateway emulator``, upstream delay
+   ``--delay-ms``) and the gateway (``python -m gateway serve``) start as subprocesses on free
+   ports of 127.0.0.1, with a fresh cache directory in a scratch directory. The gateway's
+   config is ``bench/tiles.toml`` plus the overrides of ``bench/gwconfig.py`` that this gateway
+   version accepts: access log off (as for the anchors), no per-client rate limit (wrk is one
+   client) and upstream limits of 40 req/s, below the emulator's own per-asset limit. The
+   gateway (all of its processes) is pinned to CPU 0 and wrk to CPU 1 (``taskset``) unless
+   ``--no-pin``; the emulator is never pinned (it is idle while wrk runs).
+2. **Tile set.** 1,024 distinct z14 tiles, x in 145*32 .. 145*32+31 and y in 220*32 ..
+   220*32+31: every z14 child of tile 9/145/220, which the Bahamas sample COG covers fully, so
+   every tile is a real render (no empty tiles, no short cuts).
+3. **Warm and verify.** All 1,024 tiles are fetched, 16 at a time; the emulator must have
+   counted exactly 1,024 ``cog.tile.render`` calls. A second pass must answer every tile
+   ``X-Cache: HIT`` with 0 new upstream calls.
+4. **Cache HITs.** An unrecorded 2 s wrk warm-up, then ``--runs`` runs of
+   ``wrk -t1 -c64 -d15s --timeout 5s -s bench/tiles.lua`` cycling through the 1,024 paths.
+   Reported: the median of each metric over the runs (req/s, p50, p99 are each the median of
+   their own values) and the upstream calls during the runs, which must be 0. CPU use of the
+   gateway processes and of wrk, and per-core busy time from ``/proc/stat``, are recorded too;
+   a run where something else used a noticeable share of the CPUs is marked DISTURBED.
+5. **Cold miss.** Nothing restarts. 200 TCP connections are opened to the gateway first; then
+   the same ``GET`` (``Connection: close``) for a tile the gateway has never seen is written on
+   all of them at once and all 200 responses are read. Recorded: statuses, ``X-Cache`` counts,
+   per-request latency (from its write to the end of its response) p50 and max, and the
+   emulator's render count delta, which is 1 when the gateway coalesced all 200 requests.
+   3 runs, each with a new z13 tile inside 9/145/220. Before each run one render of another
+   never-seen tile is timed directly against the emulator ("upstream alone"): the emulator
+   renders for real, so one upstream call takes the delay plus its render time, and
+   "max - alone" is the part of the slowest answer that the gateway adds.
+6. **Targets** (informational, PASS/MISS): cache HITs >= 10,000 req/s and p99 < 10 ms at 64
+   connections on one core; 200 coalesced requests all answered within the upstream delay
+   + 30 ms, with one upstream call. The cold-miss limit is also shown against one measured
+   upstream call instead of the bare delay, in parentheses.
+
+The exit status is 0 when the measurements ran, whatever the targets say; it is 1 when
+something broke (a process died, wrk failed, the gateway did not cache, errors or non-2xx
+answers), 130 on Ctrl-C. Every process started here is stopped by PID (SIGTERM, then
+SIGKILL after 10 s), also on Ctrl-C, SIGTERM and errors. Everything listens on 127.0.0.1, and
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import aiohttp
+except ImportError:  # pragma: no cover - a helpful message instead of a traceback
+    sys.exit("bench/tiles.py: aiohttp is missing; run it with the project's venv python")
+
+import gwconfig  # bench/gwconfig.py: this script's directory is first on sys.path
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "tiles.toml"
+LUA = HERE / "tiles.lua"
+ANCHOR_TARGET = HERE / "anchor_target.py"
+DEFAULT_ANCHORS_DIR = HERE.parent.parent / "shared" / "bench-anchors"
+ANCHOR_TARGETS = "nginx w=1 [pinned],diskcache 1p [pinned]"
+
+HOST = "127.0.0.1"
+LAYER = "bahamas"
+BAHAMAS_COG = "https://demo.geopera.invalid/cogs/landsat7_bahamas_rgb_cog.tif"
+API_KEY = "gpra_bench_key_123"
+RENDER_OP = "cog.tile.render"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+PARENT_TILE = (9, 145, 220)
+"""A z9 tile that the Bahamas sample COG covers fully; every tile used lies inside it."""
+HIT_ZOOM = 14
+COLD_ZOOM = 13
+
+WARM_CONCURRENCY = 16
+WRK_WARMUP_S = 2
+WRK_TIMEOUT = "5s"
+COLDMISS_CONNECTIONS = 200
+COLDMISS_RUNS = 3
+COLDMISS_CONNECT_CONCURRENCY = 50
+COLDMISS_TIMEOUT_S = 30.0
+
+HIT_RPS_TARGET = 10_000.0
+HIT_P99_TARGET_MS = 10.0
+COLDMISS_SLACK_MS = 30.0
+
+STOP_GRACE_S = 10.0
+START_TIMEOUT_S = 30.0
+DISTURBED_OTHER_CPU_PCT = 10.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """Something broke: the benchmark cannot go on (message says what)."""
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def hit_tiles() -> list[tuple[int, int, int]]:
+    """The 1,024 z14 tiles ``(z, x, y)`` inside :data:`PARENT_TILE`, row by row."""
+    pz, px, py = PARENT_TILE
+    side = 1 << (HIT_ZOOM - pz)
+    return [(HIT_ZOOM, px * side + dx, py * side + dy) for dy in range(side) for dx in range(side)]
+
+
+def cold_tile(run: int) -> tuple[int, int, int]:
+    """The never-seen z13 tile used by cold-miss run ``run`` (0-based, below 16)."""
+    pz, px, py = PARENT_TILE
+    side = 1 << (COLD_ZOOM - pz)
+    return COLD_ZOOM, px * side + run, py * side + side - 1 - run
+
+
+def probe_tile(run: int) -> tuple[int, int, int]:
+    """A z13 tile, distinct from every :func:`cold_tile`, rendered directly upstream."""
+    pz, px, py = PARENT_TILE
+    side = 1 << (COLD_ZOOM - pz)
+    return COLD_ZOOM, px * side + run, py * side + run
+
+
+def tile_path(tile: tuple[int, int, int]) -> str:
+    """The gateway path of ``tile`` in the benchmark layer."""
+    z, x, y = tile
+    return f"/tiles/{LAYER}/{z}/{x}/{y}.png"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of ``pid`` (children, grandchildren...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _proc_stat(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def cpu_ticks(pids: Iterable[int]) -> int:
+    """utime + stime of ``pids`` in clock ticks (processes that are gone count 0)."""
+    total = 0
+    for pid in pids:
+        fields = _proc_stat(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def process_ticks() -> dict[int, tuple[str, int]]:
+    """``pid -> (command name, utime + stime ticks)`` for every process on the machine."""
+    result = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            result[int(entry)] = (name, int(fields[11]) + int(fields[12]))
+    return result
+
+
+def busiest_others(
+    before: dict[int, tuple[str, int]],
+    after: dict[int, tuple[str, int]],
+    exclude: Iterable[int],
+    seconds: float,
+) -> list[str]:
+    """The up to 3 other processes that used the most CPU between two :func:`process_ticks`.
+
+    Only those above 2 % of one core, as ``name[pid] N %``; processes that started in
+    between count from 0, ones that ended are not seen.
+    """
+    skip = set(exclude)
+    used = []
+    for pid, (name, ticks) in after.items():
+        if pid in skip:
+            continue
+        pct = 100.0 * (ticks - before.get(pid, (name, 0))[1]) / CLK_TCK / seconds
+        if pct >= 2.0:
+            used.append((pct, f"{name}[{pid}] {pct:.0f} %"))
+    return [text for _, text in sorted(used, reverse=True)[:3]]
+
+
+def core_times() -> dict[str, tuple[int, int, int]]:
+    """Per-CPU ``(busy, steal, total)`` jiffies from ``/proc/stat``.
+
+    busy is user + nice + system + irq + softirq (loopback TCP work mostly lands in softirq);
+    steal, time the hypervisor gave to other guests, is kept apart.
+    """
+    result = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+            busy = user + nice + system + irq + softirq
+            result[name] = (busy, steal, sum(map(int, values[:8])))
+    return result
+
+
+@dataclass
+class Child:
+    """One process started by the benchmark."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path | None
+
+
+class Processes:
+    """Starts child processes and stops every one of them, by PID, exactly once.
+
+    Children get their own session, so a Ctrl-C in the terminal reaches only this script,
+    which then stops them in order. Output goes to ``<logdir>/<name>.log`` unless captured.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.children: list[Child] = []
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cpu: int | None = None,
+        env: dict[str, str] | None = None,
+        capture: bool = False,
+    ) -> subprocess.Popen:
+        """Start ``argv`` (pinned to ``cpu`` with taskset when given).
+
+        taskset execs the command, so the returned PID is the command's own.
+        """
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        log = None
+        if capture:
+            popen = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+        else:
+            log = self.logdir / f"{name}.log"
+            with log.open("ab") as out:
+                popen = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+        self.children.append(Child(name, popen, log))
+        return popen
+
+    def stop(self, popen: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM ``popen``, SIGKILL it after ``grace_s``; then SIGKILL leftover descendants."""
+        child = next((c for c in self.children if c.popen is popen), None)
+        if child is None:
+            return
+        self.children.remove(child)
+        kids = descendants(popen.pid)
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGTERM)
+            try:
+                popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                print(f"  {child.name} (pid {popen.pid}) ignored SIGTERM; SIGKILL", flush=True)
+                popen.kill()
+                popen.wait(timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in kids:
+            if alive(pid):
+                print(f"  {child.name}: child pid {pid} still running; SIGKILL", flush=True)
+                os.kill(pid, signal.SIGKILL)
+        if popen.stdout is not None:
+            popen.stdout.close()
+        if popen.stderr is not None:
+            popen.stderr.close()
+
+    def stop_all(self) -> None:
+        """Stop every child still registered, newest first."""
+        for child in reversed(list(self.children)):
+            self.stop(child.popen)
+
+    def log_tail(self, popen: subprocess.Popen, lines: int = 30) -> str:
+        """The last ``lines`` lines of the log of ``popen`` ('' when there is none)."""
+        child = next((c for c in self.children if c.popen is popen), None)
+        if child is None or child.log is None or not child.log.exists():
+            return ""
+        return "\n".join(child.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- HTTP helpers
+
+
+def http_json(url: str, method: str = "GET", timeout: float = 10.0) -> Any:
+    """GET or POST ``url`` (no body) and decode the JSON answer."""
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def upstream_renders(emulator_url: str) -> int:
+    """``cog.tile.render`` calls the emulator has counted since its last reset."""
+    return int(http_json(emulator_url + "/_emulator/stats")["calls"].get(RENDER_OP, 0))
+
+
+def wait_ready(
+    url: str, popen: subprocess.Popen, procs: Processes, timeout_s: float = START_TIMEOUT_S
+) -> None:
+    """Poll ``url`` until it answers 200.
+
+    Raises:
+        BenchError: the process exited, or ``timeout_s`` passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise BenchError(
+                f"{shlex.join(popen.args)} exited with {popen.returncode}:\n"
+                + procs.log_tail(popen)
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{url} not ready after {timeout_s:g} s:\n{procs.log_tail(popen)}")
+
+
+def check_alive(popen: subprocess.Popen, name: str, procs: Processes) -> None:
+    """Raise :class:`BenchError` with the log tail if ``popen`` has exited."""
+    if popen.poll() is not None:
+        raise BenchError(f"the {name} exited with {popen.returncode}:\n{procs.log_tail(popen)}")
+
+
+# --------------------------------------------------------------------------- warm / verify
+
+
+@dataclass
+class Pass:
+    """One pass over a list of tile paths through the gateway."""
+
+    tiles: int = 0
+    statuses: Counter[int | str] = field(default_factory=Counter)
+    xcache: Counter[str] = field(default_factory=Counter)
+    bad: list[str] = field(default_factory=list)
+    body_bytes: int = 0
+    seconds: float = 0.0
+    upstream_calls: int = 0
+
+    def describe(self) -> str:
+        """One line: tiles, time, statuses, X-Cache counts, upstream calls."""
+        return (
+            f"{self.tiles} tiles in {self.seconds:.1f} s, statuses {fmt_counter(self.statuses)}, "
+            f"X-Cache {fmt_counter(self.xcache)}, {self.upstream_calls} upstream renders, "
+            f"mean body {self.body_bytes / max(1, self.tiles):,.0f} B"
+        )
+
+
+async def fetch_all(base_url: str, paths: Sequence[str], concurrency: int) -> Pass:
+    """GET every path, ``concurrency`` at a time; record statuses, X-Cache and bad bodies."""
+    result = Pass(tiles=len(paths))
+    queue = iter(paths)
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            for path in queue:
+                try:
+                    async with session.get(base_url + path) as response:
+                        body = await response.read()
+                        status, xcache = response.status, response.headers.get("X-Cache", "-")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    result.statuses[type(exc).__name__] += 1
+                    result.bad.append(f"{path}: {exc!r}")
+                    continue
+                result.statuses[status] += 1
+                result.xcache[xcache] += 1
+                result.body_bytes += len(body)
+                if status != 200 or not body.startswith(PNG_MAGIC):
+                    result.bad.append(f"{path}: {status} {body[:120]!r}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+@dataclass
+class WrkRun:
+    """One wrk run: its JSON summary plus CPU accounting and the upstream call delta."""
+
+    summary: dict[str, Any]
+    upstream_calls: int
+    gateway_cpu_pct: float
+    wrk_cpu_pct: float
+    core_busy_pct: dict[str, float]
+    steal_pct: float
+    others: list[str]
+
+    @property
+    def seconds(self) -> float:
+        """The run's duration as wrk measured it."""
+        return self.summary["duration_us"] / 1e6
+
+    @property
+    def rps(self) -> float:
+        """Completed requests per second."""
+        return self.summary["requests"] / self.seconds
+
+    @property
+    def errors(self) -> int:
+        """Socket errors and timeouts."""
+        s = self.summary
+        return s["connect_errors"] + s["read_errors"] + s["write_errors"] + s["timeouts"]
+
+    @property
+    def other_cpu_pct(self) -> float:
+        """Busy CPU (all cores) not used by the gateway or wrk, % of one core."""
+        return sum(self.core_busy_pct.values()) - self.gateway_cpu_pct - self.wrk_cpu_pct
+
+    def ms(self, key: str) -> float:
+        """A latency from the summary (``p50``, ``p90``, ``p99``), milliseconds."""
+        return self.summary[f"latency_{key}_us"] / 1000
+
+
+def run_wrk(
+    procs: Processes,
+    url: str,
+    paths_file: Path,
+    duration_s: int,
+    connections: int,
+    cpu: int | None,
+    gateway_pid: int,
+    emulator_url: str,
+) -> WrkRun:
+    """Run wrk once with :data:`LUA` over ``paths_file``; measure CPU and upstream calls.
+
+    Raises:
+        BenchError: wrk failed or printed no summary.
+    """
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--timeout",
+        WRK_TIMEOUT,
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(paths_file),
+    ]
+    server_pids = [gateway_pid, *descendants(gateway_pid)]
+    calls_before = upstream_renders(emulator_url)
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ticks_before, cores_before = cpu_ticks(server_pids), core_times()
+    everyone_before = process_ticks()
+    started = time.monotonic()
+    popen = procs.start("wrk", argv, cpu=cpu, capture=True)
+    try:
+        out, err = popen.communicate(timeout=duration_s + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {duration_s + 30} s") from None
+    finally:
+        procs.stop(popen)
+    wall = time.monotonic() - started
+    ticks_after, cores_after = cpu_ticks(server_pids), core_times()
+    everyone_after = process_ticks()
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    calls_after = upstream_renders(emulator_url)
+    line = next((ln for ln in out.splitlines() if ln.startswith("TILES_BENCH_JSON ")), None)
+    if popen.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed (exit {popen.returncode}):\n{out}\n{err}")
+    wrk_s = (usage_after.ru_utime - usage_before.ru_utime) + (
+        usage_after.ru_stime - usage_before.ru_stime
+    )
+    busy, steal = {}, 0.0
+    for cpu_name, (busy_after, steal_after, total_after) in cores_after.items():
+        busy_before, steal_before, total_before = cores_before[cpu_name]
+        total = max(1, total_after - total_before)
+        busy[cpu_name] = 100.0 * (busy_after - busy_before) / total
+        steal = max(steal, 100.0 * (steal_after - steal_before) / total)
+    return WrkRun(
+        summary=json.loads(line.split(" ", 1)[1]),
+        upstream_calls=calls_after - calls_before,
+        gateway_cpu_pct=100.0 * (ticks_after - ticks_before) / CLK_TCK / wall,
+        wrk_cpu_pct=100.0 * wrk_s / wall,
+        core_busy_pct=busy,
+        steal_pct=steal,
+        others=busiest_others(
+            everyone_before, everyone_after, [*server_pids, popen.pid, os.getpid()], wall
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- cold miss
+
+
+@dataclass
+class ColdMiss:
+    """One cold-miss burst: N identical requests for one never-seen tile."""
+
+    tile: tuple[int, int, int]
+    upstream_alone_ms: float = 0.0
+    statuses: Counter[str] = field(default_factory=Counter)
+    xcache: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    upstream_calls: int = 0
+
+    @property
+    def p50_ms(self) -> float:
+        """Median latency, milliseconds."""
+        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+
+    @property
+    def max_ms(self) -> float:
+        """Slowest latency, milliseconds."""
+        return max(self.latencies_ms) if self.latencies_ms else float("nan")
+
+    @property
+    def overhead_ms(self) -> float:
+        """Slowest latency minus one direct upstream call: the gateway's own share."""
+        return self.max_ms - self.upstream_alone_ms
+
+    @property
+    def all_ok(self) -> bool:
+        """Whether every request was answered 200."""
+        return set(self.statuses) == {"200"}
+
+
+def _parse_response(data: bytes) -> tuple[str, str]:
+    """``(status, X-Cache)`` of a raw HTTP/1.1 response; checks Content-Length."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        return "no-response", "-"
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length")
+    if length is not None and int(length) != len(body):
+        return f"{parts[1]}-truncated", headers.get("x-cache", "-")
+    return parts[1], headers.get("x-cache", "-")
+
+
+async def cold_miss_burst(port: int, path: str, connections: int, result: ColdMiss) -> None:
+    """Open ``connections`` connections, then write the same GET on all and read every answer.
+
+    Each latency runs from the write of that request to the end of its response (the gateway
+    closes the connection after it, as asked). Fills ``result`` in place.
+
+    Raises:
+        BenchError: the connections could not be opened or the answers took over
+            :data:`COLDMISS_TIMEOUT_S`.
+    """
+    gate = asyncio.Semaphore(COLDMISS_CONNECT_CONCURRENCY)
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with gate:
+            return await asyncio.open_connection(HOST, port)
+
+    opened = await asyncio.wait_for(
+        asyncio.gather(*(connect() for _ in range(connections)), return_exceptions=True),
+        COLDMISS_TIMEOUT_S,
+    )
+    streams = [s for s in opened if not isinstance(s, BaseException)]
+    try:
+        if len(streams) != connections:
+            failed = next(s for s in opened if isinstance(s, BaseException))
+            raise BenchError(f"cold miss: opened {len(streams)}/{connections}: {failed!r}")
+        await asyncio.sleep(0.3)  # let the gateway accept every connection before the burst
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+        async def answer(reader: asyncio.StreamReader, sent: float) -> None:
+            try:
+                data = await reader.read()  # until EOF
+            except OSError as exc:
+                result.statuses[type(exc).__name__] += 1
+                return
+            result.latencies_ms.append((time.perf_counter() - sent) * 1000)
+            status, xcache = _parse_response(data)
+            result.statuses[status] += 1
+            result.xcache[xcache] += 1
+
+        readers = []
+        for reader, writer in streams:  # no await in this loop: all writes go out back to back
+            sent = time.perf_counter()
+            writer.write(request)
+            readers.append(answer(reader, sent))
+        try:
+            await asyncio.wait_for(asyncio.gather(*readers), COLDMISS_TIMEOUT_S)
+        except TimeoutError:
+            raise BenchError(
+                f"cold miss: only {len(result.latencies_ms)}/{connections} answers "
+                f"within {COLDMISS_TIMEOUT_S:g} s"
+            ) from None
+    finally:
+        for _, writer in streams:
+            writer.close()
+
+
+async def time_upstream_render(emulator_url: str, tile: tuple[int, int, int]) -> float:
+    """Milliseconds for one ``cog.tile.render`` of ``tile`` sent straight to the emulator."""
+    z, x, y = tile
+    body = {"url": BAHAMAS_COG, "z": z, "x": x, "y": y, "format": "png", "rescale": "0,180"}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    timeout = aiohttp.ClientTimeout(total=COLDMISS_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        started = time.perf_counter()
+        async with session.post(
+            f"{emulator_url}/v1/op/{RENDER_OP}", json=body, headers=headers
+        ) as response:
+            await response.read()
+            if response.status != 200:
+                raise BenchError(f"emulator answered {response.status} for {tile}")
+        return (time.perf_counter() - started) * 1000
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_counter(counter: Counter) -> str:
+    """``{'200': 199, ...}`` as ``200x199 ...``, most common first."""
+    return " ".join(f"{k}x{v}" for k, v in counter.most_common()) or "-"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table with aligned columns (first column left, the rest right)."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        padded = [
+            row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "|"
+        + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|"
+    )
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _run_values(run: WrkRun) -> dict[str, float]:
+    """The numeric columns of one HIT run."""
+    return {
+        "rps": run.rps,
+        "p50": run.ms("p50"),
+        "p90": run.ms("p90"),
+        "p99": run.ms("p99"),
+        "bytes": run.summary["bytes"] / max(1, run.summary["requests"]),
+        "gateway_cpu": run.gateway_cpu_pct,
+        "wrk_cpu": run.wrk_cpu_pct,
+        "upstream": run.upstream_calls,
+        "errors": run.errors,
+        "non2xx": run.summary["non2xx"],
+    }
+
+
+def hit_rows(runs: Sequence[WrkRun]) -> list[list[str]]:
+    """Table rows for the HIT runs, then one row of medians (sums for the counters)."""
+
+    def row(label: str, v: dict[str, float], busy: str, note: str) -> list[str]:
+        return [
+            label,
+            f"{v['rps']:,.0f}",
+            f"{v['p50']:.2f}",
+            f"{v['p90']:.2f}",
+            f"{v['p99']:.2f}",
+            f"{v['bytes']:,.0f}",
+            f"{v['gateway_cpu']:.0f}",
+            f"{v['wrk_cpu']:.0f}",
+            busy,
+            f"{v['upstream']:.0f}",
+            f"{v['errors']:.0f}",
+            f"{v['non2xx']:.0f}",
+            note,
+        ]
+
+    rows = []
+    for i, run in enumerate(runs, 1):
+        busy = "/".join(f"{v:.0f}" for v in run.core_busy_pct.values())
+        note = f"other CPU {run.other_cpu_pct:+.0f} %"
+        if run.steal_pct >= 2:
+            note += f", steal {run.steal_pct:.0f} %"
+        if run.other_cpu_pct > DISTURBED_OTHER_CPU_PCT:
+            note += " DISTURBED"
+            if run.others:
+                note += ": " + ", ".join(run.others)
+        rows.append(row(f"run {i}", _run_values(run), busy, note))
+    each = [_run_values(r) for r in runs]
+    summary = {k: statistics.median(v[k] for v in each) for k in each[0]}
+    for counter in ("upstream", "errors", "non2xx"):
+        summary[counter] = sum(v[counter] for v in each)
+    rows.append(row("median", summary, "", "counters: sum of runs"))
+    return rows
+
+
+def verdict(ok: bool) -> str:
+    """PASS or MISS."""
+    return "PASS" if ok else "MISS"
+
+
+def print_report(
+    args: argparse.Namespace,
+    warm: Pass,
+    verify: Pass,
+    runs: Sequence[WrkRun],
+    colds: Sequence[ColdMiss],
+    placement: str,
+    config_note: str,
+) -> None:
+    """Print the HIT table, the cold-miss table and the targets with PASS/MISS."""
+    print()
+    print(
+        f"## geopera-gateway tiles: workers={args.workers}, {placement}, "
+        f"upstream delay {args.delay_ms:g} ms, {os.cpu_count()} CPUs"
+    )
+    print()
+    print(f"config: {config_note}")
+    print(f"warm:   {warm.describe()}")
+    print(f"verify: {verify.describe()}")
+    print()
+    print(
+        f"### Cache HITs: wrk -t1 -c{args.connections} -d{args.duration}s --timeout "
+        f"{WRK_TIMEOUT}, {warm.tiles:,} distinct z{HIT_ZOOM} tiles, {len(runs)} runs"
+    )
+    print()
+    print(
+        table(
+            [
+                "",
+                "req/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "bytes/resp",
+                "gateway CPU %",
+                "wrk CPU %",
+                "CPU busy % per core",
+                "upstream calls",
+                "errors",
+                "non-2xx",
+                "",
+            ],
+            hit_rows(runs),
+        )
+    )
+    print()
+    delay_limit = args.delay_ms + COLDMISS_SLACK_MS
+    print(
+        f"### Cold miss: {COLDMISS_CONNECTIONS} connections opened first, then the same GET "
+        "(Connection: close) for a never-seen tile on all of them"
+    )
+    print()
+    print(
+        table(
+            [
+                "run",
+                "tile",
+                "upstream calls",
+                "statuses",
+                "X-Cache",
+                "p50 ms",
+                "max ms",
+                "upstream alone ms",
+                "max - alone ms",
+            ],
+            [
+                [
+                    str(i),
+                    "/".join(map(str, c.tile)),
+                    str(c.upstream_calls),
+                    fmt_counter(c.statuses),
+                    fmt_counter(c.xcache),
+                    f"{c.p50_ms:.1f}",
+                    f"{c.max_ms:.1f}",
+                    f"{c.upstream_alone_ms:.1f}",
+                    f"{c.overhead_ms:.1f}",
+                ]
+                for i, c in enumerate(colds, 1)
+            ],
+        )
+    )
+    print()
+    rps = statistics.median(r.rps for r in runs)
+    one_core = args.workers == 1 and not args.no_pin
+    shared = ", shared CPUs" if args.no_pin else ""
+    setup = f"{args.connections} conns, " + (
+        "one core" if one_core else f"workers={args.workers}{shared}: not the one-core setup"
+    )
+    p99 = statistics.median(r.ms("p99") for r in runs)
+    worst = max(c.max_ms for c in colds)
+    worst_overhead = max(c.overhead_ms for c in colds)
+    calls = [c.upstream_calls for c in colds]
+    all_ok = all(c.all_ok for c in colds)
+    print("### Targets (informational)")
+    print()
+    print(
+        table(
+            ["target", "measured", "ratio", "result"],
+            [
+                [
+                    f"cache HITs >= {HIT_RPS_TARGET:,.0f} req/s ({setup})",
+                    f"{rps:,.0f} req/s",
+                    f"{rps / HIT_RPS_TARGET:.2f}x target",
+                    verdict(rps >= HIT_RPS_TARGET),
+                ],
+                [
+                    f"cache HITs p99 < {HIT_P99_TARGET_MS:g} ms",
+                    f"{p99:.2f} ms",
+                    f"{p99 / HIT_P99_TARGET_MS:.2f}x limit",
+                    verdict(p99 < HIT_P99_TARGET_MS),
+                ],
+                [
+                    f"cold miss: all {COLDMISS_CONNECTIONS} answered 200 within "
+                    f"{delay_limit:g} ms (delay + {COLDMISS_SLACK_MS:g})",
+                    f"worst max {worst:.1f} ms" + ("" if all_ok else ", not all 200"),
+                    f"{worst / delay_limit:.2f}x limit",
+                    verdict(all_ok and worst <= delay_limit),
+                ],
+                [
+                    "(same, counting from one direct upstream call instead of the delay: "
+                    f"max - upstream alone <= {COLDMISS_SLACK_MS:g} ms)",
+                    f"worst {worst_overhead:.1f} ms",
+                    f"{worst_overhead / COLDMISS_SLACK_MS:.2f}x limit",
+                    f"({verdict(all_ok and worst_overhead <= COLDMISS_SLACK_MS)})",
+                ],
+                [
+                    "cold miss: 1 upstream call per burst",
+                    "/".join(map(str, calls)),
+                    "",
+                    verdict(all(c == 1 for c in calls)),
+                ],
+            ],
+        )
+    )
+    print(flush=True)
+
+
+def gateway_log_findings(log: Path | None) -> list[str]:
+    """Lines of the gateway log at WARNING or above, or tracebacks (at most 10)."""
+    if log is None or not log.exists():
+        return []
+    keys = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+    lines = [
+        ln for ln in log.read_text(errors="replace").splitlines() if any(k in ln for k in keys)
+    ]
+    return lines[:10] + ([f"... {len(lines) - 10} more"] if len(lines) > 10 else [])
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+def run_anchors(args: argparse.Namespace, procs: Processes) -> None:
+    """Run the reference anchors with this gateway as an ``--ext`` target, in one invocation.
+
+    Output streams through; ``run_all.sh`` prints its own table and saves its results.
+
+    Raises:
+        BenchError: the anchors harness is missing, failed or overran its time.
+    """
+    script = args.anchors_dir / "run_all.sh"
+    if not script.exists():
+        raise BenchError(f"--anchors: {script} not found (use --anchors-dir)")
+    cmd = (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(ANCHOR_TARGET))} --port {{port}} "
+        f"--upstream {{upstream}} --scratch {{scratch}} --workers {args.workers}"
+    )
+    ext = {
+        "name": f"geopera-gateway w={args.workers}",
+        "cmd": cmd,
+        "path": "/tiles/{z}/{x}/{y}.png",
+        "pin": "shared" if args.no_pin else "pinned",
+        "coldmiss": True,
+    }
+    argv = [
+        "bash",
+        str(script),
+        "--only",
+        ANCHOR_TARGETS,
+        "--duration",
+        str(args.duration),
+        "--runs",
+        str(args.runs),
+        "--delay-ms",
+        f"{args.delay_ms:g}",
+        "--ext",
+        json.dumps(ext),
+    ]
+    print(f"\n## Anchors in the same run: {shlex.join(argv)}\n", flush=True)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    popen = subprocess.Popen(argv, env=env, start_new_session=True)
+    procs.children.append(Child("anchors", popen, None))
+    # A generous bound: package installs on first use, then per target ~(runs+1) wrk runs.
+    limit_s = 1800 + 6 * (args.runs + 1) * (args.duration + 30)
+    try:
+        code = popen.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"--anchors: run_all.sh still running after {limit_s} s") from None
+    finally:
+        # the harness stops its own servers on SIGTERM, which can take a while: 60 s grace
+        procs.stop(popen, grace_s=60.0)
+    if code != 0:
+        raise BenchError(f"--anchors: run_all.sh exited with {code}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description="Cache-HIT throughput and cold-miss coalescing of geopera-gateway "
+        "against its bundled emulator (see the module docstring for the method).",
+    )
+    parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run (15)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    parser.add_argument("--runs", type=int, default=3, help="recorded wrk runs (3)")
+    parser.add_argument(
+        "--delay-ms", type=float, default=50.0, help="emulator delay per upstream call (50)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin: gateway and wrk share every CPU"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, cache)")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="keep the gateway's access log on (default: off, like the anchors)",
+    )
+    parser.add_argument(
+        "--client-limit",
+        default="off",
+        metavar="RATE",
+        help='per-client rate limit of the gateway, e.g. "100/second" (default: off; wrk is '
+        "one client)",
+    )
+    parser.add_argument(
+        "--upstream-rps",
+        type=float,
+        default=40.0,
+        help="gateway's upstream limit per operation and per asset, req/s (default 40, below "
+        "the emulator's own 50/s per asset)",
+    )
+    parser.add_argument(
+        "--anchors",
+        action="store_true",
+        help="afterwards, run the reference anchors (nginx w=1, aiohttp diskcache 1p) with "
+        "this gateway as an --ext target, same duration and runs; takes minutes",
+    )
+    parser.add_argument(
+        "--anchors-dir",
+        type=Path,
+        default=DEFAULT_ANCHORS_DIR,
+        help=f"where run_all.sh lives (default {DEFAULT_ANCHORS_DIR})",
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.duration <= 600:
+        parser.error("--duration must be 1..600 seconds")
+    if not 1 <= args.runs <= 20:
+        parser.error("--runs must be 1..20")
+    if not 1 <= args.connections <= 10_000:
+        parser.error("--connections must be 1..10000")
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers must be 1..64")
+    if not 0 <= args.delay_ms <= 10_000:
+        parser.error("--delay-ms must be 0..10000")
+    return args
+
+
+def check_tools(pin: bool) -> None:
+    """Raise :class:`BenchError` when wrk (or taskset, for pinning) is missing."""
+    for tool in ("wrk", "taskset") if pin else ("wrk",):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found on PATH (Debian: apt-get install wrk util-linux)")
+
+
+def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list[str]:
+    """Run every phase and print the report; returns the problems found (empty when sound).
+
+    Raises:
+        BenchError: a process died or a tool failed, so measuring cannot go on.
+    """
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    if not args.no_pin and not pin:
+        print("warning: fewer than 2 CPUs, nothing is pinned", flush=True)
+    check_tools(pin)
+    gateway_cpu, wrk_cpu = (0, 1) if pin else (None, None)
+    placement = "gateway on CPU 0, wrk on CPU 1" if pin else "not pinned (shared CPUs)"
+    problems: list[str] = []
+
+    emulator_port, gateway_port = free_port(), free_port()
+    emulator_url = f"http://{HOST}:{emulator_port}"
+    gateway_url = f"http://{HOST}:{gateway_port}"
+    python = [sys.executable, "-m", "gateway"]
+    emulator = procs.start(
+        "emulator",
+        [
+            *python,
+            "emulator",
+            "--host",
+            HOST,
+            "--port",
+            str(emulator_port),
+            "--delay-ms",
+            f"{args.delay_ms:g}",
+        ],
+    )
+    wait_ready(emulator_url + "/_emulator/stats", emulator, procs)
+    http_json(emulator_url + "/_emulator/reset", method="POST")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
+    env.update(
+        GEOPERA_BASE_URL=emulator_url,
+        GEOPERA_API_KEY=API_KEY,
+        GEOPERA_CACHE_DIR=str(scratch / "cache"),
+    )
+    config = scratch / "gateway.toml"
+    overrides = gwconfig.default_overrides(
+        access_log=args.access_log, client_limit=args.client_limit, upstream_rps=args.upstream_rps
+    )
+    try:
+        applied, skipped = gwconfig.write_config(CONFIG.read_text(), config, env, overrides)
+    except Exception as exc:  # ConfigError, or a gateway that does not even import
+        raise BenchError(f"the benchmark config does not load: {exc}") from exc
+    config_note = f"{CONFIG.name} + overrides: {'; '.join(applied) or 'none'}"
+    if skipped:
+        config_note += f" ({len(skipped)} skipped, see above)"
+    print(f"config: {config_note}", flush=True)
+    for reason in skipped:
+        print(f"  override skipped (this gateway does not accept it): {reason}", flush=True)
+    gateway = procs.start(
+        "gateway",
+        [
+            *python,
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            HOST,
+            "--port",
+            str(gateway_port),
+            "--workers",
+            str(args.workers),
+        ],
+        cpu=gateway_cpu,
+        env=env,
+    )
+    wait_ready(gateway_url + "/healthz", gateway, procs)
+    if args.workers > 1:  # /healthz answered from one worker; give the others a moment
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(descendants(gateway.pid)) < args.workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+    print(
+        f"emulator pid {emulator.pid} on {emulator_url} (delay {args.delay_ms:g} ms); "
+        f"gateway pid {gateway.pid} on {gateway_url} (workers {args.workers}, {placement}); "
+        f"scratch {scratch}",
+        flush=True,
+    )
+
+    # -- warm and verify
+    tiles = hit_tiles()
+    paths = [tile_path(t) for t in tiles]
+    paths_file = scratch / "paths.txt"
+    paths_file.write_text("\n".join(paths) + "\n")
+    passes = []
+    for label in ("warm", "verify"):
+        before = upstream_renders(emulator_url)
+        result = asyncio.run(fetch_all(gateway_url, paths, WARM_CONCURRENCY))
+        result.upstream_calls = upstream_renders(emulator_url) - before
+        print(f"{label}: {result.describe()}", flush=True)
+        for line in result.bad[:5]:
+            print(f"  bad answer: {line}")
+        passes.append(result)
+    warm, verify = passes
+    if warm.statuses != Counter({200: len(paths)}) or warm.bad:
+        problems.append(f"warm: not every tile answered 200 PNG: {fmt_counter(warm.statuses)}")
+    if warm.upstream_calls != len(paths):
+        problems.append(f"warm: {warm.upstream_calls} upstream renders, expected {len(paths)}")
+    if verify.xcache != Counter({"HIT": len(paths)}) or verify.upstream_calls != 0:
+        problems.append(
+            f"verify: the gateway did not serve every tile from cache: X-Cache "
+            f"{fmt_counter(verify.xcache)}, {verify.upstream_calls} upstream renders"
+        )
+    check_alive(gateway, "gateway", procs)
+
+    # -- cache HITs with wrk
+    print(f"wrk warm-up {WRK_WARMUP_S} s (not recorded)", flush=True)
+    run_wrk(
+        procs,
+        gateway_url,
+        paths_file,
+        WRK_WARMUP_S,
+        args.connections,
+        wrk_cpu,
+        gateway.pid,
+        emulator_url,
+    )
+    runs = []
+    for i in range(1, args.runs + 1):
+        run = run_wrk(
+            procs,
+            gateway_url,
+            paths_file,
+            args.duration,
+            args.connections,
+            wrk_cpu,
+            gateway.pid,
+            emulator_url,
+        )
+        print(
+            f"run {i}/{args.runs}: {run.rps:,.0f} req/s, p50 {run.ms('p50'):.2f} ms, "
+            f"p99 {run.ms('p99'):.2f} ms, upstream calls {run.upstream_calls}, "
+            f"errors {run.errors}, non-2xx {run.summary['non2xx']}",
+            flush=True,
+        )
+        runs.append(run)
+        check_alive(gateway, "gateway", procs)
+    upstream_in_runs = sum(r.upstream_calls for r in runs)
+    if upstream_in_runs:
+        problems.append(f"HIT runs: {upstream_in_runs} upstream calls (expected 0)")
+    if any(r.errors or r.summary["non2xx"] for r in runs):
+        problems.append("HIT runs: wrk saw socket errors, timeouts or non-2xx answers")
+
+    # -- cold miss
+    colds = []
+    for i in range(COLDMISS_RUNS):
+        cold = ColdMiss(cold_tile(i))
+        cold.upstream_alone_ms = asyncio.run(time_upstream_render(emulator_url, probe_tile(i)))
+        before = upstream_renders(emulator_url)
+        asyncio.run(cold_miss_burst(gateway_port, tile_path(cold.tile), COLDMISS_CONNECTIONS, cold))
+        cold.upstream_calls = upstream_renders(emulator_url) - before
+        print(
+            f"cold miss {i + 1}/{COLDMISS_RUNS} {tile_path(cold.tile)}: "
+            f"{cold.upstream_calls} upstream calls, statuses {fmt_counter(cold.statuses)}, "
+            f"X-Cache {fmt_counter(cold.xcache)}, p50 {cold.p50_ms:.1f} ms, "
+            f"max {cold.max_ms:.1f} ms (upstream alone {cold.upstream_alone_ms:.1f} ms)",
+            flush=True,
+        )
+        if not cold.all_ok:
+            problems.append(f"cold miss {i + 1}: not every answer was 200")
+        colds.append(cold)
+        check_alive(gateway, "gateway", procs)
+
+    print_report(args, warm, verify, runs, colds, placement, config_note)
+    gateway_log = next((c.log for c in procs.children if c.popen is gateway), None)
+    findings = gateway_log_findings(gateway_log)
+    print("gateway log (WARNING and above): " + ("none" if not findings else ""))
+    for line in findings:
+        print("  " + line)
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
+    args = parse_args(argv)
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C must stop everything even when started with SIGINT ignored (as `cmd &` in a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    scratch = Path(tempfile.mkdtemp(prefix="geopera-bench-"))
+    (scratch / "logs").mkdir()
+    procs = Processes(scratch / "logs")
+    keep = args.keep
+    code = 1
+    try:
+        problems = benchmark(args, scratch, procs)
+        procs.stop_all()  # before the anchors, so nothing of ours competes for the CPUs
+        if problems:
+            keep = True
+            print("PROBLEMS (exit status 1):")
+            for problem in problems:
+                print("  - " + problem)
+        if args.anchors:
+            run_anchors(args, procs)
+        code = 1 if problems else 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping processes", file=sys.stderr, flush=True)
+        code = 130
+    except BenchError as exc:
+        print(f"bench/tiles.py: {exc}", file=sys.stderr, flush=True)
+        keep = True
+    finally:
+        procs.stop_all()
+        if keep:
+            print(f"scratch dir (logs, cache) kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
