@@ -130,7 +130,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         user_agent=SERVER,
     )
     guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
-    service = TileService(cache, guard, settings.cache.empty_ttl_s)
+    lim = settings.limits
+    longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
+    service = TileService(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
+
     app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = cache, state, client
     app[GUARD], app[TILE_SERVICE] = guard, service
     try:

@@ -12,6 +12,7 @@ entry carries its own ``fresh_until``.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -122,6 +123,36 @@ class TileCache:
             str(directory), size_limit=size_limit_bytes, eviction_policy="least-recently-used"
         )
         self._memory = _MemoryTier(memory_bytes) if memory_bytes > 0 else None
+
+    def get_memory(self, key: str) -> CachedTile | None:
+        """The entry for ``key`` if this process's memory tier holds it (no disk access)."""
+        return self._memory.get(key) if self._memory is not None else None
+
+    def claim(self, key: str, seconds: float) -> bool:
+        """Atomically claim the fetch of ``key`` for this process for up to ``seconds``.
+
+        False when another process holds the claim (cross-process single-flight).
+        """
+        return bool(self._disk.add(("claim", key), os.getpid(), expire=seconds))
+
+    def claimed(self, key: str) -> bool:
+        """Whether a live process holds the claim on ``key`` now (a dead holder's claim is
+        dropped)."""
+        pid = self._disk.get(("claim", key))
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            self._disk.delete(("claim", key))
+            return False
+        except PermissionError:
+            pass  # alive, owned by another user
+        return True
+
+    def release(self, key: str) -> None:
+        """Drop this process's claim on ``key``."""
+        self._disk.delete(("claim", key))
 
     def get(self, key: str, *, from_disk: bool = False) -> CachedTile | None:
         """The entry for ``key``, fresh or not, or None.

@@ -141,3 +141,31 @@ async def test_config_error_exits_2_with_a_clear_message(tmp_path):
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert "export GEOPERA_API_KEY" in stderr.decode()
+
+
+async def test_two_workers_fetch_a_cold_tile_once(start_upstream, tmp_path):
+    slow = await start_upstream(delay_ms=300)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "GEOPERA_BASE_URL": slow.url,
+        "GEOPERA_API_KEY": PLANTED_KEY,
+        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    args = ("serve", "--config", str(DEFAULT_CONFIG), "--port", str(port), "--workers", "2")
+    async with running(*args, env=env):
+        await wait_healthy(base)
+
+        async def fetch() -> tuple[int, str]:
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(base + OLINDA) as response,
+            ):
+                await response.read()
+                return response.status, response.headers["X-Cache"]
+
+        results = await asyncio.gather(*(fetch() for _ in range(60)))
+    assert {status for status, _ in results} == {200}
+    assert [cache for _, cache in results].count("MISS") == 1
+    assert slow.renders() == 1  # the other worker waited on the first one's claim

@@ -45,6 +45,9 @@ log = logging.getLogger("gateway.tiles")
 EMPTY_STATUSES = frozenset({204})
 """Upstream statuses meaning "no data in this tile" (the emulator answers 204 No Content)."""
 
+CLAIM_POLL_S = 0.01
+"""How often a worker waiting on another worker's fetch looks for the result, seconds."""
+
 FETCH_ERRORS = (UpstreamError, LimitExceeded, BreakerOpen, imaging.ImageCheckError)
 """Failures of a fetch that a stale entry may cover (stale-if-error)."""
 
@@ -91,11 +94,15 @@ class TileService:
         empty_ttl_s: negative TTL (seconds) for tiles the upstream reported empty.
     """
 
-    def __init__(self, cache: TileCache, guard: UpstreamGuard, empty_ttl_s: float) -> None:
+    def __init__(
+        self, cache: TileCache, guard: UpstreamGuard, empty_ttl_s: float, claim_s: float = 120.0
+    ) -> None:
         self.cache = cache
+        self.claim_s = claim_s
+
         self.guard = guard
         self.empty_ttl_s = empty_ttl_s
-        self._flights: SingleFlight[CachedTile] = SingleFlight()
+        self._flights: SingleFlight[tuple[CachedTile, str]] = SingleFlight()
         self._refreshes: set[asyncio.Task[None]] = set()
 
     async def get(
@@ -119,7 +126,9 @@ class TileService:
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         key = address.key
-        tile = self.cache.get(key)
+        tile = self.cache.get_memory(key)
+        if tile is None and not self._flights.in_flight(key):
+            tile = self.cache.get(key, from_disk=True)  # joining a flight skips the disk read
         now = time.time()
         if tile is not None:
             if tile.is_fresh(now):
@@ -128,7 +137,7 @@ class TileService:
                 self._refresh_in_background(address, priority)
                 return TileResult(tile, "STALE")
         try:
-            fetched, coalesced = await self._flights.run(
+            (fetched, source), coalesced = await self._flights.run(
                 key, lambda: self._fetch(address, priority)
             )
         except FETCH_ERRORS as exc:
@@ -145,7 +154,7 @@ class TileService:
             raise self._problem(address, exc) from None
         if fetched.empty:
             return TileResult(fetched, "EMPTY")
-        return TileResult(fetched, "COALESCED" if coalesced else "MISS")
+        return TileResult(fetched, "COALESCED" if coalesced else source)
 
     def _refresh_in_background(self, address: TileAddress, priority: Priority) -> None:
         """Start one refresh of ``address`` unless a fetch of it is already in flight."""
@@ -180,19 +189,44 @@ class TileService:
         body = imaging.blank_tile(address.fmt, imaging.TILE_SIZE * address.scale, terrain)
         return make_tile(body, MEDIA_TYPES[address.fmt], ttl_s, empty=True)
 
-    async def _fetch(self, address: TileAddress, priority: Priority) -> CachedTile:
-        """Fetch, check and store one tile; runs once per key however many wait on it."""
+    async def _fetch(self, address: TileAddress, priority: Priority) -> tuple[CachedTile, str]:
+        """Fetch, check and store one tile; runs once per key however many wait on it.
+
+        Returns the tile and where it came from, as an ``X-Cache`` value: ``MISS`` (this
+        process fetched it), ``HIT`` (another worker had stored it), ``COALESCED`` (this
+        process waited on another worker's fetch).
+        """
         key = address.key
         stored = self.cache.get(key, from_disk=True)
         if stored is not None and stored.is_fresh():
-            return stored  # another worker process stored it meanwhile
-        if address.scale == 2:
-            tile = await self._fetch_2x(address, priority)
-        else:
-            tile = await self._fetch_1x(address, priority)
-        keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
-        self.cache.set(key, tile, keep_s=keep)
-        return tile
+            return stored, "HIT"  # another worker process stored it meanwhile
+        if not self.cache.claim(key, self.claim_s):
+            stored = await self._await_other_worker(key)
+            if stored is not None:
+                return stored, "COALESCED"
+        try:
+            if address.scale == 2:
+                tile = await self._fetch_2x(address, priority)
+            else:
+                tile = await self._fetch_1x(address, priority)
+            keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
+            self.cache.set(key, tile, keep_s=keep)
+        finally:
+            self.cache.release(key)
+        return tile, "MISS"
+
+    async def _await_other_worker(self, key: str) -> CachedTile | None:
+        """Wait while another worker process fetches ``key``; its result, or None when its
+        claim ended without a fresh entry (it failed or died) and this process should fetch."""
+        deadline = time.monotonic() + self.claim_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(CLAIM_POLL_S)
+            stored = self.cache.get(key, from_disk=True)
+            if stored is not None and stored.is_fresh():
+                return stored
+            if not self.cache.claimed(key):
+                return None
+        return None
 
     async def _fetch_1x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
