@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,10 +17,12 @@ from gateway.guard import UpstreamGuard
 from gateway.limits import SharedState
 from gateway.logs import CLIENT_KEY
 from gateway.problem import Problem
-from gateway.routes import health, tiles
+from gateway.routes import downloads, health, tiles
+from gateway.services.downloads import DownloadService
 from gateway.services.tiles import TileService
 from gateway.state import (
     CLIENT_LIMIT,
+    DOWNLOAD_SERVICE,
     GUARD,
     LAYERS,
     SETTINGS,
@@ -28,13 +31,14 @@ from gateway.state import (
     TILE_SERVICE,
     UPSTREAM,
 )
+from gateway.store import DownloadStore
 from gateway.upstream import GeoperaClient
 
 log = logging.getLogger("gateway.app")
 
 SERVER = f"geopera-gateway/{__version__}"
 
-LIMITED_ROUTES = frozenset({"tile", "default_tile"})
+LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
 """Routes that count against the per-client rate limit (those that can spend upstream)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -110,6 +114,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CLIENT_LIMIT] = ClientRateLimit(rate) if rate else None
     app.cleanup_ctx.append(_resources)
     tiles.add_routes(app)
+    downloads.add_routes(app)
     health.add_routes(app)
     return app
 
@@ -136,9 +141,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
     app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = cache, state, client
     app[GUARD], app[TILE_SERVICE] = guard, service
+    store = DownloadStore(settings.downloads.directory, settings.downloads.size_limit_bytes)
+    await asyncio.to_thread(store.recover)
+    app[DOWNLOAD_SERVICE] = DownloadService(store, guard)
     try:
         yield
     finally:
+        await app[DOWNLOAD_SERVICE].aclose()
+        store.close()
         await service.aclose()
         await client.aclose()
         state.close()

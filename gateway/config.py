@@ -98,6 +98,14 @@ class LimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DownloadSettings:
+    """The download store: a directory of complete clip files with an LRU size limit."""
+
+    directory: Path
+    size_limit_bytes: int = 10 << 30
+
+
+@dataclass(frozen=True, slots=True)
 class CacheSettings:
     """The tile cache: a diskcache directory with an LRU size limit plus a memory hot tier.
 
@@ -122,6 +130,7 @@ class Settings:
     cache: CacheSettings
     limits: LimitSettings
     clients: ClientSettings
+    downloads: DownloadSettings
     layers: dict[str, Layer] = field(default_factory=dict)
     default_layer: str | None = None
 
@@ -155,15 +164,31 @@ def load_settings(
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
     top = TableReader(source, "", raw)
-    top.reject_unknown({"upstream", "server", "cache", "limits", "clients", "layers"})
+    top.reject_unknown({"upstream", "server", "cache", "limits", "clients", "downloads", "layers"})
     upstream = _upstream(TableReader(source, "upstream", top.get("upstream", dict, {})), env)
     server = _server(TableReader(source, "server", top.get("server", dict, {})))
     cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env)
     limits = _limits(TableReader(source, "limits", top.get("limits", dict, {})))
     clients = _clients(TableReader(source, "clients", top.get("clients", dict, {})))
+    downloads = _downloads(
+        TableReader(source, "downloads", top.get("downloads", dict, {})), cache.directory
+    )
     layer_tables = top.get("layers", list, [])
     layers, default_layer = parse_layers(source, layer_tables)
-    return Settings(source, upstream, server, cache, limits, clients, layers, default_layer)
+    return Settings(
+        source, upstream, server, cache, limits, clients, downloads, layers, default_layer
+    )
+
+
+def _downloads(r: TableReader, cache_dir: Path) -> DownloadSettings:
+    r.reject_unknown({"directory", "size_limit_bytes"})
+    directory = r.get("directory", str)
+    return DownloadSettings(
+        directory=Path(directory).expanduser()
+        if directory
+        else cache_dir.parent / (cache_dir.name + "-downloads"),
+        size_limit_bytes=r.positive("size_limit_bytes", int, 10 << 30),
+    )
 
 
 def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:

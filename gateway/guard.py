@@ -12,8 +12,10 @@ not retried: the caller serves stale or answers 503.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import stamina
@@ -41,6 +43,15 @@ from gateway.upstream import (
 )
 
 log = logging.getLogger("gateway.guard")
+
+STREAM_CHUNK_BYTES = 1 << 20
+"""Read size for streamed bodies, bytes."""
+
+CHARGE_EVERY_BYTES = 8 << 20
+"""Streamed bytes are charged to the bytes bucket and budget in batches of this many."""
+
+STREAM_LEASE_S = 6 * 3600.0
+"""A streamed transfer's concurrency lease, seconds (a crashed worker's slot returns after)."""
 
 RETRYABLE = (UpstreamServerError, UpstreamTimeout, UpstreamUnavailable)
 """Failures worth another attempt for an idempotent read."""
@@ -102,11 +113,14 @@ class UpstreamGuard:
             costs.append(0.0)
         return buckets, costs
 
-    async def _charge_bytes(self, nbytes: int) -> None:
-        if self._bytes is not None and nbytes > 0:
-            await asyncio.to_thread(self.buckets.charge, self._bytes, float(nbytes))
-
-    async def _admit(self, operation: str, asset: str, priority: Priority, deadline: float) -> str:
+    async def _admit(
+        self,
+        operation: str,
+        asset: str,
+        priority: Priority,
+        deadline: float,
+        lease_s: float | None = None,
+    ) -> str:
         """Budget, breakers, buckets and a concurrency lease; returns the lease."""
         scopes = (Scope(operation), Scope(operation, asset))
         self.budget.check()
@@ -121,7 +135,7 @@ class UpstreamGuard:
                 await asyncio.sleep(wait)
             async with self._local_slots:
                 lease = await self.concurrency.acquire(
-                    max(0.0, deadline - time.monotonic()), priority
+                    max(0.0, deadline - time.monotonic()), priority, lease_s
                 )
         except LimitExceeded as exc:
             metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
@@ -169,24 +183,84 @@ class UpstreamGuard:
         lease = await self._admit(operation, asset, priority, deadline)
         try:
             response = await self.client.call(operation, body)
-        except UpstreamRateLimited as exc:
-            self.breakers.open_for(Scope(operation, asset), exc.retry_after_s)
-            if _bandwidth_breaker(exc):
-                self.breakers.open_for(Scope(operation), exc.retry_after_s)
-            metrics.UPSTREAM_REQUESTS.labels(operation, "429").inc()
-            raise
         except UpstreamError as exc:
-            metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
-            if isinstance(exc, RETRYABLE):
-                self.breakers.record_failure(Scope(operation))
+            self._failed(operation, asset, exc)
             raise
         finally:
             await asyncio.to_thread(self.concurrency.release, lease)
         self.breakers.record_success((Scope(operation), Scope(operation, asset)))
-        self.budget.add(len(response.content))
-        await self._charge_bytes(len(response.content))
-
+        await self._received(operation, len(response.content))
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
-        metrics.UPSTREAM_BYTES.labels(operation).inc(len(response.content))
         return response
+
+    def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
+        """Breaker and metric bookkeeping for a failed call."""
+        metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
+        if isinstance(exc, UpstreamRateLimited):
+            self.breakers.open_for(Scope(operation, asset), exc.retry_after_s)
+            if _bandwidth_breaker(exc):
+                self.breakers.open_for(Scope(operation), exc.retry_after_s)
+        elif isinstance(exc, RETRYABLE):
+            self.breakers.record_failure(Scope(operation))
+
+    async def _received(self, operation: str, nbytes: int) -> float:
+        """Count ``nbytes`` of egress (budget, bytes bucket, metrics); returns how long the
+        bytes bucket asks the caller to pause, seconds."""
+        if nbytes <= 0:
+            return 0.0
+        self.budget.add(nbytes)
+        metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
+        if self._bytes is None:
+            return 0.0
+        level = await asyncio.to_thread(self.buckets.charge, self._bytes, float(nbytes))
+        return max(0.0, -level / self._bytes.rate)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        *,
+        asset: str,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> AsyncIterator[tuple[Mapping[str, str], AsyncIterator[bytes]]]:
+        """Open a streamed call (a download) under every limit; yields the upstream response
+        headers and an iterator over its body chunks.
+
+        The bytes are paced by the bytes bucket: every :data:`CHARGE_EVERY_BYTES` received
+        are charged, and reading pauses while the bucket is in deficit, which slows the
+        upstream through TCP flow control. The concurrency slot is held for the whole
+        transfer. A stream is not retried: a client resumes with Range instead.
+
+        Raises:
+            LimitExceeded, BreakerOpen: as for :meth:`call`, before anything is sent.
+            UpstreamError: the upstream refused the call, or the transfer broke.
+        """
+        deadline = time.monotonic() + self.settings.max_wait_s
+        lease = await self._admit(operation, asset, priority, deadline, lease_s=STREAM_LEASE_S)
+        started = time.perf_counter()
+        try:
+            async with self.client.stream(operation, body) as response:
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    pending = 0
+                    async for chunk in response.aiter_bytes(STREAM_CHUNK_BYTES):
+                        yield chunk
+                        pending += len(chunk)
+                        if pending >= CHARGE_EVERY_BYTES:
+                            pause = await self._received(operation, pending)
+                            pending = 0
+                            if pause > 0:
+                                await asyncio.sleep(pause)
+                    await self._received(operation, pending)
+
+                yield response.headers, chunks()
+        except UpstreamError as exc:
+            self._failed(operation, asset, exc)
+            raise
+        finally:
+            await asyncio.to_thread(self.concurrency.release, lease)
+        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+        metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
+        metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)

@@ -134,11 +134,16 @@ class TokenBuckets:
                 self._cache.set(("bucket", bucket.key), (level - amount, now))
             return worst_wait
 
-    def charge(self, bucket: Bucket, amount: float) -> None:
-        """Take ``amount`` tokens after the fact (bytes received); may drive it negative."""
+    def charge(self, bucket: Bucket, amount: float) -> float:
+        """Take ``amount`` tokens after the fact (bytes received); may drive it negative.
+
+        Returns the level left (negative: that many tokens are owed).
+        """
         with self._cache.transact(retry=True):
             now = self._clock()
-            self._cache.set(("bucket", bucket.key), (self._level(bucket, now) - amount, now))
+            level = self._level(bucket, now) - amount
+            self._cache.set(("bucket", bucket.key), (level, now))
+            return level
 
     def _level(self, bucket: Bucket, now: float) -> float:
 
@@ -168,7 +173,7 @@ class ConcurrencyCap:
         self.lease_s = lease_s
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
 
-    def _try_acquire(self, priority: Priority) -> str | None:
+    def _try_acquire(self, priority: Priority, lease_s: float) -> str | None:
         allowed = self.limit if priority is Priority.INTERACTIVE else max(1, self.limit * 3 // 4)
         with self._cache.transact(retry=True):
             now = time.time()
@@ -177,19 +182,23 @@ class ConcurrencyCap:
                 self._cache.set("inflight", leases)
                 return None
             lease = self._prefix + uuid.uuid4().hex[:8]
-            leases[lease] = now + self.lease_s
+            leases[lease] = now + lease_s
             self._cache.set("inflight", leases)
             return lease
 
-    async def acquire(self, max_wait_s: float, priority: Priority) -> str:
+    async def acquire(
+        self, max_wait_s: float, priority: Priority, lease_s: float | None = None
+    ) -> str:
         """Wait for a slot; returns the lease to :meth:`release`.
+
+        ``lease_s`` overrides how long the lease lasts if never released (long transfers).
 
         Raises:
             LimitExceeded: no slot within ``max_wait_s`` seconds (scope ``concurrency``).
         """
         deadline = time.monotonic() + max_wait_s
         while True:
-            lease = await asyncio.to_thread(self._try_acquire, priority)
+            lease = await asyncio.to_thread(self._try_acquire, priority, lease_s or self.lease_s)
             if lease is not None:
                 return lease
             if time.monotonic() >= deadline:

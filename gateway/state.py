@@ -10,6 +10,7 @@ from gateway.config import Settings
 from gateway.guard import UpstreamGuard
 from gateway.layers import Layer
 from gateway.limits import SharedState
+from gateway.services.downloads import DownloadService
 from gateway.services.tiles import TileService
 from gateway.upstream import GeoperaClient
 
@@ -21,3 +22,4 @@ SHARED_STATE = web.AppKey("shared_state", SharedState)
 UPSTREAM = web.AppKey("upstream", GeoperaClient)
 GUARD = web.AppKey("guard", UpstreamGuard)
 TILE_SERVICE = web.AppKey("tile_service", TileService)
+DOWNLOAD_SERVICE = web.AppKey("download_service", DownloadService)

@@ -12,10 +12,12 @@ parsed for ``title``/``detail`` only and passed through :func:`gateway.secrets.r
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +208,28 @@ class GeoperaClient:
             content_type = response.headers.get("content-type", "").split(";")[0].strip()
             return UpstreamResponse(status, content_type.lower(), content, elapsed)
         raise self._error_for(operation, response, content)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, operation: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """POST ``body`` to ``/v1/op/{operation}`` and yield the 2xx response unread, for
+        streaming its body with ``aiter_bytes``; the connection is released on exit.
+
+        Raises:
+            The same exceptions as :meth:`call` for no answer or a non-2xx status, before
+            anything is yielded; a connection broken or stalled while the caller reads the
+            body surfaces from the ``async with`` as :class:`UpstreamUnavailable` or
+            :class:`UpstreamTimeout`.
+        """
+        try:
+            async with self._http.stream("POST", f"/v1/op/{operation}", json=body) as response:
+                if not 200 <= response.status_code < 300:
+                    content = await self._read_capped(operation, response)
+                    raise self._error_for(operation, response, content)
+                yield response
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(operation, "timed out") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(operation, f"no answer: {type(exc).__name__}") from None
 
     @staticmethod
     async def _read_capped(operation: str, response: httpx.Response) -> bytes:

@@ -1,0 +1,391 @@
+"""The download service: clip files cross the upstream once, then are served from disk.
+
+A request for a file the store does not hold starts one :class:`Transfer` per file and
+process: a task that streams ``clip.job.download`` through the upstream guard into a temporary
+file. Every request for that file meanwhile reads the same temporary file as it grows, so the
+first clients get bytes as they arrive and none causes a second upstream call. A client that
+goes away does not stop the transfer; when the last one has left the transfer still runs to
+the end and stores the file, so the next request is a cache hit. Only a complete transfer
+whose size matches the upstream's ``Content-Length`` (and the job descriptor's ``size_bytes``
+when known) is flushed, renamed into place and indexed. A broken transfer is never stored:
+its readers' connections are cut short, and the temporary file is removed.
+
+Across worker processes the store's claim makes one worker transfer while the others wait
+for the stored file (rules from the Geopera "Clipping" guide: ``clip.job.get`` reports the
+status, ``clip.job.downloads`` the descriptors, ``clip.job.download`` streams the bytes and
+answers 400 before the job is completed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from werkzeug.http import parse_options_header
+
+from gateway.breaker import BreakerOpen
+from gateway.guard import UpstreamGuard
+from gateway.limits import LimitExceeded
+from gateway.problem import Problem
+from gateway.store import DownloadStore, StoredFile, file_etag
+from gateway.upstream import (
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+
+log = logging.getLogger("gateway.downloads")
+
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+"""Allowed job ids (UUIDs and similar): letters, digits, ``-``, ``_``; up to 128."""
+
+MOSAIC_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""Allowed mosaic types (``rgb``, ``multispectral``...): letters, digits, ``-``, ``_``."""
+
+NOT_READY_RETRY_S = 5
+"""Retry-After sent with 409 while a job is still running, seconds (the guide: poll with
+backoff)."""
+
+CLAIM_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who really asked, passed upstream as ``user_agent`` and ``requester_ip``."""
+
+    user_agent: str | None
+    ip: str | None
+
+
+def clean_filename(name: str, fallback: str) -> str:
+    """``name`` made safe to send on: the last path component only, no control characters
+    or quotes, Unicode NFC, at most 200 characters; ``fallback`` when nothing is left."""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable() and c not in "\"'")
+    return name.strip(" .")[:200] or fallback
+
+
+def safe_filename(header: str | None, fallback: str) -> str:
+    """The file name from an upstream ``Content-Disposition`` (``filename*`` preferred),
+    cleaned by :func:`clean_filename`."""
+    name = ""
+    if header:
+        _, options = parse_options_header(header)
+        name = options.get("filename*") or options.get("filename") or ""
+    return clean_filename(name, fallback)
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII ``filename`` and, for non-ASCII names, an RFC 8187
+    ``filename*`` (RFC 6266 section 4.3)."""
+    ascii_name = filename.encode("ascii", "replace").decode().replace("?", "_")
+    header = f'attachment; filename="{ascii_name}"'
+    if ascii_name != filename:
+        header += f"; filename*=UTF-8''{quote(filename, safe='')}"
+    return header
+
+
+class Transfer:
+    """One upstream download in progress in this process, shared by all its readers.
+
+    Attributes:
+        size: total bytes (from the upstream's Content-Length or the descriptor), or None.
+        filename, content_type: for the response headers.
+        mtime_ns: when the transfer started; the stored file keeps it, and with ``size`` it
+            makes the ETag, so streamed and stored answers agree.
+        written: bytes in the temporary file so far.
+        error: the failure, once failed.
+    """
+
+    def __init__(self, job_id: str, mosaic_type: str, tmp: os.PathLike[str]) -> None:
+        self.job_id, self.mosaic_type, self.tmp = job_id, mosaic_type, tmp
+        self.size: int | None = None
+        self.filename = f"{job_id}_{mosaic_type}.tif"
+        self.content_type = "image/tiff"
+        self.mtime_ns = time.time_ns()
+        self.written = 0
+        self.error: Exception | None = None
+        self.stored: StoredFile | None = None
+        self.ready = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    @property
+    def etag(self) -> str:
+        """The ETag the stored file will have (needs ``size``)."""
+        return file_etag(self.mtime_ns, self.size or 0)
+
+    def advance(self, nbytes: int) -> None:
+        """Record ``nbytes`` more written and wake readers."""
+        self.written += nbytes
+        self._progress.set()
+
+    def finish(self, error: Exception | None = None) -> None:
+        """Mark the transfer over (``error`` when it failed) and wake everyone."""
+        self.error = error
+        self.ready.set()
+        self.finished.set()
+        self._progress.set()
+
+    async def wait_beyond(self, offset: int) -> int:
+        """Wait until more than ``offset`` bytes are written or the transfer is over;
+        returns the bytes written then."""
+        while self.written <= offset and not self.finished.is_set():
+            self._progress.clear()
+            await self._progress.wait()
+        return self.written
+
+
+class DownloadService:
+    """Job status and clip files through the store.
+
+    Args:
+        store: the download store.
+        guard: the protected upstream client.
+    """
+
+    def __init__(self, store: DownloadStore, guard: UpstreamGuard) -> None:
+        self.store = store
+        self.guard = guard
+        self._transfers: dict[tuple[str, str], Transfer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def aclose(self) -> None:
+        """Cancel running transfers (on shutdown); their temporary files are removed."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """``{"job_id", "status", "files": [descriptor...]}``; files only when completed.
+
+        Raises:
+            Problem: 404 unknown job, 503/502/504 upstream trouble.
+        """
+        descriptors = self.store.descriptors(job_id)
+        if descriptors is not None:
+            return {"job_id": job_id, "status": "completed", "files": descriptors}
+        job = await self._json("clip.job.get", {"job_id": job_id}, job_id)
+        status = str(job.get("status", "unknown"))
+        result: dict[str, Any] = {"job_id": job_id, "status": status, "files": []}
+        if status == "completed":
+            listing = await self._json("clip.job.downloads", {"job_id": job_id}, job_id)
+            files = [_descriptor(d) for d in listing if isinstance(d, dict)]
+            files = [f for f in files if f is not None]
+            self.store.remember_descriptors(job_id, files)
+            result["files"] = files
+        return result
+
+    async def _json(self, operation: str, body: dict[str, Any], job_id: str) -> Any:
+        try:
+            response = await self.guard.call(operation, body, asset=job_id)
+            return _loads(response.content)
+        except (UpstreamError, LimitExceeded, BreakerOpen) as exc:
+            raise await self._problem(job_id, exc) from None
+
+    async def open(
+        self, job_id: str, mosaic_type: str, requester: Requester
+    ) -> StoredFile | Transfer:
+        """The stored file, or the transfer that is fetching it (headers known).
+
+        Raises:
+            Problem: 409 job not completed (with its status and Retry-After), 404 unknown
+                job or mosaic type, 503 throttled or held back, 502/504 upstream failure.
+        """
+        stored = self.store.lookup(job_id, mosaic_type)
+        if stored is not None:
+            return stored
+        key = (job_id, mosaic_type)
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            transfer = Transfer(job_id, mosaic_type, self.store.temp_path())
+            self._transfers[key] = transfer
+            task = asyncio.ensure_future(self._run(transfer, requester))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await transfer.ready.wait()
+        if transfer.error is not None:
+            raise await self._problem(job_id, transfer.error)
+        if transfer.stored is not None:
+            return transfer.stored
+        return transfer
+
+    async def _run(self, transfer: Transfer, requester: Requester) -> None:
+        key = (transfer.job_id, transfer.mosaic_type)
+        claimed = self.store.claim(*key)
+        try:
+            if not claimed:
+                transfer.stored = await self._await_other_worker(*key)
+                if transfer.stored is None:
+                    claimed = self.store.claim(*key)
+            if transfer.stored is None:
+                await self._transfer(transfer, requester)
+            transfer.finish()
+        except (UpstreamError, LimitExceeded, BreakerOpen, OSError, ValueError) as exc:
+            log.warning(
+                "download of a %s file failed: %s",
+                transfer.mosaic_type,
+                type(exc).__name__ if not isinstance(exc, UpstreamError) else exc,
+            )
+            transfer.finish(exc)
+        except asyncio.CancelledError:
+            transfer.finish(UpstreamError("clip.job.download", "gateway shutting down"))
+            raise
+        finally:
+            if claimed:
+                self.store.release(*key)
+            self._transfers.pop(key, None)
+            if transfer.stored is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(transfer.tmp)
+
+    async def _await_other_worker(self, job_id: str, mosaic_type: str) -> StoredFile | None:
+        while self.store.claimed(job_id, mosaic_type):
+            await asyncio.sleep(CLAIM_POLL_S)
+        return self.store.lookup(job_id, mosaic_type)
+
+    async def _transfer(self, transfer: Transfer, requester: Requester) -> None:
+        body: dict[str, Any] = {"job_id": transfer.job_id, "mosaic_type": transfer.mosaic_type}
+        if requester.user_agent:
+            body["user_agent"] = requester.user_agent[:512]
+        if requester.ip:
+            body["requester_ip"] = requester.ip
+        expected = self._expected_size(transfer.job_id, transfer.mosaic_type)
+        fd = os.open(transfer.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            await self._stream_into(fd, transfer, body, expected)
+        finally:
+            os.close(fd)
+        if transfer.size is not None and transfer.written != transfer.size:
+            raise ValueError(f"transfer ended at {transfer.written} of {transfer.size} bytes")
+        transfer.size = transfer.written
+        transfer.stored = await asyncio.to_thread(
+            self.store.commit,
+            transfer.tmp,
+            transfer.job_id,
+            transfer.mosaic_type,
+            filename=transfer.filename,
+            content_type=transfer.content_type,
+            mtime_ns=transfer.mtime_ns,
+        )
+
+    async def _stream_into(
+        self, fd: int, transfer: Transfer, body: dict[str, Any], expected: int | None
+    ) -> None:
+        stream = self.guard.stream("clip.job.download", body, asset=transfer.job_id)
+        async with stream as (headers, chunks):
+            length = headers.get("content-length")
+            size = int(length) if length and length.isdigit() else None
+            if size is not None and expected is not None and size != expected:
+                raise ValueError(f"upstream length {size} differs from size_bytes {expected}")
+            transfer.size = size if size is not None else expected
+            transfer.filename = safe_filename(headers.get("content-disposition"), transfer.filename)
+            transfer.ready.set()
+            async for chunk in chunks:
+                await asyncio.to_thread(_write_all, fd, chunk)
+                transfer.advance(len(chunk))
+            await asyncio.to_thread(os.fsync, fd)
+
+    def _expected_size(self, job_id: str, mosaic_type: str) -> int | None:
+        for descriptor in self.store.descriptors(job_id) or []:
+            if descriptor.get("mosaic_type") == mosaic_type:
+                size = descriptor.get("size_bytes")
+                return size if isinstance(size, int) else None
+        return None
+
+    async def _problem(self, job_id: str, exc: Exception) -> Problem:
+        """Map a failure to the client's problem+json; 400 from the upstream means the job is
+        not completed, so its status is looked up for the answer."""
+        if isinstance(exc, UpstreamRejected) and exc.status == 400:
+            status = "unknown"
+            with contextlib.suppress(UpstreamError, LimitExceeded, BreakerOpen, ValueError):
+                job = _loads(
+                    (
+                        await self.guard.call("clip.job.get", {"job_id": job_id}, asset=job_id)
+                    ).content
+                )
+                status = str(job.get("status", "unknown"))
+            return Problem(
+                409,
+                "Job not completed",
+                f"The clip job is {status}; its files can be downloaded once it is completed.",
+                slug="job-not-completed",
+                job_status=status,
+                headers={"Retry-After": str(NOT_READY_RETRY_S)},
+            )
+        if isinstance(exc, UpstreamNotFound):
+            return Problem(
+                404, "Not found", "No such clip job or mosaic type.", slug="unknown-download"
+            )
+        if isinstance(exc, UpstreamRateLimited | BreakerOpen | LimitExceeded):
+            retry = max(1, round(getattr(exc, "retry_after_s", 1.0)))
+            return Problem(
+                503,
+                "Upstream busy",
+                "Downloads are throttled or held back to stay "
+                f"within the upstream's egress limits; retry after {retry} s.",
+                slug="upstream-throttled",
+                headers={"Retry-After": str(retry)},
+            )
+        if isinstance(exc, UpstreamAuthError):
+            log.critical(
+                "UPSTREAM REJECTED THE GATEWAY'S CREDENTIALS (%s) for %s: the Geopera "
+                "API key is wrong, expired or lacks the clip:read scope; fix "
+                "GEOPERA_API_KEY",
+                exc.status,
+                exc.operation,
+            )
+            return Problem(
+                502,
+                "Upstream authorization failed",
+                "The gateway's upstream credentials were refused; an operator has been alerted.",
+                slug="upstream-auth",
+            )
+        if isinstance(exc, UpstreamTimeout):
+            return Problem(
+                504,
+                "Upstream timeout",
+                "The upstream did not answer in time.",
+                slug="upstream-timeout",
+            )
+        return Problem(
+            502, "Bad gateway", "The upstream failed to deliver this file.", slug="upstream-error"
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _loads(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        raise UpstreamError("clip", "answer is not JSON") from None
+
+
+def _descriptor(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """Keep the descriptor fields clients need, validated (``gcs_path`` is not passed on)."""
+    mosaic = raw.get("mosaic_type")
+    if not isinstance(mosaic, str) or not MOSAIC_TYPE.fullmatch(mosaic):
+        return None
+    size = raw.get("size_bytes")
+    return {
+        "mosaic_type": mosaic,
+        "filename": clean_filename(str(raw.get("filename", "")), f"{mosaic}.tif"),
+        "size_bytes": size if isinstance(size, int) and size >= 0 else None,
+    }
