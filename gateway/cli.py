@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES_PER_S",
         help="response bandwidth limit, bytes/s (default 50,000,000; 0 disables)",
     )
+    emu.add_argument(
+        "--clip-delay-s",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="minimum time a clip job stays running, seconds (default 2)",
+    )
     return parser
 
 
@@ -142,6 +149,7 @@ def _emulator(args: argparse.Namespace) -> int:
         delay_ms=args.delay_ms,
         asset_rps=args.asset_rps,
         bandwidth=args.bandwidth,
+        clip_delay_s=args.clip_delay_s,
     )
 
     return 0

@@ -55,12 +55,15 @@ async def start_upstream() -> AsyncIterator[Callable[..., Any]]:
     """Factory: ``await start_upstream(delay_ms=0)`` runs an emulator on a free port."""
     runners: list[web.AppRunner] = []
 
-    async def start(delay_ms: float = 0.0, api_keys: list[str] | None = None) -> Emulator:
+    async def start(
+        delay_ms: float = 0.0, api_keys: list[str] | None = None, **options: Any
+    ) -> Emulator:
         runner, url = await start_emulator(
             "127.0.0.1",
             0,
             api_keys=[PLANTED_KEY] if api_keys is None else api_keys,
             delay_ms=delay_ms,
+            **options,
         )
         runners.append(runner)
         return Emulator(url, runner.app[STATS_KEY], runner.app)

@@ -1,4 +1,6 @@
-"""Geopera API emulator for tile operations (``cog.tile.render``, ``cog.tile.terrain``).
+"""Geopera API emulator for tile operations (``cog.tile.render``, ``cog.tile.terrain``) and
+clip jobs (``clip.create_from_item``, ``clip.job.get``, ``clip.job.downloads``,
+``clip.job.download``; see :mod:`.clips`).
 
 An aiohttp app serving the packaged sample COGs (``data/``, see ``data/ATTRIBUTION.md``) over
 the Geopera wire protocol, for tests, demos and benchmarks of the gateway.
@@ -15,22 +17,37 @@ problem+json with ``Retry-After``. Defaults (``create_emulator_app``, ``start_em
 
 ``0`` or ``None`` disables a limit; change them at run time through ``app[LIMITS_KEY]`` or
 ``POST /_emulator/limits``.
+
+Clip jobs stay ``running`` for at least ``clip_delay_s`` seconds (default
+:data:`DEFAULT_CLIP_DELAY_S` = 2.0; ``--clip-delay-s S``). ``source_item_id="synthetic-<N>"``
+makes an N-byte download for benchmarks; :func:`synthetic_bytes` regenerates its content.
 """
 
 from .app import create_emulator_app
 from .catalog import SAMPLE_COGS
+from .clips import (
+    CLIPS_KEY,
+    DEFAULT_CLIP_DELAY_S,
+    ClipStore,
+    synthetic_bytes,
+    synthetic_range,
+    synthetic_sha256,
+)
 from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH, LIMITS_KEY, EgressLimits
 from .faults import FAULTS_KEY, Fault, FaultPlan
 from .server import run_emulator, start_emulator
 from .stats import STATS_KEY, EmulatorStats
 
 __all__ = [
+    "CLIPS_KEY",
     "DEFAULT_ASSET_RPS",
     "DEFAULT_BANDWIDTH",
+    "DEFAULT_CLIP_DELAY_S",
     "FAULTS_KEY",
     "LIMITS_KEY",
     "SAMPLE_COGS",
     "STATS_KEY",
+    "ClipStore",
     "EgressLimits",
     "EmulatorStats",
     "Fault",
@@ -38,4 +55,7 @@ __all__ = [
     "create_emulator_app",
     "run_emulator",
     "start_emulator",
+    "synthetic_bytes",
+    "synthetic_range",
+    "synthetic_sha256",
 ]

@@ -1,10 +1,11 @@
 """``python -m gateway.emulator [--host H] [--port P] [--delay-ms MS] [--api-key KEY ...]
-[--asset-rps R] [--bandwidth BYTES_PER_S]``."""
+[--asset-rps R] [--bandwidth BYTES_PER_S] [--clip-delay-s S]``."""
 
 from __future__ import annotations
 
 import argparse
 
+from .clips import DEFAULT_CLIP_DELAY_S
 from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
 from .server import run_emulator
 
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="BYTES_PER_S",
         help=f"response bandwidth limit, bytes/s (default {DEFAULT_BANDWIDTH:,}; 0 disables)",
     )
+    parser.add_argument(
+        "--clip-delay-s",
+        type=float,
+        default=DEFAULT_CLIP_DELAY_S,
+        metavar="S",
+        help=f"minimum time a clip job stays running, seconds (default {DEFAULT_CLIP_DELAY_S:g})",
+    )
     args = parser.parse_args(argv)
     run_emulator(
         args.host,
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         delay_ms=args.delay_ms,
         asset_rps=args.asset_rps,
         bandwidth=args.bandwidth,
+        clip_delay_s=args.clip_delay_s,
     )
 
 

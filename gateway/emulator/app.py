@@ -1,6 +1,7 @@
-"""aiohttp application emulating the Geopera API's tile operations.
+"""aiohttp application emulating the Geopera API's tile and clip operations.
 
-Routes (Geopera COG & tiles operations; errors per the Geopera errors guide):
+Routes (Geopera COG & tiles operations, Clipping operations; errors per the Geopera errors
+guide):
 
 - ``POST /v1/op/{operation_id}`` and the alias ``POST /v1/{resource}/{action...}``
   (``/v1/cog/tile/render`` is ``cog.tile.render``). Requires ``Authorization: Bearer <key>``.
@@ -11,7 +12,12 @@ Routes (Geopera COG & tiles operations; errors per the Geopera errors guide):
 
 Egress limits (:mod:`.egress`), as on the real Geopera: a per-asset request rate limit and a
 bandwidth circuit breaker answer ``429`` with ``Retry-After`` (``asset-rate-limited``,
-``bandwidth-circuit-open``). They apply to authorised, valid calls only, before rendering.
+``bandwidth-circuit-open``). They apply to authorised, valid calls only, before rendering
+(tiles) or streaming (``clip.job.download``).
+
+Clip jobs (:mod:`.clips`): ``clip.create_from_item`` (``Idempotency-Key`` required),
+``clip.job.get``, ``clip.job.downloads``, ``clip.job.download``; jobs stay ``running`` for at
+least ``clip_delay_s`` seconds.
 
 Every error is ``application/problem+json`` except 422 validation errors
 (``HTTPValidationError``). The presented token is never echoed.
@@ -31,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from .catalog import CATALOG_KEY, SAMPLE_COGS
+from .clips import CLIP_OPERATIONS, DEFAULT_CLIP_DELAY_S, setup_clips
 from .egress import (
     DEFAULT_ASSET_RPS,
     DEFAULT_BANDWIDTH,
@@ -77,7 +84,7 @@ _UNAUTHORIZED = ProblemError(
 
 def default_operations() -> dict[str, OperationHandler]:
     """Operation id -> handler for every implemented operation (merge new modules here)."""
-    return {**TILE_OPERATIONS}
+    return {**TILE_OPERATIONS, **CLIP_OPERATIONS}
 
 
 def _token_accepted(token: str, api_keys: frozenset[str] | None) -> bool:
@@ -179,6 +186,7 @@ def create_emulator_app(
     delay_ms: float = 0.0,
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
+    clip_delay_s: float = DEFAULT_CLIP_DELAY_S,
 ) -> web.Application:
     """Build the emulator application.
 
@@ -191,14 +199,18 @@ def create_emulator_app(
             ``job_id``); ``0``/``None`` disables it. Default :data:`DEFAULT_ASSET_RPS` (50).
         bandwidth: limit on response bodies in bytes per second, across all operations;
             ``0``/``None`` disables it. Default :data:`DEFAULT_BANDWIDTH` (50,000,000).
+        clip_delay_s: minimum time in seconds a clip job stays ``running`` after
+            ``clip.create_from_item`` (it also waits for the clip itself). Default 2.0.
 
     Raises:
         FileNotFoundError: a configured COG file does not exist.
-        ValueError: ``delay_ms`` is negative, or a limit is negative or not finite.
+        ValueError: ``delay_ms`` or ``clip_delay_s`` is negative, or a limit is negative or
+            not finite.
 
     The app's :class:`EmulatorStats` is ``app[STATS_KEY]``; its
     :class:`~gateway.emulator.egress.EgressLimits` (settable at run time) is
-    ``app[LIMITS_KEY]``.
+    ``app[LIMITS_KEY]``; its :class:`~gateway.emulator.clips.ClipStore` (jobs, idempotency
+    keys, ``delay_s``) is ``app[CLIPS_KEY]``.
     """
     catalog = dict(SAMPLE_COGS if cogs is None else cogs)
     missing = [str(path) for path in catalog.values() if not Path(path).is_file()]
@@ -213,6 +225,7 @@ def create_emulator_app(
     app[STATS_KEY] = EmulatorStats()
     app[FAULTS_KEY] = FaultPlan()
     app[LIMITS_KEY] = limits
+    setup_clips(app, clip_delay_s)
     app[_SETTINGS_KEY] = _Settings(
         api_keys=None if api_keys is None else frozenset(api_keys),
         delay_s=delay_ms / 1000.0,

@@ -4,6 +4,21 @@ For tests and failure drills of the gateway against a real HTTP upstream. Queue 
 ``app[FAULTS_KEY].add(Fault(...))`` in-process, or ``POST /_emulator/faults`` with a JSON
 object or list of objects (fields as :class:`Fault`); ``DELETE /_emulator/faults`` clears
 them. Like the stats endpoints these need no auth: the emulator is a loopback test tool.
+
+Kinds (see :class:`Fault`): ``status``, ``garbage``, ``wrong-type``, ``hang``, ``echo-key``
+replace the operation's answer; ``truncate`` lets the operation answer but breaks its body.
+
+``truncate`` (broken transfers; field ``bytes``, an int >= 0): the next matching *streaming
+download* (:data:`STREAMING_OPERATIONS`, i.e. ``clip.job.download``) sends its status line and
+headers as usual, with the full ``Content-Length``, then only the first ``bytes`` bytes of the
+body, and closes the TCP connection. The client sees a short body (aiohttp raises
+``ClientPayloadError``; curl reports "transfer closed with N bytes remaining"). Other operations
+never consume a ``truncate`` fault, even with ``operation="*"``; a download that fails before
+streaming (400, 404, 429) does consume it. ``bytes`` >= the file size sends the whole file. The
+call is still counted in the stats and log, with status 200 (what the client was sent). Examples::
+
+    app[FAULTS_KEY].add(Fault("truncate", operation="clip.job.download", bytes=1000))
+    curl -X POST localhost:8081/_emulator/faults -d '{"kind": "truncate", "bytes": 1000}'
 """
 
 from __future__ import annotations
@@ -18,7 +33,13 @@ from aiohttp import web
 
 from .protocol import problem_response
 
-KINDS = ("status", "garbage", "wrong-type", "hang", "echo-key")
+KINDS = ("status", "garbage", "wrong-type", "hang", "echo-key", "truncate")
+
+STREAMING_OPERATIONS = frozenset({"clip.job.download"})
+"""Operations that stream a file body and honour (and consume) ``truncate`` faults."""
+
+TRUNCATE_KEY: web.RequestKey[int] = web.RequestKey("geopera_emulator_truncate", int)
+"""Set on a request by a ``truncate`` fault: how many body bytes to send before closing."""
 
 
 @dataclass
@@ -30,9 +51,15 @@ class Fault:
             ``retry_after`` is set), ``garbage`` (200 ``image/png`` that is not an image),
             ``wrong-type`` (200 ``text/html``), ``hang`` (sleep ``seconds``, then answer
             normally), ``echo-key`` (500 whose detail repeats the Authorization header, as a
-            careless upstream might).
+            careless upstream might), ``truncate`` (streaming downloads only: headers with
+            the full ``Content-Length``, then ``bytes`` bytes of body, then the connection is
+            closed).
         operation: operation id it applies to, or ``*`` for any.
+        status: HTTP status for ``status`` faults.
+        retry_after: ``Retry-After`` header value for ``status`` faults, or None.
+        seconds: how long a ``hang`` fault sleeps, in seconds.
         count: how many calls it affects.
+        bytes: for ``truncate``, how many body bytes are sent before the connection closes.
     """
 
     kind: str = "status"
@@ -41,6 +68,7 @@ class Fault:
     retry_after: str | None = None
     seconds: float = 0.0
     count: int = 1
+    bytes: int = 0
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
@@ -50,6 +78,8 @@ class Fault:
         fault = cls(**data)
         if fault.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+        if isinstance(fault.bytes, bool) or not isinstance(fault.bytes, int) or fault.bytes < 0:
+            raise ValueError("bytes must be an integer >= 0")
         return fault
 
 
@@ -68,8 +98,13 @@ class FaultPlan:
         self._queue.clear()
 
     def take(self, operation: str) -> Fault | None:
-        """The first pending fault for ``operation`` (counting one use of it), or None."""
+        """The first pending fault for ``operation`` (counting one use of it), or None.
+
+        ``truncate`` faults only match :data:`STREAMING_OPERATIONS`.
+        """
         for fault in self._queue:
+            if fault.kind == "truncate" and operation not in STREAMING_OPERATIONS:
+                continue
             if fault.operation in ("*", operation):
                 fault.count -= 1
                 if fault.count <= 0:
@@ -82,7 +117,14 @@ FAULTS_KEY: web.AppKey[FaultPlan] = web.AppKey("geopera_emulator_faults", FaultP
 
 
 async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None:
-    """The response ``fault`` replaces the operation's with, or None to answer normally."""
+    """The response ``fault`` replaces the operation's with, or None to answer normally.
+
+    A ``truncate`` fault answers normally but marks the request (:data:`TRUNCATE_KEY`) so the
+    streaming operation cuts its body short.
+    """
+    if fault.kind == "truncate":
+        request[TRUNCATE_KEY] = fault.bytes
+        return None
     if fault.kind == "hang":
         await asyncio.sleep(fault.seconds)
         return None
@@ -101,6 +143,11 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
         f"Scripted fault with status {fault.status}.",
         headers,
     )
+
+
+def truncate_limit(request: web.Request) -> int | None:
+    """Body bytes a streaming operation may send before closing (``truncate`` fault), or None."""
+    return request.get(TRUNCATE_KEY)
 
 
 async def post_faults(request: web.Request) -> web.Response:

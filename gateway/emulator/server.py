@@ -9,6 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_emulator_app
+from .clips import DEFAULT_CLIP_DELAY_S
 from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
 
 
@@ -25,6 +26,7 @@ async def start_emulator(
     cogs: Mapping[str, Path] | None = None,
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
+    clip_delay_s: float = DEFAULT_CLIP_DELAY_S,
 ) -> tuple[web.AppRunner, str]:
     """Start the emulator on ``host:port`` in the current event loop.
 
@@ -38,6 +40,7 @@ async def start_emulator(
         delay_ms=delay_ms,
         asset_rps=asset_rps,
         bandwidth=bandwidth,
+        clip_delay_s=clip_delay_s,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -59,13 +62,18 @@ def run_emulator(
     delay_ms: float = 0.0,
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
+    clip_delay_s: float = DEFAULT_CLIP_DELAY_S,
 ) -> None:
     """Serve the emulator until interrupted (blocking; no access log).
 
     Arguments as for :func:`~gateway.emulator.app.create_emulator_app`.
     """
     app = create_emulator_app(
-        api_keys=api_keys, delay_ms=delay_ms, asset_rps=asset_rps, bandwidth=bandwidth
+        api_keys=api_keys,
+        delay_ms=delay_ms,
+        asset_rps=asset_rps,
+        bandwidth=bandwidth,
+        clip_delay_s=clip_delay_s,
     )
     line = f"Geopera emulator listening on {_base_url(host, port)} (Ctrl+C to stop)"
     web.run_app(app, host=host, port=port, access_log=None, print=lambda _msg: print(line))

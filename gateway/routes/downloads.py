@@ -69,10 +69,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
     client = client_address(request, request.app[SETTINGS].server.trusted_proxies)
     requester = Requester(request.headers.get("User-Agent"), client)
-    found = await service.open(job_id, mosaic_type, requester)
+    found, cache = await service.open(job_id, mosaic_type, requester)
     if isinstance(found, Transfer):
-        wants_range = "Range" in request.headers
-        if found.size is None or wants_range:
+        if found.size is None or "Range" in request.headers:
             await found.finished.wait()
             if found.error is not None or found.stored is None:
                 raise Problem(
@@ -81,9 +80,9 @@ async def download(request: web.Request) -> web.StreamResponse:
                     "The transfer of this file from the upstream broke off; try again.",
                     slug="upstream-error",
                 )
-            return await _serve_stored(request, found.stored, "MISS")
-        return await _stream_transfer(request, found)
-    return await _serve_stored(request, found, "HIT")
+            return await _serve_stored(request, found.stored, cache)
+        return await _stream_transfer(request, found, cache)
+    return await _serve_stored(request, found, cache)
 
 
 def _file_headers(filename: str, cache: str) -> dict[str, str]:
@@ -95,9 +94,15 @@ def _file_headers(filename: str, cache: str) -> dict[str, str]:
     }
 
 
-async def _stream_transfer(request: web.Request, transfer: Transfer) -> web.StreamResponse:
-    """Send a file while it is being transferred, reading the growing temporary file."""
-    headers = _file_headers(transfer.filename, "MISS")
+async def _stream_transfer(
+    request: web.Request, transfer: Transfer, cache: str
+) -> web.StreamResponse:
+    """Send a file while it is being transferred, reading the growing temporary file.
+
+    The last byte is held back until the transfer is verified and stored, so a client only
+    ever receives a whole file from a whole transfer; a broken one cuts the connection.
+    """
+    headers = _file_headers(transfer.filename, cache)
     headers["ETag"] = transfer.etag
     headers["Last-Modified"] = formatdate(transfer.mtime_ns / 1e9, usegmt=True)
     if request.headers.get("If-None-Match", "").strip() in (transfer.etag, "*"):
@@ -122,9 +127,15 @@ async def _stream_transfer(request: web.Request, transfer: Transfer) -> web.Stre
         size = transfer.size or 0
         while sent < size:
             available = await transfer.wait_beyond(sent)
-            if available <= sent:  # over, and no new bytes: the transfer broke
-                _cut_connection(request)
-                return response
+            if transfer.finished.is_set():
+                if transfer.error is not None or transfer.stored is None:
+                    _cut_connection(request)  # the transfer broke: never a fake whole file
+                    return response
+            else:
+                available = min(available, size - 1)  # the last byte waits for the commit
+                if available <= sent:
+                    await transfer.finished.wait()
+                    continue
             data = await asyncio.to_thread(reader.read, min(available - sent, READ_CHUNK))
             if not data:
                 _cut_connection(request)

@@ -114,7 +114,8 @@ class Transfer:
         self.size: int | None = None
         self.filename = f"{job_id}_{mosaic_type}.tif"
         self.content_type = "image/tiff"
-        self.mtime_ns = time.time_ns()
+        # whole seconds: Last-Modified has one-second resolution, and must not round apart
+        self.mtime_ns = int(time.time()) * 1_000_000_000
         self.written = 0
         self.error: Exception | None = None
         self.stored: StoredFile | None = None
@@ -197,8 +198,10 @@ class DownloadService:
 
     async def open(
         self, job_id: str, mosaic_type: str, requester: Requester
-    ) -> StoredFile | Transfer:
-        """The stored file, or the transfer that is fetching it (headers known).
+    ) -> tuple[StoredFile | Transfer, str]:
+        """The stored file, or the transfer that is fetching it (headers known), with the
+        ``X-Cache`` value: ``HIT`` (stored), ``MISS`` (this request started the transfer) or
+        ``COALESCED`` (it joined one in flight).
 
         Raises:
             Problem: 409 job not completed (with its status and Retry-After), 404 unknown
@@ -206,10 +209,12 @@ class DownloadService:
         """
         stored = self.store.lookup(job_id, mosaic_type)
         if stored is not None:
-            return stored
+            return stored, "HIT"
         key = (job_id, mosaic_type)
         transfer = self._transfers.get(key)
+        status = "COALESCED"
         if transfer is None:
+            status = "MISS"
             transfer = Transfer(job_id, mosaic_type, self.store.temp_path())
             self._transfers[key] = transfer
             task = asyncio.ensure_future(self._run(transfer, requester))
@@ -219,8 +224,8 @@ class DownloadService:
         if transfer.error is not None:
             raise await self._problem(job_id, transfer.error)
         if transfer.stored is not None:
-            return transfer.stored
-        return transfer
+            return transfer.stored, status
+        return transfer, status
 
     async def _run(self, transfer: Transfer, requester: Requester) -> None:
         key = (transfer.job_id, transfer.mosaic_type)
