@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from gateway import __version__, metrics
+from gateway.auth import Authenticator
 from gateway.cache import TileCache
 from gateway.clients import ClientRateLimit, client_address
 from gateway.config import Settings
@@ -21,6 +22,7 @@ from gateway.routes import downloads, health, tiles
 from gateway.services.downloads import DownloadService
 from gateway.services.tiles import TileService
 from gateway.state import (
+    AUTH,
     CLIENT_LIMIT,
     DOWNLOAD_SERVICE,
     GUARD,
@@ -56,11 +58,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = request.match_info.route.name or "unmatched"
     rate_headers = None
     try:
-        limit = request.app[CLIENT_LIMIT]
-        if limit is not None and route in LIMITED_ROUTES:
-            client = client_address(request, request.app[SETTINGS].server.trusted_proxies)
-            request[CLIENT_KEY] = client
-            rate_headers = limit.check(client)
+        if route in LIMITED_ROUTES:
+            rate_headers = _check_client_limit(request)
         response = await handler(request)
     except Problem as problem:
         if problem.status == 429:
@@ -88,6 +87,24 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+def _check_client_limit(request: web.Request) -> dict[str, str] | None:
+    """Count the request against its client's limit: per token (with the token's own rate
+    when it has one), else per client address. Returns the RateLimit headers, if limited.
+
+    Raises:
+        Problem: 401 for a bad token, 429 over the limit.
+    """
+    app = request.app
+    token = app[AUTH].identify(request)
+    client = client_address(request, app[SETTINGS].server.trusted_proxies)
+    request[CLIENT_KEY] = client
+    rate = token.rate_limit if token is not None and token.rate_limit else None
+    limit = app[CLIENT_LIMIT].get(rate or "default")
+    if limit is None:
+        return None
+    return limit.check(f"token:{token.name}" if token is not None else client)
+
+
 def _http_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
     """aiohttp's own HTTP errors (no route, wrong method, body too large) as problem+json."""
     headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
@@ -110,8 +127,11 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[LAYERS] = settings.layers
-    rate = settings.clients.rate_limit
-    app[CLIENT_LIMIT] = ClientRateLimit(rate) if rate else None
+    app[AUTH] = Authenticator(settings.tokens)
+    limits = {t.rate_limit: ClientRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
+    if settings.clients.rate_limit:
+        limits["default"] = ClientRateLimit(settings.clients.rate_limit)
+    app[CLIENT_LIMIT] = limits
     app.cleanup_ctx.append(_resources)
     tiles.add_routes(app)
     downloads.add_routes(app)

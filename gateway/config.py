@@ -12,11 +12,13 @@ Every problem raises :class:`ConfigError` whose message names the file, the key 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from limits import parse
@@ -53,6 +55,36 @@ class ServerSettings:
     port: int = 8080
     trusted_proxies: tuple[Network, ...] = ()
     access_log: bool = True
+    public_url: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewerSettings:
+    """Where the map page loads MapLibre GL JS from: URLs with Subresource Integrity hashes,
+    or ``assets_dir``, a local directory holding ``maplibre-gl.js`` and ``maplibre-gl.css``
+    that the gateway serves itself (for networks without internet access)."""
+
+    maplibre_js: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.js"
+    maplibre_js_integrity: str | None = None
+    maplibre_css: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.css"
+    maplibre_css_integrity: str | None = None
+    assets_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """One client token, configured by the SHA-256 hex digest of its value.
+
+    ``scopes`` is a subset of ``tiles``, ``downloads``, ``admin``; ``layers`` limits the
+    private layers it may read (None: all); ``rate_limit`` overrides ``clients.rate_limit``.
+    """
+
+    name: str
+    sha256: str
+    scopes: frozenset[str]
+    layers: frozenset[str] | None = None
+    rate_limit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +163,8 @@ class Settings:
     limits: LimitSettings
     clients: ClientSettings
     downloads: DownloadSettings
+    viewer: ViewerSettings
+    tokens: tuple[TokenSettings, ...]
     layers: dict[str, Layer] = field(default_factory=dict)
     default_layer: str | None = None
 
@@ -164,7 +198,19 @@ def load_settings(
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
     top = TableReader(source, "", raw)
-    top.reject_unknown({"upstream", "server", "cache", "limits", "clients", "downloads", "layers"})
+    top.reject_unknown(
+        {
+            "upstream",
+            "server",
+            "cache",
+            "limits",
+            "clients",
+            "downloads",
+            "viewer",
+            "tokens",
+            "layers",
+        }
+    )
     upstream = _upstream(TableReader(source, "upstream", top.get("upstream", dict, {})), env)
     server = _server(TableReader(source, "server", top.get("server", dict, {})))
     cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env)
@@ -175,8 +221,20 @@ def load_settings(
     )
     layer_tables = top.get("layers", list, [])
     layers, default_layer = parse_layers(source, layer_tables)
+    viewer = _viewer(TableReader(source, "viewer", top.get("viewer", dict, {})))
+    tokens = _tokens(source, top.get("tokens", list, []), layers)
     return Settings(
-        source, upstream, server, cache, limits, clients, downloads, layers, default_layer
+        source,
+        upstream,
+        server,
+        cache,
+        limits,
+        clients,
+        downloads,
+        viewer,
+        tokens,
+        layers,
+        default_layer,
     )
 
 
@@ -249,7 +307,9 @@ def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:
 
 
 def _server(r: TableReader) -> ServerSettings:
-    r.reject_unknown({"host", "port", "trusted_proxies", "access_log"})
+    r.reject_unknown(
+        {"host", "port", "trusted_proxies", "access_log", "public_url", "cors_origins"}
+    )
     port = r.get("port", int, 8080)
     if not 0 <= port <= 65535:
         raise r.error("port", f"must be 0..65535, got {port}")
@@ -258,12 +318,114 @@ def _server(r: TableReader) -> ServerSettings:
         trusted = parse_networks(proxies)
     except (TypeError, ValueError) as exc:
         raise r.error("trusted_proxies", f"must be IP addresses or CIDRs: {exc}") from None
+    public_url = r.get("public_url", str, "") or None
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise r.error(
+                "public_url",
+                f"must be an http(s) URL like https://tiles.example.org, got {public_url!r}",
+            )
+        public_url = public_url.rstrip("/")
+    origins = r.get("cors_origins", list, ["*"])
+    for origin in origins:
+        parts = urlsplit(origin) if isinstance(origin, str) else None
+        if origin != "*" and (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+        ):
+            raise r.error(
+                "cors_origins",
+                f"each origin is '*' or like https://app.example.org, got {origin!r}",
+            )
     return ServerSettings(
         host=r.get("host", str, "127.0.0.1"),
         port=port,
         trusted_proxies=trusted,
         access_log=r.get("access_log", bool, True),
+        public_url=public_url,
+        cors_origins=tuple(o.rstrip("/") for o in origins),
     )
+
+
+def _viewer(r: TableReader) -> ViewerSettings:
+    d = ViewerSettings()
+    r.reject_unknown(
+        {
+            "maplibre_js",
+            "maplibre_js_integrity",
+            "maplibre_css",
+            "maplibre_css_integrity",
+            "assets_dir",
+        }
+    )
+    assets = r.get("assets_dir", str, "")
+    if assets and not (Path(assets).expanduser() / "maplibre-gl.js").is_file():
+        raise r.error(
+            "assets_dir",
+            f"{assets!r} must hold maplibre-gl.js and maplibre-gl.css "
+            "(for example node_modules/maplibre-gl/dist)",
+        )
+    return ViewerSettings(
+        maplibre_js=r.get("maplibre_js", str, d.maplibre_js),
+        maplibre_js_integrity=r.get("maplibre_js_integrity", str, None),
+        maplibre_css=r.get("maplibre_css", str, d.maplibre_css),
+        maplibre_css_integrity=r.get("maplibre_css_integrity", str, None),
+        assets_dir=Path(assets).expanduser() if assets else None,
+    )
+
+
+SCOPES = frozenset({"tiles", "downloads", "admin"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _tokens(source: str, tables: list[Any], layers: dict[str, Layer]) -> tuple[TokenSettings, ...]:
+    tokens: list[TokenSettings] = []
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: tokens[{index}]: expected a table ([[tokens]])")
+        r = TableReader(source, f"tokens[{index}]", table)
+        r.reject_unknown({"name", "sha256", "scopes", "layers", "rate_limit"})
+        name = r.get("name", str)
+        if not name:
+            raise r.error("name", "required: who holds this token")
+        digest = r.get("sha256", str, "")
+        if not _SHA256.fullmatch(digest):
+            raise r.error(
+                "sha256",
+                "required: 64 lower-case hex digits, the SHA-256 of the "
+                "token (geopera-gateway token create prints it)",
+            )
+        scopes = r.get("scopes", list, [])
+        if not scopes or any(s not in SCOPES for s in scopes):
+            raise r.error(
+                "scopes", f"a non-empty list of {', '.join(sorted(SCOPES))}, got {scopes!r}"
+            )
+        allowed = r.get("layers", list, None)
+        if allowed is not None and any(name not in layers for name in allowed):
+            raise r.error("layers", f"unknown layer in {allowed!r}")
+        rate = r.get("rate_limit", str, None)
+        if rate is not None:
+            try:
+                parse(rate)
+            except ValueError:
+                raise r.error(
+                    "rate_limit", f"expected a rate like '100/second', got {rate!r}"
+                ) from None
+        if any(t.sha256 == digest for t in tokens):
+            raise r.error("sha256", "the same token hash is configured twice")
+        tokens.append(
+            TokenSettings(
+                name,
+                digest,
+                frozenset(scopes),
+                frozenset(allowed) if allowed is not None else None,
+                rate,
+            )
+        )
+    return tuple(tokens)
 
 
 def _clients(r: TableReader) -> ClientSettings:

@@ -48,6 +48,7 @@ _COMMON_KEYS = {
     "stale_while_revalidate_s",
     "stale_if_error_s",
     "attribution",
+    "public",
 }
 
 Kind = Literal["raster", "terrain"]
@@ -73,6 +74,7 @@ class Layer:
             once while one background refresh runs (RFC 5861 section 3), seconds.
         stale_if_error_s: after the TTL, how long an expired tile is served when the upstream
             fails, throttles or is held back by a breaker or limit (RFC 5861 section 4).
+        public: False when only clients with a ``tiles`` token may read it.
         fingerprint: 16 hex digits hashing kind, url and render parameters (canonical JSON,
             SHA-256); part of every cache key, so changed parameters never hit old renders.
     """
@@ -91,6 +93,7 @@ class Layer:
     stale_if_error_s: int
     attribution: str
     fingerprint: str
+    public: bool = True
 
     @property
     def operation(self) -> str:
@@ -213,6 +216,7 @@ def _parse_layer(r: TableReader) -> Layer:
         stale_while_revalidate_s=_non_negative(r, "stale_while_revalidate_s", 3600),
         stale_if_error_s=_non_negative(r, "stale_if_error_s", 86400),
         attribution=r.get("attribution", str, ""),
+        public=r.get("public", bool, True),
         fingerprint=fingerprint,
     )
 

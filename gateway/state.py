@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.auth import Authenticator
 from gateway.cache import TileCache
 from gateway.clients import ClientRateLimit
 from gateway.config import Settings
@@ -16,7 +17,10 @@ from gateway.upstream import GeoperaClient
 
 SETTINGS = web.AppKey("settings", Settings)
 LAYERS = web.AppKey("layers", dict[str, Layer])
-CLIENT_LIMIT = web.AppKey("client_limit", ClientRateLimit)  # None when the limit is off
+CLIENT_LIMIT = web.AppKey("client_limit", dict[str, ClientRateLimit])
+"""Client rate limits by rate: ``"default"`` (``clients.rate_limit``, absent when off) and one
+per distinct token ``rate_limit``."""
+AUTH = web.AppKey("auth", Authenticator)
 TILE_CACHE = web.AppKey("tile_cache", TileCache)
 SHARED_STATE = web.AppKey("shared_state", SharedState)
 UPSTREAM = web.AppKey("upstream", GeoperaClient)

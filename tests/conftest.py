@@ -6,7 +6,9 @@ autouse fixture :func:`no_planted_key_in_logs` fails any test whose log records 
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,31 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
+from gateway.auth import token_digest
 from gateway.config import Settings, load_settings
 from gateway.emulator import STATS_KEY, EmulatorStats, start_emulator
 from gateway.logs import configure_logging
 
 PLANTED_KEY = "gpra_PLANTED-7f3a9c1e-never-echo-me"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+
+# Client tokens of the test config, by scope (their SHA-256 digests are configured).
+TOKENS = {
+    "all": "ggw_test-token-all-scopes-0001",
+    "tiles": "ggw_test-token-tiles-only-0002",
+    "downloads": "ggw_test-token-downloads-0003",
+    "admin": "ggw_test-token-admin-only-0004",
+}
+TOKENS_TOML = "".join(
+    f'\n[[tokens]]\nname = "test-{scope}"\nsha256 = "{token_digest(token)}"\n'
+    f"scopes = {json.dumps(['tiles', 'downloads', 'admin'] if scope == 'all' else [scope])}\n"
+    for scope, token in TOKENS.items()
+)
+
+
+def test_config_text() -> str:
+    """The demo config plus the test tokens."""
+    return DEFAULT_CONFIG.read_text() + TOKENS_TOML
 
 
 @dataclass
@@ -81,11 +102,11 @@ async def emulator(start_upstream: Callable[..., Any]) -> Emulator:
 
 def config_with(tmp_path: Path, *replacements: tuple[str, str], append: str = "") -> Path:
     """A copy of the demo config with text replacements (each must match) and appended TOML."""
-    text = DEFAULT_CONFIG.read_text()
+    text = test_config_text()
     for old, new in replacements:
         assert old in text, old
         text = text.replace(old, new)
-    path = tmp_path / "gateway-test.toml"
+    path = tmp_path / f"gateway-test-{uuid.uuid4().hex[:8]}.toml"
     path.write_text(text + "\n" + append)
     return path
 
@@ -96,10 +117,12 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
 
     def make(
         upstream: Emulator | str,
-        config: Path | str = DEFAULT_CONFIG,
+        config: Path | str | None = None,
         api_key: str = PLANTED_KEY,
         cache_dir: Path | None = None,
     ) -> Settings:
+        if config is None:
+            config = config_with(tmp_path)
         url = upstream if isinstance(upstream, str) else upstream.url
         env = {
             "GEOPERA_BASE_URL": url,
@@ -113,10 +136,14 @@ def settings_for(tmp_path: Path) -> Callable[..., Settings]:
 
 @pytest.fixture
 def gateway_for(aiohttp_client: Any, settings_for: Callable[..., Settings]) -> Any:
-    """Factory: ``await gateway_for(emulator, **settings_kw)`` -> aiohttp TestClient."""
+    """Factory: ``await gateway_for(emulator, token=None, **settings_kw)`` -> TestClient.
 
-    async def make(upstream: Emulator | str, **kw: Any) -> TestClient:
-        return await aiohttp_client(create_app(settings_for(upstream, **kw)))
+    ``token`` (a key of :data:`TOKENS`) is sent as a Bearer token on every request.
+    """
+
+    async def make(upstream: Emulator | str, token: str | None = None, **kw: Any) -> TestClient:
+        headers = {"Authorization": f"Bearer {TOKENS[token]}"} if token else None
+        return await aiohttp_client(create_app(settings_for(upstream, **kw)), headers=headers)
 
     return make
 

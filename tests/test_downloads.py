@@ -19,9 +19,10 @@ from gateway.app import create_app
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.services.downloads import clean_filename, content_disposition, safe_filename
 from gateway.store import DownloadStore
-from tests.conftest import PLANTED_KEY
+from tests.conftest import PLANTED_KEY, TOKENS
 
-AUTH = {"Authorization": f"Bearer {PLANTED_KEY}"}
+AUTH = {"Authorization": f"Bearer {PLANTED_KEY}"}  # at the emulator
+BEARER = {"Authorization": f"Bearer {TOKENS['downloads']}"}  # at the gateway
 BAHAMAS_AOI = {
     "type": "Polygon",
     "coordinates": [[[-77.9, 24.3], [-77.5, 24.3], [-77.5, 24.7], [-77.9, 24.7], [-77.9, 24.3]]],
@@ -83,7 +84,7 @@ async def clip_emulator(start_upstream):
 
 @pytest.fixture
 async def client(gateway_for, clip_emulator):
-    return await gateway_for(clip_emulator)
+    return await gateway_for(clip_emulator, token="downloads")
 
 
 async def test_job_status_lists_files_with_gateway_urls(client, clip_emulator):
@@ -176,7 +177,7 @@ async def test_ranges_conditionals_and_head(client, clip_emulator):
 
 async def test_twenty_concurrent_first_requests_share_one_transfer(gateway_for, start_upstream):
     upstream = await start_upstream(clip_delay_s=0.1, bandwidth=20_000_000)
-    client = await gateway_for(upstream)
+    client = await gateway_for(upstream, token="downloads")
     job_id = await create_job(upstream, "synthetic-30000000")  # 1.5 s at 20 MB/s
     await completed(client, job_id)
     responses = await asyncio.gather(*(client.get(f"/downloads/{job_id}/data") for _ in range(20)))
@@ -217,13 +218,14 @@ async def test_curl_resumes_a_broken_download(client, clip_emulator, tmp_path):
     )
     url = str(client.make_url(f"/downloads/{job_id}/data"))
     out = tmp_path / "clip.tif"
+    auth = f"Authorization: Bearer {TOKENS['downloads']}"
     first = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-o", str(out), url, stderr=asyncio.subprocess.PIPE
+        "curl", "-sS", "-H", auth, "-o", str(out), url, stderr=asyncio.subprocess.PIPE
     )
     await first.communicate()
     assert first.returncode != 0 and 0 < out.stat().st_size < 4_000_000
     resumed = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-C", "-", "-o", str(out), url, stderr=asyncio.subprocess.PIPE
+        "curl", "-sS", "-H", auth, "-C", "-", "-o", str(out), url, stderr=asyncio.subprocess.PIPE
     )
     _, err = await resumed.communicate()
     assert resumed.returncode == 0, err.decode()
@@ -243,13 +245,13 @@ async def test_gdalinfo_reads_the_cog_through_the_gateway(
     async with aiohttp.ClientSession() as session:
         job_id = await create_job(clip_emulator)
         for _ in range(100):
-            async with session.get(f"{base}/downloads/{job_id}") as response:
+            async with session.get(f"{base}/downloads/{job_id}", headers=BEARER) as response:
                 if (await response.json())["status"] == "completed":
                     break
             await asyncio.sleep(0.05)
     process = await asyncio.create_subprocess_exec(
         "gdalinfo",
-        f"/vsicurl/{base}/downloads/{job_id}/rgb",
+        f"/vsicurl/{base}/downloads/{job_id}/rgb?token={TOKENS['downloads']}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"},
@@ -262,14 +264,14 @@ async def test_gdalinfo_reads_the_cog_through_the_gateway(
 
 async def test_restart_keeps_completed_files(gateway_for, clip_emulator, tmp_path):
     cache = tmp_path / "shared" / "tiles"
-    first = await gateway_for(clip_emulator, cache_dir=cache)
+    first = await gateway_for(clip_emulator, token="downloads", cache_dir=cache)
     job_id = await create_job(clip_emulator)
     await completed(first, job_id)
     body = await (await first.get(f"/downloads/{job_id}/rgb")).read()
     await first.close()
     leftover = tmp_path / "shared" / "tiles-downloads" / "tmp" / "999999999-dead.part"
     leftover.write_bytes(b"half a file")
-    second = await gateway_for(clip_emulator, cache_dir=cache)
+    second = await gateway_for(clip_emulator, token="downloads", cache_dir=cache)
     again = await second.get(f"/downloads/{job_id}/rgb")
     assert again.headers["X-Cache"] == "HIT" and await again.read() == body
     assert not leftover.exists()  # an interrupted transfer's leftovers are cleaned at start
@@ -278,7 +280,7 @@ async def test_restart_keeps_completed_files(gateway_for, clip_emulator, tmp_pat
 
 async def test_job_not_completed_unknown_and_malformed(gateway_for, start_upstream):
     slow = await start_upstream(clip_delay_s=60)
-    client = await gateway_for(slow)
+    client = await gateway_for(slow, token="downloads")
     job_id = await create_job(slow)
     early = await client.get(f"/downloads/{job_id}/rgb")
     assert early.status == 409

@@ -28,7 +28,7 @@ from gateway.services.downloads import (
     Transfer,
     content_disposition,
 )
-from gateway.state import DOWNLOAD_SERVICE, SETTINGS
+from gateway.state import AUTH, DOWNLOAD_SERVICE, SETTINGS
 from gateway.store import DownloadStore, StoredFile
 
 CACHE_CONTROL = "private, max-age=86400"
@@ -50,6 +50,7 @@ def _job_id(request: web.Request) -> str:
 async def job_status(request: web.Request) -> web.Response:
     """``GET /downloads/{job_id}``: ``{"job_id", "status", "files": [...]}``; each file has a
     ``url`` on this gateway."""
+    request.app[AUTH].authorize(request, "downloads")
     job_id = _job_id(request)
     result = await request.app[DOWNLOAD_SERVICE].job(job_id)
     base = f"{request.scheme}://{request.host}"
@@ -60,6 +61,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 async def download(request: web.Request) -> web.StreamResponse:
     """``GET``/``HEAD /downloads/{job_id}/{mosaic_type}``: the clip file."""
+    request.app[AUTH].authorize(request, "downloads")
     job_id = _job_id(request)
     mosaic_type = request.match_info["mosaic_type"]
     if not MOSAIC_TYPE.fullmatch(mosaic_type):

@@ -17,7 +17,7 @@ from gateway.layers import Layer
 from gateway.logs import UPSTREAM_TIME_KEY
 from gateway.problem import bad_request, not_found
 from gateway.services.tiles import TileAddress, TileResult
-from gateway.state import LAYERS, SETTINGS, TILE_SERVICE
+from gateway.state import AUTH, LAYERS, SETTINGS, TILE_SERVICE
 
 _Z = re.compile(r"0|[1-9][0-9]?")
 _XY = re.compile(r"0|[1-9][0-9]{0,8}")
@@ -93,6 +93,7 @@ async def layer_tile(request: web.Request) -> web.Response:
         raise not_found(
             f"No layer named {info['layer'][:64]!r}; GET /layers lists them.", "unknown-layer"
         )
+    request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
     return _respond(request, await request.app[TILE_SERVICE].get(address))
 
@@ -106,7 +107,9 @@ async def default_tile(request: web.Request) -> web.Response:
             "no-default-layer",
         )
     info = request.match_info
-    address = parse_tile(request.app[LAYERS][name], info["z"], info["x"], info["tail"])
+    layer = request.app[LAYERS][name]
+    request.app[AUTH].authorize(request, "tiles", layer)
+    address = parse_tile(layer, info["z"], info["x"], info["tail"])
     return _respond(request, await request.app[TILE_SERVICE].get(address))
 
 

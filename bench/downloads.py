@@ -1,0 +1,850 @@
+"""Download benchmark for geopera-gateway: a 1 GiB clip file, direct, cold and cached.
+
+Run it from the repository root with the project's Python (``pip install -e '.[dev]'``) and
+``curl`` on the PATH::
+
+    python bench/downloads.py                  # 1 GiB: direct x2, cold x1, cached x3 (~1 min)
+    python bench/downloads.py --size 256MiB --runs 5
+
+What it proves: a clip file crosses the gateway at close to the upstream's own speed the first
+time (cold, streamed to the client while it is being stored), is served from disk at loopback
+speed afterwards (cached, sendfile), and neither costs the gateway memory in proportion to
+the file. Targets: cold >= 80 % of direct throughput, cached >= 1 GiB/s, peak RSS growth of
+the gateway < 64 MiB.
+
+Method:
+
+1. **Processes.** The bundled emulator (``python -m gateway emulator --bandwidth 0
+   --asset-rps 0 --clip-delay-s 0``: no egress limits, jobs complete at once) and the
+   gateway (``python -m gateway serve``, one process) on free ports of 127.0.0.1, with a
+   fresh cache and download store in a scratch directory. Nothing is pinned. The scratch
+   directory's file system must have at least max(3 GiB, size + 2 GiB) free.
+2. **Config.** ``bench/tiles.toml`` plus: access log off, ``clients.rate_limit = "off"``,
+   ``limits.bytes_per_s = 0`` (the gateway's own upstream byte pacing off) and
+   ``downloads.size_limit_bytes`` = max(2 GiB, 2 x size). Every override must be accepted by
+   the gateway's config loader, or the run stops. One more is optional: a ``[[tokens]]``
+   entry with the ``downloads`` scope (a random token, configured by its SHA-256), for
+   gateways with client access control; when it is accepted, the gateway downloads send it
+   as ``Authorization: Bearer``.
+3. **Job.** ``clip.create_from_item`` with ``source_item_id = "synthetic-<size>"`` (the
+   emulator generates that many deterministic pseudo-random bytes while streaming; mosaic type
+   ``data``), then ``clip.job.get`` until ``completed``. The expected SHA-256 comes from
+   ``gateway.emulator.synthetic_sha256``.
+4. **Downloads**, all with ``curl -s -o /dev/null`` (a C client, so the client is not the
+   bottleneck), one at a time, in this order:
+   - *direct*: ``POST /v1/op/clip.job.download`` to the emulator, twice; the best counts;
+   - ``GET /downloads/{job_id}`` on the gateway (not timed): the job must be completed with
+     a ``data`` file of the right ``size_bytes``;
+   - *cold*: ``GET /downloads/{job_id}/data`` on the gateway, once (``X-Cache: MISS``:
+     streamed to the client as it arrives from the upstream, the last byte held until the
+     file is stored);
+   - *cached*: the same URL ``--runs`` times (``X-Cache: HIT``, from disk); the median counts;
+   - *checksum*: the same URL once more, piped from curl into SHA-256 in this process (not
+     timed: hashing would slow the client); it must equal the expected digest.
+
+   Each timed figure is curl's ``speed_download`` (bytes / total time, connection included).
+   Also recorded: time to first byte, and the CPU used by the gateway and the emulator during
+   each download (% of one core). The emulator must count exactly one ``clip.job.download``
+   from the gateway.
+5. **Memory.** A thread samples ``VmRSS`` of the gateway process and its descendants every
+   50 ms, from 0.5 s before the cold download (the baseline is the median of those samples)
+   until after the cached runs. Reported: baseline, peak per phase, and growth = peak -
+   baseline.
+6. **Targets** (informational, PASS/MISS): cold >= 80 % of direct; cached (median) >= 1 GiB/s
+   (1,073,741,824 B/s); RSS growth < 64 MiB.
+
+The exit status is 0 when the measurement ran, whatever the targets say; 1 when something
+broke (a process died or did not start, a config override was refused, too little disk, a
+download was not 200 with the full size, the wrong ``X-Cache``, a wrong checksum, more or
+fewer than one upstream download from the gateway); 130 on Ctrl-C. Processes are stopped by
+PID with ``bench/tiles.py``'s ``Processes``, also on errors, Ctrl-C and SIGTERM. Everything
+listens on 127.0.0.1 and every wait is bounded. The scratch directory is deleted at the end
+unless ``--keep``; after a failure its logs are kept but the download store (the big file) is
+deleted unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# bench/tiles.py and bench/gwconfig.py: this script's directory is first on sys.path
+import gwconfig
+from tiles import (
+    CLK_TCK,
+    HOST,
+    BenchError,
+    Child,
+    Processes,
+    check_alive,
+    cpu_ticks,
+    descendants,
+    free_port,
+    gateway_log_findings,
+    http_json,
+    table,
+    verdict,
+    wait_ready,
+)
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "tiles.toml"
+API_KEY = "gpra_bench_key_12345678"
+MOSAIC = "data"
+PROJECT = "demo"
+AOI = {
+    "type": "Polygon",
+    "coordinates": [[[-77.9, 24.3], [-77.5, 24.3], [-77.5, 24.7], [-77.9, 24.7], [-77.9, 24.3]]],
+}
+DOWNLOAD_OP = "clip.job.download"
+
+MIB = 1 << 20
+GIB = 1 << 30
+MAX_SIZE = 64 * GIB
+"""The emulator's largest synthetic item."""
+
+COLD_RATIO_TARGET = 0.8
+CACHED_TARGET_BPS = float(GIB)
+RSS_TARGET_MIB = 64.0
+
+RSS_SAMPLE_S = 0.05
+RSS_BASELINE_S = 0.5
+RSS_PIDS_REFRESH_S = 1.0
+JOB_TIMEOUT_S = 60.0
+JOB_POLL_S = 0.1
+CURL_MIN_BPS = 5_000_000
+"""A download slower than this (on average) is cut off by curl's --max-time."""
+CURL_SLACK_S = 60.0
+CURL_WRITE_OUT = "%{http_code} %{size_download} %{speed_download} %{time_total} "
+CURL_WRITE_OUT += "%{time_starttransfer}"
+HASH_CHUNK = 1 << 20
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_size(text: str) -> int:
+    """``1073741824``, ``512MiB``, ``1GiB``, ``64KiB`` (also ``M``/``G``/``K``: binary)."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1073741824, 512MiB, 1GiB)")
+    shift = {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+    return int(match.group(1)) << shift
+
+
+def fmt_bytes(n: float) -> str:
+    """``1 GiB``, ``256 MiB``... when exact, else the byte count."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB)):
+        if n >= size and n % size == 0:
+            return f"{n / size:g} {unit}"
+    return f"{n:,.0f} B"
+
+
+def post_json(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+    """POST ``body`` as JSON to ``url`` with the bench API key; decode the JSON answer."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {API_KEY}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
+    )
+    return _open_json(request)
+
+
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    """GET ``url`` and decode the JSON answer."""
+    return _open_json(urllib.request.Request(url, headers=headers or {}))
+
+
+def _open_json(request: urllib.request.Request) -> Any:
+    """Send ``request`` (no proxy) and decode its JSON answer.
+
+    Raises:
+        BenchError: an HTTP error status (with the start of the body) or no connection.
+    """
+    try:
+        with _NO_PROXY.open(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(500).decode(errors="replace")
+        raise BenchError(
+            f"{request.get_method()} {request.full_url}: {exc.code} {detail}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise BenchError(f"{request.get_method()} {request.full_url}: {exc}") from None
+
+
+def upstream_downloads(emulator_url: str) -> int:
+    """``clip.job.download`` calls the emulator has counted."""
+    return int(http_json(emulator_url + "/_emulator/stats")["calls"].get(DOWNLOAD_OP, 0))
+
+
+def create_job(emulator_url: str, size: int) -> str:
+    """Create a ``synthetic-<size>`` clip job and wait until it is completed; its id.
+
+    Raises:
+        BenchError: the job failed or did not complete within :data:`JOB_TIMEOUT_S`.
+    """
+    op = emulator_url + "/v1/op/"
+    answer = post_json(
+        op + "clip.create_from_item",
+        {"source_item_id": f"synthetic-{size}", "project_id": PROJECT, "aoi_geometry": AOI},
+        {"Idempotency-Key": str(uuid.uuid4())},
+    )
+    job_id = answer["job"]["id"]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        job = post_json(op + "clip.job.get", {"job_id": job_id})
+        if job.get("status") == "completed":
+            return job_id
+        if job.get("status") == "failed":
+            raise BenchError(f"clip job {job_id} failed: {job.get('error')}")
+        time.sleep(JOB_POLL_S)
+    raise BenchError(f"clip job {job_id} not completed after {JOB_TIMEOUT_S:g} s")
+
+
+def vmrss_kib(pid: int) -> int:
+    """``VmRSS`` of ``pid`` in KiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Samples the summed ``VmRSS`` of a process and its descendants every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, KiB)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        pids, refreshed = [self.pid, *descendants(self.pid)], time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - refreshed >= RSS_PIDS_REFRESH_S:
+                pids, refreshed = [self.pid, *descendants(self.pid)], now
+            self.samples.append((now, sum(vmrss_kib(p) for p in pids)))
+            if self._stop_event.wait(RSS_SAMPLE_S):
+                return
+
+    def stop(self) -> None:
+        """Stop sampling (waits for the thread)."""
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def median_mib(self, start: float, end: float) -> float:
+        """Median RSS of the samples taken in ``[start, end]``, MiB."""
+        values = [kib for t, kib in self.samples if start <= t <= end]
+        return statistics.median(values) / 1024 if values else float("nan")
+
+    def peak_mib(self, start: float, end: float) -> float:
+        """Peak RSS of the samples taken in ``[start, end]``, MiB."""
+        values = [kib for t, kib in self.samples if start <= t <= end]
+        return max(values) / 1024 if values else float("nan")
+
+
+# --------------------------------------------------------------------------- curl
+
+
+@dataclass
+class Fetch:
+    """One download with curl."""
+
+    label: str
+    status: int
+    size: int
+    speed: float  # bytes/s, curl's speed_download
+    seconds: float  # curl's time_total
+    ttfb: float  # curl's time_starttransfer, seconds
+    xcache: str
+    gateway_cpu_pct: float
+    emulator_cpu_pct: float
+    started: float = 0.0  # monotonic
+    ended: float = 0.0
+
+    def ok(self, size: int) -> bool:
+        """200 with the whole file."""
+        return self.status == 200 and self.size == size
+
+
+def curl_timeout(size: int) -> float:
+    """curl's ``--max-time`` for a ``size``-byte download."""
+    return CURL_SLACK_S + size / CURL_MIN_BPS
+
+
+def xcache_of(header_file: Path) -> str:
+    """The last ``X-Cache`` value in a ``curl -D`` header dump (``-`` when none)."""
+    value = "-"
+    if header_file.exists():
+        for line in header_file.read_text(errors="replace").splitlines():
+            name, _, rest = line.partition(":")
+            if name.strip().lower() == "x-cache":
+                value = rest.strip()
+    return value
+
+
+def run_curl(
+    procs: Processes,
+    label: str,
+    url: str,
+    size: int,
+    scratch: Path,
+    pids: dict[str, int],
+    extra: Sequence[str] = (),
+) -> Fetch:
+    """Download ``url`` once with curl into /dev/null; time it and the servers' CPU.
+
+    ``pids`` maps ``gateway``/``emulator`` to their PIDs (the gateway's descendants count too).
+
+    Raises:
+        BenchError: curl failed, overran its time, or printed nothing parsable.
+    """
+    header_file = scratch / "headers.txt"
+    header_file.unlink(missing_ok=True)
+    limit = curl_timeout(size)
+    argv = [
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "-o",
+        "/dev/null",
+        "-D",
+        str(header_file),
+        "--max-time",
+        f"{limit:.0f}",
+        "-w",
+        CURL_WRITE_OUT,
+        *extra,
+        url,
+    ]
+    groups = {
+        name: [pid, *descendants(pid)] if name == "gateway" else [pid] for name, pid in pids.items()
+    }
+    ticks_before = {name: cpu_ticks(group) for name, group in groups.items()}
+    started = time.monotonic()
+    popen = procs.start("curl", argv, capture=True)
+    try:
+        out, err = popen.communicate(timeout=limit + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"curl did not finish within {limit + 30:.0f} s") from None
+    finally:
+        procs.stop(popen)
+    ended = time.monotonic()
+    wall = max(ended - started, 1e-6)
+    cpu = {
+        name: 100.0 * (cpu_ticks(group) - ticks_before[name]) / CLK_TCK / wall
+        for name, group in groups.items()
+    }
+    fields = out.split()
+    if popen.returncode != 0 or len(fields) != 5:
+        raise BenchError(f"curl {url} failed (exit {popen.returncode}): {out} {err}".strip())
+    return Fetch(
+        label=label,
+        status=int(fields[0]),
+        size=int(fields[1]),
+        speed=float(fields[2]),
+        seconds=float(fields[3]),
+        ttfb=float(fields[4]),
+        xcache=xcache_of(header_file),
+        gateway_cpu_pct=cpu.get("gateway", float("nan")),
+        emulator_cpu_pct=cpu.get("emulator", float("nan")),
+        started=started,
+        ended=ended,
+    )
+
+
+def curl_sha256(
+    procs: Processes, url: str, size: int, extra: Sequence[str] = ()
+) -> tuple[int, int, str, str]:
+    """Download ``url`` with curl, hashing its output here; ``(status, bytes, X-Cache, hex)``.
+
+    Raises:
+        BenchError: curl failed or overran its time.
+    """
+    limit = curl_timeout(size) * 2  # hashing in Python may slow the transfer down
+    argv = [
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "-D",
+        "/dev/stderr",
+        "--max-time",
+        f"{limit:.0f}",
+        "-w",
+        "%{stderr}\nHTTP_CODE %{http_code}\n",
+        *extra,
+        url,
+    ]
+    popen = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    procs.children.append(Child("curl-sha256", popen, None))
+    digest, received = hashlib.sha256(), 0
+    errors: list[bytes] = []
+    # stderr carries the headers and the status line: drain it in a thread so curl never
+    # blocks on a full pipe while stdout is read here
+    drain = threading.Thread(target=lambda: errors.append(popen.stderr.read()), daemon=True)
+    drain.start()
+    try:
+        assert popen.stdout is not None
+        while chunk := popen.stdout.read(HASH_CHUNK):  # ends at EOF: curl exits by --max-time
+            digest.update(chunk)
+            received += len(chunk)
+        popen.wait(timeout=limit + 30)
+        drain.join(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"curl (checksum run) did not finish within {limit + 30:.0f} s") from None
+    finally:
+        procs.stop(popen)
+    text = b"".join(errors).decode(errors="replace")
+    status_match = re.search(r"^HTTP_CODE (\d+)", text, re.MULTILINE)
+    if popen.returncode != 0 or status_match is None:
+        raise BenchError(f"curl {url} (checksum run) failed (exit {popen.returncode}): {text}")
+    xcache = "-"
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip().lower() == "x-cache":
+            xcache = rest.strip()
+    return int(status_match.group(1)), received, xcache, digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def mbps(bps: float) -> str:
+    """Bytes/s as MB/s (10^6)."""
+    return f"{bps / 1e6:,.0f}"
+
+
+def gibps(bps: float) -> str:
+    """Bytes/s as GiB/s."""
+    return f"{bps / GIB:.2f}"
+
+
+def pct(value: float) -> str:
+    """A CPU percentage, ``-`` when not measured."""
+    return "-" if value != value else f"{value:.0f}"  # NaN: the process was not running
+
+
+def fetch_row(fetch: Fetch) -> list[str]:
+    """A table row for one download."""
+    return [
+        fetch.label,
+        str(fetch.status),
+        fetch.xcache,
+        f"{fetch.size:,}",
+        f"{fetch.seconds:.2f}",
+        f"{fetch.ttfb * 1000:.1f}",
+        mbps(fetch.speed),
+        gibps(fetch.speed),
+        pct(fetch.gateway_cpu_pct),
+        pct(fetch.emulator_cpu_pct),
+    ]
+
+
+def report(
+    args: argparse.Namespace,
+    directs: Sequence[Fetch],
+    cold: Fetch,
+    cached: Sequence[Fetch],
+    rss: RssSampler,
+    baseline_window: tuple[float, float],
+    checksum_ok: bool,
+    config_note: str,
+) -> None:
+    """Print the downloads table, the summary and the targets."""
+    print(f"\n## Downloads: {fmt_bytes(args.size)} ({args.size:,} B) through geopera-gateway\n")
+    print(f"config: {config_note}")
+    print("client: curl -o /dev/null, one download at a time; nothing pinned\n")
+    print(
+        table(
+            [
+                "download",
+                "status",
+                "X-Cache",
+                "bytes",
+                "time s",
+                "TTFB ms",
+                "MB/s",
+                "GiB/s",
+                "gateway CPU %",
+                "emulator CPU %",
+            ],
+            [fetch_row(f) for f in [*directs, cold, *cached]],
+        )
+    )
+    direct = max(f.speed for f in directs)
+    cached_median = statistics.median(f.speed for f in cached)
+    ratio = cold.speed / direct if direct else 0.0
+    base = rss.median_mib(*baseline_window)
+    cold_peak = rss.peak_mib(cold.started, cold.ended)
+    cached_peak = rss.peak_mib(cached[0].started, cached[-1].ended)
+    peak = rss.peak_mib(baseline_window[0], cached[-1].ended + 1.0)
+    growth = peak - base
+    print()
+    print(
+        table(
+            ["figure", "MB/s", "GiB/s", "note"],
+            [
+                [f"direct (best of {len(directs)})", mbps(direct), gibps(direct), "emulator"],
+                ["cold (1 run)", mbps(cold.speed), gibps(cold.speed), f"{ratio:.0%} of direct"],
+                [
+                    f"cached (median of {len(cached)})",
+                    mbps(cached_median),
+                    gibps(cached_median),
+                    f"{cached_median / CACHED_TARGET_BPS:.2f}x 1 GiB/s",
+                ],
+            ],
+        )
+    )
+    print(
+        f"\ngateway RSS: baseline {base:.1f} MiB, peak {peak:.1f} MiB "
+        f"(cold {cold_peak:.1f}, cached {cached_peak:.1f}), growth {growth:+.1f} MiB; "
+        f"{len(rss.samples)} samples every {RSS_SAMPLE_S * 1000:.0f} ms"
+    )
+    print(f"SHA-256 of a gateway download: {'matches' if checksum_ok else 'WRONG'}")
+    print()
+    print(
+        table(
+            ["target", "measured", "", "result"],
+            [
+                [
+                    f"cold >= {COLD_RATIO_TARGET:.0%} of direct",
+                    f"{ratio:.0%}",
+                    f"{mbps(cold.speed)} vs {mbps(direct)} MB/s",
+                    verdict(ratio >= COLD_RATIO_TARGET),
+                ],
+                [
+                    "cached >= 1 GiB/s",
+                    f"{gibps(cached_median)} GiB/s",
+                    f"{mbps(cached_median)} MB/s",
+                    verdict(cached_median >= CACHED_TARGET_BPS),
+                ],
+                [
+                    f"gateway RSS growth < {RSS_TARGET_MIB:g} MiB",
+                    f"{growth:.1f} MiB",
+                    f"peak {peak:.1f} - baseline {base:.1f}",
+                    verdict(growth < RSS_TARGET_MIB),
+                ],
+            ],
+        )
+    )
+    print(flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description="Download one large clip file from the bundled emulator directly and "
+        "through geopera-gateway (cold, then cached); throughput and the gateway's RSS "
+        "growth (see the module docstring for the method).",
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=GIB,
+        metavar="BYTES",
+        help="file size: bytes, or with KiB/MiB/GiB (default 1GiB)",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="cached downloads (3); median counts")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch dir (config, logs, download store)"
+    )
+    args = parser.parse_args(argv)
+    if not MIB <= args.size <= MAX_SIZE:
+        parser.error("--size must be 1 MiB .. 64 GiB")
+    if not 1 <= args.runs <= 20:
+        parser.error("--runs must be 1..20")
+    return args
+
+
+def token_override(token: str) -> gwconfig.Override:
+    """A client token with the ``downloads`` scope, for gateways with client access control
+    (optional: older gateways, which need no token, refuse ``[[tokens]]``)."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return gwconfig.Override(
+        "[[tokens]] bench, scope downloads",
+        f'[[tokens]]\nname = "bench"\nsha256 = "{digest}"\nscopes = ["downloads"]\n',
+    )
+
+
+def overrides(size: int) -> list[gwconfig.Override]:
+    """The config overrides; all of them must be accepted."""
+    store_limit = max(2 * GIB, 2 * size)
+    return [
+        gwconfig.Override("server.access_log = false", "[server]\naccess_log = false\n"),
+        gwconfig.Override('clients.rate_limit = "off"', '[clients]\nrate_limit = "off"\n'),
+        gwconfig.Override("limits.bytes_per_s = 0 (off)", "[limits]\nbytes_per_s = 0\n"),
+        gwconfig.Override(
+            f"downloads.size_limit_bytes = {store_limit}",
+            f"[downloads]\nsize_limit_bytes = {store_limit}\n",
+        ),
+    ]
+
+
+def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list[str]:
+    """Start the processes, run the downloads and print the report; returns the problems.
+
+    Raises:
+        BenchError: a process died or did not start, curl is missing or failed, too little
+            disk, or the config was not accepted.
+    """
+    size = args.size
+    if shutil.which("curl") is None:
+        raise BenchError("curl not found on PATH (Debian: apt-get install curl)")
+    need = max(3 * GIB, size + 2 * GIB)
+    free = shutil.disk_usage(scratch).free
+    if free < need:
+        raise BenchError(
+            f"{scratch}: {free / GIB:.1f} GiB free, need {need / GIB:.1f} GiB "
+            "(set TMPDIR to a bigger file system)"
+        )
+    problems: list[str] = []
+
+    emulator_port, gateway_port = free_port(), free_port()
+    emulator_url = f"http://{HOST}:{emulator_port}"
+    gateway_url = f"http://{HOST}:{gateway_port}"
+    python = [sys.executable, "-m", "gateway"]
+    emulator = procs.start(
+        "emulator",
+        [
+            *python,
+            "emulator",
+            "--host",
+            HOST,
+            "--port",
+            str(emulator_port),
+            "--bandwidth",
+            "0",
+            "--asset-rps",
+            "0",
+            "--clip-delay-s",
+            "0",
+        ],
+    )
+    wait_ready(emulator_url + "/_emulator/stats", emulator, procs)
+    job_id = create_job(emulator_url, size)
+    started = time.perf_counter()
+    from gateway.emulator import synthetic_sha256
+
+    expected_sha = synthetic_sha256(size)
+    print(
+        f"emulator pid {emulator.pid} on {emulator_url}; job {job_id} ({size:,} B); expected "
+        f"SHA-256 {expected_sha[:16]}... ({time.perf_counter() - started:.1f} s); "
+        f"scratch {scratch}",
+        flush=True,
+    )
+    pids = {"emulator": emulator.pid}
+
+    # -- direct
+    directs = []
+    body = json.dumps({"job_id": job_id, "mosaic_type": MOSAIC})
+    direct_args = [
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        body,
+    ]
+    for i in (1, 2):
+        fetch = run_curl(
+            procs,
+            f"direct {i}",
+            f"{emulator_url}/v1/op/{DOWNLOAD_OP}",
+            size,
+            scratch,
+            pids,
+            direct_args,
+        )
+        print(f"direct {i}: {fetch.status}, {fetch.size:,} B, {mbps(fetch.speed)} MB/s", flush=True)
+        if not fetch.ok(size):
+            problems.append(f"direct {i}: status {fetch.status}, {fetch.size:,} of {size:,} B")
+        directs.append(fetch)
+        check_alive(emulator, "emulator", procs)
+
+    # -- gateway
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
+    env.update(
+        GEOPERA_BASE_URL=emulator_url,
+        GEOPERA_API_KEY=API_KEY,
+        GEOPERA_CACHE_DIR=str(scratch / "tiles"),
+    )
+    config = scratch / "gateway.toml"
+    token = "ggw_bench_" + secrets.token_urlsafe(24)
+    optional = token_override(token)
+    try:
+        applied, skipped = gwconfig.write_config(
+            CONFIG.read_text(), config, env, [*overrides(size), optional]
+        )
+    except Exception as exc:  # ConfigError, or a gateway that does not even import
+        raise BenchError(f"the benchmark config does not load: {exc}") from exc
+    required_skipped = [r for r in skipped if not r.startswith(optional.label + ":")]
+    if required_skipped:
+        raise BenchError("the gateway refused config overrides: " + "; ".join(required_skipped))
+    # a gateway with client access control needs the token on /downloads; older ones do not
+    auth = {"Authorization": f"Bearer {token}"} if optional.label in applied else {}
+    auth_args = [arg for name, value in auth.items() for arg in ("-H", f"{name}: {value}")]
+    config_note = f"{CONFIG.name} + {'; '.join(applied)}"
+    gateway = procs.start(
+        "gateway",
+        [*python, "serve", "--config", str(config), "--host", HOST, "--port", str(gateway_port)],
+        env=env,
+    )
+    wait_ready(gateway_url + "/healthz", gateway, procs)
+    pids["gateway"] = gateway.pid
+    print(f"gateway pid {gateway.pid} on {gateway_url}; config: {config_note}", flush=True)
+
+    status = get_json(f"{gateway_url}/downloads/{job_id}", auth)
+    files = {f.get("mosaic_type"): f for f in status.get("files", [])}
+    if status.get("status") != "completed" or files.get(MOSAIC, {}).get("size_bytes") != size:
+        problems.append(f"GET /downloads/{job_id}: unexpected answer {status}")
+    downloads_before = upstream_downloads(emulator_url)
+    url = f"{gateway_url}/downloads/{job_id}/{MOSAIC}"
+
+    rss = RssSampler(gateway.pid)
+    rss.start()
+    cached: list[Fetch] = []
+    try:
+        baseline_start = time.monotonic()
+        time.sleep(RSS_BASELINE_S)
+        baseline_window = (baseline_start, time.monotonic())
+
+        cold = run_curl(procs, "cold", url, size, scratch, pids, auth_args)
+        print(
+            f"cold: {cold.status} {cold.xcache}, {cold.size:,} B, {mbps(cold.speed)} MB/s",
+            flush=True,
+        )
+        if not cold.ok(size) or cold.xcache != "MISS":
+            problems.append(
+                f"cold: status {cold.status}, X-Cache {cold.xcache}, {cold.size:,} of {size:,} B "
+                "(expected 200 MISS, whole file)"
+            )
+        check_alive(gateway, "gateway", procs)
+
+        for i in range(1, args.runs + 1):
+            fetch = run_curl(procs, f"cached {i}", url, size, scratch, pids, auth_args)
+            print(
+                f"cached {i}/{args.runs}: {fetch.status} {fetch.xcache}, {fetch.size:,} B, "
+                f"{mbps(fetch.speed)} MB/s",
+                flush=True,
+            )
+            if not fetch.ok(size) or fetch.xcache != "HIT":
+                problems.append(
+                    f"cached {i}: status {fetch.status}, X-Cache {fetch.xcache}, "
+                    f"{fetch.size:,} of {size:,} B (expected 200 HIT, whole file)"
+                )
+            cached.append(fetch)
+            check_alive(gateway, "gateway", procs)
+        time.sleep(2 * RSS_SAMPLE_S)
+    finally:
+        rss.stop()
+
+    # -- checksum (not timed)
+    code, received, xcache, sha = curl_sha256(procs, url, size, auth_args)
+    checksum_ok = code == 200 and received == size and sha == expected_sha
+    print(f"checksum run: {code} {xcache}, {received:,} B, SHA-256 {sha[:16]}...", flush=True)
+    if not checksum_ok:
+        problems.append(
+            f"checksum run: status {code}, {received:,} of {size:,} B, SHA-256 {sha} "
+            f"(expected {expected_sha})"
+        )
+    check_alive(gateway, "gateway", procs)
+    check_alive(emulator, "emulator", procs)
+    upstream = upstream_downloads(emulator_url) - downloads_before
+    if upstream != 1:
+        problems.append(f"the gateway made {upstream} upstream downloads (expected 1)")
+
+    report(args, directs, cold, cached, rss, baseline_window, checksum_ok, config_note)
+    print(f"upstream {DOWNLOAD_OP} calls from the gateway: {upstream}")
+    gateway_log = next((c.log for c in procs.children if c.popen is gateway), None)
+    findings = gateway_log_findings(gateway_log)
+    print("gateway log (WARNING and above): " + ("none" if not findings else ""))
+    for line in findings:
+        print("  " + line)
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
+    args = parse_args(argv)
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    scratch = Path(tempfile.mkdtemp(prefix="geopera-bench-downloads-"))
+    (scratch / "logs").mkdir()
+    procs = Processes(scratch / "logs")
+    keep_logs = args.keep
+    code = 1
+    try:
+        problems = benchmark(args, scratch, procs)
+        if problems:
+            keep_logs = True
+            print("PROBLEMS (exit status 1):")
+            for problem in problems:
+                print("  - " + problem)
+        code = 1 if problems else 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping processes", file=sys.stderr, flush=True)
+        code = 130
+    except BenchError as exc:
+        print(f"bench/downloads.py: {exc}", file=sys.stderr, flush=True)
+        keep_logs = True
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"scratch dir (config, logs, download store) kept: {scratch}")
+        elif keep_logs:
+            shutil.rmtree(scratch / "tiles-downloads", ignore_errors=True)
+            print(f"scratch dir (config, logs) kept, download store deleted: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
