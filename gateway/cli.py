@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -14,7 +16,8 @@ from pathlib import Path
 import mercantile
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.auth import new_token
+from gateway.config import SCOPES, ConfigError, Settings, TokenSettings, load_settings
 from gateway.logs import access_log_options, configure_logging
 
 log = logging.getLogger("gateway.cli")
@@ -63,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="port for the bundled emulator (default: any free port)",
     )
 
+    token = sub.add_parser("token", help="client tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser(
+        "create",
+        help="print a new token (to stderr, once) and its [[tokens]] TOML (to stdout)",
+        description="Append the output to your config: "
+        "geopera-gateway token create alice --scopes tiles >> config/gateway.toml",
+    )
+    create.add_argument("name", help="who holds the token (shown in logs and rate limits)")
+    create.add_argument("--scopes", required=True, help="comma-separated: tiles, downloads, admin")
+    create.add_argument("--layers", help="comma-separated private layers it may read")
+    create.add_argument("--rate-limit", help="its own request limit, e.g. '500/second'")
+
     emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=int, default=8081)
@@ -110,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "token":
+            return _token_create(args)
         return _emulator(args)
     except ConfigError as exc:
         print(f"geopera-gateway: configuration error: {exc}", file=sys.stderr)
@@ -183,12 +201,21 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
     env["GEOPERA_BASE_URL"] = emulator_url
     env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
     settings = load_settings(None, environ=env)
+    demo_token, digest = new_token()
+    settings = dataclasses.replace(
+        settings,
+        tokens=(
+            *settings.tokens,
+            TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
+        ),
+    )
     runner = web.AppRunner(create_app(settings), **access_log_options(settings.server.access_log))
     await runner.setup()
     try:
         await web.TCPSite(runner, args.host, args.port).start()
         print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
         _print_urls(settings, f"http://{_url_host(args.host)}:{args.port}")
+        print(f"  demo token (tiles, downloads, admin; valid until the demo stops): {demo_token}")
         print("Press Ctrl+C to stop.", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -198,6 +225,36 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
     finally:
         await runner.cleanup()
         await emulator_runner.cleanup()
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    """``token create``: the token goes to stderr (shown once), the TOML to stdout."""
+    scopes = sorted({s.strip() for s in args.scopes.split(",") if s.strip()})
+    if not scopes or any(s not in SCOPES for s in scopes):
+        print(f"geopera-gateway: --scopes takes {', '.join(sorted(SCOPES))}", file=sys.stderr)
+        return 2
+    if not args.name.isprintable() or not args.name.strip():
+        print("geopera-gateway: the token name must be printable text", file=sys.stderr)
+        return 2
+    token, digest = new_token()
+    lines = [
+        "",
+        "[[tokens]]",
+        f"name = {json.dumps(args.name)}",
+        f'sha256 = "{digest}"',
+        f"scopes = {json.dumps(scopes)}",
+    ]
+    if args.layers:
+        lines.append(f"layers = {json.dumps([x.strip() for x in args.layers.split(',')])}")
+    if args.rate_limit:
+        lines.append(f"rate_limit = {json.dumps(args.rate_limit)}")
+    print(
+        f"New token for {args.name} (store it now; it is not shown again):\n  {token}\n"
+        "Only its SHA-256 goes in the config (the TOML printed on stdout).",
+        file=sys.stderr,
+    )
+    print("\n".join(lines))
     return 0
 
 

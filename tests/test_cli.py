@@ -77,6 +77,7 @@ async def test_demo_prints_urls_that_serve_real_tiles(tmp_path):
         samples = [line.split()[-1] for line in lines if "sample tile:" in line]
         assert len(samples) == 4, output
         assert f"http://127.0.0.1:{port}/tiles/olinda/{{z}}/{{x}}/{{y}}.png" in output
+        assert "demo token (tiles, downloads, admin" in output
         async with aiohttp.ClientSession() as session:
             for url in samples:
                 async with session.get(url) as response:
@@ -169,3 +170,31 @@ async def test_two_workers_fetch_a_cold_tile_once(start_upstream, tmp_path):
     assert {status for status, _ in results} == {200}
     assert [cache for _, cache in results].count("MISS") == 1
     assert slow.renders() == 1  # the other worker waited on the first one's claim
+
+
+async def test_token_create_prints_the_token_once_and_toml_to_append(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "token",
+        "create",
+        "qgis-team",
+        "--scopes",
+        "tiles,downloads",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    token = next(w for w in err.decode().split() if w.startswith("ggw_"))
+    assert token not in out.decode()  # the TOML holds the hash only
+    config = tmp_path / "gateway.toml"
+    config.write_text(DEFAULT_CONFIG.read_text() + out.decode())
+    from gateway.auth import token_digest
+    from gateway.config import load_settings
+
+    settings = load_settings(config, environ={"GEOPERA_API_KEY": "gpra_x12345678"})
+    (configured,) = settings.tokens
+    assert configured.name == "qgis-team" and configured.sha256 == token_digest(token)
+    assert configured.scopes == {"tiles", "downloads"}
