@@ -14,11 +14,12 @@ from gateway.auth import Authenticator
 from gateway.cache import TileCache
 from gateway.clients import ClientRateLimit, client_address
 from gateway.config import Settings
+from gateway.cors import cors_middleware
 from gateway.guard import UpstreamGuard
 from gateway.limits import SharedState
 from gateway.logs import CLIENT_KEY
 from gateway.problem import Problem
-from gateway.routes import downloads, health, tiles
+from gateway.routes import admin, discovery, downloads, health, tiles, viewer
 from gateway.services.downloads import DownloadService
 from gateway.services.tiles import TileService
 from gateway.state import (
@@ -124,7 +125,9 @@ def create_app(settings: Settings) -> web.Application:
     and closed on cleanup (aiohttp cleanup context), so one app owns one connection pool and
     one handle on each store.
     """
-    app = web.Application(middlewares=[gateway_middleware], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[cors_middleware, gateway_middleware], client_max_size=1 << 20
+    )
     app[SETTINGS] = settings
     app[LAYERS] = settings.layers
     app[AUTH] = Authenticator(settings.tokens)
@@ -133,8 +136,11 @@ def create_app(settings: Settings) -> web.Application:
         limits["default"] = ClientRateLimit(settings.clients.rate_limit)
     app[CLIENT_LIMIT] = limits
     app.cleanup_ctx.append(_resources)
+    discovery.add_routes(app)  # before tiles: /tiles/{layer}/tilejson.json
     tiles.add_routes(app)
     downloads.add_routes(app)
+    viewer.add_routes(app)
+    admin.add_routes(app)
     health.add_routes(app)
     return app
 

@@ -1,0 +1,9 @@
+"""The map viewer page (filled in by issue 5)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the viewer routes on ``app``."""
