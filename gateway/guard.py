@@ -245,7 +245,7 @@ class UpstreamGuard:
 
                 async def chunks() -> AsyncIterator[bytes]:
                     pending = 0
-                    async for chunk in response.aiter_bytes(STREAM_CHUNK_BYTES):
+                    async for chunk in response.aiter_raw(STREAM_CHUNK_BYTES):
                         yield chunk
                         pending += len(chunk)
                         if pending >= CHARGE_EVERY_BYTES:

@@ -212,7 +212,9 @@ class GeoperaClient:
     @contextlib.asynccontextmanager
     async def stream(self, operation: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
         """POST ``body`` to ``/v1/op/{operation}`` and yield the 2xx response unread, for
-        streaming its body with ``aiter_bytes``; the connection is released on exit.
+        streaming its body with ``aiter_raw``; the connection is released on exit. The body
+        is requested without content coding (``Accept-Encoding: identity``), so the raw bytes
+        are the file itself and no decoding pass is spent on them.
 
         Raises:
             The same exceptions as :meth:`call` for no answer or a non-2xx status, before
@@ -221,10 +223,18 @@ class GeoperaClient:
             :class:`UpstreamTimeout`.
         """
         try:
-            async with self._http.stream("POST", f"/v1/op/{operation}", json=body) as response:
+            async with self._http.stream(
+                "POST", f"/v1/op/{operation}", json=body, headers={"Accept-Encoding": "identity"}
+            ) as response:
                 if not 200 <= response.status_code < 300:
                     content = await self._read_capped(operation, response)
                     raise self._error_for(operation, response, content)
+                if response.headers.get("content-encoding", "identity") != "identity":
+                    raise UpstreamBadResponse(
+                        operation,
+                        "a content-coded download was not asked for",
+                        response.status_code,
+                    )
                 yield response
         except httpx.TimeoutException:
             raise UpstreamTimeout(operation, "timed out") from None
