@@ -36,6 +36,7 @@ from gateway.state import (
 )
 from gateway.store import DownloadStore
 from gateway.upstream import GeoperaClient
+from gateway.validation import check_request_shape
 
 log = logging.getLogger("gateway.app")
 
@@ -59,6 +60,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = request.match_info.route.name or "unmatched"
     rate_headers = None
     try:
+        check_request_shape(request, route)
         if route in LIMITED_ROUTES:
             rate_headers = _check_client_limit(request)
         response = await handler(request)

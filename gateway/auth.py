@@ -26,7 +26,7 @@ from gateway.problem import Problem
 TOKEN_PREFIX = "ggw_"  # noqa: S105 (a prefix, not a secret)
 """Tokens made by ``geopera-gateway token create`` start with this (easy to spot in a leak)."""
 
-TOKEN_KEY = "gateway.token"  # noqa: S105 (a request key name)
+TOKEN_KEY = web.RequestKey("gateway_token", object)
 """Request key holding the authenticated :class:`TokenSettings` (or None)."""
 
 _ANONYMOUS = object()
@@ -46,6 +46,13 @@ def token_digest(token: str) -> str:
 def presented_token(request: web.BaseRequest) -> str | None:
     """The token a request carries (Bearer header first, then ``?token=``), or None."""
     header = request.headers.get("Authorization")
+    if header is not None and "token" in request.query:
+        raise Problem(
+            400,
+            "Bad request",
+            "Send the token once: in the Authorization header or as ?token=, not both.",
+            slug="repeated-parameter",
+        )
     if header is not None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
@@ -68,8 +69,8 @@ def access_log_options(enabled: bool) -> dict[str, object]:
     return {"access_log": logging.getLogger("gateway.access"), "access_log_class": JsonAccessLogger}
 
 
-CLIENT_KEY = "gateway.client"
+CLIENT_KEY = web.RequestKey("gateway_client", str)
 """Request key under which the middleware stores the client address."""
 
-UPSTREAM_TIME_KEY = "gateway.upstream_s"
+UPSTREAM_TIME_KEY = web.RequestKey("gateway_upstream_s", float)
 """Request key under which handlers store the upstream time spent, seconds."""

@@ -41,6 +41,17 @@ TOKENS_TOML = "".join(
 )
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how many hostile-input requests the corpus tests sent (tests/test_hostile.py)."""
+    from tests.test_hostile import CASES_RUN
+
+    if CASES_RUN:
+        terminalreporter.write_line(
+            f"hostile-input corpus: {len(CASES_RUN)} requests, each answered 4xx problem+json "
+            "with no upstream call"
+        )
+
+
 def test_config_text() -> str:
     """The demo config plus the test tokens."""
     return DEFAULT_CONFIG.read_text() + TOKENS_TOML

@@ -43,7 +43,7 @@ READ_CHUNK = 1 << 20
 def _job_id(request: web.Request) -> str:
     job_id = request.match_info["job_id"]
     if not JOB_ID.fullmatch(job_id):
-        raise bad_request("Job ids are 1-128 letters, digits, '-' or '_'.", "malformed-job-id")
+        raise bad_request("Job ids are UUIDs.", "malformed-job-id")
     return job_id
 
 
@@ -66,7 +66,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     mosaic_type = request.match_info["mosaic_type"]
     if not MOSAIC_TYPE.fullmatch(mosaic_type):
         raise bad_request(
-            "Mosaic types are 1-64 letters, digits, '-' or '_'.", "malformed-mosaic-type"
+            "Mosaic types are 1-64 lower-case letters, digits, '-' or '_', starting with a letter.",
+            "malformed-mosaic-type",
         )
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
     client = client_address(request, request.app[SETTINGS].server.trusted_proxies)

@@ -48,11 +48,12 @@ from gateway.upstream import (
 
 log = logging.getLogger("gateway.downloads")
 
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-"""Allowed job ids (UUIDs and similar): letters, digits, ``-``, ``_``; up to 128."""
+JOB_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+"""Allowed job ids: UUIDs, as Geopera issues them (Clipping guide: ``job.id``)."""
 
-MOSAIC_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-"""Allowed mosaic types (``rgb``, ``multispectral``...): letters, digits, ``-``, ``_``."""
+MOSAIC_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+"""Allowed mosaic types (``rgb``, ``multispectral``...): lower-case letters, digits, ``-``,
+``_``, starting with a letter; up to 64."""
 
 NOT_READY_RETRY_S = 5
 """Retry-After sent with 409 while a job is still running, seconds (the guide: poll with
