@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -72,14 +73,34 @@ class Emulator:
 
 @pytest.fixture(autouse=True)
 def no_planted_key_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Capture every log record at DEBUG through the gateway's redacting handler set-up."""
+    """Capture every log record at DEBUG through the gateway's redacting handler set-up, and
+    fail the test if the Geopera key or a client token appears in any of them."""
     configure_logging("DEBUG")
     caplog.set_level(logging.DEBUG)
     yield
+    secrets = [PLANTED_KEY, *TOKENS.values()]
     for record in caplog.records:
         text = record.getMessage() + (record.exc_text or "")
-        assert PLANTED_KEY not in text, f"API key leaked in log record {record.name}"
-    assert PLANTED_KEY not in caplog.text
+        for secret in secrets:
+            assert secret not in text, f"a secret leaked in log record {record.name}"
+    assert not any(secret in caplog.text for secret in secrets)
+
+
+@pytest.fixture(autouse=True)
+def no_planted_key_in_responses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every HTTP response any test reads (gateway or emulator) is scanned for the Geopera
+    key, in its headers and its body."""
+    original = aiohttp.ClientResponse.read
+    planted = PLANTED_KEY.encode()
+
+    async def read(self: aiohttp.ClientResponse) -> bytes:
+        body = await original(self)
+        assert planted not in body, f"the API key is in the body of {self.url}"
+        for name, value in self.headers.items():
+            assert PLANTED_KEY not in value, f"the API key is in header {name} of {self.url}"
+        return body
+
+    monkeypatch.setattr(aiohttp.ClientResponse, "read", read)
 
 
 @pytest.fixture

@@ -115,3 +115,22 @@ async def test_expired_tiles_are_fetched_again(gateway_for, emulator, tmp_path):
     await asyncio.sleep(1.1)
     assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
     assert emulator.renders() == 2
+
+
+async def test_the_suite_wide_response_scan_catches_a_leak(emulator):
+    """Guards the guard: conftest scans every response read in the suite for the key."""
+    emulator.app[FAULTS_KEY].add(Fault("echo-key"))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{emulator.url}/v1/op/cog.tile.render",
+            json={"url": "x", "z": 0, "x": 0, "y": 0, "format": "png"},
+            headers={"Authorization": f"Bearer {PLANTED_KEY}"},
+        ) as response,
+    ):
+        try:
+            await response.read()
+        except AssertionError as exc:
+            assert "API key" in str(exc)
+        else:
+            raise AssertionError("the echoed key was not caught")
