@@ -1,0 +1,72 @@
+"""Access control: every route x (no token, bad token, each scope) -> the expected status."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TOKENS, config_with
+from tests.test_downloads import completed, create_job
+
+PRIVATE_LAYER = """
+[[layers]]
+name = "olinda-private"
+kind = "raster"
+url = "https://demo.geopera.invalid/cogs/landsat7_olinda_6band_cog.tif"
+bands = "3,2,1"
+rescale = "20,110;25,110;45,130"
+minzoom = 9
+maxzoom = 16
+bounds = [-34.916589, -8.040927, -34.825966, -7.949822]
+public = false
+"""
+
+WHO = ["none", "bad", "tiles", "downloads", "admin", "all"]
+
+# route -> expected status for each of WHO
+MATRIX = {
+    ("GET", "/tiles/olinda/13/3302/4278.png"): [200, 401, 200, 200, 200, 200],
+    ("GET", "/tiles/olinda-private/13/3302/4278.png"): [401, 401, 200, 403, 403, 200],
+    ("GET", "/downloads/{job}"): [401, 401, 403, 200, 403, 200],
+    ("GET", "/downloads/{job}/rgb"): [401, 401, 403, 200, 403, 200],
+    ("POST", "/admin/purge?layer=bahamas"): [401, 401, 403, 403, 200, 200],
+    ("GET", "/healthz"): [200] * 6,
+}
+
+
+def headers_for(who: str) -> dict[str, str]:
+    if who == "none":
+        return {}
+    token = "ggw_not-a-configured-token" if who == "bad" else TOKENS[who]
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_access_control_matrix(gateway_for, start_upstream, tmp_path, capsys):
+    upstream = await start_upstream(clip_delay_s=0)
+    client = await gateway_for(upstream, config=config_with(tmp_path, append=PRIVATE_LAYER))
+    downloader = await gateway_for(
+        upstream, token="downloads", config=config_with(tmp_path, append=PRIVATE_LAYER)
+    )
+    job = await create_job(upstream)
+    await completed(downloader, job)
+    checked = 0
+    for (method, template), expected in MATRIX.items():
+        path = template.format(job=job)
+        for who, status in zip(WHO, expected, strict=True):
+            response = await client.request(method, path, headers=headers_for(who))
+            await response.read()
+            assert response.status == status, (method, path, who, response.status)
+            if status in (401, 403):
+                assert response.headers["Content-Type"] == "application/problem+json"
+            if status == 401:
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            checked += 1
+    with capsys.disabled():
+        print(f"\naccess-control matrix: {checked} route x credential cases")
+
+
+@pytest.mark.parametrize("who", ["bad", "tiles"])
+async def test_token_as_query_parameter(gateway_for, emulator, tmp_path, who):
+    client = await gateway_for(emulator, config=config_with(tmp_path, append=PRIVATE_LAYER))
+    token = "ggw_nope" if who == "bad" else TOKENS[who]
+    response = await client.get(f"/tiles/olinda-private/13/3302/4278.png?token={token}")
+    assert response.status == (401 if who == "bad" else 200)
