@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -147,8 +148,38 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+@dataclass(slots=True)
+class TileStack:
+    """The tile path of one process: the tile cache, the host's shared limiter state, the
+    Geopera client, the upstream guard and the tile service, built as the gateway builds them.
+
+    Used by the app (:func:`_resources`) and by ``geopera-gateway seed``, so seeding shares the
+    gateway's cache, host-wide limits, breakers and coalescing.
+    """
+
+    cache: TileCache
+    state: SharedState
+    client: GeoperaClient
+    guard: UpstreamGuard
+    service: TileService
+
+    async def aclose(self) -> None:
+        """Cancel background refreshes, then close the client, the state and the cache."""
+        await self.service.aclose()
+        await self.client.aclose()
+        self.state.close()
+        self.cache.close()
+
+
+def open_tile_stack(
+    settings: Settings, service_class: type[TileService] = TileService
+) -> TileStack:
+    """Build the tile path for ``settings`` (``service_class``: a :class:`TileService` or a
+    subclass); close it with :meth:`TileStack.aclose`.
+
+    Raises:
+        OSError: the cache or state directory cannot be created or opened.
+    """
     cache = TileCache(
         settings.cache.directory, settings.cache.size_limit_bytes, settings.cache.memory_bytes
     )
@@ -165,19 +196,21 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
     lim = settings.limits
     longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
-    service = TileService(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
+    service = service_class(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
+    return TileStack(cache, state, client, guard, service)
 
-    app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = cache, state, client
-    app[GUARD], app[TILE_SERVICE] = guard, service
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    stack = open_tile_stack(settings)
+    app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = stack.cache, stack.state, stack.client
+    app[GUARD], app[TILE_SERVICE] = stack.guard, stack.service
     store = DownloadStore(settings.downloads.directory, settings.downloads.size_limit_bytes)
     await asyncio.to_thread(store.recover)
-    app[DOWNLOAD_SERVICE] = DownloadService(store, guard)
+    app[DOWNLOAD_SERVICE] = DownloadService(store, stack.guard)
     try:
         yield
     finally:
         await app[DOWNLOAD_SERVICE].aclose()
         store.close()
-        await service.aclose()
-        await client.aclose()
-        state.close()
-        cache.close()
+        await stack.aclose()

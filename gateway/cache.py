@@ -7,18 +7,40 @@ costs more than the read itself, so each process keeps the most recently served 
 memory too (``memory_bytes``, 0 turns it off). A memory hit does not touch disk, so the disk's
 recency order lags by what the memory tier absorbs; freshness is unaffected because every
 entry carries its own ``fresh_until``.
+
+Purging (:meth:`TileCache.purge`) deletes a layer's keys from disk and records the layer's
+"purged at" Unix time in the disk tier (one small dict under :data:`PURGES_KEY`). Other
+processes' memory tiers cannot see the deletion, so each memory entry remembers when it
+entered memory, and a memory hit compares that with its layer's purge time, which each
+process re-reads from disk at most once per :data:`PURGE_CHECK_S`: an entry loaded before
+the purge is dropped and the disk consulted instead. A purge therefore reaches every worker
+within about a second; the hit path stays a dict lookup and a comparison.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
+
+log = logging.getLogger("gateway.cache")
+
+PURGES_KEY = "meta/purged-at"
+"""Disk-tier key of ``{layer name: Unix time of its last purge}``, shared by all processes."""
+
+PURGE_CHECK_S = 1.0
+"""How often a process re-reads the purge times from disk, at most, seconds."""
+
+PURGE_BATCH = 500
+"""Keys deleted per disk transaction while purging (keeps each write lock short)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,35 +91,51 @@ def make_tile(
     return CachedTile(body, media_type, strong_etag(body), start + ttl_s, empty, fetch_s)
 
 
+def _layer_of(key: str) -> str:
+    """The layer name in a tile key ``tile/<layer>/...``; ``""`` for any other key."""
+    if not key.startswith("tile/"):
+        return ""
+    return key.split("/", 2)[1]
+
+
 class _MemoryTier:
-    """Bytes-bounded LRU of recently served tiles, private to one process."""
+    """Bytes-bounded LRU of recently served tiles, private to one process.
+
+    Each entry is ``(tile, loaded_at, layer)``: ``loaded_at`` is the Unix time at which the
+    tile was read from disk or stored (before the read, so it never postdates the disk state
+    it reflects), compared with the layer's purge time on every hit.
+    """
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity = capacity_bytes
         self.size = 0
-        self._items: OrderedDict[str, CachedTile] = OrderedDict()
+        self._items: OrderedDict[str, tuple[CachedTile, float, str]] = OrderedDict()
 
-    def get(self, key: str) -> CachedTile | None:
-        tile = self._items.get(key)
-        if tile is not None:
+    def get(self, key: str) -> tuple[CachedTile, float, str] | None:
+        entry = self._items.get(key)
+        if entry is not None:
             self._items.move_to_end(key)
-        return tile
+        return entry
 
-    def put(self, key: str, tile: CachedTile) -> None:
+    def put(self, key: str, tile: CachedTile, loaded_at: float) -> None:
         cost = len(tile.body)
         if cost > self.capacity // 8:
             return
         self.discard(key)
-        self._items[key] = tile
+        self._items[key] = (tile, loaded_at, _layer_of(key))
         self.size += cost
         while self.size > self.capacity:
-            _, old = self._items.popitem(last=False)
+            _, (old, _, _) = self._items.popitem(last=False)
             self.size -= len(old.body)
 
     def discard(self, key: str) -> None:
         old = self._items.pop(key, None)
         if old is not None:
-            self.size -= len(old.body)
+            self.size -= len(old[0].body)
+
+    def key_list(self) -> list[str]:
+        """A copy of the keys held, safe to iterate while discarding."""
+        return list(self._items)
 
     def clear(self) -> None:
         self._items.clear()
@@ -123,10 +161,110 @@ class TileCache:
             str(directory), size_limit=size_limit_bytes, eviction_policy="least-recently-used"
         )
         self._memory = _MemoryTier(memory_bytes) if memory_bytes > 0 else None
+        self._purges: dict[str, float] = {}
+        self._purges_checked = float("-inf")  # monotonic time of the last disk read
 
     def get_memory(self, key: str) -> CachedTile | None:
-        """The entry for ``key`` if this process's memory tier holds it (no disk access)."""
-        return self._memory.get(key) if self._memory is not None else None
+        """The entry for ``key`` if this process's memory tier holds it (no disk access,
+        except re-reading the purge times at most once per :data:`PURGE_CHECK_S`).
+
+        An entry loaded before its layer was last purged (by any process) is dropped.
+        """
+        if self._memory is None:
+            return None
+        entry = self._memory.get(key)
+        if entry is None:
+            return None
+        tile, loaded_at, layer = entry
+        if loaded_at < self._purged_at(layer):
+            self._memory.discard(key)
+            return None
+        return tile
+
+    def _purged_at(self, layer: str) -> float:
+        """Unix time of ``layer``'s last purge (0.0 if never), as of at most
+        :data:`PURGE_CHECK_S` ago."""
+        now = time.monotonic()
+        if now - self._purges_checked >= PURGE_CHECK_S:
+            self._purges_checked = now
+            try:
+                self._load_purges()
+            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+                # keep serving from memory with the marks known so far; retried next second
+                log.warning("cannot read purge times from the tile cache: %s", exc)
+        return self._purges.get(layer, 0.0)
+
+    def _load_purges(self) -> None:
+        """Merge the disk's purge times into this process's copy (never moving one back).
+
+        If the disk lost marks this process knows (evicted past the size limit), they are
+        written back, so processes that have not seen them yet still can.
+        """
+        stored = self._disk.get(PURGES_KEY)
+        stored = stored if isinstance(stored, dict) else {}
+        merged = dict(stored)
+        for layer, when in self._purges.items():
+            merged[layer] = max(when, merged.get(layer, 0.0))
+        if merged != stored:
+            self._write_purges(merged)
+        self._purges = merged
+
+    def _write_purges(self, marks: dict[str, float]) -> None:
+        with self._disk.transact(retry=True):
+            stored = self._disk.get(PURGES_KEY)
+            merged = dict(stored) if isinstance(stored, dict) else {}
+            for layer, when in marks.items():
+                merged[layer] = max(when, merged.get(layer, 0.0))
+            self._disk.set(PURGES_KEY, merged)
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        """Disk-tier keys starting with ``prefix`` (a scan of every key: admin use only)."""
+        for key in self._disk.iterkeys():
+            if isinstance(key, str) and key.startswith(prefix):
+                yield key
+
+    def purge(self, layer: str, match: Callable[[str], bool] | None = None) -> int:
+        """Remove ``layer``'s tiles (keys ``tile/<layer>/...``) for which ``match(key)`` is
+        true (all when ``match`` is None), from disk and this process's memory tier, and
+        record the layer's purge time so other processes drop their memory copies.
+
+        Blocking (scans every disk key: an admin operation). From async code, run
+        :meth:`purge_disk` in a thread, then :meth:`forget` on the serving thread.
+
+        Returns:
+            How many entries were removed from disk (expired ones not counted).
+        """
+        removed, purged_at = self.purge_disk(layer, match)
+        self.forget(layer, match, purged_at)
+        return removed
+
+    def purge_disk(
+        self, layer: str, match: Callable[[str], bool] | None = None
+    ) -> tuple[int, float]:
+        """The disk half of :meth:`purge` (safe in a worker thread: it leaves the memory tier
+        alone). Returns the entries removed and the purge time recorded (Unix seconds)."""
+        prefix = f"tile/{layer}/"
+        doomed = [k for k in self.keys(prefix) if match is None or match(k)]
+        removed = 0
+        for start in range(0, len(doomed), PURGE_BATCH):
+            with self._disk.transact(retry=True):
+                for key in doomed[start : start + PURGE_BATCH]:
+                    removed += bool(self._disk.delete(key))
+        # stamped after the deletions: a memory entry loaded before this may be stale
+        purged_at = time.time()
+        self._write_purges({layer: purged_at})
+        return removed, purged_at
+
+    def forget(self, layer: str, match: Callable[[str], bool] | None, purged_at: float) -> None:
+        """The memory half of :meth:`purge`: drop this process's matching entries of
+        ``layer`` and remember its purge time. Call it on the thread that serves tiles."""
+        prefix = f"tile/{layer}/"
+        if self._memory is not None:
+            for key in self._memory.key_list():
+                if key.startswith(prefix) and (match is None or match(key)):
+                    self._memory.discard(key)
+        known = self._purges.get(layer, 0.0)
+        self._purges = {**self._purges, layer: max(purged_at, known)}
 
     def claim(self, key: str, seconds: float) -> bool:
         """Atomically claim the fetch of ``key`` for this process for up to ``seconds``.
@@ -161,21 +299,22 @@ class TileCache:
         worker process stored since.
         """
         if self._memory is not None and not from_disk:
-            tile = self._memory.get(key)
+            tile = self.get_memory(key)
             if tile is not None:
                 return tile
+        loaded_at = time.time()
         tile = self._disk.get(key)
         if not isinstance(tile, CachedTile):
             return None
         if self._memory is not None:
-            self._memory.put(key, tile)
+            self._memory.put(key, tile, loaded_at)
         return tile
 
     def set(self, key: str, tile: CachedTile, keep_s: float) -> None:
         """Store ``tile``; disk drops it ``keep_s`` seconds from now (TTL plus stale windows)."""
         self._disk.set(key, tile, expire=keep_s)
         if self._memory is not None:
-            self._memory.put(key, tile)
+            self._memory.put(key, tile, time.time())
 
     def delete(self, key: str) -> None:
         """Remove ``key`` from both tiers."""

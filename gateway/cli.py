@@ -1,4 +1,5 @@
-"""The ``geopera-gateway`` command: ``serve``, ``demo`` and ``emulator``."""
+"""The ``geopera-gateway`` command: ``serve``, ``demo``, ``token``, ``seed``, ``purge`` and
+``emulator``."""
 
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--layers", help="comma-separated private layers it may read")
     create.add_argument("--rate-limit", help="its own request limit, e.g. '500/second'")
 
+    _add_seed_parser(sub)
+    _add_purge_parser(sub)
+
     emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=int, default=8081)
@@ -117,9 +121,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("GEOPERA_CONFIG"),
+        help="config file (default: $GEOPERA_CONFIG, else the packaged demo config)",
+    )
+
+
+def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
+    seed = sub.add_parser(
+        "seed",
+        help="fill the tile cache for an area and zoom range ahead of map users",
+        description="Fetch a layer's tiles through the gateway's cache and upstream limits at "
+        "seeding priority (map users go first). Interrupt with Ctrl+C; the same command "
+        "resumes. Exit 0 done, 1 some tiles failed, 2 bad arguments, 130 interrupted.",
+    )
+    seed.add_argument("--layer", required=True, help="layer name")
+    seed.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
+    seed.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 8-12")
+    seed.add_argument(
+        "--formats", metavar="FMT[,FMT]", help="e.g. png,webp (default: the layer's first)"
+    )
+    seed.add_argument("--scale", type=int, choices=(1, 2), default=1, help="2 for @2x tiles")
+    seed.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the tile count and estimated egress; fetch nothing",
+    )
+    seed.add_argument(
+        "--concurrency", type=int, default=4, help="tiles in flight at once (default 4)"
+    )
+    seed.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="resume state file (default: in the cache's state directory, per parameters)",
+    )
+    _config_argument(seed)
+
+
+def _add_purge_parser(sub: argparse._SubParsersAction) -> None:
+    purge = sub.add_parser(
+        "purge",
+        help="remove a layer's cached tiles (all, or by area and zoom)",
+        description="Remove a layer's cached tiles, every scale and format; running "
+        "gateway workers drop their in-memory copies within about a second.",
+    )
+    purge.add_argument("--layer", required=True, help="layer name")
+    purge.add_argument("--bbox", metavar="W,S,E,N", help="only tiles overlapping this area")
+    purge.add_argument("--zoom", metavar="A-B", help="only these zoom levels, e.g. 12-14")
+    _config_argument(purge)
+
+
+def _attach_negative_bbox(argv: Sequence[str]) -> list[str]:
+    """``--bbox -35,-8.1,...`` as ``--bbox=-35,-8.1,...``: argparse takes a separate value
+    starting with ``-`` for an option (western and southern coordinates are negative)."""
+    result: list[str] = []
+    for arg in argv:
+        if result and result[-1] == "--bbox" and arg[:1] == "-" and arg[1:2] in "0123456789.":
+            result[-1] = f"--bbox={arg}"
+        else:
+            result.append(arg)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for a configuration error)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_negative_bbox(sys.argv[1:] if argv is None else argv))
     configure_logging(args.log_level)
     try:
         if args.command == "serve":
@@ -128,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "token":
             return _token_create(args)
+        if args.command in ("seed", "purge"):
+            from gateway.seed import commands
+
+            return commands.run_seed(args) if args.command == "seed" else commands.run_purge(args)
         return _emulator(args)
     except ConfigError as exc:
         print(f"geopera-gateway: configuration error: {exc}", file=sys.stderr)

@@ -66,9 +66,13 @@ class ViewerSettings:
     that the gateway serves itself (for networks without internet access)."""
 
     maplibre_js: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.js"
-    maplibre_js_integrity: str | None = None
+    maplibre_js_integrity: str | None = (
+        "sha384-GfxBM9x46BaAFxtCq39Fxir8fNZ4VDnwgfi6Kzi5/F1tAFsm0amuuV8kd+Pxzuf/"
+    )
     maplibre_css: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.css"
-    maplibre_css_integrity: str | None = None
+    maplibre_css_integrity: str | None = (
+        "sha384-Nq6PQ+9vJPvw7U/VfDELyrWoGQMsy0gi6QShhaSrGzkpF5KkM40csg2leky+YMTd"
+    )
     assets_dir: Path | None = None
 
 

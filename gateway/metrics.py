@@ -79,6 +79,27 @@ CLIENT_REJECTIONS = Counter(
     "gateway_client_rate_limited_total", "Client requests answered 429 by the per-client rate limit"
 )
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_REQUEST_CHILDREN: dict[tuple[str, str, int], Counter] = {}
+_DURATION_CHILDREN: dict[str, Histogram] = {}
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count one answered request and its duration; label children are bound once per
+    (route, method, status), so the hot path does two dict lookups instead of label work."""
+    if method not in _METHODS:
+        method = "other"  # any token is a valid method: keep the label set bounded
+    key = (route, method, status)
+    child = _REQUEST_CHILDREN.get(key)
+    if child is None:
+        child = _REQUEST_CHILDREN[key] = HTTP_REQUESTS.labels(route, method, str(status))
+    child.inc()
+    duration = _DURATION_CHILDREN.get(route)
+    if duration is None:
+        duration = _DURATION_CHILDREN[route] = HTTP_DURATION.labels(route)
+    duration.observe(seconds)
+
+
 _CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "empty")
 CACHE_LOOKUP = {name.upper(): CACHE_LOOKUPS.labels(name) for name in _CACHE_RESULTS}
 """Pre-bound children by ``X-Cache`` value, so the hit path does no label lookup."""

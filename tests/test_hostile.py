@@ -53,6 +53,8 @@ async def test_hostile_values_in_every_route_get_clean_4xx(gateway_for, emulator
             continue  # a well-formed mosaic type: only the upstream knows whether it exists
         path = template.format(v=quote(value, safe=""))
         response = await client.get(path)
+        if response.url.path in ("/", "/tiles", "/downloads"):
+            continue  # the client itself resolved ".." away: not the hostile request any more
         await assert_clean_4xx(response, f"{template} <- {value!r}")
         CASES_RUN.append(1)
     assert emulator.renders() == 0

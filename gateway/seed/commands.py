@@ -1,0 +1,261 @@
+"""The ``seed`` and ``purge`` subcommands (arguments parsed in :mod:`gateway.cli`).
+
+Exit codes: 0 done, 1 some tiles failed (or the egress budget stopped the seed), 2 bad
+arguments or configuration, 130 interrupted (Ctrl+C or SIGTERM; the resume state is saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from gateway.cache import TileCache
+from gateway.config import Settings, load_settings
+from gateway.layers import Layer
+from gateway.seed.area import AreaError, parse_bbox, parse_formats, parse_zoom
+from gateway.seed.estimate import dry_run
+from gateway.seed.plan import SeedPlan
+from gateway.seed.purge import purge_tiles
+from gateway.seed.resume import ResumeError, ResumeState
+from gateway.seed.runner import Outcome, Seeder, SeedingTileService, SeedSummary
+
+EXIT_INTERRUPTED = 130
+
+
+def run_seed(args: argparse.Namespace) -> int:
+    """``seed``: walk the plan (or ``--dry-run`` it) and print the summary.
+
+    Raises:
+        ConfigError: the config cannot be loaded (the caller prints it, exit 2).
+    """
+    settings = load_settings(args.config)
+    try:
+        layer = _layer(settings, args.layer)
+        zooms = parse_zoom(args.zoom)
+        plan = SeedPlan.for_layer(
+            layer,
+            parse_bbox(args.bbox),
+            zooms,
+            parse_formats(layer, args.formats),
+            args.scale,
+        )
+    except AreaError as exc:
+        return _usage_error("seed", str(exc))
+    if args.concurrency < 1:
+        return _usage_error("seed", "--concurrency must be 1 or more")
+    if plan.zooms != zooms:
+        print(
+            f"note: zoom {zooms[0]}-{zooms[1]} clipped to the zoom range of layer {layer.name!r}: "
+            f"{plan.zooms[0]}-{plan.zooms[1]}",
+            file=sys.stderr,
+        )
+    if args.dry_run:
+        return _dry_run(settings, plan)
+
+    state = ResumeState.for_plan(plan, settings.cache.state_directory, args.state)
+    try:
+        start = state.load()
+    except ResumeError as exc:
+        return _usage_error("seed", str(exc))
+    total = plan.count()
+    if start >= total:
+        start = 0
+    if start:
+        print(f"resuming at tile {start} of {total} (state: {state.path})", flush=True)
+
+    from gateway.server import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        summary = loop.run_until_complete(
+            _seed(settings, plan, args.concurrency, state, start, total)
+        )
+    finally:
+        loop.close()
+    if summary.complete:
+        state.remove()
+    _print_summary(plan, summary, state.path)
+    if summary.stopped == "interrupted":
+        return EXIT_INTERRUPTED
+    return 1 if summary.failed or summary.stopped else 0
+
+
+async def _seed(
+    settings: Settings,
+    plan: SeedPlan,
+    concurrency: int,
+    state: ResumeState,
+    start: int,
+    total: int,
+) -> SeedSummary:
+    """Open the gateway's tile path (no memory tier: each tile is stored once) and seed."""
+    from gateway.app import open_tile_stack
+
+    seed_settings = dataclasses.replace(
+        settings, cache=dataclasses.replace(settings.cache, memory_bytes=0)
+    )
+    stack = open_tile_stack(seed_settings, SeedingTileService)
+    assert isinstance(stack.service, SeedingTileService)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="tile",
+        desc=f"seed {plan.layer.name}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=None,  # off when stderr is not a terminal
+    )
+
+    def on_tile(_outcome: Outcome, s: SeedSummary) -> None:
+        bar.update(1)
+        bar.set_postfix_str(
+            f"fetched {s.fetched}, skipped {s.skipped}, empty {s.empty}, failed {s.failed}, "
+            f"{_size(s.bytes)}",
+            refresh=False,
+        )
+
+    seeder = Seeder(stack.service, plan, concurrency, state, on_tile)
+
+    def on_signal() -> None:
+        first = seeder.summary.stopped is None
+        seeder.interrupt()
+        tqdm.write(
+            "interrupted: finishing the tiles in flight (again to stop at once)"
+            if first
+            else "stopping the tiles in flight",
+            file=sys.stderr,
+        )
+
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        with _logging_through(bar):
+            return await seeder.run(total, start)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        bar.close()
+        await stack.aclose()
+
+
+@contextlib.contextmanager
+def _logging_through(bar: tqdm) -> Iterator[None]:
+    """Route console log lines around the progress bar, keeping the handlers' filters (the
+    secret redaction)."""
+    if bar.disable:
+        yield
+        return
+    root = logging.getLogger()
+    filters = [f for handler in root.handlers for f in handler.filters]
+    with logging_redirect_tqdm():
+        for handler in root.handlers:
+            for log_filter in filters:
+                handler.addFilter(log_filter)
+        yield
+
+
+def _dry_run(settings: Settings, plan: SeedPlan) -> int:
+    cache = TileCache(settings.cache.directory, settings.cache.size_limit_bytes, 0)
+    try:
+        result = dry_run(cache, plan)
+    finally:
+        cache.close()
+    print(f"dry run: {plan.describe()}")
+    print(f"  tiles:          {result.total}")
+    print(f"  not fresh:      {result.not_fresh} (would be fetched)")
+    print(f"  upstream calls: {result.upstream_calls} at most")
+    basis = "; ".join(
+        f"{fmt}: {nbytes:,} bytes/tile ({source})"
+        for fmt, (nbytes, source) in result.tile_bytes.items()
+    )
+    egress = result.egress_bytes
+    print(f"  est. egress:    {egress:,} bytes ({_size(egress)}); {basis}")
+    return 0
+
+
+def _print_summary(plan: SeedPlan, s: SeedSummary, state_path: Path) -> None:
+    status = {
+        None: "complete",
+        "interrupted": "interrupted",
+        "budget": "stopped (daily egress budget spent)",
+    }[s.stopped]
+    if s.stopped == "interrupted" and s.complete:
+        status = "interrupted (every tile was done)"
+    print(f"seed {status}: {plan.describe()}")
+    resumed = f", resumed at tile {s.start}" if s.start else ""
+    print(f"  tiles:    {s.total} in the plan{resumed}, {s.done} done in this run")
+    print(f"  fetched:  {s.fetched}")
+    print(f"  skipped:  {s.skipped} (fresh)")
+    print(f"  empty:    {s.empty}")
+    print(f"  failed:   {s.failed}")
+    print(f"  bytes:    {s.bytes:,} ({_size(s.bytes)})")
+    print(f"  elapsed:  {s.elapsed_s:.1f} s")
+    print(f"  rate:     {s.rate:.1f} tiles/s")
+    if not s.complete:
+        print(
+            f"  resume:   run the same command again to continue at tile {s.next_index} "
+            f"of {s.total} (state: {state_path})"
+        )
+    sys.stdout.flush()
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    """``purge``: remove a layer's cached tiles (all, or by ``--bbox`` / ``--zoom``).
+
+    Raises:
+        ConfigError: the config cannot be loaded (the caller prints it, exit 2).
+    """
+    settings = load_settings(args.config)
+    try:
+        layer = _layer(settings, args.layer)
+        bbox = parse_bbox(args.bbox) if args.bbox is not None else None
+        zooms = parse_zoom(args.zoom) if args.zoom is not None else None
+    except AreaError as exc:
+        return _usage_error("purge", str(exc))
+    cache = TileCache(settings.cache.directory, settings.cache.size_limit_bytes, 0)
+    try:
+        removed = purge_tiles(cache, layer.name, bbox, zooms)
+    finally:
+        cache.close()
+    scope = []
+    if zooms is not None:
+        scope.append(f"zoom {zooms[0]}-{zooms[1]}")
+    if bbox is not None:
+        scope.append("bbox " + ",".join(f"{v:g}" for v in bbox))
+    where = f" ({', '.join(scope)})" if scope else " (all zooms and places)"
+    print(f"removed {removed} cached tiles of layer {layer.name}{where}")
+    return 0
+
+
+def _layer(settings: Settings, name: str) -> Layer:
+    layer = settings.layers.get(name)
+    if layer is None:
+        known = ", ".join(settings.layers)
+        raise AreaError(f"unknown layer {name[:64]!r}; {settings.source} has: {known}")
+    return layer
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"geopera-gateway {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` for people: ``391.8 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} B" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")

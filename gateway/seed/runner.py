@@ -1,0 +1,305 @@
+"""Seeding: fetch a plan's tiles through the gateway's own tile path, at seeding priority.
+
+Each tile goes through :class:`SeedingTileService` (the gateway's :class:`TileService`: cache,
+cross-process claims, the upstream guard with its host-wide buckets, concurrency cap,
+breakers and budget) with :attr:`Priority.SEEDING`, so seeding only takes tokens that are
+there now and map users always go first. Per tile:
+
+- fresh in the cache (or stored by another process meanwhile) → ``skipped``;
+- fetched with data → ``fetched`` (its stored bytes counted), reported empty → ``empty``;
+- the gateway's own limiter has no token or slot now → wait as long as it says, then try
+  again (pacing, not a failure, however often);
+- a breaker is open or the upstream throttled (503 with Retry-After) → wait Retry-After and
+  try again, at most :data:`RETRIES` times (and only for waits up to :data:`MAX_RETRY_WAIT_S`);
+  then ``failed``; any other failure (502, 504, a bad tile) → ``failed`` at once;
+- the daily egress budget is spent → the seed stops, leaving the tile to a later resume.
+
+:meth:`Seeder.interrupt` (Ctrl+C) stops dispatching: tiles being fetched finish, tiles
+waiting to retry are left for the resume. A second call cancels the fetches in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.breaker import BreakerOpen
+from gateway.limits import LimitExceeded, Priority
+from gateway.problem import Problem
+from gateway.seed.plan import SeedPlan
+from gateway.seed.resume import ResumeState
+from gateway.services.tiles import FETCH_ERRORS, TileAddress, TileService
+from gateway.upstream import UpstreamRateLimited
+
+log = logging.getLogger("gateway.seed")
+
+RETRIES = 3
+"""Retries of a tile after a retryable failure (breaker open, upstream 429)."""
+
+MAX_RETRY_WAIT_S = 300.0
+"""A Retry-After longer than this, seconds, fails the tile instead of waiting."""
+
+CHECKPOINT_S = 1.0
+"""How often the resume state is written while seeding, at most, seconds."""
+
+Outcome = Literal["fetched", "skipped", "empty", "failed"]
+
+
+class SeedingTileService(TileService):
+    """The gateway's tile service with one more entry point for seeding.
+
+    :meth:`fetch_now` runs the same coalesced, claimed, guarded fetch as a cache miss, but
+    never answers with a stale entry (an expired tile is fetched again, not served).
+    """
+
+    async def fetch_now(self, address: TileAddress, priority: Priority) -> tuple[bool, int]:
+        """Fetch and store ``address`` unless a fresh copy appeared meanwhile.
+
+        Returns:
+            ``(fetched, nbytes)``: ``fetched`` is False when another process stored it (or
+            this one was coalesced onto another fetch); ``nbytes`` is 0 for an empty tile.
+
+        Raises:
+            LimitExceeded, BreakerOpen, UpstreamError, ImageCheckError: the fetch failed;
+            Problem: an ``@2x`` child failed (as a map request would see it).
+        """
+        (tile, source), coalesced = await self._flights.run(
+            address.key, lambda: self._fetch(address, priority)
+        )
+        fetched = source == "MISS" and not coalesced
+        return fetched, 0 if tile.empty else len(tile.body)
+
+    async def drain(self) -> None:
+        """Wait for background refreshes (started by ``@2x`` children) to finish."""
+        while self._refreshes:
+            await asyncio.gather(*list(self._refreshes), return_exceptions=True)
+
+    def describe_failure(self, address: TileAddress, exc: Exception) -> str:
+        """``"<status> <title>"`` of the problem a map request would get for ``exc``."""
+        problem = exc if isinstance(exc, Problem) else self._problem(address, exc)
+        return f"{problem.status} {problem.title}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do after a failed attempt: ``pace`` (wait, try again, no limit), ``retry``
+    (wait, try again, counted), ``stop`` (budget spent: stop seeding) or ``fail``."""
+
+    action: Literal["pace", "retry", "stop", "fail"]
+    wait_s: float = 0.0
+
+
+def classify(exc: Exception) -> Verdict:
+    """The :class:`Verdict` for one failed attempt."""
+    if isinstance(exc, LimitExceeded):
+        if exc.scope == "budget":
+            return Verdict("stop")
+        return Verdict("pace", exc.retry_after_s)
+    if isinstance(exc, BreakerOpen | UpstreamRateLimited):
+        return Verdict("retry", exc.retry_after_s)
+    if isinstance(exc, Problem):  # from an @2x child, already mapped
+        retry_after = float(exc.headers.get("Retry-After", "0") or 0)
+        if exc.slug == "egress-budget-spent":
+            return Verdict("stop")
+        if exc.slug == "upstream-limit":
+            return Verdict("pace", retry_after)
+        if exc.status == 503 and retry_after > 0:
+            return Verdict("retry", retry_after)
+    return Verdict("fail")
+
+
+@dataclass(slots=True)
+class SeedSummary:
+    """Counts of one seed run.
+
+    Attributes:
+        total: addresses in the plan.
+        start: index this run started at (> 0 when resumed).
+        fetched, skipped, empty, failed: tiles by outcome in this run.
+        bytes: bytes of the tiles fetched and stored (for ``@2x``, the composed tiles).
+        elapsed_s: wall time of this run, seconds.
+        next_index: every address before it is done (the resume point).
+        stopped: None when the walk ran to its end, else ``"interrupted"`` or ``"budget"``.
+    """
+
+    total: int
+    start: int
+    fetched: int = 0
+    skipped: int = 0
+    empty: int = 0
+    failed: int = 0
+    bytes: int = 0
+    elapsed_s: float = 0.0
+    next_index: int = 0
+    stopped: str | None = None
+
+    @property
+    def done(self) -> int:
+        """Tiles finished in this run, whatever the outcome."""
+        return self.fetched + self.skipped + self.empty + self.failed
+
+    @property
+    def complete(self) -> bool:
+        """Whether every address of the plan is done (over all runs)."""
+        return self.next_index >= self.total
+
+    @property
+    def rate(self) -> float:
+        """Tiles finished per second in this run."""
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class Seeder:
+    """Walks a :class:`SeedPlan` with ``concurrency`` tiles in flight.
+
+    Args:
+        service: the tile service (from :func:`gateway.app.open_tile_stack`).
+        plan: what to seed.
+        concurrency: tiles in flight at once (the host-wide caps apply on top).
+        state: where to record progress for a resume, or None.
+        on_tile: called after each finished tile with the outcome and the running summary.
+    """
+
+    def __init__(
+        self,
+        service: SeedingTileService,
+        plan: SeedPlan,
+        concurrency: int = 4,
+        state: ResumeState | None = None,
+        on_tile: Callable[[Outcome, SeedSummary], None] | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be 1 or more")
+        self.service = service
+        self.plan = plan
+        self.concurrency = concurrency
+        self.state = state
+        self.on_tile = on_tile
+        self._stop = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._pending: set[int] = set()
+        self._dispatched = 0
+        self._saved_at = 0.0
+        self.summary = SeedSummary(total=0, start=0)
+
+    def interrupt(self) -> None:
+        """First call: stop dispatching and let tiles in flight finish. Second: cancel them."""
+        if self.summary.stopped is None:
+            self.summary.stopped = "interrupted"
+        if self._stop.is_set():
+            for task in self._workers:
+                task.cancel()
+        self._stop.set()
+
+    async def run(self, total: int, start: int = 0) -> SeedSummary:
+        """Seed addresses ``start..total-1`` of the plan; returns the summary.
+
+        ``total`` is :meth:`SeedPlan.count` (passed in: counting walks the plan).
+        """
+        summary = self.summary = SeedSummary(total=total, start=start, next_index=start)
+        self._dispatched = start
+        started = time.monotonic()
+        addresses = self.plan.addresses(start)
+        self._workers = [
+            asyncio.ensure_future(self._work(addresses)) for _ in range(self.concurrency)
+        ]
+        try:
+            await asyncio.wait(self._workers)
+            for task in self._workers:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # a bug, not a tile failure
+        finally:
+            summary.elapsed_s = time.monotonic() - started
+            summary.next_index = self._watermark()
+            await self.service.drain()
+            self._checkpoint(force=True)
+        return summary
+
+    async def _work(self, addresses) -> None:
+        while not self._stop.is_set():
+            try:
+                index, address = next(addresses)
+            except StopIteration:
+                return
+            self._pending.add(index)
+            self._dispatched = index + 1
+            outcome = await self._seed_one(address)
+            if outcome is None:
+                continue  # left for a resume: stays pending, so the resume point stays before
+            self._pending.discard(index)
+            self._count(outcome)
+
+    def _count(self, outcome: tuple[Outcome, int]) -> None:
+        kind, nbytes = outcome
+        summary = self.summary
+        setattr(summary, kind, getattr(summary, kind) + 1)
+        summary.bytes += nbytes
+        self._checkpoint()
+        if self.on_tile is not None:
+            self.on_tile(kind, summary)
+
+    def _watermark(self) -> int:
+        """The lowest index not yet done: the resume point."""
+        return min(self._pending) if self._pending else self._dispatched
+
+    def _checkpoint(self, force: bool = False) -> None:
+        if self.state is None:
+            return
+        now = time.monotonic()
+        if force or now - self._saved_at >= CHECKPOINT_S:
+            self._saved_at = now
+            self.state.save(self._watermark(), self.summary.total)
+
+    async def _seed_one(self, address: TileAddress) -> tuple[Outcome, int] | None:
+        """One tile to its outcome and stored bytes; None when left for a resume."""
+        stored = self.service.cache.get(address.key, from_disk=True)
+        if stored is not None and stored.is_fresh():
+            return "skipped", 0
+        retries = 0
+        while True:
+            try:
+                fetched, nbytes = await self.service.fetch_now(address, Priority.SEEDING)
+            except (*FETCH_ERRORS, Problem) as exc:
+                verdict = classify(exc)
+                if verdict.action == "stop":
+                    log.warning("the daily egress budget is spent: seeding stops here")
+                    self.summary.stopped = "budget"
+                    self._stop.set()
+                    return None
+                if verdict.action == "retry" and (
+                    retries >= RETRIES or verdict.wait_s > MAX_RETRY_WAIT_S
+                ):
+                    verdict = Verdict("fail")
+                if verdict.action == "fail":
+                    log.warning(
+                        "seed: %s %d/%d/%d@%dx.%s failed: %s",
+                        address.layer.name,
+                        address.z,
+                        address.x,
+                        address.y,
+                        address.scale,
+                        address.fmt,
+                        self.service.describe_failure(address, exc),
+                    )
+                    return "failed", 0
+                retries += verdict.action == "retry"
+                jitter = random.uniform(0.0, 0.05)  # noqa: S311 (spreading waits, not crypto)
+                if await self._sleep_or_stop(max(0.01, verdict.wait_s) + jitter):
+                    return None
+                continue
+            if not fetched:
+                return "skipped", 0
+            return ("fetched", nbytes) if nbytes else ("empty", 0)
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True (early) when seeding is being stopped."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
