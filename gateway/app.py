@@ -86,8 +86,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     headers["Server"] = SERVER
     if rate_headers is not None:
         headers.update(rate_headers)
-    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
+    metrics.observe_request(route, request.method, response.status, time.perf_counter() - started)
     return response
 
 
@@ -99,6 +98,9 @@ def _check_client_limit(request: web.Request) -> dict[str, str] | None:
         Problem: 401 for a bad token, 429 over the limit.
     """
     app = request.app
+    limits = app[CLIENT_LIMIT]
+    if not limits:
+        return None  # no client limits configured: tokens are still checked by the route
     token = app[AUTH].identify(request)
     client = client_address(request, app[SETTINGS].server.trusted_proxies)
     request[CLIENT_KEY] = client

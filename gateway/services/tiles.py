@@ -123,13 +123,15 @@ class TileService:
 
     async def _get(self, address: TileAddress, priority: Priority) -> TileResult:
         layer = address.layer
-        if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
-            return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         key = address.key
         tile = self.cache.get_memory(key)
+        now = time.time()
+        if tile is not None and tile.is_fresh(now):  # the hot path: only covered tiles are cached
+            return TileResult(tile, "EMPTY" if tile.empty else "HIT")
+        if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
+            return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         if tile is None and not self._flights.in_flight(key):
             tile = self.cache.get(key, from_disk=True)  # joining a flight skips the disk read
-        now = time.time()
         if tile is not None:
             if tile.is_fresh(now):
                 return TileResult(tile, "EMPTY" if tile.empty else "HIT")
