@@ -173,11 +173,9 @@ class TileStack:
         self.cache.close()
 
 
-def open_tile_stack(
-    settings: Settings, service_class: type[TileService] = TileService
-) -> TileStack:
-    """Build the tile path for ``settings`` (``service_class``: a :class:`TileService` or a
-    subclass); close it with :meth:`TileStack.aclose`.
+def open_tile_stack(settings: Settings) -> TileStack:
+    """Build the tile path for ``settings`` (cache, shared state, client, guard, tile
+    service), as the gateway and the seeder use it; close it with :meth:`TileStack.aclose`.
 
     Raises:
         OSError: the cache or state directory cannot be created or opened.
@@ -198,7 +196,7 @@ def open_tile_stack(
     guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
     lim = settings.limits
     longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
-    service = service_class(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
+    service = TileService(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
     return TileStack(cache, state, client, guard, service)
 
 

@@ -23,7 +23,7 @@ from gateway.emulator import FAULTS_KEY, Fault
 from gateway.seed.area import parse_bbox
 from gateway.seed.plan import SeedPlan
 from gateway.seed.purge import purge_tiles
-from gateway.seed.runner import Seeder, SeedingTileService
+from gateway.seed.runner import Seeder
 from tests.conftest import PLANTED_KEY, TOKENS, config_with
 
 OLINDA_BBOX = "-34.916589,-8.040927,-34.825966,-7.949822"
@@ -197,7 +197,7 @@ async def test_seeding_is_paced_by_the_host_limiter_and_map_users_go_first(
     )
     settings = settings_for(emulator, config=config)
     map_user = await gateway_for(emulator, config=config)  # same cache and limiter state
-    stack = open_tile_stack(settings, SeedingTileService)
+    stack = open_tile_stack(settings)
     plan = SeedPlan.for_layer(
         settings.layers["olinda"], parse_bbox(OLINDA_BBOX), (12, 13), ("png",)
     )
@@ -226,7 +226,7 @@ async def test_seeding_is_paced_by_the_host_limiter_and_map_users_go_first(
 async def test_a_throttled_tile_waits_retry_after_and_succeeds(emulator, settings_for):
     emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="1"))
     settings = settings_for(emulator)
-    stack = open_tile_stack(settings, SeedingTileService)
+    stack = open_tile_stack(settings)
     plan = SeedPlan.for_layer(
         settings.layers["olinda"], parse_bbox(inside(13, 3302, 4278)), (13, 13), ("png",)
     )
@@ -253,7 +253,7 @@ async def test_a_failing_tile_is_counted_and_the_exit_code_is_1(emulator, tmp_pa
 
 async def test_seeding_at_scale_2_fetches_the_four_children(emulator, settings_for):
     settings = settings_for(emulator)
-    stack = open_tile_stack(settings, SeedingTileService)
+    stack = open_tile_stack(settings)
     plan = SeedPlan.for_layer(
         settings.layers["olinda"], parse_bbox(inside(13, 3302, 4278)), (13, 13), ("webp",), 2
     )
@@ -270,7 +270,7 @@ async def test_purge_command_removes_by_zoom_and_box_and_spares_other_layers(
     emulator, tmp_path, settings_for
 ):
     settings = settings_for(emulator)
-    stack = open_tile_stack(settings, SeedingTileService)
+    stack = open_tile_stack(settings)
     bbox = parse_bbox(OLINDA_BBOX)
     try:
         for name, formats in (("olinda", ("png", "webp")), ("olinda-ndvi", ("png",))):

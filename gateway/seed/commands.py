@@ -27,7 +27,7 @@ from gateway.seed.estimate import dry_run
 from gateway.seed.plan import SeedPlan
 from gateway.seed.purge import purge_tiles
 from gateway.seed.resume import ResumeError, ResumeState
-from gateway.seed.runner import Outcome, Seeder, SeedingTileService, SeedSummary
+from gateway.seed.runner import Outcome, Seeder, SeedSummary
 
 EXIT_INTERRUPTED = 130
 
@@ -104,8 +104,7 @@ async def _seed(
     seed_settings = dataclasses.replace(
         settings, cache=dataclasses.replace(settings.cache, memory_bytes=0)
     )
-    stack = open_tile_stack(seed_settings, SeedingTileService)
-    assert isinstance(stack.service, SeedingTileService)
+    stack = open_tile_stack(seed_settings)
     bar = tqdm(
         total=total,
         initial=start,

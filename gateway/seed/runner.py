@@ -1,6 +1,6 @@
 """Seeding: fetch a plan's tiles through the gateway's own tile path, at seeding priority.
 
-Each tile goes through :class:`SeedingTileService` (the gateway's :class:`TileService`: cache,
+Each tile goes through :class:`TileService` (the gateway's :class:`TileService`: cache,
 cross-process claims, the upstream guard with its host-wide buckets, concurrency cap,
 breakers and budget) with :attr:`Priority.SEEDING`, so seeding only takes tokens that are
 there now and map users always go first. Per tile:
@@ -48,41 +48,6 @@ CHECKPOINT_S = 1.0
 """How often the resume state is written while seeding, at most, seconds."""
 
 Outcome = Literal["fetched", "skipped", "empty", "failed"]
-
-
-class SeedingTileService(TileService):
-    """The gateway's tile service with one more entry point for seeding.
-
-    :meth:`fetch_now` runs the same coalesced, claimed, guarded fetch as a cache miss, but
-    never answers with a stale entry (an expired tile is fetched again, not served).
-    """
-
-    async def fetch_now(self, address: TileAddress, priority: Priority) -> tuple[bool, int]:
-        """Fetch and store ``address`` unless a fresh copy appeared meanwhile.
-
-        Returns:
-            ``(fetched, nbytes)``: ``fetched`` is False when another process stored it (or
-            this one was coalesced onto another fetch); ``nbytes`` is 0 for an empty tile.
-
-        Raises:
-            LimitExceeded, BreakerOpen, UpstreamError, ImageCheckError: the fetch failed;
-            Problem: an ``@2x`` child failed (as a map request would see it).
-        """
-        (tile, source), coalesced = await self._flights.run(
-            address.key, lambda: self._fetch(address, priority)
-        )
-        fetched = source == "MISS" and not coalesced
-        return fetched, 0 if tile.empty else len(tile.body)
-
-    async def drain(self) -> None:
-        """Wait for background refreshes (started by ``@2x`` children) to finish."""
-        while self._refreshes:
-            await asyncio.gather(*list(self._refreshes), return_exceptions=True)
-
-    def describe_failure(self, address: TileAddress, exc: Exception) -> str:
-        """``"<status> <title>"`` of the problem a map request would get for ``exc``."""
-        problem = exc if isinstance(exc, Problem) else self._problem(address, exc)
-        return f"{problem.status} {problem.title}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +132,7 @@ class Seeder:
 
     def __init__(
         self,
-        service: SeedingTileService,
+        service: TileService,
         plan: SeedPlan,
         concurrency: int = 4,
         state: ResumeState | None = None,

@@ -36,14 +36,12 @@ from gateway.breaker import BreakerOpen
 from gateway.guard import UpstreamGuard
 from gateway.limits import LimitExceeded
 from gateway.problem import Problem
+from gateway.services.errors import upstream_problem
 from gateway.store import DownloadStore, StoredFile, file_etag
 from gateway.upstream import (
-    UpstreamAuthError,
     UpstreamError,
     UpstreamNotFound,
-    UpstreamRateLimited,
     UpstreamRejected,
-    UpstreamTimeout,
 )
 
 log = logging.getLogger("gateway.downloads")
@@ -335,40 +333,7 @@ class DownloadService:
             return Problem(
                 404, "Not found", "No such clip job or mosaic type.", slug="unknown-download"
             )
-        if isinstance(exc, UpstreamRateLimited | BreakerOpen | LimitExceeded):
-            retry = max(1, round(getattr(exc, "retry_after_s", 1.0)))
-            return Problem(
-                503,
-                "Upstream busy",
-                "Downloads are throttled or held back to stay "
-                f"within the upstream's egress limits; retry after {retry} s.",
-                slug="upstream-throttled",
-                headers={"Retry-After": str(retry)},
-            )
-        if isinstance(exc, UpstreamAuthError):
-            log.critical(
-                "UPSTREAM REJECTED THE GATEWAY'S CREDENTIALS (%s) for %s: the Geopera "
-                "API key is wrong, expired or lacks the clip:read scope; fix "
-                "GEOPERA_API_KEY",
-                exc.status,
-                exc.operation,
-            )
-            return Problem(
-                502,
-                "Upstream authorization failed",
-                "The gateway's upstream credentials were refused; an operator has been alerted.",
-                slug="upstream-auth",
-            )
-        if isinstance(exc, UpstreamTimeout):
-            return Problem(
-                504,
-                "Upstream timeout",
-                "The upstream did not answer in time.",
-                slug="upstream-timeout",
-            )
-        return Problem(
-            502, "Bad gateway", "The upstream failed to deliver this file.", slug="upstream-error"
-        )
+        return upstream_problem(exc, "this clip file", "clip:read")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -31,13 +31,10 @@ from gateway.guard import UpstreamGuard
 from gateway.layers import MEDIA_TYPES, Layer
 from gateway.limits import LimitExceeded, Priority
 from gateway.problem import Problem
+from gateway.services.errors import upstream_problem
 from gateway.upstream import (
-    UpstreamAuthError,
     UpstreamError,
     UpstreamNotFound,
-    UpstreamQuotaExceeded,
-    UpstreamRateLimited,
-    UpstreamTimeout,
 )
 
 log = logging.getLogger("gateway.tiles")
@@ -157,6 +154,33 @@ class TileService:
         if fetched.empty:
             return TileResult(fetched, "EMPTY")
         return TileResult(fetched, "COALESCED" if coalesced else source)
+
+    async def fetch_now(self, address: TileAddress, priority: Priority) -> tuple[bool, int]:
+        """Fetch and store ``address`` now, as a cache miss does (coalesced, claimed across
+        workers, guarded), but never answer with a stale entry; for seeding.
+
+        Returns:
+            ``(fetched, nbytes)``: ``fetched`` is False when another process stored it or
+            this call joined another fetch; ``nbytes`` is 0 for an empty tile.
+
+        Raises:
+            LimitExceeded, BreakerOpen, UpstreamError, ImageCheckError: the fetch failed;
+            Problem: an ``@2x`` child failed (as a map request would see it).
+        """
+        (tile, source), coalesced = await self._flights.run(
+            address.key, lambda: self._fetch(address, priority)
+        )
+        return source == "MISS" and not coalesced, 0 if tile.empty else len(tile.body)
+
+    async def drain(self) -> None:
+        """Wait for background refreshes (started by ``@2x`` children) to finish."""
+        while self._refreshes:
+            await asyncio.gather(*list(self._refreshes), return_exceptions=True)
+
+    def describe_failure(self, address: TileAddress, exc: Exception) -> str:
+        """``"<status> <title>"`` of the problem a map request would get for ``exc``."""
+        problem = exc if isinstance(exc, Problem) else self._problem(address, exc)
+        return f"{problem.status} {problem.title}"
 
     def _refresh_in_background(self, address: TileAddress, priority: Priority) -> None:
         """Start one refresh of ``address`` unless a fetch of it is already in flight."""
@@ -284,39 +308,7 @@ class TileService:
     @staticmethod
     def _problem(address: TileAddress, exc: Exception) -> Problem:
         """Map a fetch failure to the client's problem+json (never the upstream's text)."""
-        name = address.layer.name
-        if isinstance(exc, LimitExceeded):
-            retry = max(1, round(exc.retry_after_s))
-            if exc.scope == "budget":
-                detail = (
-                    "The gateway's daily upstream egress budget is spent; only cached "
-                    "tiles are served until it renews at 00:00 UTC."
-                )
-                return Problem(
-                    503,
-                    "Egress budget spent",
-                    detail,
-                    slug="egress-budget-spent",
-                    headers={"Retry-After": str(retry)},
-                )
-            return Problem(
-                503,
-                "Upstream limit reached",
-                f"The gateway's {exc.scope} limit towards the upstream is saturated; "
-                f"retry after {retry} s.",
-                slug="upstream-limit",
-                headers={"Retry-After": str(retry)},
-            )
-        if isinstance(exc, BreakerOpen):
-            retry = max(1, round(exc.retry_after_s))
-            return Problem(
-                503,
-                "Upstream circuit open",
-                f"Calls to the upstream for layer {name!r} are paused after errors "
-                f"or throttling; retry after {retry} s.",
-                slug="upstream-circuit-open",
-                headers={"Retry-After": str(retry)},
-            )
+        layer = address.layer
         if isinstance(exc, imaging.ImageCheckError):
             return Problem(
                 502,
@@ -324,48 +316,12 @@ class TileService:
                 "The upstream answered with something that is not a valid tile.",
                 slug="upstream-bad-response",
             )
-        if isinstance(exc, UpstreamAuthError):
-            log.critical(
-                "UPSTREAM REJECTED THE GATEWAY'S CREDENTIALS (%s) for %s: the Geopera "
-                "API key is wrong, expired or lacks the tiles:read scope; fix "
-                "GEOPERA_API_KEY",
-                exc.status,
-                exc.operation,
-            )
+        if isinstance(exc, UpstreamNotFound):
+            log.error("upstream does not know the COG of layer %s", layer.name)
             return Problem(
                 502,
-                "Upstream authorization failed",
-                "The gateway's upstream credentials were refused; an operator has "
-                "been alerted in the gateway log.",
-                slug="upstream-auth",
+                "Bad gateway",
+                f"The upstream does not know the source of layer {layer.name!r}.",
+                slug="upstream-error",
             )
-        if isinstance(exc, UpstreamRateLimited):
-            retry = max(1, round(exc.retry_after_s))
-            log.warning(
-                "upstream throttled %s for layer %s; retry after %ss", exc.operation, name, retry
-            )
-            return Problem(
-                503,
-                "Upstream throttled",
-                f"The upstream is rate limiting tiles for layer {name!r}; retry after {retry} s.",
-                slug="upstream-throttled",
-                headers={"Retry-After": str(retry)},
-            )
-        if isinstance(exc, UpstreamTimeout):
-            log.warning("upstream timed out: %s", exc)
-            return Problem(
-                504,
-                "Upstream timeout",
-                "The upstream did not answer in time.",
-                slug="upstream-timeout",
-            )
-        log.error(
-            "upstream failed for layer %s %d/%d/%d: %s", name, address.z, address.x, address.y, exc
-        )
-        if isinstance(exc, UpstreamQuotaExceeded):
-            detail = "The upstream quota for this gateway is spent."
-        elif isinstance(exc, UpstreamNotFound):
-            detail = f"The upstream does not know the source of layer {name!r}."
-        else:
-            detail = "The upstream failed to render this tile."
-        return Problem(502, "Bad gateway", detail, slug="upstream-error")
+        return upstream_problem(exc, f"tiles of layer {layer.name!r}", "tiles:read")
