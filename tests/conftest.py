@@ -53,6 +53,21 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
+# A private copy of the olinda layer, for tests of tokens and private layers.
+PRIVATE_LAYER = """
+[[layers]]
+name = "olinda-private"
+title = "Olinda (private)"
+url = "https://demo.geopera.invalid/cogs/landsat7_olinda_6band_cog.tif"
+bands = "3,2,1"
+rescale = "20,110;25,110;45,130"
+minzoom = 9
+maxzoom = 16
+bounds = [-34.916589, -8.040927, -34.825966, -7.949822]
+public = false
+"""
+
+
 def test_config_text() -> str:
     """The demo config plus the test tokens."""
     return DEFAULT_CONFIG.read_text() + TOKENS_TOML

@@ -4,21 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TOKENS, config_with
+from tests.conftest import PRIVATE_LAYER, TOKENS, config_with
 from tests.test_downloads import completed, create_job
-
-PRIVATE_LAYER = """
-[[layers]]
-name = "olinda-private"
-kind = "raster"
-url = "https://demo.geopera.invalid/cogs/landsat7_olinda_6band_cog.tif"
-bands = "3,2,1"
-rescale = "20,110;25,110;45,130"
-minzoom = 9
-maxzoom = 16
-bounds = [-34.916589, -8.040927, -34.825966, -7.949822]
-public = false
-"""
 
 WHO = ["none", "bad", "tiles", "downloads", "admin", "all"]
 

@@ -4,20 +4,16 @@ proxies, and CORS."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
-import rasterio
 
 from gateway.app import create_app
-from tests.conftest import TOKENS, config_with
+from tests.clients import needs_gdal, read_olinda_window
+from tests.conftest import PRIVATE_LAYER, TOKENS, config_with
 
 SCHEMA = json.loads((Path(__file__).parent / "data" / "tilejson-3.0.0.schema.json").read_text())
 LAYERS = ["olinda", "olinda-ndvi", "bahamas", "st-helens"]
@@ -27,18 +23,6 @@ NS = {
     "xlink": "http://www.w3.org/1999/xlink",
 }
 WMTS_PATH = "/wmts/1.0.0/WMTSCapabilities.xml"
-PRIVATE_LAYER = """
-[[layers]]
-name = "olinda-private"
-title = "Olinda (private)"
-url = "https://demo.geopera.invalid/cogs/landsat7_olinda_6band_cog.tif"
-bands = "3,2,1"
-rescale = "20,110;25,110;45,130"
-minzoom = 9
-maxzoom = 16
-bounds = [-34.916589, -8.040927, -34.825966, -7.949822]
-public = false
-"""
 TRUSTED = ("trusted_proxies = []", 'trusted_proxies = ["127.0.0.1"]')
 PUBLIC_URL = ("trusted_proxies = []", 'public_url = "https://maps.example.org/gw/"')
 
@@ -332,51 +316,10 @@ async def test_cors_with_listed_origins(gateway_for, emulator, tmp_path):
     assert not any(h.startswith("Access-Control-") for h in refused.headers)
 
 
-@pytest.mark.skipif(
-    shutil.which("gdal_translate") is None and not os.environ.get("CI"),
-    reason="GDAL command-line tools not installed (CI installs gdal-bin)",
-)
+@needs_gdal
 async def test_gdal_reads_a_window_through_wmts(aiohttp_server, settings_for, emulator, tmp_path):
     server = await aiohttp_server(create_app(settings_for(emulator)))
     source = f"WMTS:http://127.0.0.1:{server.port}{WMTS_PATH},layer=olinda"
     out = tmp_path / "olinda-wmts.tif"
-    process = await asyncio.create_subprocess_exec(
-        "gdal_translate",
-        "-q",
-        "-of",
-        "GTiff",
-        "-projwin_srs",
-        "EPSG:4326",
-        "-projwin",
-        "-34.91",
-        "-7.955",
-        "-34.83",
-        "-8.035",
-        "-outsize",
-        "512",
-        "0",
-        source,
-        str(out),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        # the WMTS driver caches tiles on disk (./gdalwmscache by default): keep it in tmp
-        cwd=tmp_path,
-        env={
-            **os.environ,
-            "GDAL_HTTP_TIMEOUT": "30",
-            "CPL_VSIL_CURL_USE_HEAD": "NO",
-            "GDAL_DEFAULT_WMS_CACHE_PATH": str(tmp_path / "wms-cache"),
-        },
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode == 0, stderr.decode()
-    with rasterio.open(out) as dataset:
-        assert dataset.count == 4
-        assert dataset.crs.to_epsg() == 3857
-        data = dataset.read()
-    alpha = data[3]
-    assert (alpha > 0).mean() > 0.5  # most of the window holds imagery
-    rgb = data[:3][:, alpha > 0]
-    assert rgb.std() > 5  # real texture, not a flat fill
-    assert np.unique(rgb.reshape(3, -1), axis=1).shape[1] > 100
+    await read_olinda_window(source, out)
     assert emulator.renders() > 0

@@ -27,8 +27,7 @@ import pytest
 from gateway.app import create_app
 from gateway.config import ViewerSettings
 from gateway.routes.viewer import script_json
-from tests.conftest import TOKENS, config_with
-from tests.test_discovery import PRIVATE_LAYER
+from tests.conftest import PRIVATE_LAYER, TOKENS, config_with
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPLIBRE_DIST = Path(
