@@ -59,6 +59,9 @@ backoff)."""
 
 CLAIM_POLL_S = 0.05
 
+WRITE_BATCH_BYTES = 4 << 20
+"""Received bytes are written to the temporary file in batches of about this size, bytes."""
+
 
 @dataclass(frozen=True, slots=True)
 class Requester:
@@ -297,9 +300,24 @@ class DownloadService:
             transfer.size = size if size is not None else expected
             transfer.filename = safe_filename(headers.get("content-disposition"), transfer.filename)
             transfer.ready.set()
+            # Writes run in a thread while the next bytes are read: one batch in flight.
+            batch: list[bytes] = []
+            batched = 0
+            writing: asyncio.Future[int] | None = None
             async for chunk in chunks:
-                await asyncio.to_thread(_write_all, fd, chunk)
-                transfer.advance(len(chunk))
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH_BYTES:
+                    if writing is not None:
+                        transfer.advance(await writing)
+                    writing = asyncio.ensure_future(
+                        asyncio.to_thread(_write_all, fd, b"".join(batch))
+                    )
+                    batch, batched = [], 0
+            if writing is not None:
+                transfer.advance(await writing)
+            if batch:
+                transfer.advance(await asyncio.to_thread(_write_all, fd, b"".join(batch)))
             await asyncio.to_thread(os.fsync, fd)
 
     def _expected_size(self, job_id: str, mosaic_type: str) -> int | None:
@@ -336,10 +354,12 @@ class DownloadService:
         return upstream_problem(exc, "this clip file", "clip:read")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> int:
+    """Write all of ``data`` to ``fd``; returns its length."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+    return len(data)
 
 
 def _loads(content: bytes) -> Any:
