@@ -41,6 +41,7 @@ class Scope:
 
     @property
     def key(self) -> tuple[str, str, str]:
+        """The breaker's key in the shared state."""
         return ("breaker", self.operation, self.asset or "")
 
 

@@ -21,10 +21,13 @@ class TableReader:
         self.source, self.prefix, self.table = source, prefix, table
 
     def error(self, key: str, problem: str) -> ConfigError:
+        """A :class:`ConfigError` reading ``<file>: <table>.<key>: <problem>``."""
         name = f"{self.prefix}.{key}" if self.prefix else key
         return ConfigError(f"{self.source}: {name}: {problem}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        """``key``'s value checked against ``kind`` (ints accepted as floats, booleans never
+        as numbers), or ``default`` when absent. Raises ConfigError on a wrong type."""
         if key not in self.table:
             return default
         value = self.table[key]
@@ -38,12 +41,14 @@ class TableReader:
         return value
 
     def positive(self, key: str, kind: type, default: Any) -> Any:
+        """Like :meth:`get`, and the value must be greater than 0."""
         value = self.get(key, kind, default)
         if value <= 0:
             raise self.error(key, f"must be greater than 0, got {value}")
         return value
 
     def reject_unknown(self, allowed: set[str]) -> None:
+        """Raise ConfigError for the first key of the table not in ``allowed`` (typos)."""
         for key in self.table:
             if key not in allowed:
                 raise self.error(key, f"unknown key; allowed keys are {', '.join(sorted(allowed))}")
