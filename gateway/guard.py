@@ -128,9 +128,7 @@ class UpstreamGuard:
         started = time.monotonic()
         try:
             buckets, costs = self._buckets(operation, asset)
-            wait = await asyncio.to_thread(
-                self.buckets.reserve, buckets, costs, max(0.0, deadline - started), priority
-            )
+            wait = self.buckets.reserve(buckets, costs, max(0.0, deadline - started), priority)
             if wait > 0:
                 await asyncio.sleep(wait)
             async with self._local_slots:
@@ -187,7 +185,7 @@ class UpstreamGuard:
             self._failed(operation, asset, exc)
             raise
         finally:
-            await asyncio.to_thread(self.concurrency.release, lease)
+            self.concurrency.release(lease)
         self.breakers.record_success((Scope(operation), Scope(operation, asset)))
         await self._received(operation, len(response.content))
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
@@ -213,7 +211,7 @@ class UpstreamGuard:
         metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
         if self._bytes is None:
             return 0.0
-        level = await asyncio.to_thread(self.buckets.charge, self._bytes, float(nbytes))
+        level = self.buckets.charge(self._bytes, float(nbytes))
         return max(0.0, -level / self._bytes.rate)
 
     @contextlib.asynccontextmanager
@@ -260,7 +258,7 @@ class UpstreamGuard:
             self._failed(operation, asset, exc)
             raise
         finally:
-            await asyncio.to_thread(self.concurrency.release, lease)
+            self.concurrency.release(lease)
         self.breakers.record_success((Scope(operation), Scope(operation, asset)))
         metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)

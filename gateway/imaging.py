@@ -17,6 +17,8 @@ TILE_SIZE = 256
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
+Image.init()  # load every format plugin now, not on the first tile of a cold-miss burst
+
 SEA_LEVEL_TERRAIN_RGB = (1, 134, 160)
 """Terrain-RGB pixel for 0 m: v = (0 + 10000) * 10 = 100000 = 0x0186A0 (Mapbox encoding)."""
 

@@ -11,6 +11,10 @@ and a request whose wait would exceed ``max_wait_s`` reserves nothing and is ref
 wait as its Retry-After. Seeding traffic (:attr:`Priority.SEEDING`) never reserves into a
 deficit: it only takes tokens that are there now, so interactive map requests always go first.
 
+Every operation is one short SQLite transaction (a fraction of a millisecond) and runs inline
+on the event loop: a thread hop would cost more, because its result waits for the loop to come
+round, which under a burst of requests takes longer than the transaction itself.
+
 Why not a library: aiolimiter and limits keep their state in process memory (or Redis), and
 none offers a token bucket whose state several processes share through a local file; the
 bucket arithmetic here is a few lines over diskcache's ``transact``.
@@ -198,7 +202,7 @@ class ConcurrencyCap:
         """
         deadline = time.monotonic() + max_wait_s
         while True:
-            lease = await asyncio.to_thread(self._try_acquire, priority, lease_s or self.lease_s)
+            lease = self._try_acquire(priority, lease_s or self.lease_s)
             if lease is not None:
                 return lease
             if time.monotonic() >= deadline:
