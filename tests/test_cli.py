@@ -9,10 +9,11 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY
+from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, Emulator
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"
 
@@ -57,6 +58,25 @@ async def running(
                 await process.wait()
 
 
+@asynccontextmanager
+async def serving_workers(
+    upstream: Emulator, config: Path, cache: Path, workers: int = 2
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """``geopera-gateway serve --workers N`` in front of ``upstream``, healthy; yields its
+    base URL and process."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        "GEOPERA_BASE_URL": upstream.url,
+        "GEOPERA_API_KEY": PLANTED_KEY,
+        "GEOPERA_CACHE_DIR": str(cache),
+    }
+    args = ("serve", "--config", str(config), "--port", str(port), "--workers", str(workers))
+    async with running(*args, env=env) as (process, _):
+        await wait_healthy(base)
+        yield base, process
+
+
 async def wait_healthy(base: str) -> None:
     async with aiohttp.ClientSession() as session, asyncio.timeout(60):
         while True:
@@ -89,16 +109,7 @@ async def test_demo_prints_urls_that_serve_real_tiles(tmp_path):
 
 
 async def test_serve_with_two_workers_shares_one_cache(emulator, tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        "GEOPERA_BASE_URL": emulator.url,
-        "GEOPERA_API_KEY": PLANTED_KEY,
-        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    args = ("serve", "--config", str(DEFAULT_CONFIG), "--port", str(port), "--workers", "2")
-    async with running(*args, env=env) as (process, _):
-        await wait_healthy(base)
+    async with serving_workers(emulator, DEFAULT_CONFIG, tmp_path / "cache") as (base, process):
         statuses = []
         for _ in range(20):  # a new connection each time, so the kernel spreads them
             async with aiohttp.ClientSession() as session, session.get(base + OLINDA) as r:
@@ -146,16 +157,7 @@ async def test_config_error_exits_2_with_a_clear_message(tmp_path):
 
 async def test_two_workers_fetch_a_cold_tile_once(start_upstream, tmp_path):
     slow = await start_upstream(delay_ms=300)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        "GEOPERA_BASE_URL": slow.url,
-        "GEOPERA_API_KEY": PLANTED_KEY,
-        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    args = ("serve", "--config", str(DEFAULT_CONFIG), "--port", str(port), "--workers", "2")
-    async with running(*args, env=env):
-        await wait_healthy(base)
+    async with serving_workers(slow, DEFAULT_CONFIG, tmp_path / "cache") as (base, _):
 
         async def fetch() -> tuple[int, str]:
             connector = aiohttp.TCPConnector(force_close=True)

@@ -15,7 +15,7 @@ from gateway.emulator import FAULTS_KEY, LIMITS_KEY, Fault
 from gateway.limits import Bucket, LimitExceeded, Priority, SharedState, TokenBuckets
 from gateway.logs import access_log_options
 from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, TOKENS, config_with
-from tests.test_cli import free_port, running, wait_healthy
+from tests.test_cli import serving_workers
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"
 OLINDA_TILES = [
@@ -217,16 +217,7 @@ async def test_limits_hold_across_two_worker_processes(start_upstream, tmp_path)
         ("asset_burst = 20", "asset_burst = 2"),
         ('rate_limit = "200/second"', 'rate_limit = "off"'),
     )
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        "GEOPERA_BASE_URL": upstream.url,
-        "GEOPERA_API_KEY": PLANTED_KEY,
-        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    args = ("serve", "--config", str(config), "--port", str(port), "--workers", "2")
-    async with running(*args, env=env):
-        await wait_healthy(base)
+    async with serving_workers(upstream, config, tmp_path / "cache") as (base, _):
 
         async def fetch(path: str) -> int:
             # a connection per request, so the kernel spreads them over both workers
