@@ -30,7 +30,8 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
 
 
-def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+def is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` (an IP literal) lies in one of ``networks``; False for garbage."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -41,12 +42,12 @@ def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
 def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     """The client's IP address as a string ("unknown" when the socket has none)."""
     peer = request.remote or "unknown"
-    if not trusted or not _trusted(peer, trusted):
+    if not trusted or not is_trusted(peer, trusted):
         return peer
     forwarded = request.headers.getall("X-Forwarded-For", [])
     hops = [h.strip() for value in forwarded for h in value.split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

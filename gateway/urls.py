@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from gateway.clients import _trusted
+from gateway.clients import is_trusted
 from gateway.state import AUTH, SETTINGS
 
 _HOST = re.compile(
@@ -59,7 +59,7 @@ def public_base(request: web.BaseRequest) -> str:
         return server.public_url
     scheme = request.scheme
     host = request.headers.get("Host", "")
-    if server.trusted_proxies and _trusted(request.remote or "", server.trusted_proxies):
+    if server.trusted_proxies and is_trusted(request.remote or "", server.trusted_proxies):
         proto = (_last(request, "X-Forwarded-Proto") or "").lower()
         if proto in ("http", "https"):
             scheme = proto

@@ -30,6 +30,7 @@ from gateway.services.downloads import (
 )
 from gateway.state import AUTH, DOWNLOAD_SERVICE, SETTINGS
 from gateway.store import DownloadStore, StoredFile
+from gateway.urls import public_base
 
 CACHE_CONTROL = "private, max-age=86400"
 """Clip files are immutable once completed, but only for the clients allowed to fetch them."""
@@ -53,7 +54,7 @@ async def job_status(request: web.Request) -> web.Response:
     request.app[AUTH].authorize(request, "downloads")
     job_id = _job_id(request)
     result = await request.app[DOWNLOAD_SERVICE].job(job_id)
-    base = f"{request.scheme}://{request.host}"
+    base = public_base(request)
     for file in result["files"]:
         file["url"] = f"{base}/downloads/{job_id}/{file['mosaic_type']}"
     return web.json_response(result)
