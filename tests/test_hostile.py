@@ -34,6 +34,9 @@ TEMPLATES = [
     "/downloads/0b7c6a52-1111-4222-8333-444455556666/{v}",
     "/{v}",
     "/tiles/{v}",
+    "/tiles/{v}/tilejson.json",
+    "/viewer/assets/{v}",
+    "/wmts/{v}/WMTSCapabilities.xml",
 ]
 
 
@@ -59,6 +62,27 @@ async def test_hostile_values_in_every_route_get_clean_4xx(gateway_for, emulator
         CASES_RUN.append(1)
     assert emulator.renders() == 0
     assert sum(emulator.stats.calls.values()) == 0
+
+
+async def test_hostile_values_in_admin_purge_get_clean_4xx(gateway_for, emulator):
+    client = await gateway_for(emulator, token="admin")
+    await client.get("/tiles/olinda/13/3302/4278.png")  # something that could be purged
+    for field in ("layer", "bbox", "zoom"):
+        for value in VALUES:
+            body = {"layer": "olinda", field: value}
+            response = await client.post("/admin/purge", json=body)
+            if field != "layer" and value in ("",):
+                continue  # an empty optional field means "all": not hostile
+            await assert_clean_4xx(response, f"purge {field}={value!r}")
+            CASES_RUN.append(1)
+    for raw in (b"{", b"[]", b"null", b'{"layer": ["olinda"]}', b"\\xff\\xfe", b"x" * 5000):
+        response = await client.post(
+            "/admin/purge", data=raw, headers={"Content-Type": "application/json"}
+        )
+        await assert_clean_4xx(response, f"purge body {raw[:20]!r}")
+        CASES_RUN.append(1)
+    assert (await client.get("/tiles/olinda/13/3302/4278.png")).headers["X-Cache"] == "HIT"
+    assert emulator.renders() == 1
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])

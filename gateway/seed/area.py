@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import mercantile
 
@@ -13,6 +14,11 @@ class AreaError(ValueError):
     """A box, zoom range or format list that cannot be used; the message says why."""
 
 
+_ZOOM = re.compile(r"(?P<low>0|[1-9][0-9]?)(?:-(?P<high>0|[1-9][0-9]?))?")
+_NUMBER = re.compile(r"-?[0-9]{1,3}(?:\.[0-9]{1,15})?")
+"""Plain decimal degrees: no exponents, signs other than ``-``, ``nan`` or ``inf``."""
+
+
 def parse_bbox(text: str) -> Bounds:
     """``"W,S,E,N"`` (degrees, EPSG:4326) as ``(west, south, east, north)``.
 
@@ -21,9 +27,8 @@ def parse_bbox(text: str) -> Bounds:
             -90 <= S < N <= 90.
     """
     parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
+    values = [float(p) for p in parts if _NUMBER.fullmatch(p)]
+    if len(values) != len(parts):
         values = []
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise AreaError(
@@ -45,12 +50,11 @@ def parse_zoom(text: str) -> tuple[int, int]:
     Raises:
         AreaError: not one or two integers, A > B, or outside 0..:data:`MAX_ZOOM`.
     """
-    low, sep, high = str(text).strip().partition("-")
-    try:
-        first = int(low)
-        last = int(high) if sep else first
-    except ValueError:
-        raise AreaError(f"zoom must be A-B or A, e.g. 12-14; got {str(text)[:40]!r}") from None
+    match = _ZOOM.fullmatch(str(text).strip())
+    if match is None:
+        raise AreaError(f"zoom must be A-B or A, e.g. 12-14; got {str(text)[:40]!r}")
+    first = int(match["low"])
+    last = int(match["high"]) if match["high"] is not None else first
     if not 0 <= first <= last <= MAX_ZOOM:
         raise AreaError(f"zoom needs 0 <= A <= B <= {MAX_ZOOM}; got {str(text)[:40]!r}")
     return first, last
