@@ -72,11 +72,9 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -101,6 +99,7 @@ from tiles import (
     free_port,
     gateway_log_findings,
     http_json,
+    run_main,
     table,
     verdict,
     wait_ready,
@@ -808,42 +807,13 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
-    args = parse_args(argv)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    scratch = Path(tempfile.mkdtemp(prefix="geopera-bench-downloads-"))
-    (scratch / "logs").mkdir()
-    procs = Processes(scratch / "logs")
-    keep_logs = args.keep
-    code = 1
-    try:
-        problems = benchmark(args, scratch, procs)
-        if problems:
-            keep_logs = True
-            print("PROBLEMS (exit status 1):")
-            for problem in problems:
-                print("  - " + problem)
-        code = 1 if problems else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping processes", file=sys.stderr, flush=True)
-        code = 130
-    except BenchError as exc:
-        print(f"bench/downloads.py: {exc}", file=sys.stderr, flush=True)
-        keep_logs = True
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"scratch dir (config, logs, download store) kept: {scratch}")
-        elif keep_logs:
-            shutil.rmtree(scratch / "tiles-downloads", ignore_errors=True)
-            print(f"scratch dir (config, logs) kept, download store deleted: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return code
+    return run_main(
+        "bench/downloads.py",
+        "geopera-bench-downloads-",
+        parse_args(argv),
+        benchmark,
+        discard_when_kept=("tiles-downloads",),
+    )
 
 
 if __name__ == "__main__":

@@ -63,11 +63,8 @@ import math
 import os
 import random
 import resource
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -100,6 +97,7 @@ from tiles import (
     free_port,
     gateway_log_findings,
     http_json,
+    run_main,
     table,
     verdict,
     wait_ready,
@@ -755,39 +753,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
-    args = parse_args(argv)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    scratch = Path(tempfile.mkdtemp(prefix="geopera-bench-limits-"))
-    (scratch / "logs").mkdir()
-    procs = Processes(scratch / "logs")
-    keep = args.keep
-    code = 1
-    try:
-        problems = benchmark(args, scratch, procs)
-        if problems:
-            keep = True
-            print("PROBLEMS (exit status 1):")
-            for problem in problems:
-                print("  - " + problem)
-        code = 1 if problems else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping processes", file=sys.stderr, flush=True)
-        code = 130
-    except BenchError as exc:
-        print(f"bench/egress_limits.py: {exc}", file=sys.stderr, flush=True)
-        keep = True
-    finally:
-        procs.stop_all()
-        if keep:
-            print(f"scratch dir (logs, cache) kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return code
+    return run_main("bench/egress_limits.py", "geopera-bench-limits-", parse_args(argv), benchmark)
 
 
 if __name__ == "__main__":

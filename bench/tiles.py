@@ -69,7 +69,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1234,9 +1234,21 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
-    args = parse_args(argv)
+def run_main(
+    script: str,
+    prefix: str,
+    args: argparse.Namespace,
+    benchmark: Callable[[argparse.Namespace, Path, Processes], list[str]],
+    after: Callable[[argparse.Namespace, Processes], None] | None = None,
+    discard_when_kept: Sequence[str] = (),
+) -> int:
+    """The ``main()`` every benchmark shares: signals, a scratch directory, stopping every
+    process it started, and the exit status (0 measured, 1 broken, 130 interrupted).
+
+    ``after`` runs once the benchmark's processes are stopped (the anchors); the scratch
+    directory is kept with ``--keep`` or after a problem, minus ``discard_when_kept``
+    (large files) unless ``--keep`` asked for everything.
+    """
 
     def on_sigterm(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -1244,35 +1256,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     # Ctrl-C must stop everything even when started with SIGINT ignored (as `cmd &` in a script)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    scratch = Path(tempfile.mkdtemp(prefix="geopera-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
     (scratch / "logs").mkdir()
     procs = Processes(scratch / "logs")
     keep = args.keep
     code = 1
     try:
         problems = benchmark(args, scratch, procs)
-        procs.stop_all()  # before the anchors, so nothing of ours competes for the CPUs
+        procs.stop_all()  # before anything else runs, so nothing of ours competes for CPUs
         if problems:
             keep = True
             print("PROBLEMS (exit status 1):")
             for problem in problems:
                 print("  - " + problem)
-        if args.anchors:
-            run_anchors(args, procs)
+        if after is not None:
+            after(args, procs)
         code = 1 if problems else 0
     except KeyboardInterrupt:
         print("\ninterrupted; stopping processes", file=sys.stderr, flush=True)
         code = 130
     except BenchError as exc:
-        print(f"bench/tiles.py: {exc}", file=sys.stderr, flush=True)
+        print(f"{script}: {exc}", file=sys.stderr, flush=True)
         keep = True
     finally:
         procs.stop_all()
         if keep:
-            print(f"scratch dir (logs, cache) kept: {scratch}")
+            if not args.keep:
+                for name in discard_when_kept:
+                    shutil.rmtree(scratch / name, ignore_errors=True)
+            print(f"scratch dir kept: {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
+    args = parse_args(argv)
+
+    def anchors(args: argparse.Namespace, procs: Processes) -> None:
+        if args.anchors:
+            run_anchors(args, procs)
+
+    return run_main("bench/tiles.py", "geopera-bench-", args, benchmark, after=anchors)
 
 
 if __name__ == "__main__":
