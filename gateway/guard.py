@@ -239,11 +239,11 @@ class UpstreamGuard:
         lease = await self._admit(operation, asset, priority, deadline, lease_s=STREAM_LEASE_S)
         started = time.perf_counter()
         try:
-            async with self.client.stream(operation, body) as response:
+            async with self.client.stream(operation, body) as (headers, body_chunks):
 
                 async def chunks() -> AsyncIterator[bytes]:
                     pending = 0
-                    async for chunk in response.aiter_raw(STREAM_CHUNK_BYTES):
+                    async for chunk in body_chunks(STREAM_CHUNK_BYTES):
                         yield chunk
                         pending += len(chunk)
                         if pending >= CHARGE_EVERY_BYTES:
@@ -253,7 +253,7 @@ class UpstreamGuard:
                                 await asyncio.sleep(pause)
                     await self._received(operation, pending)
 
-                yield response.headers, chunks()
+                yield headers, chunks()
         except UpstreamError as exc:
             self._failed(operation, asset, exc)
             raise

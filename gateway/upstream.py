@@ -17,10 +17,11 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 
 from gateway.secrets import Secret, redact
@@ -29,6 +30,9 @@ log = logging.getLogger("gateway.upstream")
 
 DEFAULT_RETRY_AFTER_S = 1.0
 """Used when a 429 carries no usable ``Retry-After`` header (seconds)."""
+
+MAX_ERROR_BYTES = 64 << 10
+"""Most of an error body read from a streamed call, bytes."""
 
 MAX_RESPONSE_BYTES = 16 << 20
 """Largest buffered upstream body (a tile) accepted, bytes; larger answers are refused."""
@@ -115,19 +119,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _problem_text(response: httpx.Response, content: bytes) -> str:
+def _problem_text(reason: str | None, status: int, content: bytes) -> str:
     """``title: detail`` from a problem+json or JSON error body; the status phrase otherwise."""
     try:
         body = json.loads(content[:65536])
     except ValueError:
-        return response.reason_phrase or f"HTTP {response.status_code}"
+        return reason or f"HTTP {status}"
     if isinstance(body, dict):
         parts = [str(body[k]) for k in ("title", "detail") if isinstance(body.get(k), str)]
         if not parts and isinstance(body.get("detail"), list):
             parts = ["validation failed: " + json.dumps(body["detail"])[:500]]
         if parts:
             return ": ".join(parts)[:1000]
-    return response.reason_phrase or f"HTTP {response.status_code}"
+    return reason or f"HTTP {status}"
 
 
 class GeoperaClient:
@@ -151,6 +155,11 @@ class GeoperaClient:
         max_connections: int = 64,
         user_agent: str = "geopera-gateway",
     ) -> None:
+        self._base_url = base_url
+        self._headers = {"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": user_agent}
+        self._timeouts = (connect_timeout_s, read_timeout_s)
+        self._max_connections = max_connections
+        self._streams: aiohttp.ClientSession | None = None
         self._http = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
@@ -158,15 +167,17 @@ class GeoperaClient:
                 max_connections=max_connections,
                 max_keepalive_connections=max(8, max_connections // 4),
             ),
-            headers={"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": user_agent},
+            headers=self._headers,
             follow_redirects=False,
         )
         self._ping_at = float("-inf")
         self._ping_ok = False
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self._http.aclose()
+        if self._streams is not None:
+            await self._streams.close()
 
     async def ping(self, max_age_s: float = 5.0) -> bool:
         """Whether the upstream answers HTTP at all (any status), checked at most every
@@ -210,11 +221,17 @@ class GeoperaClient:
         raise self._error_for(operation, response, content)
 
     @contextlib.asynccontextmanager
-    async def stream(self, operation: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
-        """POST ``body`` to ``/v1/op/{operation}`` and yield the 2xx response unread, for
-        streaming its body with ``aiter_raw``; the connection is released on exit. The body
-        is requested without content coding (``Accept-Encoding: identity``), so the raw bytes
-        are the file itself and no decoding pass is spent on them.
+    async def stream(
+        self, operation: str, body: dict[str, Any]
+    ) -> AsyncIterator[tuple[Mapping[str, str], Callable[[int], AsyncIterator[bytes]]]]:
+        """POST ``body`` to ``/v1/op/{operation}`` and yield the 2xx answer's headers and a
+        function giving its body in chunks of a given size; the connection is released on
+        exit. For large bodies (downloads).
+
+        Bodies are streamed with aiohttp's client rather than httpx: measured here, it reads
+        a loopback stream about four times faster (httpx reads 64 KiB at a time under a
+        per-read timeout scope). The body is asked for without content coding
+        (``Accept-Encoding: identity``), so the bytes are the file itself.
 
         Raises:
             The same exceptions as :meth:`call` for no answer or a non-2xx status, before
@@ -222,24 +239,44 @@ class GeoperaClient:
             body surfaces from the ``async with`` as :class:`UpstreamUnavailable` or
             :class:`UpstreamTimeout`.
         """
+        session = self._stream_session()
+        url = f"{self._base_url}/v1/op/{operation}"
         try:
-            async with self._http.stream(
-                "POST", f"/v1/op/{operation}", json=body, headers={"Accept-Encoding": "identity"}
+            async with session.post(
+                url, json=body, headers={"Accept-Encoding": "identity"}
             ) as response:
-                if not 200 <= response.status_code < 300:
-                    content = await self._read_capped(operation, response)
-                    raise self._error_for(operation, response, content)
-                if response.headers.get("content-encoding", "identity") != "identity":
-                    raise UpstreamBadResponse(
+                if not 200 <= response.status < 300:
+                    content = await response.content.read(MAX_ERROR_BYTES)
+                    raise error_for_status(
                         operation,
-                        "a content-coded download was not asked for",
-                        response.status_code,
+                        response.status,
+                        response.reason,
+                        response.headers.get("Retry-After"),
+                        content,
                     )
-                yield response
-        except httpx.TimeoutException:
+                if response.headers.get("Content-Encoding", "identity") != "identity":
+                    raise UpstreamBadResponse(
+                        operation, "a content-coded download was not asked for", response.status
+                    )
+                yield response.headers, response.content.iter_chunked
+        except TimeoutError:
             raise UpstreamTimeout(operation, "timed out") from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(operation, f"no answer: {type(exc).__name__}") from None
+
+    def _stream_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session for streamed bodies, made on first use (same pool limit,
+        timeouts and headers as the httpx client)."""
+        if self._streams is None or self._streams.closed:
+            self._streams = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._timeouts[0], sock_read=self._timeouts[1]
+                ),
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                auto_decompress=False,
+            )
+        return self._streams
 
     @staticmethod
     async def _read_capped(operation: str, response: httpx.Response) -> bytes:
@@ -257,20 +294,31 @@ class GeoperaClient:
 
     @staticmethod
     def _error_for(operation: str, response: httpx.Response, content: bytes) -> UpstreamError:
-        status = response.status_code
-        text = _problem_text(response, content)
-        message = f"HTTP {status}: {text}"
-        if status in (401, 403):
-            return UpstreamAuthError(operation, message, status)
-        if status == 402:
-            return UpstreamQuotaExceeded(operation, message, status)
-        if status == 404:
-            return UpstreamNotFound(operation, message, status)
-        if status == 429:
-            retry = parse_retry_after(response.headers.get("retry-after"))
-            return UpstreamRateLimited(operation, message, retry)
-        if 400 <= status < 500:
-            return UpstreamRejected(operation, message, status)
-        if status >= 500:
-            return UpstreamServerError(operation, message, status)
-        return UpstreamBadResponse(operation, f"unexpected {message}", status)
+        return error_for_status(
+            operation,
+            response.status_code,
+            response.reason_phrase,
+            response.headers.get("retry-after"),
+            content,
+        )
+
+
+def error_for_status(
+    operation: str, status: int, reason: str | None, retry_after: str | None, content: bytes
+) -> UpstreamError:
+    """The :class:`UpstreamError` for a non-2xx answer (Geopera errors guide)."""
+    text = _problem_text(reason, status, content)
+    message = f"HTTP {status}: {text}"
+    if status in (401, 403):
+        return UpstreamAuthError(operation, message, status)
+    if status == 402:
+        return UpstreamQuotaExceeded(operation, message, status)
+    if status == 404:
+        return UpstreamNotFound(operation, message, status)
+    if status == 429:
+        return UpstreamRateLimited(operation, message, parse_retry_after(retry_after))
+    if 400 <= status < 500:
+        return UpstreamRejected(operation, message, status)
+    if status >= 500:
+        return UpstreamServerError(operation, message, status)
+    return UpstreamBadResponse(operation, f"unexpected {message}", status)
