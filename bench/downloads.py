@@ -88,26 +88,26 @@ from typing import Any
 # bench/tiles.py and bench/gwconfig.py: this script's directory is first on sys.path
 import gwconfig
 from tiles import (
+    API_KEY,
     CLK_TCK,
-    HOST,
     BenchError,
     Child,
     Processes,
     check_alive,
     cpu_ticks,
     descendants,
-    free_port,
+    gateway_env,
     gateway_log_findings,
     http_json,
     run_main,
+    start_emulator,
+    start_gateway,
     table,
     verdict,
-    wait_ready,
 )
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "tiles.toml"
-API_KEY = "gpra_bench_key_12345678"
 MOSAIC = "data"
 PROJECT = "demo"
 AOI = {
@@ -669,28 +669,9 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
         )
     problems: list[str] = []
 
-    emulator_port, gateway_port = free_port(), free_port()
-    emulator_url = f"http://{HOST}:{emulator_port}"
-    gateway_url = f"http://{HOST}:{gateway_port}"
-    python = [sys.executable, "-m", "gateway"]
-    emulator = procs.start(
-        "emulator",
-        [
-            *python,
-            "emulator",
-            "--host",
-            HOST,
-            "--port",
-            str(emulator_port),
-            "--bandwidth",
-            "0",
-            "--asset-rps",
-            "0",
-            "--clip-delay-s",
-            "0",
-        ],
+    emulator_url, emulator = start_emulator(
+        procs, "--bandwidth", "0", "--asset-rps", "0", "--clip-delay-s", "0"
     )
-    wait_ready(emulator_url + "/_emulator/stats", emulator, procs)
     job_id = create_job(emulator_url, size)
     started = time.perf_counter()
     from gateway.emulator import synthetic_sha256
@@ -732,12 +713,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
         check_alive(emulator, "emulator", procs)
 
     # -- gateway
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
-    env.update(
-        GEOPERA_BASE_URL=emulator_url,
-        GEOPERA_API_KEY=API_KEY,
-        GEOPERA_CACHE_DIR=str(scratch / "tiles"),
-    )
+    env = gateway_env(emulator_url, scratch / "tiles")
     config = scratch / "gateway.toml"
     token = "ggw_bench_" + secrets.token_urlsafe(24)
     optional = token_override(token)
@@ -754,12 +730,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     auth = {"Authorization": f"Bearer {token}"} if optional.label in applied else {}
     auth_args = [arg for name, value in auth.items() for arg in ("-H", f"{name}: {value}")]
     config_note = f"{CONFIG.name} + {'; '.join(applied)}"
-    gateway = procs.start(
-        "gateway",
-        [*python, "serve", "--config", str(config), "--host", HOST, "--port", str(gateway_port)],
-        env=env,
-    )
-    wait_ready(gateway_url + "/healthz", gateway, procs)
+    gateway_url, _, gateway = start_gateway(procs, config, env)
     pids["gateway"] = gateway.pid
     print(f"gateway pid {gateway.pid} on {gateway_url}; config: {config_note}", flush=True)
 

@@ -60,12 +60,10 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import random
 import resource
 import statistics
 import sys
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
@@ -84,28 +82,25 @@ except ImportError:  # pragma: no cover - a helpful message instead of a traceba
 # bench/tiles.py and bench/gwconfig.py: this script's directory is first on sys.path
 import gwconfig
 from tiles import (
-    HOST,
     LAYER,
     PNG_MAGIC,
     RENDER_OP,
-    START_TIMEOUT_S,
     BenchError,
     Processes,
     check_alive,
-    descendants,
     fmt_counter,
-    free_port,
+    gateway_env,
     gateway_log_findings,
     http_json,
     run_main,
+    start_emulator,
+    start_gateway,
     table,
     verdict,
-    wait_ready,
 )
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "tiles.toml"
-API_KEY = "gpra_bench_key_12345678"
 LAYER_BOUNDS = (-78.95865, 23.56499, -76.57492, 25.55087)
 """The bahamas layer's bounds in ``tiles.toml`` (west, south, east, north)."""
 TILE_ZOOMS = (14, 13, 12)
@@ -671,33 +666,11 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     # worst case every request of the last client_timeout seconds is open, twice over
     raise_fd_limit(2 * math.ceil(args.rate * args.factor * client_timeout) + 1024)
 
-    emulator_port, gateway_port = free_port(), free_port()
-    emulator_url = f"http://{HOST}:{emulator_port}"
-    gateway_url = f"http://{HOST}:{gateway_port}"
-    python = [sys.executable, "-m", "gateway"]
-    emulator = procs.start(
-        "emulator",
-        [
-            *python,
-            "emulator",
-            "--host",
-            HOST,
-            "--port",
-            str(emulator_port),
-            "--delay-ms",
-            f"{args.delay_ms:g}",
-            "--asset-rps",
-            f"{args.rate:g}",
-        ],
+    emulator_url, emulator = start_emulator(
+        procs, "--delay-ms", f"{args.delay_ms:g}", "--asset-rps", f"{args.rate:g}"
     )
-    wait_ready(emulator_url + "/_emulator/stats", emulator, procs)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
-    env.update(
-        GEOPERA_BASE_URL=emulator_url,
-        GEOPERA_API_KEY=API_KEY,
-        GEOPERA_CACHE_DIR=str(scratch / "cache"),
-    )
+    env = gateway_env(emulator_url, scratch / "cache")
     config = scratch / "gateway.toml"
     try:
         applied, skipped = gwconfig.write_config(CONFIG.read_text(), config, env, overrides(args))
@@ -706,28 +679,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     if skipped:
         raise BenchError("the gateway refused config overrides: " + "; ".join(skipped))
     print(f"config: {CONFIG.name} + {'; '.join(applied)}", flush=True)
-    gateway = procs.start(
-        "gateway",
-        [
-            *python,
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            HOST,
-            "--port",
-            str(gateway_port),
-            "--workers",
-            str(args.workers),
-        ],
-        env=env,
-    )
-    wait_ready(gateway_url + "/healthz", gateway, procs)
-    if args.workers > 1:  # /healthz answered from one worker; give the others a moment
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(descendants(gateway.pid)) < args.workers and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
+    gateway_url, _, gateway = start_gateway(procs, config, env, args.workers)
     print(
         f"emulator pid {emulator.pid} on {emulator_url} (asset limit {args.rate:g} req/s, "
         f"delay {args.delay_ms:g} ms); gateway pid {gateway.pid} on {gateway_url} "

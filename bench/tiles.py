@@ -1057,6 +1057,75 @@ def check_tools(pin: bool) -> None:
             raise BenchError(f"{tool} not found on PATH (Debian: apt-get install wrk util-linux)")
 
 
+def start_emulator(procs: Processes, *options: str) -> tuple[str, subprocess.Popen]:
+    """Start ``python -m gateway emulator`` with ``options`` on a free loopback port and wait
+    until it answers; returns its base URL and process."""
+    port = free_port()
+    emulator = procs.start(
+        "emulator",
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "emulator",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *options,
+        ],
+    )
+    url = f"http://{HOST}:{port}"
+    wait_ready(url + "/_emulator/stats", emulator, procs)
+    return url, emulator
+
+
+def gateway_env(emulator_url: str, cache_dir: Path) -> dict[str, str]:
+    """This process's environment without any ``GEOPERA_*``, plus the emulator's URL, the
+    bench API key and ``cache_dir``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
+    env.update(
+        GEOPERA_BASE_URL=emulator_url, GEOPERA_API_KEY=API_KEY, GEOPERA_CACHE_DIR=str(cache_dir)
+    )
+    return env
+
+
+def start_gateway(
+    procs: Processes, config: Path, env: dict[str, str], workers: int = 1, cpu: int | None = None
+) -> tuple[str, int, subprocess.Popen]:
+    """Start ``python -m gateway serve`` on a free loopback port (pinned to ``cpu`` when
+    given), wait for ``/healthz`` and, with several workers, for all of them; returns its
+    base URL, port and process."""
+    port = free_port()
+    gateway = procs.start(
+        "gateway",
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        cpu=cpu,
+        env=env,
+    )
+    url = f"http://{HOST}:{port}"
+    wait_ready(url + "/healthz", gateway, procs)
+    if workers > 1:  # /healthz answered from one worker; give the others a moment
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(descendants(gateway.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+    return url, port, gateway
+
+
 def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list[str]:
     """Run every phase and print the report; returns the problems found (empty when sound).
 
@@ -1071,32 +1140,10 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     placement = "gateway on CPU 0, wrk on CPU 1" if pin else "not pinned (shared CPUs)"
     problems: list[str] = []
 
-    emulator_port, gateway_port = free_port(), free_port()
-    emulator_url = f"http://{HOST}:{emulator_port}"
-    gateway_url = f"http://{HOST}:{gateway_port}"
-    python = [sys.executable, "-m", "gateway"]
-    emulator = procs.start(
-        "emulator",
-        [
-            *python,
-            "emulator",
-            "--host",
-            HOST,
-            "--port",
-            str(emulator_port),
-            "--delay-ms",
-            f"{args.delay_ms:g}",
-        ],
-    )
-    wait_ready(emulator_url + "/_emulator/stats", emulator, procs)
+    emulator_url, emulator = start_emulator(procs, "--delay-ms", f"{args.delay_ms:g}")
     http_json(emulator_url + "/_emulator/reset", method="POST")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
-    env.update(
-        GEOPERA_BASE_URL=emulator_url,
-        GEOPERA_API_KEY=API_KEY,
-        GEOPERA_CACHE_DIR=str(scratch / "cache"),
-    )
+    env = gateway_env(emulator_url, scratch / "cache")
     config = scratch / "gateway.toml"
     overrides = gwconfig.default_overrides(
         access_log=args.access_log, client_limit=args.client_limit, upstream_rps=args.upstream_rps
@@ -1111,29 +1158,9 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     print(f"config: {config_note}", flush=True)
     for reason in skipped:
         print(f"  override skipped (this gateway does not accept it): {reason}", flush=True)
-    gateway = procs.start(
-        "gateway",
-        [
-            *python,
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            HOST,
-            "--port",
-            str(gateway_port),
-            "--workers",
-            str(args.workers),
-        ],
-        cpu=gateway_cpu,
-        env=env,
+    gateway_url, gateway_port, gateway = start_gateway(
+        procs, config, env, args.workers, gateway_cpu
     )
-    wait_ready(gateway_url + "/healthz", gateway, procs)
-    if args.workers > 1:  # /healthz answered from one worker; give the others a moment
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(descendants(gateway.pid)) < args.workers and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
     print(
         f"emulator pid {emulator.pid} on {emulator_url} (delay {args.delay_ms:g} ms); "
         f"gateway pid {gateway.pid} on {gateway_url} (workers {args.workers}, {placement}); "
