@@ -413,7 +413,7 @@ def test_clip_delay_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError):
         create_emulator_app(clip_delay_s=-1)
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(emulator_main, "run_emulator", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr("gateway.emulator.run_emulator", lambda *a, **kw: calls.append(kw))
     emulator_main.main(["--clip-delay-s", "0.5"])
     emulator_main.main([])
     assert [c["clip_delay_s"] for c in calls] == [0.5, DEFAULT_CLIP_DELAY_S]

@@ -257,7 +257,7 @@ async def test_start_emulator_and_cli_pass_the_limits(monkeypatch: pytest.Monkey
         create_emulator_app(asset_rps=-1)
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(emulator_main, "run_emulator", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr("gateway.emulator.run_emulator", lambda *a, **kw: calls.append(kw))
     emulator_main.main(["--asset-rps", "7.5", "--bandwidth", "1000"])
     emulator_main.main([])
     assert (calls[0]["asset_rps"], calls[0]["bandwidth"]) == (7.5, 1000.0)
