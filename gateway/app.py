@@ -18,7 +18,7 @@ from gateway.config import Settings
 from gateway.cors import cors_middleware
 from gateway.guard import UpstreamGuard
 from gateway.limits import SharedState
-from gateway.logs import CLIENT_KEY
+from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
 from gateway.problem import Problem
 from gateway.routes import admin, discovery, downloads, health, tiles, viewer
 from gateway.services.downloads import DownloadService
@@ -35,7 +35,7 @@ from gateway.state import (
     TILE_SERVICE,
     UPSTREAM,
 )
-from gateway.store import DownloadStore
+from gateway.store import DownloadStore, remove_interrupted
 from gateway.upstream import GeoperaClient
 from gateway.validation import check_request_shape
 
@@ -73,6 +73,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         response = _http_problem(request, exc)
+    except ConnectionResetError:  # the client left while the answer was being sent
+        request[CLIENT_GONE_KEY] = True
+        response = web.Response(status=CLIENT_CLOSED)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         response = Problem(
@@ -86,7 +89,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     headers["Server"] = SERVER
     if rate_headers is not None:
         headers.update(rate_headers)
-    metrics.observe_request(route, request.method, response.status, time.perf_counter() - started)
+    status = CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status
+    metrics.observe_request(route, request.method, status, time.perf_counter() - started)
     return response
 
 
@@ -141,6 +145,7 @@ def create_app(settings: Settings) -> web.Application:
         limits["default"] = ClientRateLimit(settings.clients.rate_limit)
     app[CLIENT_LIMIT] = limits
     app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_stop_transfers)
     discovery.add_routes(app)  # before tiles: /tiles/{layer}/tilejson.json
     tiles.add_routes(app)
     downloads.add_routes(app)
@@ -202,6 +207,9 @@ def open_tile_stack(settings: Settings) -> TileStack:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # Interrupted transfers first: on a full disk they are what fills it, and every store
+    # below needs room to open.
+    await asyncio.to_thread(remove_interrupted, settings.downloads.directory)
     stack = open_tile_stack(settings)
     app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = stack.cache, stack.state, stack.client
     app[GUARD], app[TILE_SERVICE] = stack.guard, stack.service
@@ -214,3 +222,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await app[DOWNLOAD_SERVICE].aclose()
         store.close()
         await stack.aclose()
+
+
+async def _stop_transfers(app: web.Application) -> None:
+    """On shutdown, before aiohttp waits for open connections: stop the download transfers,
+    so their readers are cut (they resume with Range) instead of holding SIGTERM for the
+    whole shutdown timeout."""
+    if DOWNLOAD_SERVICE in app:
+        await app[DOWNLOAD_SERVICE].aclose()

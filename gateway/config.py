@@ -57,6 +57,13 @@ class ServerSettings:
     access_log: bool = True
     public_url: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
+    header_timeout_s: float = 10.0
+    """Longest a connection may take to deliver a complete request head, from its opening
+    or its last response, seconds; then it is closed (slowloris defence, and the keep-alive
+    idle timeout)."""
+    shutdown_timeout_s: float = 10.0
+    """On SIGTERM, longest wait for requests in flight before connections are closed,
+    seconds (streamed downloads are cut at once; clients resume with Range)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +319,16 @@ def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:
 
 def _server(r: TableReader) -> ServerSettings:
     r.reject_unknown(
-        {"host", "port", "trusted_proxies", "access_log", "public_url", "cors_origins"}
+        {
+            "host",
+            "port",
+            "trusted_proxies",
+            "access_log",
+            "public_url",
+            "cors_origins",
+            "header_timeout_s",
+            "shutdown_timeout_s",
+        }
     )
     port = r.get("port", int, 8080)
     if not 0 <= port <= 65535:
@@ -351,6 +367,8 @@ def _server(r: TableReader) -> ServerSettings:
         access_log=r.get("access_log", bool, True),
         public_url=public_url,
         cors_origins=tuple(o.rstrip("/") for o in origins),
+        header_timeout_s=r.positive("header_timeout_s", float, 10.0),
+        shutdown_timeout_s=r.positive("shutdown_timeout_s", float, 10.0),
     )
 
 

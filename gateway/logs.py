@@ -37,6 +37,8 @@ class JsonAccessLogger(AbstractAccessLogger):
     Fields: ``remote`` (client address), ``method``, ``path`` (never the query string, which
     may carry tokens), ``status``, ``bytes`` (body bytes sent), ``duration_ms``, ``cache``
     (``X-Cache``), ``upstream_ms`` (upstream time spent for this request, when any).
+    A client that closed its connection before the answer was sent is logged with status
+    499, as nginx logs it.
     """
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
@@ -44,7 +46,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             "remote": request.get(CLIENT_KEY) or request.remote,
             "method": request.method,
             "path": request.path[:512],
-            "status": response.status,
+            "status": CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status,
             "bytes": response.body_length,
             "duration_ms": round(time * 1000, 2),
         }
@@ -74,3 +76,9 @@ CLIENT_KEY = web.RequestKey("gateway_client", str)
 
 UPSTREAM_TIME_KEY = web.RequestKey("gateway_upstream_s", float)
 """Request key under which handlers store the upstream time spent, seconds."""
+
+CLIENT_GONE_KEY = web.RequestKey("gateway_client_gone", bool)
+"""Request key set when the client closed its connection before the whole answer was sent."""
+
+CLIENT_CLOSED = 499
+"""The status logged and counted for a request whose client left first (nginx's 499)."""

@@ -50,6 +50,8 @@ def run_single(settings: Settings, host: str, port: int, *, reuse_port: bool = F
         loop=loop,
         print=None,
         handle_signals=True,
+        keepalive_timeout=settings.server.header_timeout_s,
+        shutdown_timeout=settings.server.shutdown_timeout_s,
         **access_log_options(settings.server.access_log),
     )
 

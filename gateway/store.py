@@ -4,15 +4,18 @@ Layout under ``directory``:
 
 - ``files/<name>.tif``: complete files only. ``<name>`` is a hash of job id and mosaic type,
   so no client-supplied text ever becomes a path.
-- ``tmp/<pid>-<random>.part``: transfers in progress. A file is moved into ``files/`` with an
+- ``tmp/<pid>-<start>-<random>.part``: transfers in progress, named after the writing
+  process and its start time (so a restarted container whose new process has the same pid
+  still recognises its predecessor's files as abandoned). A file is moved into ``files/`` with an
   atomic rename only after it is complete, flushed and its size checked.
 - ``index/``: a diskcache (process-safe) of :class:`StoredFile` records and of job descriptors.
 
 Eviction removes the least recently served files once the total passes ``size_limit_bytes``.
 Removing is an unlink: a reader that already opened the file keeps reading it to the end
 (POSIX keeps the data until the last descriptor closes), and files this process is serving
-are skipped. At start, :meth:`DownloadStore.recover` deletes temporary files of dead processes
-and makes the index and ``files/`` agree.
+are skipped. At start, :func:`remove_interrupted` deletes the temporary files of dead
+processes before anything else opens (on a full disk they are what fills it), then
+:meth:`DownloadStore.recover` makes the index and ``files/`` agree.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
+import psutil
 
 log = logging.getLogger("gateway.downloads")
 
@@ -69,14 +74,42 @@ def file_etag(mtime_ns: int, size: int) -> str:
     return f'"{mtime_ns:x}-{size:x}"'
 
 
-def _pid_alive(pid: int) -> bool:
+def process_tag(pid: int | None = None) -> str | None:
+    """``"<pid>-<start time, centiseconds since the epoch>"`` of a live process (this one by
+    default), or None when no such process runs. Two processes never share a tag, even in
+    a container that restarts with the same pid."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        return f"{process.pid}-{round(process.create_time() * 100)}"
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # alive, owned by another user: never ours to clean
+        return f"{pid}-?"
+
+
+def _owner_alive(tag: str) -> bool:
+    """Whether the process named by a :func:`process_tag` still runs."""
+    pid = tag.partition("-")[0]
+    if not pid.isdigit():
         return False
-    except PermissionError:
-        return True
-    return True
+    live = process_tag(int(pid))
+    return live is not None and (live == tag or live.endswith("-?"))
+
+
+def remove_interrupted(directory: Path) -> int:
+    """Delete the ``tmp/*.part`` files of processes that no longer run; returns how many.
+
+    Touches no index, so it works on a full disk and runs before anything is opened.
+    """
+    removed = 0
+    for part in (directory / "tmp").glob("*.part"):
+        owner = part.name.rsplit("-", 1)[0]
+        if not _owner_alive(owner):
+            part.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d interrupted transfer(s) left by stopped processes", removed)
+    return removed
 
 
 class DownloadStore:
@@ -99,6 +132,7 @@ class DownloadStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._index = diskcache.Cache(str(directory / "index"), eviction_policy="none")
         self._serving: Counter[str] = Counter()
+        self._tag = process_tag() or str(os.getpid())
 
     def close(self) -> None:
         """Close the index."""
@@ -118,7 +152,10 @@ class DownloadStore:
         if not stored.path.is_file():
             self._index.delete(("file", name))
             return None
-        self._index.set(("file", name), {**record, "used": time.time()})
+        try:  # recency for LRU eviction is best effort: a full disk must not hide the file
+            self._index.set(("file", name), {**record, "used": time.time()})
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not record a download's use: %s", type(exc).__name__)
         return stored
 
     def _record_to_file(self, record: dict[str, Any]) -> StoredFile:
@@ -130,9 +167,14 @@ class DownloadStore:
             record["mtime_ns"],
         )
 
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the store's file system (``statvfs``)."""
+        stats = os.statvfs(self.tmp_dir)
+        return stats.f_bavail * stats.f_frsize
+
     def temp_path(self) -> Path:
-        """A new temporary path in ``tmp/`` named after this process."""
-        return self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
+        """A new temporary path in ``tmp/`` named after this process (:func:`process_tag`)."""
+        return self.tmp_dir / f"{self._tag}-{uuid.uuid4().hex}.part"
 
     def commit(
         self,
@@ -162,7 +204,11 @@ class DownloadStore:
             "mtime_ns": mtime_ns,
             "used": time.time(),
         }
-        self._index.set(("file", name), record)
+        try:
+            self._index.set(("file", name), record)
+        except BaseException:
+            final.unlink(missing_ok=True)  # never a file the index does not know
+            raise
         self.evict()
         return self._record_to_file(record)
 
@@ -207,11 +253,7 @@ class DownloadStore:
     def recover(self) -> None:
         """Clean up after a crash: temporary files of dead processes, index entries without a
         file, and files without an index entry (a crash between rename and index)."""
-        for part in self.tmp_dir.glob("*.part"):
-            pid = part.name.split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
-                part.unlink(missing_ok=True)
-                log.info("removed an interrupted transfer left by process %s", pid)
+        remove_interrupted(self.directory)
         indexed = set()
         for key in list(self._index.iterkeys()):
             if isinstance(key, tuple) and key[0] == "file":
@@ -225,24 +267,28 @@ class DownloadStore:
 
     def claim(self, job_id: str, mosaic_type: str) -> bool:
         """Atomically claim the transfer of a file for this process (cross-process
-        single-flight); False when another live process holds it."""
+        single-flight); False when another live process holds it. A dead holder's claim
+        is taken over."""
         key = ("claim", self._name(job_id, mosaic_type))
-        if self._index.add(key, os.getpid(), expire=CLAIM_S):
+        if self._index.add(key, self._tag, expire=CLAIM_S):
             return True
-        pid = self._index.get(key)
-        if pid is not None and not _pid_alive(pid):
+        holder = self._index.get(key)
+        if holder is not None and not _owner_alive(str(holder)):
             self._index.delete(key)
-            return bool(self._index.add(key, os.getpid(), expire=CLAIM_S))
+            return bool(self._index.add(key, self._tag, expire=CLAIM_S))
         return False
 
     def claimed(self, job_id: str, mosaic_type: str) -> bool:
         """Whether a live process holds the claim on this file."""
-        pid = self._index.get(("claim", self._name(job_id, mosaic_type)))
-        return pid is not None and _pid_alive(pid)
+        holder = self._index.get(("claim", self._name(job_id, mosaic_type)))
+        return holder is not None and _owner_alive(str(holder))
 
     def release(self, job_id: str, mosaic_type: str) -> None:
-        """Drop this process's claim on the file."""
-        self._index.delete(("claim", self._name(job_id, mosaic_type)))
+        """Drop this process's claim on the file (never another process's)."""
+        key = ("claim", self._name(job_id, mosaic_type))
+        with self._index.transact():
+            if self._index.get(key) == self._tag:
+                self._index.delete(key)
 
     def descriptors(self, job_id: str) -> list[dict[str, Any]] | None:
         """The cached file list of a completed job, or None."""

@@ -231,7 +231,9 @@ class GeoperaClient:
         Bodies are streamed with aiohttp's client rather than httpx: measured here, it reads
         a loopback stream about four times faster (httpx reads 64 KiB at a time under a
         per-read timeout scope). The body is asked for without content coding
-        (``Accept-Encoding: identity``), so the bytes are the file itself.
+        (``Accept-Encoding: identity``), so the bytes are the file itself. Redirects are
+        never followed (like the httpx client's): a 3xx is :class:`UpstreamBadResponse`, so
+        neither the body nor the key ever goes to another URL.
 
         Raises:
             The same exceptions as :meth:`call` for no answer or a non-2xx status, before
@@ -243,7 +245,10 @@ class GeoperaClient:
         url = f"{self._base_url}/v1/op/{operation}"
         try:
             async with session.post(
-                url, json=body, headers={"Accept-Encoding": "identity"}
+                url,
+                json=body,
+                headers={"Accept-Encoding": "identity"},
+                allow_redirects=False,  # a redirect would re-send the body and the key
             ) as response:
                 if not 200 <= response.status < 300:
                     content = await response.content.read(MAX_ERROR_BYTES)

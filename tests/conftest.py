@@ -6,8 +6,12 @@ autouse fixture :func:`no_planted_key_in_logs` fails any test whose log records 
 
 from __future__ import annotations
 
+import ast
+import gc
 import json
 import logging
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -42,8 +46,72 @@ TOKENS_TOML = "".join(
 )
 
 
+def _parse_without_gc(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """``ast.parse`` with the cyclic garbage collector paused.
+
+    CPython 3.11.7 keeps one AST recursion counter per interpreter (CPython issue 106905,
+    fixed in later releases). When a collection runs inside ``ast.parse`` and a finalizer
+    formats a traceback (asyncio's "Task exception was never retrieved" does; 3.11's
+    ``traceback`` calls ``ast.parse`` for its carets), the nested parse leaves the counter
+    wrong and the outer one raises ``SystemError: AST constructor recursion depth
+    mismatch``. Inside pytest's own failure report that is an INTERNALERROR that stops the
+    run and hides every later test. With the collector paused no finalizer can run
+    inside a parse.
+    """
+
+    def parse_safely(*args: Any, **kwargs: Any) -> Any:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return parse_safely
+
+
+ast.parse = _parse_without_gc(ast.parse)
+
+NEVER_RETRIEVED = "exception was never retrieved"
+"""asyncio's log message for a task or future whose exception nobody awaited: always a bug."""
+
+
+class _NeverRetrieved(logging.Handler):
+    """Remembers each "exception was never retrieved" record and the test that was running,
+    however late the garbage collector finalizes the task."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.current = "(no test)"
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if NEVER_RETRIEVED in record.getMessage():
+            self.found.append(f"{self.current}: {record.getMessage()[:200]}")
+
+
+_NEVER_RETRIEVED = _NeverRetrieved()
+logging.getLogger("asyncio").addHandler(_NEVER_RETRIEVED)
+
+
+def pytest_runtest_setup(item: Any) -> None:
+    _NEVER_RETRIEVED.current = item.nodeid
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    """Fail the run if any task exception was never retrieved, even one found only by a
+    late garbage collection."""
+    gc.collect()
+    if _NEVER_RETRIEVED.found and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Say how many hostile-input requests the corpus tests sent (tests/test_hostile.py)."""
+    """Say how many hostile-input requests the corpus tests sent (tests/test_hostile.py),
+    and list any task exception that was never retrieved."""
+    for line in _NEVER_RETRIEVED.found:
+        terminalreporter.write_line(f"FAILED (a task exception was never retrieved) {line}")
     from tests.test_hostile import CASES_RUN
 
     if CASES_RUN:
@@ -96,12 +164,14 @@ def no_planted_key_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     # prints the raw request line with its query; the gateway never uses it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     yield
+    gc.collect()  # finalize this test's dropped tasks now, inside its own log capture
     secrets = [PLANTED_KEY, *TOKENS.values()]
     for when in ("setup", "call", "teardown"):
         for record in caplog.get_records(when):
             text = record.getMessage() + (record.exc_text or "")
             for secret in secrets:
                 assert secret not in text, f"a secret leaked in log record {record.name}"
+            assert NEVER_RETRIEVED not in text, f"a task exception was never retrieved: {text}"
 
 
 @pytest.fixture(autouse=True)
@@ -206,3 +276,30 @@ def gateway_for(aiohttp_client: Any, settings_for: Callable[..., Settings]) -> A
 async def gateway(gateway_for: Any, emulator: Emulator) -> TestClient:
     """The demo config's gateway in front of :func:`emulator`, with a fresh cache."""
     return await gateway_for(emulator)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Factory: ``small_disk(size_bytes)`` mounts a tmpfs of that size in ``tmp_path`` (a
+    real file system that fills up: ENOSPC, SQLite's "database or disk is full") and
+    unmounts it after the test. Needs root, as CI has; skipped elsewhere."""
+    mounts: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        path = tmp_path / f"small-disk-{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0700", "tmpfs", str(path)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+            pytest.skip("mounting a tmpfs needs root")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)

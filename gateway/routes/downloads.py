@@ -19,6 +19,7 @@ from aiohttp import web
 from werkzeug.http import parse_if_range_header, parse_range_header
 
 from gateway.clients import client_address
+from gateway.logs import CLIENT_GONE_KEY
 from gateway.problem import Problem, bad_request
 from gateway.services.downloads import (
     JOB_ID,
@@ -26,6 +27,7 @@ from gateway.services.downloads import (
     DownloadService,
     Requester,
     Transfer,
+    TransferBroken,
     content_disposition,
 )
 from gateway.state import AUTH, DOWNLOAD_SERVICE, SETTINGS
@@ -78,15 +80,19 @@ async def download(request: web.Request) -> web.StreamResponse:
         if found.size is None or "Range" in request.headers:
             await found.finished.wait()
             if found.error is not None or found.stored is None:
-                raise Problem(
-                    502,
-                    "Bad gateway",
-                    "The transfer of this file from the upstream broke off; try again.",
-                    slug="upstream-error",
-                )
+                raise _broken()
             return await _serve_stored(request, found.stored, cache)
         return await _stream_transfer(request, found, cache)
     return await _serve_stored(request, found, cache)
+
+
+def _broken() -> Problem:
+    return Problem(
+        502,
+        "Bad gateway",
+        "The transfer of this file from the upstream broke off; try again.",
+        slug="upstream-error",
+    )
 
 
 def _file_headers(filename: str, cache: str) -> dict[str, str]:
@@ -101,10 +107,11 @@ def _file_headers(filename: str, cache: str) -> dict[str, str]:
 async def _stream_transfer(
     request: web.Request, transfer: Transfer, cache: str
 ) -> web.StreamResponse:
-    """Send a file while it is being transferred, reading the growing temporary file.
+    """Send a file while it is being transferred, as :class:`TransferReader` yields it.
 
-    The last byte is held back until the transfer is verified and stored, so a client only
-    ever receives a whole file from a whole transfer; a broken one cuts the connection.
+    The reader holds the last byte back until the transfer is verified and stored; when
+    the transfer breaks, the client gets every byte written so far and then a cut
+    connection, so it sees a short body it can resume, never a fake whole file.
     """
     headers = _file_headers(transfer.filename, cache)
     headers["ETag"] = transfer.etag
@@ -115,47 +122,34 @@ async def _stream_transfer(
     response.content_type = transfer.content_type
     response.content_length = transfer.size
     try:
-        reader = await asyncio.to_thread(open, transfer.tmp, "rb")
-    except FileNotFoundError:  # the transfer failed before this reader opened it
-        raise Problem(
-            502,
-            "Bad gateway",
-            "The transfer of this file from the upstream broke off; try again.",
-            slug="upstream-error",
-        ) from None
-    try:
+        reader = await asyncio.to_thread(transfer.reader)
+    except TransferBroken:
+        raise _broken() from None
+    with reader:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        sent = 0
-        size = transfer.size or 0
-        while sent < size:
-            available = await transfer.wait_beyond(sent)
-            if transfer.finished.is_set():
-                if transfer.error is not None or transfer.stored is None:
-                    _cut_connection(request)  # the transfer broke: never a fake whole file
-                    return response
-            else:
-                available = min(available, size - 1)  # the last byte waits for the commit
-                if available <= sent:
-                    await transfer.finished.wait()
-                    continue
-            data = await asyncio.to_thread(reader.read, min(available - sent, READ_CHUNK))
-            if not data:
-                _cut_connection(request)
-                return response
-            await response.write(data)
-            sent += len(data)
+        try:
+            async for chunk in reader:
+                await response.write(chunk)
+        except TransferBroken:
+            _cut_connection(request)
+            return response
+        except ConnectionResetError:  # the client left; the transfer goes on and is stored
+            request[CLIENT_GONE_KEY] = True
+            return response
         await response.write_eof()
-        return response
-    finally:
-        reader.close()
+    return response
 
 
 def _cut_connection(request: web.Request) -> None:
-    """End the connection early so the client sees a short body, never a fake whole file."""
+    """End the connection early so the client sees a short body, never a fake whole file.
+
+    ``close`` (not ``abort``) sends what is already buffered first: the client keeps every
+    byte it was sent, and resumes from there.
+    """
     if request.transport is not None:
-        request.transport.abort()
+        request.transport.close()
 
 
 class StoredFileResponse(web.FileResponse):

@@ -19,13 +19,16 @@ answers 400 before the job is completed).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
 import re
+import sqlite3
 import time
 import unicodedata
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -61,6 +64,12 @@ CLAIM_POLL_S = 0.05
 
 WRITE_BATCH_BYTES = 4 << 20
 """Received bytes are written to the temporary file in batches of about this size, bytes."""
+
+READ_CHUNK = 1 << 20
+"""Largest chunk a :class:`TransferReader` yields, bytes."""
+
+STORAGE_RETRY_S = 60
+"""Retry-After sent when the download store cannot take a file (disk full), seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,20 @@ def content_disposition(filename: str) -> str:
     return header
 
 
+class TransferBroken(Exception):
+    """The upstream transfer of a file broke off or failed before the file was stored.
+
+    Raised by :class:`TransferReader` after it has yielded every byte that was written;
+    the HTTP edge then cuts the connection, so the client sees a short body it can resume
+    (``curl -C -``), never a whole-looking file.
+    """
+
+
+class DownloadStorageError(Exception):
+    """The download store could not take the file: the disk is full, or the store's index
+    cannot be written. Nothing was stored; the text names no path or secret."""
+
+
 class Transfer:
     """One upstream download in progress in this process, shared by all its readers.
 
@@ -107,8 +130,10 @@ class Transfer:
         filename, content_type: for the response headers.
         mtime_ns: when the transfer started; the stored file keeps it, and with ``size`` it
             makes the ETag, so streamed and stored answers agree.
-        written: bytes in the temporary file so far.
+        written: bytes in the temporary file so far (every one of them written by the
+            kernel: counted only once its write returned).
         error: the failure, once failed.
+        stored: the stored file, once committed.
     """
 
     def __init__(self, job_id: str, mosaic_type: str, tmp: os.PathLike[str]) -> None:
@@ -150,6 +175,117 @@ class Transfer:
             await self._progress.wait()
         return self.written
 
+    def reader(self) -> TransferReader:
+        """Open the growing temporary file for one client.
+
+        Raises:
+            TransferBroken: the transfer already failed and its file is gone.
+        """
+        try:
+            file = open(self.tmp, "rb")  # noqa: SIM115 - closed by TransferReader.close
+        except FileNotFoundError:
+            raise TransferBroken("the transfer ended before this reader joined") from None
+        return TransferReader(self, file)
+
+
+class TransferReader:
+    """One client's view of a :class:`Transfer`: the file's bytes, in order, as they are
+    written.
+
+    Iterating yields chunks of at most :data:`READ_CHUNK` bytes. The file's last byte is
+    held back until the transfer has been verified and committed, so a client can only
+    receive a whole body from a whole transfer. When the transfer breaks, every byte that
+    was written is still yielded, then :class:`TransferBroken` is raised. Close it with
+    :meth:`close` (or use it as a context manager).
+    """
+
+    def __init__(self, transfer: Transfer, file: Any) -> None:
+        self._transfer, self._file = transfer, file
+
+    def __enter__(self) -> TransferReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the temporary file (the transfer goes on)."""
+        self._file.close()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        transfer, sent = self._transfer, 0
+        while True:
+            # more than one byte beyond what was sent: the newest byte may be the last one
+            await transfer.wait_beyond(sent + 1)
+            over = transfer.finished.is_set()
+            limit = transfer.written if over else transfer.written - 1
+            while sent < limit:
+                data = await asyncio.to_thread(self._file.read, min(limit - sent, READ_CHUNK))
+                if not data:  # the file is shorter than its writer said: never pass it off
+                    raise TransferBroken("the temporary file ended early")
+                sent += len(data)
+                yield data
+            if over:
+                if transfer.error is not None or transfer.stored is None:
+                    raise TransferBroken("the upstream transfer broke off")
+                return
+
+
+class _TempFile:
+    """A transfer's temporary file, written by one worker thread of its own.
+
+    Every operation on the descriptor (writes, fsync, close) runs in submission order on
+    that one thread, so no write can outlive the descriptor or land in a reused one
+    (issue 9: a write thread once wrote clip bytes into whatever file next got the number).
+    At most one write is in flight while the next batch is read from the upstream; its
+    bytes count as written (:meth:`Transfer.advance`) only once the write has returned.
+    """
+
+    def __init__(self, transfer: Transfer) -> None:
+        self._transfer = transfer
+        self._fd = os.open(transfer.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="gateway-download-write"
+        )
+        self._in_flight: concurrent.futures.Future[int] | None = None
+
+    async def write(self, data: bytes) -> None:
+        """Queue ``data`` after the write in flight, once that one has returned.
+
+        Raises:
+            OSError: the previous write failed (ENOSPC: disk full).
+        """
+        await self._settle()
+        self._in_flight = self._thread.submit(_write_all, self._fd, data)
+
+    async def flush(self) -> None:
+        """Wait for the write in flight and ``fsync`` the file.
+
+        Raises:
+            OSError: a write or the flush failed.
+        """
+        await self._settle()
+        await asyncio.wrap_future(self._thread.submit(os.fsync, self._fd))
+
+    async def _settle(self) -> None:
+        if self._in_flight is not None:
+            nbytes = await asyncio.wrap_future(self._in_flight)
+            self._in_flight = None
+            self._transfer.advance(nbytes)
+
+    async def aclose(self) -> None:
+        """Close the descriptor after the write in flight (whose bytes then count as
+        written when it succeeded). Safe to call on any path, cancellation included: the
+        close itself is shielded, so it always runs after the last write."""
+        closing = self._thread.submit(os.close, self._fd)
+        self._thread.shutdown(wait=False)
+        try:
+            await asyncio.shield(asyncio.wrap_future(closing))
+        finally:
+            last, self._in_flight = self._in_flight, None
+            if last is not None and last.done() and not last.cancelled() and not last.exception():
+                self._transfer.advance(last.result())
+
 
 class DownloadService:
     """Job status and clip files through the store.
@@ -166,7 +302,8 @@ class DownloadService:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
-        """Cancel running transfers (on shutdown); their temporary files are removed."""
+        """Cancel running transfers (on shutdown: their readers are cut at once, so a
+        SIGTERM does not wait for long downloads); their temporary files are removed."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -187,7 +324,10 @@ class DownloadService:
             listing = await self._json("clip.job.downloads", {"job_id": job_id}, job_id)
             files = [_descriptor(d) for d in listing if isinstance(d, dict)]
             files = [f for f in files if f is not None]
-            self.store.remember_descriptors(job_id, files)
+            try:
+                self.store.remember_descriptors(job_id, files)
+            except (OSError, sqlite3.Error) as exc:  # a full disk: answer, just uncached
+                log.warning("could not cache a job's file list: %s", type(exc).__name__)
             result["files"] = files
         return result
 
@@ -230,38 +370,55 @@ class DownloadService:
         return transfer, status
 
     async def _run(self, transfer: Transfer, requester: Requester) -> None:
+        """Fetch one file (or wait for the worker that does) and always finish ``transfer``:
+        whatever fails, every reader and waiter is woken with the error, the claim is
+        released and the temporary file removed."""
         key = (transfer.job_id, transfer.mosaic_type)
-        claimed = self.store.claim(*key)
+        claimed = False
         try:
+            claimed = self._store_call(self.store.claim, *key)
             if not claimed:
                 transfer.stored = await self._await_other_worker(*key)
                 if transfer.stored is None:
-                    claimed = self.store.claim(*key)
+                    claimed = self._store_call(self.store.claim, *key)
             if transfer.stored is None:
                 await self._transfer(transfer, requester)
             transfer.finish()
-        except (UpstreamError, LimitExceeded, BreakerOpen, OSError, ValueError) as exc:
-            log.warning(
-                "download of a %s file failed: %s",
-                transfer.mosaic_type,
-                type(exc).__name__ if not isinstance(exc, UpstreamError) else exc,
-            )
-            transfer.finish(exc)
         except asyncio.CancelledError:
             transfer.finish(UpstreamError("clip.job.download", "gateway shutting down"))
             raise
+        except Exception as exc:  # every failure must reach the readers, never hang them
+            if isinstance(exc, OSError | sqlite3.Error):
+                exc = _storage_error(exc)
+            log.log(
+                logging.ERROR if isinstance(exc, DownloadStorageError) else logging.WARNING,
+                "download of a %s file failed: %s",
+                transfer.mosaic_type,
+                exc if isinstance(exc, UpstreamError | DownloadStorageError) else repr(exc)[:200],
+            )
+            transfer.finish(exc)
         finally:
             if claimed:
-                self.store.release(*key)
+                try:
+                    self.store.release(*key)
+                except (OSError, sqlite3.Error) as exc:  # it expires; other workers then take it
+                    log.warning("could not release a download claim: %s", type(exc).__name__)
             self._transfers.pop(key, None)
             if transfer.stored is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(transfer.tmp)
 
+    @staticmethod
+    def _store_call(method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except (OSError, sqlite3.Error) as exc:
+            raise _storage_error(exc) from None
+
     async def _await_other_worker(self, job_id: str, mosaic_type: str) -> StoredFile | None:
-        while self.store.claimed(job_id, mosaic_type):
+        while self._store_call(self.store.claimed, job_id, mosaic_type):
             await asyncio.sleep(CLAIM_POLL_S)
-        return self.store.lookup(job_id, mosaic_type)
+        return self._store_call(self.store.lookup, job_id, mosaic_type)
 
     async def _transfer(self, transfer: Transfer, requester: Requester) -> None:
         body: dict[str, Any] = {"job_id": transfer.job_id, "mosaic_type": transfer.mosaic_type}
@@ -270,11 +427,11 @@ class DownloadService:
         if requester.ip:
             body["requester_ip"] = requester.ip
         expected = self._expected_size(transfer.job_id, transfer.mosaic_type)
-        fd = os.open(transfer.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        file = _TempFile(transfer)
         try:
-            await self._stream_into(fd, transfer, body, expected)
+            await self._stream_into(file, transfer, body, expected)
         finally:
-            os.close(fd)
+            await file.aclose()
         if transfer.size is not None and transfer.written != transfer.size:
             raise ValueError(f"transfer ended at {transfer.written} of {transfer.size} bytes")
         transfer.size = transfer.written
@@ -289,7 +446,7 @@ class DownloadService:
         )
 
     async def _stream_into(
-        self, fd: int, transfer: Transfer, body: dict[str, Any], expected: int | None
+        self, file: _TempFile, transfer: Transfer, body: dict[str, Any], expected: int | None
     ) -> None:
         stream = self.guard.stream("clip.job.download", body, asset=transfer.job_id)
         async with stream as (headers, chunks):
@@ -298,27 +455,33 @@ class DownloadService:
             if size is not None and expected is not None and size != expected:
                 raise ValueError(f"upstream length {size} differs from size_bytes {expected}")
             transfer.size = size if size is not None else expected
+            if transfer.size is not None:
+                free = await asyncio.to_thread(self.store.free_bytes)
+                if free < transfer.size:  # refuse cleanly now, not with a cut body later
+                    raise DownloadStorageError(
+                        f"the download store has {free} bytes free, the file needs {transfer.size}"
+                    )
             transfer.filename = safe_filename(headers.get("content-disposition"), transfer.filename)
             transfer.ready.set()
-            # Writes run in a thread while the next bytes are read: one batch in flight.
+            # Writes run on the file's own thread while the next bytes are read.
             batch: list[bytes] = []
             batched = 0
-            writing: asyncio.Future[int] | None = None
-            async for chunk in chunks:
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= WRITE_BATCH_BYTES:
-                    if writing is not None:
-                        transfer.advance(await writing)
-                    writing = asyncio.ensure_future(
-                        asyncio.to_thread(_write_all, fd, b"".join(batch))
-                    )
-                    batch, batched = [], 0
-            if writing is not None:
-                transfer.advance(await writing)
+            try:
+                async for chunk in chunks:
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= WRITE_BATCH_BYTES:
+                        await file.write(b"".join(batch))
+                        batch, batched = [], 0
+            except Exception:
+                # the bytes that did arrive go to the readers, so their clients can resume
+                with contextlib.suppress(OSError):
+                    if batch:
+                        await file.write(b"".join(batch))
+                raise
             if batch:
-                transfer.advance(await asyncio.to_thread(_write_all, fd, b"".join(batch)))
-            await asyncio.to_thread(os.fsync, fd)
+                await file.write(b"".join(batch))
+            await file.flush()
 
     def _expected_size(self, job_id: str, mosaic_type: str) -> int | None:
         for descriptor in self.store.descriptors(job_id) or []:
@@ -347,11 +510,32 @@ class DownloadService:
                 job_status=status,
                 headers={"Retry-After": str(NOT_READY_RETRY_S)},
             )
+        if isinstance(exc, DownloadStorageError):
+            return Problem(
+                503,
+                "Download store full",
+                "The gateway cannot store this file right now (its download store is full "
+                f"or unwritable); an operator has been told in the log. Retry after "
+                f"{STORAGE_RETRY_S} s.",
+                slug="download-store-unavailable",
+                headers={"Retry-After": str(STORAGE_RETRY_S)},
+            )
         if isinstance(exc, UpstreamNotFound):
             return Problem(
                 404, "Not found", "No such clip job or mosaic type.", slug="unknown-download"
             )
         return upstream_problem(exc, "this clip file", "clip:read")
+
+
+def _storage_error(exc: BaseException) -> DownloadStorageError:
+    """The domain error for a store that cannot take a file (only the error's kind is
+    kept: OS messages name paths)."""
+    if isinstance(exc, DownloadStorageError):
+        return exc
+    reason = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno:
+        reason = os.strerror(exc.errno)
+    return DownloadStorageError(f"the download store cannot take the file: {reason}")
 
 
 def _write_all(fd: int, data: bytes) -> int:

@@ -1,0 +1,304 @@
+"""Downloads under faults: broken transfers among healthy ones, a full disk, a client that
+leaves, a redirecting upstream, SIGTERM during a transfer.
+
+Every test runs the real gateway in front of the bundled emulator (or, for answers the
+emulator never gives, a small hostile upstream in the test) and checks what a client and
+the store on disk end up with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from gateway.emulator import FAULTS_KEY, Fault
+from gateway.store import DownloadStore
+from tests.conftest import TOKENS
+from tests.test_downloads import completed, create_job, downloads, upstream_bytes
+
+BEARER = {"Authorization": f"Bearer {TOKENS['downloads']}"}
+TILE_BEARER = {"Authorization": f"Bearer {TOKENS['all']}"}
+
+
+async def read_until_cut(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """The body bytes a client received, and whether the connection was cut short."""
+    received = bytearray()
+    try:
+        async for chunk in response.content.iter_chunked(1 << 16):
+            received += chunk
+    except aiohttp.ClientPayloadError:
+        return bytes(received), True
+    return bytes(received), False
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_twenty_truncations_among_healthy_transfers_touch_nothing_else(
+    gateway_for, start_upstream, tmp_path
+):
+    upstream = await start_upstream(clip_delay_s=0.05)
+    client = await gateway_for(upstream, token="all")
+    store_dir = tmp_path / "cache-downloads"
+
+    # Three files stored before the storm, to check that nothing writes into them.
+    kept = [await create_job(upstream, f"synthetic-{n}") for n in (1_500_000, 2_500_000, 700_000)]
+    for job_id in kept:
+        await completed(client, job_id)
+        body = await (await client.get(f"/downloads/{job_id}/data")).read()
+        assert len(body) > 0
+    before = {p.name: sha256(p) for p in (store_dir / "files").glob("*.tif")}
+    assert len(before) == 3
+
+    broken = [await create_job(upstream, "synthetic-6000000") for _ in range(20)]
+    healthy = [await create_job(upstream, "synthetic-2000000") for _ in range(4)]
+    for job_id in broken + healthy:
+        await completed(client, job_id)
+    # Every download below consumes one fault: the 6 MB files are cut after 3 MB, the 2 MB
+    # ones are smaller than the cut and arrive whole.
+    upstream.app[FAULTS_KEY].add(
+        Fault("truncate", operation="clip.job.download", bytes=3_000_000, count=24)
+    )
+
+    async def fetch(job_id: str) -> tuple[int, bytes, bool]:
+        response = await client.get(f"/downloads/{job_id}/data")
+        body, cut = await read_until_cut(response)
+        return response.status, body, cut
+
+    async def tiles() -> list[int]:
+        statuses = []
+        for x in range(3300, 3306):
+            response = await client.get(f"/tiles/olinda/13/{x}/4278.png")
+            Image.open(io.BytesIO(await response.read())).load()
+            statuses.append(response.status)
+        return statuses
+
+    async def hits() -> list[bytes]:
+        return [await (await client.get(f"/downloads/{j}/data")).read() for j in kept]
+
+    results, tile_statuses, hit_bodies = await asyncio.gather(
+        asyncio.gather(*(fetch(j) for j in broken + healthy)), tiles(), hits()
+    )
+    assert downloads(upstream) == 3 + 24  # one upstream call per file, every fault used
+    assert tile_statuses == [200] * 6
+    assert [len(b) for b in hit_bodies] == [1_500_000, 2_500_000, 700_000]
+
+    full = await upstream_bytes(upstream, broken[0], "data")
+    for status, body, cut in results[:20]:
+        # every byte that reached the gateway, then a cut connection: resumable, never whole
+        assert (status, cut, len(body)) == (200, True, 3_000_000)
+        assert body == full[:3_000_000]
+    small = await upstream_bytes(upstream, healthy[0], "data")
+    for status, body, cut in results[20:]:
+        assert (status, cut, body) == (200, False, small)
+
+    after = {p.name: sha256(p) for p in (store_dir / "files").glob("*.tif")}
+    assert {name: after[name] for name in before} == before  # the stored files are untouched
+    assert len(after) == 3 + 4  # the healthy transfers were stored; no broken one was
+    assert list((store_dir / "tmp").iterdir()) == []
+    with sqlite3.connect(store_dir / "index" / "cache.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    index = DownloadStore(store_dir, 1 << 40)
+    try:
+        for job_id in kept + healthy:
+            stored = index.lookup(job_id, "data")
+            assert stored is not None and sha256(stored.path) == after[stored.path.name]
+        assert all(index.lookup(job_id, "data") is None for job_id in broken)
+    finally:
+        index.close()
+
+
+async def test_curl_resumes_every_byte_a_broken_transfer_delivered(client_and_upstream, tmp_path):
+    client, upstream = client_and_upstream
+    job_id = await create_job(upstream, "synthetic-5000000")
+    await completed(client, job_id)
+    upstream.app[FAULTS_KEY].add(Fault("truncate", operation="clip.job.download", bytes=1_234_567))
+    url = str(client.make_url(f"/downloads/{job_id}/data"))
+    out = tmp_path / "clip.tif"
+    auth = f"Authorization: Bearer {TOKENS['downloads']}"
+    first = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-H", auth, "-o", str(out), url, stderr=asyncio.subprocess.PIPE
+    )
+    await first.communicate()
+    assert first.returncode == 18  # curl: "partial file"
+    assert out.stat().st_size == 1_234_567  # less than a 4 MiB write batch: sent all the same
+    resumed = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-H", auth, "-C", "-", "-o", str(out), url, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await resumed.communicate()
+    assert resumed.returncode == 0, err.decode()
+    assert out.read_bytes() == await upstream_bytes(upstream, job_id, "data")
+
+
+@pytest.fixture
+async def client_and_upstream(gateway_for, start_upstream):
+    upstream = await start_upstream(clip_delay_s=0.05)
+    return await gateway_for(upstream, token="downloads"), upstream
+
+
+def fill(directory: Path, leave_bytes: int) -> Path:
+    """Fill the file system of ``directory`` until about ``leave_bytes`` are free."""
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    filler = directory / "filler"
+    with open(filler, "wb") as file:
+        file.truncate(0)
+        file.write(b"\0" * max(0, free - leave_bytes))
+    return filler
+
+
+async def test_a_full_download_disk_is_a_clean_503_and_leaves_nothing(
+    gateway_for, start_upstream, small_disk
+):
+    disk = small_disk(16 << 20)
+    upstream = await start_upstream(clip_delay_s=0.05)
+    client = await gateway_for(upstream, token="downloads", cache_dir=disk / "cache")
+    store = disk / "cache-downloads"
+    big = await create_job(upstream, "synthetic-6000000")
+    await completed(client, big)
+    filler = fill(disk, 3 << 20)
+
+    async with asyncio.timeout(30):  # never a client left waiting
+        response = await client.get(f"/downloads/{big}/data")
+        problem = await response.json()
+    assert response.status == 503 and response.headers["Retry-After"] == "60"
+    assert response.content_type == "application/problem+json"
+    assert problem["type"].endswith("download-store-unavailable")
+    assert list((store / "tmp").iterdir()) == [] and list((store / "files").iterdir()) == []
+
+    filler.unlink()  # room again: the claim was released, the next request transfers
+    async with asyncio.timeout(30):
+        again = await client.get(f"/downloads/{big}/data")
+        body = await again.read()
+    assert again.status == 200 and body == await upstream_bytes(upstream, big, "data")
+    assert downloads(upstream) == 2 + 1  # two through the gateway, one for the comparison
+
+
+async def test_a_disk_that_fills_during_transfers_cuts_them_and_keeps_only_whole_files(
+    gateway_for, start_upstream, small_disk
+):
+    disk = small_disk(24 << 20)
+    upstream = await start_upstream(clip_delay_s=0.05, bandwidth=30_000_000)
+    client = await gateway_for(upstream, token="downloads", cache_dir=disk / "cache")
+    store = disk / "cache-downloads"
+    jobs = [await create_job(upstream, "synthetic-9000000") for _ in range(3)]
+    for job_id in jobs:
+        await completed(client, job_id)
+    fill(disk, 14 << 20)  # room for one file and a half: each alone would fit
+
+    async def fetch(job_id: str) -> tuple[int, bytes, bool]:
+        response = await client.get(f"/downloads/{job_id}/data")
+        body, cut = await read_until_cut(response)
+        return response.status, body, cut
+
+    async with asyncio.timeout(60):
+        results = await asyncio.gather(*(fetch(j) for j in jobs))
+    full = await upstream_bytes(upstream, jobs[0], "data")
+    assert any(cut for _, _, cut in results)
+    for status, body, cut in results:
+        assert status in (200, 503)
+        if status == 200:
+            assert body == full if not cut else full.startswith(body) and len(body) < len(full)
+    assert list((store / "tmp").iterdir()) == []
+    for path in (store / "files").glob("*.tif"):
+        assert path.read_bytes() == full
+
+
+async def test_restart_on_a_disk_full_of_abandoned_transfers(
+    gateway_for, start_upstream, small_disk
+):
+    disk = small_disk(8 << 20)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tmp = disk / "cache-downloads" / "tmp"
+    tmp.mkdir(parents=True)
+    abandoned = tmp / f"{dead.stdout.strip()}-{round(time.time() * 100)}-0123abcd.part"
+    fill(disk, 0).rename(abandoned)  # a crashed transfer took the whole disk
+    upstream = await start_upstream()
+    client = await gateway_for(upstream, token="all", cache_dir=disk / "cache")
+    response = await client.get("/tiles/olinda/13/3302/4278.png")
+    assert response.status == 200
+    assert not abandoned.exists()
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_client_that_leaves_mid_download_is_no_error(client_and_upstream, caplog, tmp_path):
+    client, upstream = client_and_upstream
+    job_id = await create_job(upstream, "synthetic-40000000")
+    await completed(client, job_id)
+    url = client.make_url(f"/downloads/{job_id}/data")
+    async with aiohttp.ClientSession(headers=BEARER) as session:
+        response = await session.get(url)
+        assert response.headers["X-Cache"] == "MISS"
+        await response.content.readexactly(1 << 20)
+        response.close()  # the client goes away with 39 MB to go
+    stored = None
+    async with asyncio.timeout(30):  # the transfer still runs to the end and is stored
+        while stored is None:
+            await asyncio.sleep(0.05)
+            response = await client.get(f"/downloads/{job_id}/data")
+            if response.headers["X-Cache"] == "HIT":
+                stored = await response.read()
+    assert len(stored) == 40_000_000 and downloads(upstream) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    metrics = await (await client.get("/metrics")).text()
+    assert 'route="download",status="499"' in metrics
+    assert 'route="download",status="500"' not in metrics
+
+
+async def test_the_download_client_follows_no_redirect(aiohttp_server, gateway_for, tmp_path):
+    """A hostile or misconfigured upstream redirects the download elsewhere: the gateway
+    neither re-posts the body (nor the key) there nor stores what that origin says."""
+    elsewhere_hits: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        elsewhere_hits.append(request.path)
+        return web.Response(body=b"II*\0not the clip", content_type="image/tiff")
+
+    other = await aiohttp_server(_app({"*": elsewhere}))
+    job_id = "0f8fad5b-d9cb-469f-a165-70867728950e"
+
+    async def op(request: web.Request) -> web.StreamResponse:
+        operation = request.match_info["op"]
+        if operation == "clip.job.get":
+            return web.json_response({"id": job_id, "status": "completed"})
+        if operation == "clip.job.downloads":
+            return web.json_response([{"mosaic_type": "rgb", "filename": "a.tif"}])
+        target = other.make_url("/steal") if request.query.get("x") is None else "/v1/op/x"
+        raise web.HTTPTemporaryRedirect(str(target))
+
+    upstream = await aiohttp_server(_app({"/v1/op/{op}": op}))
+    client = await gateway_for(str(upstream.make_url("")).rstrip("/"), token="downloads")
+    assert (await client.get(f"/downloads/{job_id}")).status == 200
+    response = await client.get(f"/downloads/{job_id}/rgb")
+    assert response.status == 502 and response.content_type == "application/problem+json"
+    assert elsewhere_hits == []
+    assert list((tmp_path / "cache-downloads" / "files").iterdir()) == []
+
+
+def _app(routes: dict) -> web.Application:
+    app = web.Application()
+    for path, handler in routes.items():
+        if path == "*":
+            app.router.add_route("*", "/{tail:.*}", handler)
+        else:
+            app.router.add_post(path, handler)
+    return app
