@@ -11,7 +11,7 @@ import aiohttp
 
 from tests.conftest import TOKENS, config_with
 from tests.test_cli import serving_workers
-from tests.test_downloads import completed, create_job
+from tests.test_downloads import create_job
 
 BEARER = {"Authorization": f"Bearer {TOKENS['downloads']}"}
 
@@ -21,32 +21,32 @@ async def test_sigterm_during_a_download_stops_at_once_and_cuts_the_client(
 ):
     upstream = await start_upstream(clip_delay_s=0.05)
     # 2 MB/s of upstream egress: a 100 MB transfer would take nearly a minute
-    config = config_with(
-        tmp_path, ("bytes_per_s = 25_000_000", "bytes_per_s = 2_000_000"), append=""
-    )
-    async with serving_workers(upstream, config, tmp_path / "cache", workers=1) as (base, process):
-        async with aiohttp.ClientSession(headers=BEARER) as session:
-            job_id = await create_job(upstream, "synthetic-100000000")
-            async with asyncio.timeout(30):
-                while True:
-                    async with session.get(f"{base}/downloads/{job_id}") as response:
-                        if (await response.json())["status"] == "completed":
-                            break
-                    await asyncio.sleep(0.05)
-            response = await session.get(f"{base}/downloads/{job_id}/data")
-            assert response.status == 200
-            await response.content.readexactly(1 << 20)
-            started = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            received = 1 << 20
-            try:
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    received += len(chunk)
-            except aiohttp.ClientPayloadError:
-                pass  # cut short: the client resumes with Range
-            assert received < 100_000_000
-            assert await asyncio.wait_for(process.wait(), 30) == 0
-            stopped = time.monotonic() - started
+    config = config_with(tmp_path, ("bytes_per_s = 25_000_000", "bytes_per_s = 2_000_000"))
+    async with (
+        serving_workers(upstream, config, tmp_path / "cache", workers=1) as (base, process),
+        aiohttp.ClientSession(headers=BEARER) as session,
+    ):
+        job_id = await create_job(upstream, "synthetic-100000000")
+        async with asyncio.timeout(30):
+            while True:
+                async with session.get(f"{base}/downloads/{job_id}") as response:
+                    if (await response.json())["status"] == "completed":
+                        break
+                await asyncio.sleep(0.05)
+        response = await session.get(f"{base}/downloads/{job_id}/data")
+        assert response.status == 200
+        await response.content.readexactly(1 << 20)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        received = 1 << 20
+        try:
+            async for chunk in response.content.iter_chunked(1 << 16):
+                received += len(chunk)
+        except aiohttp.ClientPayloadError:
+            pass  # cut short: the client resumes with Range
+        assert received < 100_000_000
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        stopped = time.monotonic() - started
     assert stopped < 8, f"SIGTERM took {stopped:.1f} s"
     assert list((tmp_path / "cache-downloads" / "tmp").iterdir()) == []
 
