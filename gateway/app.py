@@ -76,6 +76,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     except ConnectionResetError:  # the client left while the answer was being sent
         request[CLIENT_GONE_KEY] = True
         response = web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:  # the client left and the server cancels its handlers
+        metrics.observe_request(route, request.method, CLIENT_CLOSED, time.perf_counter() - started)
+        raise
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         response = Problem(

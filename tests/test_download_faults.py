@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +26,8 @@ from PIL import Image
 
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.store import DownloadStore
-from tests.conftest import TOKENS
+from tests.conftest import TOKENS, config_with
+from tests.test_cli import serving_workers
 from tests.test_downloads import completed, create_job, downloads, upstream_bytes
 
 BEARER = {"Authorization": f"Bearer {TOKENS['downloads']}"}
@@ -240,28 +241,44 @@ async def test_restart_on_a_disk_full_of_abandoned_transfers(
     assert (await client.get("/readyz")).status == 200
 
 
-async def test_a_client_that_leaves_mid_download_is_no_error(client_and_upstream, caplog, tmp_path):
-    client, upstream = client_and_upstream
-    job_id = await create_job(upstream, "synthetic-40000000")
-    await completed(client, job_id)
-    url = client.make_url(f"/downloads/{job_id}/data")
-    async with aiohttp.ClientSession(headers=BEARER) as session:
-        response = await session.get(url)
+async def test_a_client_that_leaves_mid_download_is_no_error(start_upstream, tmp_path):
+    upstream = await start_upstream(clip_delay_s=0.05)
+    config = config_with(tmp_path)
+    async with (
+        serving_workers(upstream, config, tmp_path / "cache", workers=1) as (base, process),
+        aiohttp.ClientSession(headers=BEARER) as session,
+    ):
+        job_id = await create_job(upstream, "synthetic-40000000")
+        await wait_completed(session, f"{base}/downloads/{job_id}")
+        response = await session.get(f"{base}/downloads/{job_id}/data")
         assert response.headers["X-Cache"] == "MISS"
         await response.content.readexactly(1 << 20)
         response.close()  # the client goes away with 39 MB to go
-    stored = None
-    async with asyncio.timeout(30):  # the transfer still runs to the end and is stored
-        while stored is None:
+        cache = None
+        async with asyncio.timeout(30):  # the transfer still runs to the end and is stored
+            while cache != "HIT":
+                await asyncio.sleep(0.05)
+                async with session.head(f"{base}/downloads/{job_id}/data") as head:
+                    cache = head.headers.get("X-Cache")
+        async with session.get(f"{base}/downloads/{job_id}/data") as whole:
+            assert len(await whole.read()) == 40_000_000
+        assert downloads(upstream) == 1
+        async with session.get(f"{base}/metrics") as answer:
+            metrics = await answer.text()
+        assert 'route="download",status="499"' in metrics
+        assert 'status="500"' not in metrics
+        process.send_signal(signal.SIGTERM)
+        output = (await asyncio.wait_for(process.stdout.read(), 20)).decode()
+    assert " ERROR " not in output and "Traceback" not in output, output
+
+
+async def wait_completed(session: aiohttp.ClientSession, url: str) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            async with session.get(url) as response:
+                if (await response.json())["status"] == "completed":
+                    return
             await asyncio.sleep(0.05)
-            response = await client.get(f"/downloads/{job_id}/data")
-            if response.headers["X-Cache"] == "HIT":
-                stored = await response.read()
-    assert len(stored) == 40_000_000 and downloads(upstream) == 1
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    metrics = await (await client.get("/metrics")).text()
-    assert 'route="download",status="499"' in metrics
-    assert 'route="download",status="500"' not in metrics
 
 
 async def test_the_download_client_follows_no_redirect(aiohttp_server, gateway_for, tmp_path):

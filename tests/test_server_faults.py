@@ -11,6 +11,7 @@ import aiohttp
 
 from tests.conftest import TOKENS, config_with
 from tests.test_cli import serving_workers
+from tests.test_download_faults import wait_completed
 from tests.test_downloads import create_job
 
 BEARER = {"Authorization": f"Bearer {TOKENS['downloads']}"}
@@ -27,12 +28,7 @@ async def test_sigterm_during_a_download_stops_at_once_and_cuts_the_client(
         aiohttp.ClientSession(headers=BEARER) as session,
     ):
         job_id = await create_job(upstream, "synthetic-100000000")
-        async with asyncio.timeout(30):
-            while True:
-                async with session.get(f"{base}/downloads/{job_id}") as response:
-                    if (await response.json())["status"] == "completed":
-                        break
-                await asyncio.sleep(0.05)
+        await wait_completed(session, f"{base}/downloads/{job_id}")
         response = await session.get(f"{base}/downloads/{job_id}/data")
         assert response.status == 200
         await response.content.readexactly(1 << 20)
