@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sqlite3
 import time
 from collections import OrderedDict
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
+
+from gateway.claims import Claims
 
 log = logging.getLogger("gateway.cache")
 
@@ -161,6 +162,8 @@ class TileCache:
             str(directory), size_limit=size_limit_bytes, eviction_policy="least-recently-used"
         )
         self._memory = _MemoryTier(memory_bytes) if memory_bytes > 0 else None
+        self.claims = Claims(self._disk)
+        """Cross-process claims on tile keys (single-flight across worker processes)."""
         self._purges: dict[str, float] = {}
         self._purges_checked = float("-inf")  # monotonic time of the last disk read
 
@@ -265,32 +268,6 @@ class TileCache:
                     self._memory.discard(key)
         known = self._purges.get(layer, 0.0)
         self._purges = {**self._purges, layer: max(purged_at, known)}
-
-    def claim(self, key: str, seconds: float) -> bool:
-        """Atomically claim the fetch of ``key`` for this process for up to ``seconds``.
-
-        False when another process holds the claim (cross-process single-flight).
-        """
-        return bool(self._disk.add(("claim", key), os.getpid(), expire=seconds))
-
-    def claimed(self, key: str) -> bool:
-        """Whether a live process holds the claim on ``key`` now (a dead holder's claim is
-        dropped)."""
-        pid = self._disk.get(("claim", key))
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            self._disk.delete(("claim", key))
-            return False
-        except PermissionError:
-            pass  # alive, owned by another user
-        return True
-
-    def release(self, key: str) -> None:
-        """Drop this process's claim on ``key``."""
-        self._disk.delete(("claim", key))
 
     def get(self, key: str, *, from_disk: bool = False) -> CachedTile | None:
         """The entry for ``key``, fresh or not, or None.

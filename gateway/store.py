@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
-import psutil
+
+from gateway.claims import Claims, owner_alive
 
 log = logging.getLogger("gateway.downloads")
 
 CLAIM_S = 6 * 3600
-"""Longest a transfer claim lasts if its process never releases it, seconds."""
+"""Longest a transfer claim lasts, seconds; a claim whose process died is taken over at once."""
 
 DESCRIPTORS_TTL_S = 3600
 """How long the file list of a completed job is reused, seconds."""
@@ -74,28 +75,6 @@ def file_etag(mtime_ns: int, size: int) -> str:
     return f'"{mtime_ns:x}-{size:x}"'
 
 
-def process_tag(pid: int | None = None) -> str | None:
-    """``"<pid>-<start time, centiseconds since the epoch>"`` of a live process (this one by
-    default), or None when no such process runs. Two processes never share a tag, even in
-    a container that restarts with the same pid."""
-    try:
-        process = psutil.Process(pid)
-        return f"{process.pid}-{round(process.create_time() * 100)}"
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-    except psutil.AccessDenied:  # alive, owned by another user: never ours to clean
-        return f"{pid}-?"
-
-
-def _owner_alive(tag: str) -> bool:
-    """Whether the process named by a :func:`process_tag` still runs."""
-    pid = tag.partition("-")[0]
-    if not pid.isdigit():
-        return False
-    live = process_tag(int(pid))
-    return live is not None and (live == tag or live.endswith("-?"))
-
-
 def remove_interrupted(directory: Path) -> int:
     """Delete the ``tmp/*.part`` files of processes that no longer run; returns how many.
 
@@ -104,7 +83,7 @@ def remove_interrupted(directory: Path) -> int:
     removed = 0
     for part in (directory / "tmp").glob("*.part"):
         owner = part.name.rsplit("-", 1)[0]
-        if not _owner_alive(owner):
+        if not owner_alive(owner):
             part.unlink(missing_ok=True)
             removed += 1
     if removed:
@@ -132,7 +111,7 @@ class DownloadStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._index = diskcache.Cache(str(directory / "index"), eviction_policy="none")
         self._serving: Counter[str] = Counter()
-        self._tag = process_tag() or str(os.getpid())
+        self.claims = Claims(self._index)
 
     def close(self) -> None:
         """Close the index."""
@@ -173,8 +152,9 @@ class DownloadStore:
         return stats.f_bavail * stats.f_frsize
 
     def temp_path(self) -> Path:
-        """A new temporary path in ``tmp/`` named after this process (:func:`process_tag`)."""
-        return self.tmp_dir / f"{self._tag}-{uuid.uuid4().hex}.part"
+        """A new temporary path in ``tmp/`` named after this process
+        (:func:`~gateway.claims.process_tag`)."""
+        return self.tmp_dir / f"{self.claims.owner}-{uuid.uuid4().hex}.part"
 
     def commit(
         self,
@@ -266,29 +246,29 @@ class DownloadStore:
                 path.unlink(missing_ok=True)
 
     def claim(self, job_id: str, mosaic_type: str) -> bool:
-        """Atomically claim the transfer of a file for this process (cross-process
-        single-flight); False when another live process holds it. A dead holder's claim
-        is taken over."""
-        key = ("claim", self._name(job_id, mosaic_type))
-        if self._index.add(key, self._tag, expire=CLAIM_S):
-            return True
-        holder = self._index.get(key)
-        if holder is not None and not _owner_alive(str(holder)):
-            self._index.delete(key)
-            return bool(self._index.add(key, self._tag, expire=CLAIM_S))
-        return False
+        """Claim the transfer of a file for this process (cross-process single-flight,
+        :class:`~gateway.claims.Claims`); False when another live process holds it."""
+        return self.claims.claim(self._name(job_id, mosaic_type), CLAIM_S)
 
     def claimed(self, job_id: str, mosaic_type: str) -> bool:
         """Whether a live process holds the claim on this file."""
-        holder = self._index.get(("claim", self._name(job_id, mosaic_type)))
-        return holder is not None and _owner_alive(str(holder))
+        return self.claims.held(self._name(job_id, mosaic_type))
+
+    async def wait_for_transfer(
+        self, job_id: str, mosaic_type: str, poll_s: float
+    ) -> StoredFile | None:
+        """Wait while another process transfers this file; the stored file, or None when
+        its claim ended without one (or after :data:`CLAIM_S`)."""
+        return await self.claims.wait(
+            self._name(job_id, mosaic_type),
+            lambda: self.lookup(job_id, mosaic_type),
+            CLAIM_S,
+            poll_s,
+        )
 
     def release(self, job_id: str, mosaic_type: str) -> None:
         """Drop this process's claim on the file (never another process's)."""
-        key = ("claim", self._name(job_id, mosaic_type))
-        with self._index.transact():
-            if self._index.get(key) == self._tag:
-                self._index.delete(key)
+        self.claims.release(self._name(job_id, mosaic_type))
 
     def descriptors(self, job_id: str) -> list[dict[str, Any]] | None:
         """The cached file list of a completed job, or None."""

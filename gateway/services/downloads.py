@@ -416,9 +416,10 @@ class DownloadService:
             raise _storage_error(exc) from None
 
     async def _await_other_worker(self, job_id: str, mosaic_type: str) -> StoredFile | None:
-        while self._store_call(self.store.claimed, job_id, mosaic_type):
-            await asyncio.sleep(CLAIM_POLL_S)
-        return self._store_call(self.store.lookup, job_id, mosaic_type)
+        try:
+            return await self.store.wait_for_transfer(job_id, mosaic_type, CLAIM_POLL_S)
+        except (OSError, sqlite3.Error) as exc:
+            raise _storage_error(exc) from None
 
     async def _transfer(self, transfer: Transfer, requester: Requester) -> None:
         body: dict[str, Any] = {"job_id": transfer.job_id, "mosaic_type": transfer.mosaic_type}

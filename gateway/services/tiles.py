@@ -226,10 +226,16 @@ class TileService:
         stored = self.cache.get(key, from_disk=True)
         if stored is not None and stored.is_fresh():
             return stored, "HIT"  # another worker process stored it meanwhile
-        if not self.cache.claim(key, self.claim_s):
-            stored = await self._await_other_worker(key)
+        claims = self.cache.claims
+        claimed = claims.claim(key, self.claim_s)
+        if not claimed:
+            stored = await claims.wait(
+                key, lambda: self._fresh_on_disk(key), self.claim_s, CLAIM_POLL_S
+            )
             if stored is not None:
                 return stored, "COALESCED"
+            # the holder failed or died: fetch, holding the claim when it is free now
+            claimed = claims.claim(key, self.claim_s)
         try:
             if address.scale == 2:
                 tile = await self._fetch_2x(address, priority)
@@ -238,21 +244,14 @@ class TileService:
             keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
             self.cache.set(key, tile, keep_s=keep)
         finally:
-            self.cache.release(key)
+            if claimed:
+                claims.release(key)
         return tile, "MISS"
 
-    async def _await_other_worker(self, key: str) -> CachedTile | None:
-        """Wait while another worker process fetches ``key``; its result, or None when its
-        claim ended without a fresh entry (it failed or died) and this process should fetch."""
-        deadline = time.monotonic() + self.claim_s
-        while time.monotonic() < deadline:
-            await asyncio.sleep(CLAIM_POLL_S)
-            stored = self.cache.get(key, from_disk=True)
-            if stored is not None and stored.is_fresh():
-                return stored
-            if not self.cache.claimed(key):
-                return None
-        return None
+    def _fresh_on_disk(self, key: str) -> CachedTile | None:
+        """The fresh entry another worker process stored for ``key``, or None."""
+        stored = self.cache.get(key, from_disk=True)
+        return stored if stored is not None and stored.is_fresh() else None
 
     async def _fetch_1x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
