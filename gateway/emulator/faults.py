@@ -88,6 +88,7 @@ class Fault:
         count: how many calls it affects.
         bytes: for ``truncate``, how many body bytes are sent before the connection closes.
         type: for ``status``, the problem type (slug or URI); None for the default.
+        detail: for ``status``, the problem's ``detail``; None for a default sentence.
     """
 
     kind: str = "status"
@@ -98,6 +99,7 @@ class Fault:
     count: int = 1
     bytes: int = 0
     type: str | None = None
+    detail: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
@@ -180,8 +182,8 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
         title = HTTPStatus(fault.status).phrase
     except ValueError:
         title = "Injected fault"
-    detail = f"Scripted fault with status {fault.status}."
-    if fault.status == 402:
+    detail = fault.detail or f"Scripted fault with status {fault.status}."
+    if fault.status == 402 and fault.detail is None:
         detail = "The organization's subscription is past due (scripted fault)."
     return problem_response(fault.status, kind, title, detail, headers)
 
