@@ -138,7 +138,7 @@ async def test_upstream_empty_answer_is_negatively_cached(gateway, emulator):
     second = await gateway.get(url)
     assert first.status == second.status == 200
     assert first.headers["X-Cache"] == second.headers["X-Cache"] == "EMPTY"
-    assert emulator.stats.statuses[("cog.tile.render", 204)] == 1
+    assert emulator.stats.statuses[("cog.tile.render", 404)] == 1  # 404 empty-tile
     assert emulator.renders() == 1
     max_age = int(second.headers["Cache-Control"].rsplit("=", 1)[1])
     assert 0 < max_age <= 300  # the negative TTL, not the layer's day
