@@ -41,7 +41,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.secrets import Secret
+from gateway.secrets import Secret, redact
 
 __all__ = [  # the upstream errors live in gateway.errors; these names stay importable here
     "GeoperaClient",
@@ -149,7 +149,10 @@ def parse_problem(reason: str | None, status: int, content: bytes) -> UpstreamPr
     if not isinstance(body, dict):
         return UpstreamProblem(None, fallback)
     kind = body.get("type")
-    kind = kind.strip()[:MAX_PROBLEM_TYPE_CHARS] if isinstance(kind, str) and kind.strip() else None
+    if isinstance(kind, str) and kind.strip():
+        kind = redact(kind.strip()[:MAX_PROBLEM_TYPE_CHARS])  # it may reach logs and /readyz
+    else:
+        kind = None
     parts = [str(body[k]) for k in ("title", "detail") if isinstance(body.get(k), str)]
     if not parts and isinstance(body.get("detail"), list):
         parts = ["validation failed: " + json.dumps(body["detail"])[:500]]
@@ -225,10 +228,9 @@ class GeoperaClient:
 
         Raises:
             UpstreamTimeout, UpstreamUnavailable: no answer in time / at all.
-            UpstreamAuthError (401/403), UpstreamQuotaExceeded (402), UpstreamNotFound (404),
-            UpstreamRateLimited (429), UpstreamRejected (other 4xx), UpstreamServerError
-            (5xx), UpstreamBadResponse (other statuses, or a body over
-            :data:`MAX_RESPONSE_BYTES`).
+            The error :func:`error_for_status` gives a non-2xx answer (401/403/402/404/429,
+            other 4xx, 5xx); UpstreamBadResponse for a body over
+            :data:`MAX_RESPONSE_BYTES`.
         """
         started = time.perf_counter()
         try:

@@ -20,9 +20,11 @@ bandwidth circuit breaker answer ``429`` with ``Retry-After`` (``asset-rate-limi
 ``bandwidth-circuit-open``). They apply to authorised, valid calls only, before rendering
 (tiles) or streaming (``clip.job.download``).
 
-Clip jobs (:mod:`.clips`): ``clip.create_from_item`` (``Idempotency-Key`` required),
-``clip.job.get``, ``clip.job.downloads``, ``clip.job.download``; jobs stay ``running`` for at
-least ``clip_delay_s`` seconds.
+Tiles (:mod:`.tiles`): ``cog.tile.render``, ``cog.tile.terrain``, ``cog.thumbnail``; empty
+tiles are 404 ``empty-tile`` (or 204 with ``empty_tiles=204``). Clip jobs (:mod:`.clips`):
+``clip.create_from_item`` (``Idempotency-Key`` required), ``clip.jobs.list``,
+``clip.job.get``, ``clip.job.downloads``, ``clip.job.download``, ``clip.job.tile_info``; jobs
+stay ``running`` for at least ``clip_delay_s`` seconds.
 
 Every error is ``application/problem+json`` except 422 validation errors
 (``HTTPValidationError``). The presented token is never echoed.

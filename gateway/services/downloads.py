@@ -283,6 +283,7 @@ class DownloadService:
         key = (job_id, mosaic_type)
         transfer = self._transfers.get(key)
         status = "COALESCED"
+        descriptor: dict[str, Any] = {}
         if transfer is None:
             try:
                 descriptor = await self._completed_file(job_id, mosaic_type)
@@ -295,7 +296,7 @@ class DownloadService:
         if transfer is None:
             status = "MISS"
             transfer = Transfer(job_id, mosaic_type, self.store.temp_path())
-            transfer.filename = descriptor["filename"]
+            transfer.filename = descriptor.get("filename") or transfer.filename
             self._transfers[key] = transfer
             task = asyncio.ensure_future(self._run(transfer, requester))
             self._tasks.add(task)
