@@ -369,3 +369,19 @@ def test_download_headers_are_checked_against_type_and_sizes():
     ):
         with pytest.raises(UpstreamBadResponse):
             checked_download(headers, expected, tiff)
+
+
+def test_the_seeder_decides_from_domain_errors():
+    from gateway.breaker import ORGANISATION
+    from gateway.errors import BreakerOpen, LimitExceeded, UpstreamAuthError
+    from gateway.errors import UpstreamPaymentRequired as PaymentRequired
+    from gateway.seed.runner import classify, describe
+
+    paid = PaymentRequired("cog.tile.render", "HTTP 402", 402)
+    paid.retry_after_s = 30.0
+    assert classify(paid).action == "retry" and classify(paid).wait_s == 30.0
+    assert classify(BreakerOpen(ORGANISATION, 4.0)).action == "retry"
+    assert classify(LimitExceeded("budget", 60.0, "spent")).action == "stop"
+    assert classify(LimitExceeded("asset", 0.5, "wait")).action == "pace"
+    assert classify(UpstreamAuthError("cog.tile.render", "HTTP 401", 401)).action == "fail"
+    assert describe(BreakerOpen(ORGANISATION, 4.0)) == "503 Upstream paused"
