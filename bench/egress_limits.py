@@ -26,7 +26,8 @@ Method:
    be accepted by the gateway's config loader, or the run stops.
 3. **Tiles.** F x R x duration distinct tiles lying entirely inside the layer's bounds: z14
    first (10,486 of them), then z13 and z12, in a fixed shuffled order. Tiles inside the
-   bounds but off the image are upstream calls too (the emulator answers 204, served EMPTY).
+   bounds but off the image are upstream calls too (the emulator answers 404 ``empty-tile``,
+   served EMPTY).
 4. **Load.** The emulator's counters are reset, then an open-loop generator in this process
    starts request i at t0 + i / (F x R), whether or not earlier ones were answered, for
    ``--duration`` seconds (aiohttp, unlimited connection pool, per-request timeout
@@ -34,9 +35,10 @@ Method:
    ``X-Cache``, for 503 the ``Retry-After`` and problem type, the latency (request start to
    end of body) and how late the generator started it. Meanwhile ``/_emulator/stats`` is read
    every 0.25 s, which timestamps the upstream calls.
-5. **Upstream rate.** Render calls the emulator answered 200 or 204, per second, measured
-   three ways: over the load's duration (the simple ratio; it also counts the initial burst
-   and the calls made while the queue drains after the load), over the active window (first
+5. **Upstream rate.** Render calls the emulator answered 200 or empty (404, or 204 with
+   ``--empty-tiles 204``), per second, measured three ways: over the load's duration (the
+   simple ratio; it also counts the initial burst and the calls made while the queue drains
+   after the load), over the active window (first
    to last upstream call, to 0.25 s), and over the **steady window**, from 2 s after the load
    starts (a quarter of the duration if shorter) to its end, while demand exceeds R. The
    target is judged on the steady window.
@@ -197,7 +199,7 @@ class Sample:
 
     t_s: float
     renders: int
-    """``cog.tile.render`` calls answered 200 or 204."""
+    """``cog.tile.render`` calls answered 200 or empty (404 or 204)."""
     throttled: int
 
 
@@ -229,9 +231,10 @@ def retry_after_ok(value: str | None) -> bool:
 
 
 def good_renders(stats: dict) -> int:
-    """Render calls the emulator answered 200 or 204, from ``/_emulator/stats``."""
+    """Render calls the emulator answered 200 or empty (404 ``empty-tile``, or 204 with
+    ``--empty-tiles 204``), from ``/_emulator/stats``."""
     statuses = stats.get("statuses", {})
-    return int(statuses.get(f"{RENDER_OP} 200", 0)) + int(statuses.get(f"{RENDER_OP} 204", 0))
+    return sum(int(statuses.get(f"{RENDER_OP} {status}", 0)) for status in (200, 204, 404))
 
 
 async def one_request(
@@ -499,7 +502,7 @@ def report(
     win = f"{window[0]:.2f} to {window[1]:.2f} s" if window else "none"
     print(
         table(
-            ["upstream rate (renders answered 200/204)", "renders", "seconds", "req/s", "x R"],
+            ["upstream rate (renders answered 200/empty)", "renders", "seconds", "req/s", "x R"],
             [
                 [
                     "simple: all renders / load duration",
@@ -529,7 +532,7 @@ def report(
         1 for a in answers if a.kind == "tile" and a.xcache in ("MISS", "EMPTY", "COALESCED")
     )
     print(
-        f"renders answered 200/204: {renders:,}; client tiles fetched upstream: "
+        f"renders answered 200/empty: {renders:,}; client tiles fetched upstream: "
         f"{tiles_upstream:,}"
         + ("" if renders == tiles_upstream else " (they differ: see the note in bench/README.md)")
     )

@@ -16,12 +16,14 @@ from gateway.cache import TileCache
 from gateway.clients import ClientRateLimit, client_address
 from gateway.config import Settings
 from gateway.cors import cors_middleware
+from gateway.errors import GatewayError
 from gateway.guard import UpstreamGuard
 from gateway.limits import SharedState
 from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
-from gateway.problem import Problem
+from gateway.problem import Problem, problem_for
 from gateway.routes import admin, discovery, downloads, health, tiles, viewer
 from gateway.services.downloads import DownloadService
+from gateway.services.sources import SourceCheck
 from gateway.services.tiles import TileService
 from gateway.state import (
     AUTH,
@@ -53,8 +55,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Per-client rate limit, problem+json for every error, common headers and HTTP metrics.
 
-    :class:`Problem` raised anywhere becomes its response; aiohttp's own 404/405/413 become
-    the matching problem; anything unexpected is logged and answered 500 without a trace.
+    :class:`Problem` raised anywhere becomes its response, a domain error
+    (:class:`~gateway.errors.GatewayError`) the response :data:`~gateway.problem.ERROR_TABLE`
+    gives it; aiohttp's own 404/405/413 become the matching problem; anything unexpected is
+    logged and answered 500 without a trace.
     Every response gets ``X-Content-Type-Options: nosniff`` and the ``Server`` name.
     """
     started = time.perf_counter()
@@ -69,6 +73,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         if problem.status == 429:
             metrics.CLIENT_REJECTIONS.inc()
         response = problem.response(request.path)
+    except GatewayError as exc:
+        response = problem_for(exc).response(request.path)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -200,6 +206,7 @@ def open_tile_stack(settings: Settings) -> TileStack:
         read_timeout_s=up.read_timeout_s,
         max_connections=up.max_connections,
         user_agent=SERVER,
+        problem_types=up.problem_types,
     )
     guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
     lim = settings.limits
@@ -218,10 +225,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[GUARD], app[TILE_SERVICE] = stack.guard, stack.service
     store = DownloadStore(settings.downloads.directory, settings.downloads.size_limit_bytes)
     await asyncio.to_thread(store.recover)
-    app[DOWNLOAD_SERVICE] = DownloadService(store, stack.guard)
+    app[DOWNLOAD_SERVICE] = DownloadService(
+        store, stack.guard, content_types=settings.downloads.content_types
+    )
+    checking = None
+    if settings.upstream.check_sources:
+        sources = SourceCheck(stack.guard, stack.state, settings.layers.values())
+        checking = asyncio.ensure_future(sources.run())
     try:
         yield
     finally:
+        if checking is not None:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
         await app[DOWNLOAD_SERVICE].aclose()
         store.close()
         await stack.aclose()

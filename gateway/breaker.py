@@ -1,12 +1,14 @@
-"""Circuit breakers on upstream scopes (an operation, or one asset of an operation).
+"""Circuit breakers on upstream scopes (one asset of an operation, an operation, or every
+operation of the organisation).
 
 A breaker is *closed* (calls go upstream), *open* (no call goes upstream until
 ``open_until``) or *half-open* (open time over: one probe call may go; its success closes the
 breaker, its failure opens it again). It opens when
 
 - the upstream answers 429: for the ``Retry-After`` it gave (Geopera rate limits guide: back
-  off and retry on 429), on the asset, and on the whole operation when the problem says the
-  organisation's bandwidth circuit breaker tripped;
+  off and retry on 429), on the scope its problem ``type`` names (the guard's choice, see
+  :mod:`gateway.guard`): the asset, the operation, or :data:`ORGANISATION`;
+- the upstream answers 402 (subscription past due): :data:`ORGANISATION`, for ``open_s``;
 - ``failure_threshold`` failures (5xx, timeouts, no answer) happen within ``window_s``: for
   ``open_s`` seconds, on the operation.
 
@@ -20,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from gateway.errors import BreakerOpen
 from gateway.limits import SharedState
 
 PROBE_TIMEOUT_S = 30.0
@@ -29,15 +32,18 @@ PROBE_TIMEOUT_S = 30.0
 @dataclass(frozen=True, slots=True)
 class Scope:
     """What a breaker guards. ``asset`` is a COG URL or clip job id, or None for the whole
-    operation; it is part of the state key only, never of a metric label or a message."""
+    operation; it is part of the state key only, never of a metric label or a message.
+    ``operation`` ``"*"`` with no asset is :data:`ORGANISATION`: every operation."""
 
     operation: str
     asset: str | None = None
 
     @property
     def kind(self) -> str:
-        """``operation`` or ``asset``, for metric labels."""
-        return "asset" if self.asset is not None else "operation"
+        """``organisation``, ``operation`` or ``asset``, for metric labels."""
+        if self.asset is not None:
+            return "asset"
+        return "organisation" if self.operation == "*" else "operation"
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -45,19 +51,15 @@ class Scope:
         return ("breaker", self.operation, self.asset or "")
 
 
+ORGANISATION = Scope("*")
+"""Every operation of the organisation: opened by a 402 or an organisation-wide 429."""
+
+
 @dataclass(slots=True)
 class _State:
     open_until: float = 0.0
     probe_until: float = 0.0
     failures: list[float] = field(default_factory=list)
-
-
-class BreakerOpen(Exception):
-    """No call may go upstream for ``scope`` now; try again after ``retry_after_s`` seconds."""
-
-    def __init__(self, scope: Scope, retry_after_s: float) -> None:
-        super().__init__(f"circuit open for {scope.kind} of {scope.operation}")
-        self.scope, self.retry_after_s = scope, retry_after_s
 
 
 class Breakers:

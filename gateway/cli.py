@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         action="append",
         dest="api_keys",
-        metavar="KEY",
-        help="accept only this key (repeatable; default: any gpra_ key)",
+        metavar="KEY[=SCOPES]",
+        help="accept only this API key or session token, with these comma-separated scopes "
+        "(e.g. KEY=tiles:read,clip:read; default every scope); repeatable. Default: any gpra_ "
+        "key and any JWT-shaped session token, with every scope",
     )
     emu.add_argument(
         "--delay-ms", type=float, default=0.0, help="added latency per upstream call, milliseconds"
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         metavar="S",
         help="minimum time a clip job stays running, seconds (default 2)",
+    )
+    emu.add_argument(
+        "--empty-tiles",
+        type=int,
+        choices=(404, 204),
+        default=404,
+        help="status of an empty tile: 404 problem+json (default) or 204 No Content",
     )
     return parser
 
@@ -242,6 +251,7 @@ def _emulator(args: argparse.Namespace) -> int:
         asset_rps=args.asset_rps,
         bandwidth=args.bandwidth,
         clip_delay_s=args.clip_delay_s,
+        empty_tiles=args.empty_tiles,
     )
 
     return 0

@@ -32,9 +32,44 @@ DEFAULT_CONFIG_NAME = "gateway.toml"
 DEFAULT_CACHE_DIR = ".cache/geopera-gateway/tiles"
 
 
+EMULATOR_PROBLEM_BASE = "https://docs.geopera.com/errors/"
+"""Prefix of the problem ``type`` URIs the bundled emulator sends (our choice: the Geopera
+docs say every error is problem+json but publish no list of types)."""
+
+THROTTLE_SCOPES = ("asset", "operation", "organisation")
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemTypes:
+    """How the gateway reads the RFC 9457 ``type`` of upstream errors (``[upstream]`` keys
+    ``throttle_scopes``, ``scope_missing_types``, ``source_unknown_types``).
+
+    The Geopera docs say every error is ``application/problem+json`` (seeds ``001``
+    "Clipping", ``004`` "Python recipes") without listing type URIs, so the defaults are
+    the bundled emulator's; set them to what your Geopera deployment sends.
+
+    Attributes:
+        throttle_scopes: 429 type URI -> what it throttles: ``asset``, ``operation`` or
+            ``organisation``. A 429 whose type is not here pauses its whole operation.
+        scope_missing: 403 types meaning "the key lacks a scope" even on a clip operation
+            that names a job (any other 403 there means "not your organisation's job").
+        source_unknown: 404 types meaning "this COG is unknown" rather than "no data here".
+    """
+
+    throttle_scopes: Mapping[str, str] = field(
+        default_factory=lambda: {
+            EMULATOR_PROBLEM_BASE + "asset-rate-limited": "asset",
+            EMULATOR_PROBLEM_BASE + "bandwidth-circuit-open": "organisation",
+        }
+    )
+    scope_missing: frozenset[str] = frozenset({EMULATOR_PROBLEM_BASE + "insufficient-scope"})
+    source_unknown: frozenset[str] = frozenset({EMULATOR_PROBLEM_BASE + "cog-not-found"})
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    """How to reach Geopera: base URL, credentials and HTTP client limits.
+    """How to reach Geopera: base URL, credentials, HTTP client limits and how its error
+    types are read.
 
     Timeouts are in seconds; ``max_connections`` bounds the httpx connection pool.
     """
@@ -44,6 +79,8 @@ class UpstreamSettings:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     max_connections: int = 64
+    problem_types: ProblemTypes = field(default_factory=ProblemTypes)
+    check_sources: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +179,13 @@ class LimitSettings:
 
 @dataclass(frozen=True, slots=True)
 class DownloadSettings:
-    """The download store: a directory of complete clip files with an LRU size limit."""
+    """The download store: a directory of complete clip files with an LRU size limit, and
+    the media types a clip file may have (the Clipping guide, seeds ``001``: ``image/tiff``);
+    a download answered with another type is refused and not stored."""
 
     directory: Path
     size_limit_bytes: int = 10 << 30
+    content_types: frozenset[str] = frozenset({"image/tiff"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,14 +289,24 @@ def load_settings(
     )
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+
+
 def _downloads(r: TableReader, cache_dir: Path) -> DownloadSettings:
-    r.reject_unknown({"directory", "size_limit_bytes"})
+    r.reject_unknown({"directory", "size_limit_bytes", "content_types"})
     directory = r.get("directory", str)
+    types = r.get("content_types", list, ["image/tiff"])
+    if not types or not all(isinstance(t, str) and _MEDIA_TYPE.fullmatch(t) for t in types):
+        raise r.error(
+            "content_types",
+            f'a non-empty list of lower-case media types like "image/tiff", got {types!r}',
+        )
     return DownloadSettings(
         directory=Path(directory).expanduser()
         if directory
         else cache_dir.parent / (cache_dir.name + "-downloads"),
         size_limit_bytes=r.positive("size_limit_bytes", int, 10 << 30),
+        content_types=frozenset(types),
     )
 
 
@@ -269,6 +319,10 @@ def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:
             "read_timeout_s",
             "max_connections",
             "api_key",
+            "throttle_scopes",
+            "scope_missing_types",
+            "source_unknown_types",
+            "check_sources",
         }
     )
     if "api_key" in r.table:
@@ -293,7 +347,30 @@ def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:
         connect_timeout_s=r.positive("connect_timeout_s", float, 5.0),
         read_timeout_s=r.positive("read_timeout_s", float, 30.0),
         max_connections=r.positive("max_connections", int, 64),
+        problem_types=_problem_types(r),
+        check_sources=r.get("check_sources", bool, True),
     )
+
+
+def _problem_types(r: TableReader) -> ProblemTypes:
+    d = ProblemTypes()
+    scopes = r.get("throttle_scopes", dict, dict(d.throttle_scopes))
+    for uri, scope in scopes.items():
+        if scope not in THROTTLE_SCOPES:
+            raise r.error(
+                f'throttle_scopes."{uri}"',
+                f"must be one of {', '.join(THROTTLE_SCOPES)}, got {scope!r}",
+            )
+    lists = {}
+    for key, default in (
+        ("scope_missing_types", d.scope_missing),
+        ("source_unknown_types", d.source_unknown),
+    ):
+        values = r.get(key, list, sorted(default))
+        if not all(isinstance(v, str) and v for v in values):
+            raise r.error(key, f"a list of problem type URIs (strings), got {values!r}")
+        lists[key] = frozenset(values)
+    return ProblemTypes(scopes, lists["scope_missing_types"], lists["source_unknown_types"])
 
 
 def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:

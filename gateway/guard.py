@@ -4,9 +4,22 @@ Order for one call: daily egress budget → circuit breakers (operation, asset) 
 (operation, asset) with a bounded wait → host-wide concurrency cap → the HTTP call. Idempotent
 reads that fail with 5xx, a timeout or no answer are retried with jittered exponential backoff
 (stamina), each attempt going through the breakers and buckets again; each failure counts
-toward the operation's breaker. A 429 opens the asset's breaker (and the operation's, when the
-upstream says its bandwidth circuit breaker tripped) for the ``Retry-After`` it gave, and is
-not retried: the caller serves stale or answers 503.
+toward the operation's breaker. What a failed call does to the host (decided here, once per
+call, never per waiting request):
+
+- 429: opens the breaker of the scope its problem ``type`` maps to
+  (``upstream.throttle_scopes``: the asset, the operation, or every operation of the
+  organisation) for the ``Retry-After`` it gave; a type the mapping does not know pauses the
+  whole operation, since an unattributed 429 may be the organisation's bandwidth breaker.
+  Not retried: the caller serves stale or answers 503.
+- 402 (subscription past due): pauses every operation (:data:`~gateway.breaker.ORGANISATION`)
+  for ``breaker_open_s`` and raises the ``payment-required`` operator alert.
+- 401, or 403 for the key's scope: raises the ``key-refused`` / ``scope-missing`` alert
+  (:mod:`gateway.alerts`: one CRITICAL line per change of state for the host).
+- other 4xx (404, 400, a 403 on another organisation's job): the upstream is up and
+  answering; they count as a success for the breakers (a half-open probe closes).
+
+A success closes the call's breakers and resolves the alerts it disproves.
 """
 
 from __future__ import annotations
@@ -21,7 +34,8 @@ from typing import Any
 import stamina
 
 from gateway import metrics
-from gateway.breaker import Breakers, Scope
+from gateway.alerts import KEY_REFUSED, PAYMENT_REQUIRED, SCOPE_MISSING, Alerts
+from gateway.breaker import ORGANISATION, Breakers, Scope
 from gateway.config import LimitSettings
 from gateway.limits import (
     Bucket,
@@ -33,9 +47,15 @@ from gateway.limits import (
     TokenBuckets,
 )
 from gateway.upstream import (
+    OPERATION_SCOPES,
     GeoperaClient,
+    UpstreamAuthError,
     UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotFound,
+    UpstreamPaymentRequired,
     UpstreamRateLimited,
+    UpstreamRejected,
     UpstreamResponse,
     UpstreamServerError,
     UpstreamTimeout,
@@ -56,11 +76,13 @@ STREAM_LEASE_S = 6 * 3600.0
 RETRYABLE = (UpstreamServerError, UpstreamTimeout, UpstreamUnavailable)
 """Failures worth another attempt for an idempotent read."""
 
+ANSWERED = (UpstreamNotFound, UpstreamRejected, UpstreamForbidden)
+"""Failures that are the upstream's considered answer: it is up (a success for breakers)."""
 
-def _bandwidth_breaker(exc: UpstreamRateLimited) -> bool:
-    """Whether a 429 came from the organisation-wide bandwidth circuit breaker."""
-    text = str(exc).lower()
-    return "bandwidth" in text or "circuit" in text
+
+def _scopes(operation: str, asset: str) -> tuple[Scope, Scope, Scope]:
+    """The breakers one call passes: the organisation, its operation and its asset."""
+    return (ORGANISATION, Scope(operation), Scope(operation, asset))
 
 
 class UpstreamGuard:
@@ -71,6 +93,9 @@ class UpstreamGuard:
         state: the host's shared limiter state.
         settings: the limits.
         read_timeout_s: the client's read timeout; concurrency leases outlive it.
+
+    Attributes:
+        alerts: the host's operator alerts (:class:`~gateway.alerts.Alerts`).
     """
 
     def __init__(
@@ -82,6 +107,7 @@ class UpstreamGuard:
     ) -> None:
         self.client = client
         self.settings = settings
+        self.alerts = Alerts(state)
         self.buckets = TokenBuckets(state)
         self.breakers = Breakers(
             state, settings.failure_threshold, settings.failure_window_s, settings.open_s
@@ -122,7 +148,7 @@ class UpstreamGuard:
         lease_s: float | None = None,
     ) -> str:
         """Budget, breakers, buckets and a concurrency lease; returns the lease."""
-        scopes = (Scope(operation), Scope(operation, asset))
+        scopes = _scopes(operation, asset)
         self.budget.check()
         self.breakers.check(scopes)
         started = time.monotonic()
@@ -186,21 +212,70 @@ class UpstreamGuard:
             raise
         finally:
             self.concurrency.release(lease)
-        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+        self._succeeded(operation, asset)
         await self._received(operation, len(response.content))
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
         return response
 
+    def _succeeded(self, operation: str, asset: str) -> None:
+        """Close the call's breakers and resolve the alerts a success disproves."""
+        self.breakers.record_success(_scopes(operation, asset))
+        self.alerts.resolve_after_success(OPERATION_SCOPES.get(operation))
+
     def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
-        """Breaker and metric bookkeeping for a failed call."""
+        """Breakers, alerts, metrics and one log line for a failed call."""
         metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
         if isinstance(exc, UpstreamRateLimited):
-            self.breakers.open_for(Scope(operation, asset), exc.retry_after_s)
-            if _bandwidth_breaker(exc):
-                self.breakers.open_for(Scope(operation), exc.retry_after_s)
+            scope = {
+                "asset": Scope(operation, asset),
+                "organisation": ORGANISATION,
+            }.get(exc.scope, Scope(operation))
+            self.breakers.open_for(scope, exc.retry_after_s)
+            log.warning(
+                "upstream throttled %s (problem type %s): %s paused for %.0f s",
+                operation,
+                exc.problem_type or "none",
+                "every operation" if scope is ORGANISATION else f"the {scope.kind}",
+                exc.retry_after_s,
+            )
+        elif isinstance(exc, UpstreamPaymentRequired):
+            exc.retry_after_s = self.settings.open_s
+            self.breakers.open_for(ORGANISATION, self.settings.open_s)
+            self.alerts.raise_alert(
+                PAYMENT_REQUIRED,
+                "",
+                f"UPSTREAM ANSWERED 402 PAYMENT REQUIRED ({operation}): the organisation's "
+                "Geopera subscription is past due or its quota is spent; every upstream call "
+                f"is paused, {self.settings.open_s:g} s at a time, until it is settled",
+            )
+        elif isinstance(exc, UpstreamAuthError):
+            self._key_alert(operation, exc)
         elif isinstance(exc, RETRYABLE):
             self.breakers.record_failure(Scope(operation))
+            log.warning("upstream call failed: %s", exc)
+        elif isinstance(exc, ANSWERED):
+            self.breakers.record_success(_scopes(operation, asset))
+        else:
+            log.warning("upstream sent an unusable answer: %s", exc)
+
+    def _key_alert(self, operation: str, exc: UpstreamAuthError) -> None:
+        """The alert for a refused key (401) or a missing scope (403)."""
+        if exc.status == 401:
+            self.alerts.raise_alert(
+                KEY_REFUSED,
+                "",
+                f"UPSTREAM REFUSED THE GATEWAY'S KEY (401 on {operation}): the Geopera key is "
+                "wrong or expired; fix GEOPERA_API_KEY",
+            )
+            return
+        scope = OPERATION_SCOPES.get(operation, "the operation's")
+        self.alerts.raise_alert(
+            SCOPE_MISSING,
+            scope,
+            f"UPSTREAM REFUSED THE GATEWAY'S KEY THE {scope} SCOPE (403 on {operation}): "
+            f"grant the key {scope}, or set GEOPERA_API_KEY to a key that has it",
+        )
 
     async def _received(self, operation: str, nbytes: int) -> float:
         """Count ``nbytes`` of egress (budget, bytes bucket, metrics); returns how long the
@@ -259,6 +334,6 @@ class UpstreamGuard:
             raise
         finally:
             self.concurrency.release(lease)
-        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+        self._succeeded(operation, asset)
         metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)

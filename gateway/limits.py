@@ -33,6 +33,8 @@ from pathlib import Path
 
 import diskcache
 
+from gateway.errors import LimitExceeded  # defined with the other domain errors
+
 
 class Priority(enum.IntEnum):
     """Who is asking: map users (interactive) before bulk seeding."""
@@ -53,19 +55,6 @@ class Bucket:
     key: str
     rate: float
     burst: float
-
-
-class LimitExceeded(Exception):
-    """The upstream limiter refused a call: waiting would take longer than allowed.
-
-    Attributes:
-        scope: which limit (``operation``, ``asset``, ``bytes``, ``concurrency``, ``budget``).
-        retry_after_s: seconds after which trying again may succeed.
-    """
-
-    def __init__(self, scope: str, retry_after_s: float, message: str) -> None:
-        super().__init__(message)
-        self.scope, self.retry_after_s = scope, retry_after_s
 
 
 class SharedState:

@@ -112,6 +112,8 @@ class StateCollector(Collector):
         cache_bytes: returns the tile cache's disk volume, bytes.
         open_breakers: returns ``(operation, scope_kind)`` for each open breaker.
         budget_left: returns today's egress budget left in bytes, or None without a budget.
+        alerts: returns ``(kind, subject)`` for each active operator alert
+            (:mod:`gateway.alerts`; subjects are Geopera scopes or layer names).
     """
 
     def __init__(
@@ -119,10 +121,12 @@ class StateCollector(Collector):
         cache_bytes: Callable[[], int],
         open_breakers: Callable[[], list[tuple[str, str]]],
         budget_left: Callable[[], int | None],
+        alerts: Callable[[], list[tuple[str, str]]] = list,
     ) -> None:
         self._cache_bytes = cache_bytes
         self._open_breakers = open_breakers
         self._budget_left = budget_left
+        self._alerts = alerts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -139,6 +143,15 @@ class StateCollector(Collector):
         for (operation, scope), n in sorted(counts.items()):
             breakers.add_metric([operation, scope], n)
         yield breakers
+        alerts = GaugeMetricFamily(
+            "gateway_upstream_alert",
+            "Active operator alerts (1 each): key-refused, scope-missing (subject: the scope), "
+            "payment-required, source-unknown (subject: the layer)",
+            labels=["kind", "subject"],
+        )
+        for kind, subject in sorted(set(self._alerts())):
+            alerts.add_metric([kind, subject], 1)
+        yield alerts
         left = self._budget_left()
         if left is not None:
             yield GaugeMetricFamily(

@@ -2,12 +2,14 @@
 
 One :class:`GeoperaClient` (one ``httpx.AsyncClient`` with pool limits and timeouts) lives as
 long as the app. Each call returns an :class:`UpstreamResponse` for 2xx answers and raises
-one exception of the :class:`UpstreamError` hierarchy otherwise. Status meanings follow the
-Geopera errors guide (seeds ``004``): 401 bad key, 403 missing scope, 402 quota, 404 unknown,
-409 conflict, 422 validation, 429 throttled (``Retry-After``), 5xx server trouble.
+one :class:`~gateway.errors.UpstreamError` (the tree in :mod:`gateway.errors`) otherwise,
+chosen by :func:`error_for_status` from the status and the RFC 9457 problem ``type`` of the
+answer, which the error keeps. This module only reads what the upstream said; what to do
+about it (breakers, alerts) is the guard's business.
 
 No exception text, log line or attribute ever holds the API key: upstream error bodies are
-parsed for ``title``/``detail`` only and passed through :func:`gateway.secrets.redact`.
+parsed for ``type``/``title``/``detail`` only and passed through
+:func:`gateway.secrets.redact`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,41 @@ from typing import Any
 import aiohttp
 import httpx
 
+from gateway.config import ProblemTypes
+from gateway.errors import (
+    UpstreamAuthError,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotFound,
+    UpstreamPaymentRequired,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.secrets import Secret, redact
+
+__all__ = [  # the upstream errors live in gateway.errors; these names stay importable here
+    "GeoperaClient",
+    "UpstreamAuthError",
+    "UpstreamBadResponse",
+    "UpstreamError",
+    "UpstreamForbidden",
+    "UpstreamNotFound",
+    "UpstreamPaymentRequired",
+    "UpstreamQuotaExceeded",
+    "UpstreamRateLimited",
+    "UpstreamRejected",
+    "UpstreamResponse",
+    "UpstreamServerError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_for_status",
+    "parse_retry_after",
+]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -38,55 +74,18 @@ MAX_RESPONSE_BYTES = 16 << 20
 """Largest buffered upstream body (a tile) accepted, bytes; larger answers are refused."""
 
 
-class UpstreamError(Exception):
-    """Base of every upstream failure. ``operation`` is the Geopera operation id.
-
-    ``status`` is the upstream HTTP status, or None when no answer arrived.
-    """
-
-    def __init__(self, operation: str, message: str, status: int | None = None) -> None:
-        super().__init__(redact(f"{operation}: {message}"))
-        self.operation, self.status = operation, status
-
-
-class UpstreamUnavailable(UpstreamError):
-    """No answer: connection refused, reset, DNS failure, protocol error."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """The connect or read timeout expired."""
-
-
-class UpstreamAuthError(UpstreamError):
-    """401 (key missing, malformed or expired) or 403 (key lacks the operation's scope)."""
-
-
-class UpstreamRateLimited(UpstreamError):
-    """429: throttled. ``retry_after_s`` is how long to hold off, seconds."""
-
-    def __init__(self, operation: str, message: str, retry_after_s: float) -> None:
-        super().__init__(operation, message, 429)
-        self.retry_after_s = retry_after_s
-
-
-class UpstreamQuotaExceeded(UpstreamError):
-    """402: the organisation's quota or subscription does not allow the call."""
-
-
-class UpstreamNotFound(UpstreamError):
-    """404: the operation or the thing it names does not exist."""
-
-
-class UpstreamRejected(UpstreamError):
-    """Another 4xx (400, 409, 422...): the upstream refused the request as sent."""
-
-
-class UpstreamServerError(UpstreamError):
-    """5xx from the upstream."""
-
-
-class UpstreamBadResponse(UpstreamError):
-    """A 2xx answer that is not what the operation promises (type, size, content)."""
+OPERATION_SCOPES = {
+    "cog.tile.render": "tiles:read",
+    "cog.tile.terrain": "tiles:read",
+    "cog.thumbnail": "tiles:read",
+    "clip.jobs.list": "clip:read",
+    "clip.job.get": "clip:read",
+    "clip.job.downloads": "clip:read",
+    "clip.job.download": "clip:read",
+    "clip.job.tile_info": "clip:read",
+}
+"""The Geopera scope each operation the gateway calls needs (seeds ``003`` "COG & tiles
+operations" and ``000`` "Clipping operations"), for the operator's alert lines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,19 +118,45 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _problem_text(reason: str | None, status: int, content: bytes) -> str:
-    """``title: detail`` from a problem+json or JSON error body; the status phrase otherwise."""
+MAX_PROBLEM_TYPE_CHARS = 2000
+"""Longest problem ``type`` URI kept from an upstream answer, characters."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamProblem:
+    """What an upstream error body says (RFC 9457 section 3.1 members).
+
+    ``type`` is the problem type URI, or None when the body is not a problem (or has no
+    ``type``: RFC 9457 reads that as ``about:blank``); ``text`` is ``title: detail`` for
+    logs, or the status phrase.
+    """
+
+    type: str | None
+    text: str
+
+
+def parse_problem(reason: str | None, status: int, content: bytes) -> UpstreamProblem:
+    """The :class:`UpstreamProblem` of a problem+json or JSON error body.
+
+    A FastAPI-style ``HTTPValidationError`` (``detail`` a list, seeds ``004``) is summed up
+    as "validation failed: ..."; any other body gives the status phrase.
+    """
+    fallback = reason or f"HTTP {status}"
     try:
         body = json.loads(content[:65536])
     except ValueError:
-        return reason or f"HTTP {status}"
-    if isinstance(body, dict):
-        parts = [str(body[k]) for k in ("title", "detail") if isinstance(body.get(k), str)]
-        if not parts and isinstance(body.get("detail"), list):
-            parts = ["validation failed: " + json.dumps(body["detail"])[:500]]
-        if parts:
-            return ": ".join(parts)[:1000]
-    return reason or f"HTTP {status}"
+        return UpstreamProblem(None, fallback)
+    if not isinstance(body, dict):
+        return UpstreamProblem(None, fallback)
+    kind = body.get("type")
+    if isinstance(kind, str) and kind.strip():
+        kind = redact(kind.strip()[:MAX_PROBLEM_TYPE_CHARS])  # it may reach logs and /readyz
+    else:
+        kind = None
+    parts = [str(body[k]) for k in ("title", "detail") if isinstance(body.get(k), str)]
+    if not parts and isinstance(body.get("detail"), list):
+        parts = ["validation failed: " + json.dumps(body["detail"])[:500]]
+    return UpstreamProblem(kind, ": ".join(parts)[:1000] if parts else fallback)
 
 
 class GeoperaClient:
@@ -143,6 +168,7 @@ class GeoperaClient:
         connect_timeout_s, read_timeout_s: httpx timeouts, seconds.
         max_connections: pool size (keep-alive connections are a quarter of it, at least 8).
         user_agent: sent on every call.
+        problem_types: how error ``type`` URIs are read (see :func:`error_for_status`).
     """
 
     def __init__(
@@ -154,8 +180,10 @@ class GeoperaClient:
         read_timeout_s: float = 30.0,
         max_connections: int = 64,
         user_agent: str = "geopera-gateway",
+        problem_types: ProblemTypes | None = None,
     ) -> None:
         self._base_url = base_url
+        self._types = problem_types or ProblemTypes()
         self._headers = {"Authorization": f"Bearer {api_key.reveal()}", "User-Agent": user_agent}
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._max_connections = max_connections
@@ -200,10 +228,9 @@ class GeoperaClient:
 
         Raises:
             UpstreamTimeout, UpstreamUnavailable: no answer in time / at all.
-            UpstreamAuthError (401/403), UpstreamQuotaExceeded (402), UpstreamNotFound (404),
-            UpstreamRateLimited (429), UpstreamRejected (other 4xx), UpstreamServerError
-            (5xx), UpstreamBadResponse (other statuses, or a body over
-            :data:`MAX_RESPONSE_BYTES`).
+            The error :func:`error_for_status` gives a non-2xx answer (401/403/402/404/429,
+            other 4xx, 5xx); UpstreamBadResponse for a body over
+            :data:`MAX_RESPONSE_BYTES`.
         """
         started = time.perf_counter()
         try:
@@ -218,7 +245,15 @@ class GeoperaClient:
         if 200 <= status < 300:
             content_type = response.headers.get("content-type", "").split(";")[0].strip()
             return UpstreamResponse(status, content_type.lower(), content, elapsed)
-        raise self._error_for(operation, response, content)
+        raise error_for_status(
+            operation,
+            status,
+            response.reason_phrase,
+            response.headers.get("retry-after"),
+            content,
+            types=self._types,
+            names_job="job_id" in body,
+        )
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -258,6 +293,8 @@ class GeoperaClient:
                         response.reason,
                         response.headers.get("Retry-After"),
                         content,
+                        types=self._types,
+                        names_job="job_id" in body,
                     )
                 if response.headers.get("Content-Encoding", "identity") != "identity":
                     raise UpstreamBadResponse(
@@ -297,33 +334,53 @@ class GeoperaClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @staticmethod
-    def _error_for(operation: str, response: httpx.Response, content: bytes) -> UpstreamError:
-        return error_for_status(
-            operation,
-            response.status_code,
-            response.reason_phrase,
-            response.headers.get("retry-after"),
-            content,
-        )
-
 
 def error_for_status(
-    operation: str, status: int, reason: str | None, retry_after: str | None, content: bytes
+    operation: str,
+    status: int,
+    reason: str | None,
+    retry_after: str | None,
+    content: bytes,
+    *,
+    types: ProblemTypes | None = None,
+    names_job: bool = False,
 ) -> UpstreamError:
-    """The :class:`UpstreamError` for a non-2xx answer (Geopera errors guide)."""
-    text = _problem_text(reason, status, content)
-    message = f"HTTP {status}: {text}"
-    if status in (401, 403):
-        return UpstreamAuthError(operation, message, status)
+    """The :class:`UpstreamError` for a non-2xx answer.
+
+    Statuses follow the Geopera docs (see :mod:`gateway.errors`); the problem ``type`` is kept
+    on the error and read through ``types`` (``upstream.*_types`` settings):
+
+    - 401 → :class:`UpstreamAuthError`; 403 → :class:`UpstreamForbidden` when the call names
+      a clip job (``names_job``: "cross-org access → 403", seeds ``001``) unless its type is a
+      missing-scope type, else :class:`UpstreamAuthError` (seeds ``004``: 403 = missing scope);
+    - 402 → :class:`UpstreamPaymentRequired`; 404 → :class:`UpstreamNotFound`, with
+      ``source_unknown`` when its type is a source-unknown type;
+    - 429 → :class:`UpstreamRateLimited` with the ``Retry-After`` and the scope its type maps
+      to (``operation`` for a type not in the mapping: it cannot be attributed to an asset);
+    - other 4xx → :class:`UpstreamRejected`; 5xx → :class:`UpstreamServerError`; anything
+      else → :class:`UpstreamBadResponse`.
+    """
+    types = types or ProblemTypes()
+    problem = parse_problem(reason, status, content)
+    kind = problem.type
+    message = f"HTTP {status}: {problem.text}"
+    if status == 401:
+        return UpstreamAuthError(operation, message, status, kind)
+    if status == 403:
+        if names_job and kind not in types.scope_missing:
+            return UpstreamForbidden(operation, message, status, kind)
+        return UpstreamAuthError(operation, message, status, kind)
     if status == 402:
-        return UpstreamQuotaExceeded(operation, message, status)
+        return UpstreamPaymentRequired(operation, message, status, kind)
     if status == 404:
-        return UpstreamNotFound(operation, message, status)
+        return UpstreamNotFound(operation, message, status, kind, kind in types.source_unknown)
     if status == 429:
-        return UpstreamRateLimited(operation, message, parse_retry_after(retry_after))
+        scope = types.throttle_scopes.get(kind or "", "operation")
+        return UpstreamRateLimited(
+            operation, message, parse_retry_after(retry_after), kind, scope=scope
+        )
     if 400 <= status < 500:
-        return UpstreamRejected(operation, message, status)
+        return UpstreamRejected(operation, message, status, kind)
     if status >= 500:
-        return UpstreamServerError(operation, message, status)
-    return UpstreamBadResponse(operation, f"unexpected {message}", status)
+        return UpstreamServerError(operation, message, status, kind)
+    return UpstreamBadResponse(operation, f"unexpected {message}", status, kind)

@@ -189,10 +189,58 @@ async def test_terrain_partial_tile_transparent_and_invert(client: Any) -> None:
         (RENDER, {"url": BAHAMAS, "z": 10, "x": 287, "y": 436, "format": "png"}),  # all masked
     ],
 )
-async def test_empty_tile_is_204(client: Any, path: str, body: dict[str, Any]) -> None:
+async def test_empty_tile_is_404_by_default_or_204(
+    client: Any, aiohttp_client: Any, path: str, body: dict[str, Any]
+) -> None:
     resp = await post(client, body, path=path)
+    assert resp.status == 404 and resp.content_type == "application/problem+json"
+    assert (await resp.json())["type"] == "https://docs.geopera.com/errors/empty-tile"
+    old_style = await aiohttp_client(create_emulator_app(empty_tiles=204))
+    resp = await post(old_style, body, path=path)
     assert resp.status == 204
     assert await resp.read() == b""
+
+
+async def test_unknown_cog_and_empty_tile_differ_by_problem_type(client: Any) -> None:
+    unknown = await (await post(client, {**TRUE_COLOUR, "url": BASE + "nope.tif"})).json()
+    empty = await (await post(client, {**TRUE_COLOUR, "x": 3305})).json()
+    assert unknown["status"] == empty["status"] == 404
+    assert unknown["type"].endswith("/cog-not-found") and empty["type"].endswith("/empty-tile")
+
+
+async def test_thumbnail_is_a_jpeg_of_the_cog(client: Any) -> None:
+    resp = await post(client, {"url": OLINDA, "width": 64, "height": 48}, "/v1/op/cog.thumbnail")
+    assert resp.status == 200 and resp.content_type == "image/jpeg"
+    image = Image.open(io.BytesIO(await resp.read()))
+    assert image.format == "JPEG" and image.size == (64, 48)
+    assert np.asarray(image).std() > 5  # imagery, not a flat fill
+    dem = await post(client, {"url": DEM}, "/v1/op/cog.thumbnail")
+    assert max(Image.open(io.BytesIO(await dem.read())).size) == 256
+    assert (await post(client, {"url": BASE + "nope.tif"}, "/v1/op/cog.thumbnail")).status == 404
+    assert (await post(client, {"url": DEM, "width": 0}, "/v1/op/cog.thumbnail")).status == 422
+
+
+async def test_scopes_per_key_and_session_tokens(aiohttp_client: Any) -> None:
+    keys = ["gpra_tiles_only_key_1=tiles:read", "gpra_everything_key_2", "sess.abc=clip:read"]
+    app = create_emulator_app(api_keys=keys)
+    scoped = await aiohttp_client(app)
+    tiles_only = {"Authorization": "Bearer gpra_tiles_only_key_1"}
+    assert (await post(scoped, TRUE_COLOUR, headers=tiles_only)).status == 200
+    job = {"job_id": "0f0e0d0c-0b0a-4908-8706-050403020100"}
+    refused = await post(scoped, job, "/v1/op/clip.job.get", headers=tiles_only)
+    assert refused.status == 403
+    problem = await refused.json()
+    assert problem["type"].endswith("/insufficient-scope") and "clip:read" in problem["detail"]
+    session = {"Authorization": "Bearer sess.abc"}
+    assert (await post(scoped, TRUE_COLOUR, headers=session)).status == 403
+    everything = {"Authorization": "Bearer gpra_everything_key_2"}
+    assert (await post(scoped, TRUE_COLOUR, headers=everything)).status == 200
+    default = await aiohttp_client(create_emulator_app())
+    jwt = {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZW1vIn0.c2lnbmF0dXJlLXg"}
+    assert (await post(default, TRUE_COLOUR, headers=jwt)).status == 200
+    assert (
+        await post(default, TRUE_COLOUR, headers={"Authorization": "Bearer a.b.c"})
+    ).status == 401
 
 
 async def test_resource_path_alias(client: Any) -> None:
@@ -260,13 +308,13 @@ async def test_stats_count_per_operation(client: Any) -> None:
     assert stats.calls == {"cog.tile.render": 3, "cog.tile.terrain": 1}
     assert stats.statuses[("cog.tile.render", 200)] == 1
     assert stats.statuses[("cog.tile.render", 401)] == 1
-    assert stats.statuses[("cog.tile.render", 204)] == 1
+    assert stats.statuses[("cog.tile.render", 404)] == 1
     assert stats.log[0] == ("cog.tile.render", TRUE_COLOUR, 200)
     assert stats.log[1] == ("cog.tile.render", None, 401)
 
     over_http = await (await client.get("/_emulator/stats")).json()
     assert over_http["calls"] == {"cog.tile.render": 3, "cog.tile.terrain": 1}
-    assert over_http["statuses"]["cog.tile.render 204"] == 1
+    assert over_http["statuses"]["cog.tile.render 404"] == 1
     assert (await client.post("/_emulator/reset")).status == 200
     assert not stats.calls
     assert not stats.log
@@ -277,7 +325,7 @@ async def test_delay_ms(aiohttp_client: Any) -> None:
     client = await aiohttp_client(create_emulator_app(delay_ms=300))
     started = time.perf_counter()
     resp = await post(client, {**TRUE_COLOUR, "x": 3305})
-    assert resp.status == 204
+    assert resp.status == 404
     assert time.perf_counter() - started >= 0.3
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import time
 from typing import Any
 
@@ -41,6 +42,8 @@ CREATE = "/v1/op/clip.create_from_item"
 GET = "/v1/op/clip.job.get"
 DOWNLOADS = "/v1/op/clip.job.downloads"
 DOWNLOAD = "/v1/op/clip.job.download"
+LIST = "/v1/op/clip.jobs.list"
+TILE_INFO = "/v1/op/clip.job.tile_info"
 
 
 def box(west: float, south: float, east: float, north: float) -> dict[str, Any]:
@@ -297,6 +300,104 @@ async def test_failed_clip_reports_failed(client: Any, monkeypatch: pytest.Monke
         await post(client, DOWNLOADS, {"job_id": job_id}), 400, "job-not-completed"
     )
     assert "'failed'" in data["detail"]
+
+
+async def test_corrupt_item_fails_with_a_reason(client: Any) -> None:
+    body = {**BAHAMAS_BODY, "source_item_id": "olinda-corrupt", "aoi_geometry": OLINDA_AOI}
+    job_id = (await create(client, body))["job"]["id"]
+    job = await wait_completed(client, job_id)
+    assert job["status"] == "failed"
+    assert job["error"] == clips_module.CORRUPT_REASON
+
+
+async def test_another_organisations_job_is_403(client: Any) -> None:
+    foreign = {"job_id": clips_module.FOREIGN_JOB_ID}
+    for path in (GET, DOWNLOADS, TILE_INFO):
+        await problem(await post(client, path, foreign), 403, "cross-organization")
+    await problem(
+        await post(client, DOWNLOAD, {**foreign, "mosaic_type": "data"}), 403, "cross-organization"
+    )
+    other = {"organization_id": clips_module.FOREIGN_ORGANIZATION_ID}
+    await problem(await post(client, LIST, other), 403, "cross-organization")
+
+
+async def test_jobs_list_filters_and_pages(client: Any) -> None:
+    store = client.app[CLIPS_KEY]
+    store.delay_s = 60.0  # all stay running while listed
+    ids = [(await create(client, BAHAMAS_BODY))["job"]["id"] for _ in range(3)]
+    org = {"organization_id": "demo-org"}
+    everything = await (await post(client, LIST, org)).json()
+    assert everything["total"] == 3 and everything["limit"] == 50 and everything["offset"] == 0
+    assert [j["id"] for j in everything["jobs"]] == ids[::-1]  # newest first
+    assert {j["organization_id"] for j in everything["jobs"]} == {"demo-org"}
+    page = await (await post(client, LIST, {**org, "limit": 1, "offset": 1})).json()
+    assert [j["id"] for j in page["jobs"]] == [ids[1]] and page["total"] == 3
+    running = await (await post(client, LIST, {**org, "status": "running"})).json()
+    assert running["total"] == 3
+    store.delay_s = 0.0
+    for job_id in ids:
+        await wait_completed(client, job_id)
+    done = await (await post(client, LIST, {**org, "status": "completed"})).json()
+    assert done["total"] == 3 and all(j["status"] == "completed" for j in done["jobs"])
+    assert (await post(client, LIST, {**org, "limit": 0})).status == 422
+    assert (await post(client, LIST, {})).status == 422
+
+
+async def test_tile_info_renders_the_clip(client: Any) -> None:
+    job_id = (await create(client, BAHAMAS_BODY))["job"]["id"]
+    await problem(await post(client, TILE_INFO, {"job_id": job_id}), 400, "job-not-completed")
+    await wait_completed(client, job_id)
+    info = await (await post(client, TILE_INFO, {"job_id": job_id})).json()
+    assert info["job_id"] == job_id
+    (tiles,) = info["tiles"]
+    assert tiles["mosaic_type"] == "rgb" and tiles["operation"] == "cog.tile.render"
+    west, south, east, north = tiles["bounds"]
+    assert -77.95 < west < east < -77.45 and 24.25 < south < north < 24.75  # the AOI
+    assert 0 <= tiles["minzoom"] <= tiles["maxzoom"] <= 24
+    assert tiles["render"]["bands"] == "1,2,3"
+    assert len(tiles["render"]["rescale"].split(";")) == 3
+    z = tiles["maxzoom"]
+    x, y = _tile_of((west + east) / 2, (south + north) / 2, z)
+    body = {"url": tiles["url"], "z": z, "x": x, "y": y, "format": "png", **tiles["render"]}
+    rendered = await client.post("/v1/op/cog.tile.render", json=body, headers=AUTH)
+    assert rendered.status == 200 and rendered.content_type == "image/png"
+    synthetic = (await create(client, {**BAHAMAS_BODY, "source_item_id": "synthetic-10"}))["job"]
+    await wait_completed(client, synthetic["id"])
+    await problem(await post(client, TILE_INFO, {"job_id": synthetic["id"]}), 400, "no-tile-info")
+
+
+def _tile_of(lon: float, lat: float, z: int) -> tuple[int, int]:
+    import mercantile
+
+    tile = mercantile.tile(lon, lat, z)
+    return tile.x, tile.y
+
+
+async def test_download_faults_json_and_no_filename(client: Any) -> None:
+    job_id = (await create(client, BAHAMAS_BODY))["job"]["id"]
+    await wait_completed(client, job_id)
+    client.app[FAULTS_KEY].add(Fault("json", operation="clip.job.download"), Fault("no-filename"))
+    resp, data = await download(client, job_id, "rgb")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    assert "url" in json.loads(data)
+    resp, data = await download(client, job_id, "rgb")
+    assert resp.status == 200 and resp.content_type == "image/tiff"
+    assert "Content-Disposition" not in resp.headers and len(data) > 1000
+
+
+async def test_status_faults_carry_a_problem_type(client: Any) -> None:
+    client.app[FAULTS_KEY].add(
+        Fault("status", status=402),
+        Fault("status", status=429, retry_after="3"),
+        Fault("status", status=429, type="bandwidth-circuit-open"),
+    )
+    body = {"job_id": clips_module.FOREIGN_JOB_ID}
+    data = await problem(await post(client, GET, body), 402, "subscription-past-due")
+    assert "past due" in data["detail"]
+    resp = await post(client, GET, body)
+    await problem(resp, 429, "injected-fault")
+    assert resp.headers["Retry-After"] == "3"
+    await problem(await post(client, GET, body), 429, "bandwidth-circuit-open")
 
 
 # --- synthetic files, truncation, egress ------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Geopera API emulator for tile operations (``cog.tile.render``, ``cog.tile.terrain``) and
-clip jobs (``clip.create_from_item``, ``clip.job.get``, ``clip.job.downloads``,
-``clip.job.download``; see :mod:`.clips`).
+"""Geopera API emulator for tile operations (``cog.tile.render``, ``cog.tile.terrain``,
+``cog.thumbnail``) and clip jobs (``clip.create_from_item``, ``clip.jobs.list``,
+``clip.job.get``, ``clip.job.downloads``, ``clip.job.download``, ``clip.job.tile_info``; see
+:mod:`.clips`), with scopes per key (:func:`~gateway.emulator.app.parse_api_key`).
 
 An aiohttp app serving the packaged sample COGs (``data/``, see ``data/ATTRIBUTION.md``) over
 the Geopera wire protocol, for tests, demos and benchmarks of the gateway.

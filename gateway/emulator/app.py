@@ -4,7 +4,12 @@ Routes (Geopera COG & tiles operations, Clipping operations; errors per the Geop
 guide):
 
 - ``POST /v1/op/{operation_id}`` and the alias ``POST /v1/{resource}/{action...}``
-  (``/v1/cog/tile/render`` is ``cog.tile.render``). Requires ``Authorization: Bearer <key>``.
+  (``/v1/cog/tile/render`` is ``cog.tile.render``). Requires ``Authorization: Bearer
+  <token>``, a ``gpra_`` API key or a session token (seeds ``004`` "Python recipes": "Both
+  are sent verbatim as ``Authorization: Bearer <token>``"), and the operation's scope
+  (:data:`OPERATION_SCOPES`, from the operations reference, seeds ``000`` and ``003``): a
+  token without it is answered 403 ``insufficient-scope`` (seeds ``004``: "403 Forbidden —
+  the token is valid but lacks the scope the operation requires").
 - ``GET /_emulator/stats`` and ``POST /_emulator/reset``: call counters for benchmarks in other
   processes; ``POST``/``DELETE /_emulator/faults``: scripted failures (:mod:`.faults`);
   ``GET``/``POST /_emulator/limits``: the egress limits (:mod:`.egress`). These need
@@ -15,9 +20,11 @@ bandwidth circuit breaker answer ``429`` with ``Retry-After`` (``asset-rate-limi
 ``bandwidth-circuit-open``). They apply to authorised, valid calls only, before rendering
 (tiles) or streaming (``clip.job.download``).
 
-Clip jobs (:mod:`.clips`): ``clip.create_from_item`` (``Idempotency-Key`` required),
-``clip.job.get``, ``clip.job.downloads``, ``clip.job.download``; jobs stay ``running`` for at
-least ``clip_delay_s`` seconds.
+Tiles (:mod:`.tiles`): ``cog.tile.render``, ``cog.tile.terrain``, ``cog.thumbnail``; empty
+tiles are 404 ``empty-tile`` (or 204 with ``empty_tiles=204``). Clip jobs (:mod:`.clips`):
+``clip.create_from_item`` (``Idempotency-Key`` required), ``clip.jobs.list``,
+``clip.job.get``, ``clip.job.downloads``, ``clip.job.download``, ``clip.job.tile_info``; jobs
+stay ``running`` for at least ``clip_delay_s`` seconds.
 
 Every error is ``application/problem+json`` except 422 validation errors
 (``HTTPValidationError``). The presented token is never echoed.
@@ -29,6 +36,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +64,56 @@ from .protocol import (
     problem_response,
 )
 from .stats import STATS_KEY, EmulatorStats
-from .tiles import TILE_OPERATIONS
+from .tiles import DEFAULT_EMPTY_STATUS, EMPTY_STATUS_KEY, EMPTY_STATUSES, TILE_OPERATIONS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY_PREFIX = "gpra_"
 DEFAULT_KEY_MIN_SUFFIX = 8
 
+SESSION_TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+"""What the default mode accepts as a session token (our choice: a JWT's three base64url
+parts; the docs name session tokens but not their format)."""
+
+ALL_SCOPES = frozenset({"*"})
+"""The grant of a token configured without scopes: every operation."""
+
+OPERATION_SCOPES = {
+    "cog.tile.render": "tiles:read",
+    "cog.tile.terrain": "tiles:read",
+    "cog.thumbnail": "tiles:read",
+    "clip.create_from_item": "processing:process",
+    "clip.jobs.list": "clip:read",
+    "clip.job.get": "clip:read",
+    "clip.job.downloads": "clip:read",
+    "clip.job.download": "clip:read",
+    "clip.job.tile_info": "clip:read",
+}
+"""The scope each implemented operation needs (operations reference, seeds ``000``, ``003``;
+Clipping guide, seeds ``001``: ``clip.create_from_item`` needs ``processing:process``)."""
+
+
+def parse_api_key(text: str) -> tuple[str, frozenset[str]]:
+    """``"KEY"`` or ``"KEY=scope,scope"`` -> ``(KEY, scopes)``; no scopes means every one.
+
+    Raises:
+        ValueError: an empty key, or ``=`` with no scope after it.
+    """
+    key, sep, scopes = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ValueError("an API key is KEY or KEY=scope,scope")
+    if not sep:
+        return key, ALL_SCOPES
+    granted = frozenset(s.strip() for s in scopes.split(",") if s.strip())
+    if not granted:
+        raise ValueError(f"no scopes after '=' in the --api-key of {key[:5]}...")
+    return key, granted
+
 
 @dataclass(frozen=True, slots=True)
 class _Settings:
-    api_keys: frozenset[str] | None
+    api_keys: Mapping[str, frozenset[str]] | None
     delay_s: float
     operations: Mapping[str, OperationHandler]
 
@@ -87,20 +134,43 @@ def default_operations() -> dict[str, OperationHandler]:
     return {**TILE_OPERATIONS, **CLIP_OPERATIONS}
 
 
-def _token_accepted(token: str, api_keys: frozenset[str] | None) -> bool:
+def _token_scopes(token: str, api_keys: Mapping[str, frozenset[str]] | None) -> frozenset[str]:
+    """The scopes ``token`` grants, or an empty set when it is refused."""
     if api_keys is None:
-        return (
+        is_key = (
             token.startswith(DEFAULT_KEY_PREFIX)
             and len(token) >= len(DEFAULT_KEY_PREFIX) + DEFAULT_KEY_MIN_SUFFIX
         )
+        return ALL_SCOPES if is_key or SESSION_TOKEN.fullmatch(token) else frozenset()
     presented = token.encode()
-    return any(hmac.compare_digest(presented, key.encode()) for key in api_keys)
+    granted: frozenset[str] = frozenset()
+    for key, scopes in api_keys.items():
+        if hmac.compare_digest(presented, key.encode()):
+            granted = scopes
+    return granted
 
 
-def _authenticate(request: web.Request, api_keys: frozenset[str] | None) -> None:
+def _authenticate(
+    request: web.Request, api_keys: Mapping[str, frozenset[str]] | None
+) -> frozenset[str]:
+    """The presented token's scopes; 401 problem when there is no acceptable token."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not _token_accepted(token.strip(), api_keys):
+    scopes = _token_scopes(token.strip(), api_keys) if scheme.lower() == "bearer" else None
+    if not scopes:
         raise _UNAUTHORIZED
+    return scopes
+
+
+def _authorize(operation_id: str, scopes: frozenset[str]) -> None:
+    """403 ``insufficient-scope`` unless ``scopes`` grant ``operation_id``."""
+    needed = OPERATION_SCOPES.get(operation_id)
+    if needed is not None and "*" not in scopes and needed not in scopes:
+        raise ProblemError(
+            403,
+            "insufficient-scope",
+            "Forbidden",
+            f"The token lacks the {needed} scope that {operation_id} requires.",
+        )
 
 
 async def _read_json_object(request: web.Request) -> dict[str, Any]:
@@ -126,11 +196,12 @@ async def _dispatch(request: web.Request, operation_id: str) -> web.StreamRespon
     try:
         if settings.delay_s > 0:
             await asyncio.sleep(settings.delay_s)
-        _authenticate(request, settings.api_keys)
+        scopes = _authenticate(request, settings.api_keys)
         if handler is None:
             raise ProblemError(
                 404, "operation-not-found", "Not Found", "This operation is not available."
             )
+        _authorize(operation_id, scopes)
         body = await _read_json_object(request)
         fault = request.app[FAULTS_KEY].take(operation_id)
         response = await apply_fault(fault, request) if fault is not None else None
@@ -187,13 +258,19 @@ def create_emulator_app(
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
     clip_delay_s: float = DEFAULT_CLIP_DELAY_S,
+    empty_tiles: int = DEFAULT_EMPTY_STATUS,
 ) -> web.Application:
     """Build the emulator application.
 
     Args:
         cogs: COG URL -> local COG file that operations may read; ``None`` = :data:`SAMPLE_COGS`.
-        api_keys: accepted bearer tokens; ``None`` accepts any token starting with ``gpra_``
-            followed by at least 8 more characters.
+        api_keys: accepted bearer tokens (API keys or session tokens), each ``"TOKEN"``
+            (every scope) or ``"TOKEN=scope,scope"`` (:func:`parse_api_key`); ``None``
+            accepts, with every scope, any token starting with ``gpra_`` followed by at
+            least 8 more characters, and any JWT-shaped session token
+            (:data:`SESSION_TOKEN`).
+        empty_tiles: the status of an empty tile: 404 (problem ``empty-tile``, the default,
+            as a TiTiler-style API answers) or 204 (No Content).
         delay_ms: simulated upstream latency in milliseconds, slept once per operation call.
         asset_rps: per-asset limit in requests per second (asset = the body's ``url`` or
             ``job_id``); ``0``/``None`` disables it. Default :data:`DEFAULT_ASSET_RPS` (50).
@@ -204,8 +281,8 @@ def create_emulator_app(
 
     Raises:
         FileNotFoundError: a configured COG file does not exist.
-        ValueError: ``delay_ms`` or ``clip_delay_s`` is negative, or a limit is negative or
-            not finite.
+        ValueError: ``delay_ms`` or ``clip_delay_s`` is negative, a limit is negative or
+            not finite, ``empty_tiles`` is not 204 or 404, or an API key is malformed.
 
     The app's :class:`EmulatorStats` is ``app[STATS_KEY]``; its
     :class:`~gateway.emulator.egress.EgressLimits` (settable at run time) is
@@ -218,6 +295,9 @@ def create_emulator_app(
         raise FileNotFoundError(f"COG file(s) not found: {', '.join(missing)}")
     if delay_ms < 0:
         raise ValueError("delay_ms must be >= 0")
+    if empty_tiles not in EMPTY_STATUSES:
+        raise ValueError("empty_tiles must be 204 or 404")
+    keys = None if api_keys is None else dict(parse_api_key(k) for k in api_keys)
     limits = EgressLimits(asset_rps, bandwidth)
 
     app = web.Application(middlewares=[_problem_middleware])
@@ -225,9 +305,10 @@ def create_emulator_app(
     app[STATS_KEY] = EmulatorStats()
     app[FAULTS_KEY] = FaultPlan()
     app[LIMITS_KEY] = limits
+    app[EMPTY_STATUS_KEY] = empty_tiles
     setup_clips(app, clip_delay_s)
     app[_SETTINGS_KEY] = _Settings(
-        api_keys=None if api_keys is None else frozenset(api_keys),
+        api_keys=keys,
         delay_s=delay_ms / 1000.0,
         operations=default_operations(),
     )

@@ -1,7 +1,8 @@
 """The clip operations (Geopera "Clipping" guide and "Clipping operations" reference).
 
-Implemented: ``clip.create_from_item``, ``clip.job.get``, ``clip.job.downloads`` and
-``clip.job.download``. Rules and where they come from:
+Implemented: ``clip.create_from_item``, ``clip.jobs.list``, ``clip.job.get``,
+``clip.job.downloads``, ``clip.job.download`` and ``clip.job.tile_info``. Rules and where they
+come from:
 
 - **Asynchronous job** (Clipping guide, "Lifecycle"): ``clip.create_from_item`` "creates a
   ``cog_clip`` job, dispatches the GDAL warp, and returns immediately with the job already
@@ -38,8 +39,26 @@ Implemented: ``clip.create_from_item``, ``clip.job.get``, ``clip.job.downloads``
   :mod:`.egress` apply with the asset = ``job_id``, after validation, and every byte streamed
   is charged to the bandwidth breaker.
 - **Not completed -> 400** (Clipping guide: "Calling ``clip.job.downloads`` or
-  ``clip.job.download`` before the job is ``completed`` returns ``400``"): 400
-  ``job-not-completed``, the detail names the current status.
+  ``clip.job.download`` before the job is ``completed`` returns ``400``"; "``clip.job.tile_info``
+  require[s] ``status == "completed"``"): 400 ``job-not-completed``, the detail names the
+  current status.
+- **Listing** (Clipping guide: "use ``clip.jobs.list`` with the ``organization_id`` and an
+  optional ``status`` filter. It is paginated with ``limit`` (default 50) and ``offset``"):
+  the answer ``{"jobs": [...], "total", "limit", "offset"}`` (newest first, each job as
+  ``clip.job.get`` answers it) is our choice, as are ``limit`` 1..1000 and 422 outside.
+- **Tile info** (operations reference: "Tile rendering params for a completed clip job"; the
+  shape is our choice): ``{"job_id", "tiles": [{"mosaic_type", "operation", "url",
+  "bounds", "minzoom", "maxzoom", "render"}]}``, one entry per output file: the operation
+  to call (``cog.tile.render``, or ``cog.tile.terrain`` for a DEM), the clip COG's ``url``
+  (which this emulator's tile operations render), its WGS84 ``bounds`` ``[west, south, east,
+  north]``, its native zoom range and the render parameters (``bands``, and ``rescale`` from
+  the clip's 2nd-98th percentiles). Synthetic jobs have no imagery: 400 ``no-tile-info``.
+- **Organisations** (Clipping guide, "Cross-org access → 403"): every token belongs to
+  ``demo-org`` (our choice). Job :data:`FOREIGN_JOB_ID` exists in every emulator and belongs
+  to :data:`FOREIGN_ORGANIZATION_ID`: every job operation on it, and ``clip.jobs.list`` for
+  another organisation, is 403 ``cross-organization``.
+- **A failing item** (our choice): ``olinda-corrupt`` accepts the olinda AOIs, and its job
+  ends ``failed`` with the reason :data:`CORRUPT_REASON` in ``error``.
 
 Items (one per packaged COG, all in project ``demo`` of organisation ``demo-org``) and their
 mosaic types are :data:`ITEMS`. ``source_item_id="synthetic-<N>"`` (1 <= N <=
@@ -58,6 +77,7 @@ import json
 import logging
 import math
 import re
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -71,7 +91,7 @@ from aiohttp import web
 
 from . import egress
 from .catalog import CATALOG_KEY, DEMO_COG_BASE_URL
-from .faults import truncate_limit
+from .faults import truncate_limit, without_filename
 from .protocol import OperationHandler, ProblemError, RequestValidationError, field_error
 from .schema import Field, validate_body
 
@@ -82,6 +102,22 @@ DEMO_PROJECT_ID = "demo"
 
 DEMO_ORGANIZATION_ID = "demo-org"
 """The organisation every emulator principal belongs to (``job.organization_id``)."""
+
+FOREIGN_ORGANIZATION_ID = "other-org"
+FOREIGN_JOB_ID = "0f0e0d0c-0b0a-4908-8706-050403020100"
+"""A completed job of another organisation, in every emulator: 403 for every job operation."""
+
+CORRUPT_REASON = (
+    "The source scene is corrupt: GDAL could not read block 3 of 12 of asset 'data' "
+    "(TIFFReadEncodedTile failed)."
+)
+"""Why ``olinda-corrupt`` jobs fail (``error`` of ``clip.job.get``)."""
+
+CLIP_COG_BASE_URL = "https://demo.geopera.invalid/clips/"
+"""Prefix of the clip COG URLs ``clip.job.tile_info`` gives (rendered by the tile ops)."""
+
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 50
 
 DEFAULT_CLIP_DELAY_S = 2.0
 """Default minimum time, in seconds, a clip job stays ``running`` after creation."""
@@ -106,19 +142,26 @@ TIFF_CONTENT_TYPE = "image/tiff"
 
 @dataclass(frozen=True, slots=True)
 class ClipItem:
-    """A clippable item: its COG (file name in the demo catalog) and mosaic types -> bands."""
+    """A clippable item: its COG (file name in the demo catalog), mosaic types -> bands, the
+    bands of each output to render (``None``: a DEM, rendered with ``cog.tile.terrain``) and,
+    for a failing item, why its clips fail."""
 
     cog: str
     mosaics: Mapping[str, tuple[int, ...]]
+    render_bands: Mapping[str, str | None]
+    fails: str | None = None
 
 
+_OLINDA = "landsat7_olinda_6band_cog.tif"
 ITEMS: dict[str, ClipItem] = {
     "olinda": ClipItem(
-        "landsat7_olinda_6band_cog.tif",
+        _OLINDA,
         {"rgb": (3, 2, 1), "multispectral": (1, 2, 3, 4, 5, 6)},
+        {"rgb": "1,2,3", "multispectral": "3,2,1"},
     ),
-    "bahamas": ClipItem("landsat7_bahamas_rgb_cog.tif", {"rgb": (1, 2, 3)}),
-    "st-helens": ClipItem("dem_mount_st_helens_cog.tif", {"dem": (1,)}),
+    "olinda-corrupt": ClipItem(_OLINDA, {"rgb": (3, 2, 1)}, {"rgb": "1,2,3"}, CORRUPT_REASON),
+    "bahamas": ClipItem("landsat7_bahamas_rgb_cog.tif", {"rgb": (1, 2, 3)}, {"rgb": "1,2,3"}),
+    "st-helens": ClipItem("dem_mount_st_helens_cog.tif", {"dem": (1,)}, {"dem": None}),
 }
 """``source_item_id`` -> item. Mosaic types are clipped with these 1-based band indexes."""
 
@@ -133,6 +176,12 @@ _CREATE_FIELDS = (
     Field("target_collection_id", str),
 )
 _JOB_FIELDS = (Field("job_id", str, required=True),)
+_LIST_FIELDS = (
+    Field("organization_id", str, required=True),
+    Field("status", str),
+    Field("limit", int, ge=1, le=MAX_LIST_LIMIT),
+    Field("offset", int, ge=0),
+)
 _DOWNLOAD_FIELDS = (
     *_JOB_FIELDS,
     Field("mosaic_type", str, required=True),
@@ -396,6 +445,7 @@ class ClipOutput:
     filename: str
     size_bytes: int
     data: bytes | None = None
+    tile_info: dict[str, Any] | None = None
 
     def chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes | memoryview]:
         """The file's bytes in chunks of ``size`` bytes (synthetic ones generated lazily)."""
@@ -418,6 +468,7 @@ class ClipJob:
     idempotency_key: str
     outputs: dict[str, ClipOutput] | None = None
     error: str | None = None
+    organization_id: str = DEMO_ORGANIZATION_ID
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -441,15 +492,41 @@ class ClipStore:
     Args:
         delay_s: minimum seconds a job reports ``running`` after creation (>= 0, finite).
         clock: monotonic time source in seconds.
+        catalog: the app's COG catalog (URL -> file); completed clips are added to it so the
+            tile operations render the URLs ``clip.job.tile_info`` gives. None: not added.
     """
 
-    def __init__(self, delay_s: float = DEFAULT_CLIP_DELAY_S, clock: Any = time.monotonic):
+    def __init__(
+        self,
+        delay_s: float = DEFAULT_CLIP_DELAY_S,
+        clock: Any = time.monotonic,
+        catalog: dict[str, Path] | None = None,
+    ):
         if isinstance(delay_s, bool) or not math.isfinite(delay_s) or delay_s < 0:
             raise ValueError("clip_delay_s must be a finite number >= 0")
         self.delay_s = float(delay_s)
         self.clock = clock
+        self.catalog = catalog
         self.jobs: OrderedDict[str, ClipJob] = OrderedDict()
         self.keys: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._directory: tempfile.TemporaryDirectory[str] | None = None
+        foreign = ClipJob(
+            FOREIGN_JOB_ID,
+            "2026-01-01T00:00:00.000Z",
+            float("-inf"),
+            "foreign",
+            "",
+            outputs={"data": ClipOutput("data", "foreign_data.tif", 1024)},
+            organization_id=FOREIGN_ORGANIZATION_ID,
+        )
+        self.foreign = {foreign.id: foreign}
+
+    @property
+    def directory(self) -> Path:
+        """Where clip COGs are written for rendering (a temporary directory of this store)."""
+        if self._directory is None:
+            self._directory = tempfile.TemporaryDirectory(prefix="geopera-emulator-clips-")
+        return Path(self._directory.name)
 
     def status(self, job: ClipJob) -> str:
         """``running`` until the work is done and ``delay_s`` passed, then the outcome.
@@ -461,12 +538,14 @@ class ClipStore:
         return "failed" if job.error is not None else "completed"
 
     def get(self, job_id: str) -> ClipJob:
-        """The job ``job_id``; 404 problem if unknown."""
-        job = self.jobs.get(job_id)
+        """The job ``job_id``; 404 problem if unknown, 403 if another organisation's."""
+        job = self.jobs.get(job_id) or self.foreign.get(job_id)
         if job is None:
             raise ProblemError(
                 404, "clip-job-not-found", "Not Found", "No clip job with this job_id exists."
             )
+        if job.organization_id != DEMO_ORGANIZATION_ID:
+            raise _CROSS_ORGANIZATION
         return job
 
     def replay(self, key: str, canonical: str) -> dict[str, Any] | None:
@@ -494,6 +573,26 @@ class ClipStore:
                 break
             del self.jobs[old.id]
             self.keys.pop(old.idempotency_key, None)
+            self._forget_files(old)
+
+    def publish(self, job: ClipJob) -> None:
+        """Write ``job``'s image outputs into :attr:`directory` and add their URLs to the
+        catalog, with their tile info. Blocking: call it in a worker thread."""
+        if self.catalog is None:
+            return
+        for output in (job.outputs or {}).values():
+            if output.data is None or output.tile_info is None:
+                continue
+            path = self.directory / f"{job.id}_{output.mosaic_type}.tif"
+            path.write_bytes(output.data)
+            self.catalog[output.tile_info["url"]] = path
+
+    def _forget_files(self, job: ClipJob) -> None:
+        for output in (job.outputs or {}).values():
+            if output.tile_info is not None and self.catalog is not None:
+                path = self.catalog.pop(output.tile_info["url"], None)
+                if path is not None:
+                    path.unlink(missing_ok=True)
 
     async def close(self) -> None:
         """Cancel clips still running (app shutdown)."""
@@ -501,6 +600,8 @@ class ClipStore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._directory is not None:
+            self._directory.cleanup()
 
 
 CLIPS_KEY: web.AppKey[ClipStore] = web.AppKey("geopera_emulator_clips", ClipStore)
@@ -508,7 +609,8 @@ CLIPS_KEY: web.AppKey[ClipStore] = web.AppKey("geopera_emulator_clips", ClipStor
 
 def setup_clips(app: web.Application, clip_delay_s: float = DEFAULT_CLIP_DELAY_S) -> None:
     """Give ``app`` a :class:`ClipStore` (``clip_delay_s`` in seconds; ValueError if < 0)."""
-    store = ClipStore(clip_delay_s)
+    catalog = app.get(CATALOG_KEY)
+    store = ClipStore(clip_delay_s, catalog=catalog if isinstance(catalog, dict) else None)
     app[CLIPS_KEY] = store
 
     async def close(_app: web.Application) -> None:
@@ -584,6 +686,13 @@ def _item_path(request: web.Request, item: ClipItem) -> Path | None:
     return request.app[CATALOG_KEY].get(DEMO_COG_BASE_URL + item.cog)
 
 
+_CROSS_ORGANIZATION = ProblemError(
+    403,
+    "cross-organization",
+    "Forbidden",
+    "This belongs to another organization than the token's.",
+)
+
 _ITEM_NOT_FOUND = ProblemError(
     404,
     "item-not-found",
@@ -594,18 +703,60 @@ _ITEM_NOT_FOUND = ProblemError(
 
 
 async def _run_clip(
-    job: ClipJob, path: Path, geometry: dict[str, Any], mosaics: Mapping[str, tuple[int, ...]]
+    store: ClipStore, job: ClipJob, item: ClipItem, path: Path, geometry: dict[str, Any]
 ) -> None:
+    if item.fails is not None:
+        job.error = item.fails
+        return
     try:
-        files = await asyncio.to_thread(clip_cog, path, geometry, mosaics)
+        files = await asyncio.to_thread(clip_cog, path, geometry, item.mosaics)
+        infos = await asyncio.to_thread(_tile_infos, job.id, job.output_name, files, item)
     except Exception as exc:
         log.warning("clip job %s failed: %s", job.id, exc)
         job.error = f"The clip failed: {type(exc).__name__}: {exc}"
         return
     job.outputs = {
-        mosaic: ClipOutput(mosaic, f"{job.output_name}_{mosaic}.tif", len(data), data)
+        mosaic: ClipOutput(
+            mosaic, f"{job.output_name}_{mosaic}.tif", len(data), data, infos.get(mosaic)
+        )
         for mosaic, data in files.items()
     }
+    await asyncio.to_thread(store.publish, job)
+
+
+def _tile_infos(
+    job_id: str, output_name: str, files: Mapping[str, bytes], item: ClipItem
+) -> dict[str, dict[str, Any]]:
+    """``clip.job.tile_info`` entries per mosaic type (see the module docstring). Blocking."""
+    import numpy as np
+    from rasterio.io import MemoryFile
+    from rio_tiler.io import Reader
+
+    infos: dict[str, dict[str, Any]] = {}
+    for mosaic, data in files.items():
+        bands = item.render_bands.get(mosaic)
+        with MemoryFile(data) as memfile, Reader(memfile.name) as src:
+            bounds = [round(v, 6) for v in src.get_geographic_bounds("EPSG:4326")]
+            info: dict[str, Any] = {
+                "mosaic_type": mosaic,
+                "operation": "cog.tile.terrain" if bands is None else "cog.tile.render",
+                "url": f"{CLIP_COG_BASE_URL}{job_id}/{output_name}_{mosaic}.tif",
+                "bounds": bounds,
+                "minzoom": src.minzoom,
+                "maxzoom": src.maxzoom,
+                "render": {},
+            }
+            if bands is not None:
+                indexes = [int(b) for b in bands.split(",")]
+                pixels = src.dataset.read(indexes, masked=True)
+                ranges = []
+                for band in pixels:
+                    valid = band.compressed()
+                    low, high = np.percentile(valid, (2, 98)) if valid.size else (0, 255)
+                    ranges.append(f"{float(low):g},{max(float(high), float(low) + 1):g}")
+                info["render"] = {"bands": bands, "rescale": ";".join(ranges)}
+        infos[mosaic] = info
+    return infos
 
 
 async def create_from_item_operation(
@@ -670,9 +821,7 @@ async def create_from_item_operation(
         job.outputs = {SYNTHETIC_MOSAIC: ClipOutput(SYNTHETIC_MOSAIC, filename, synthetic_size)}
     else:
         assert item is not None and path is not None and native is not None
-        job.task = asyncio.get_running_loop().create_task(
-            _run_clip(job, path, native, item.mosaics)
-        )
+        job.task = asyncio.get_running_loop().create_task(_run_clip(store, job, item, path, native))
     answer = {
         "job": {
             "id": job.id,
@@ -695,13 +844,17 @@ async def job_get_operation(request: web.Request, body: dict[str, Any]) -> web.S
     """
     values = validate_body(body, _JOB_FIELDS)
     store = request.app[CLIPS_KEY]
-    job = store.get(values["job_id"])
+    return web.json_response(_job_answer(store, store.get(values["job_id"])))
+
+
+def _job_answer(store: ClipStore, job: ClipJob) -> dict[str, Any]:
+    """A job as ``clip.job.get`` answers it."""
     status = store.status(job)
     answer: dict[str, Any] = {
         "id": job.id,
         "status": status,
         "job_type": JOB_TYPE,
-        "organization_id": DEMO_ORGANIZATION_ID,
+        "organization_id": job.organization_id,
         "created_at": job.created_at,
     }
     if status == "completed" and job.outputs is not None:
@@ -710,7 +863,42 @@ async def job_get_operation(request: web.Request, body: dict[str, Any]) -> web.S
         }
     elif status == "failed":
         answer["error"] = job.error
-    return web.json_response(answer)
+    return answer
+
+
+async def jobs_list_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """``clip.jobs.list``: ``{"jobs": [...], "total", "limit", "offset"}``, newest first,
+    filtered by ``status``; 403 for another ``organization_id``."""
+    values = validate_body(body, _LIST_FIELDS)
+    if values["organization_id"] != DEMO_ORGANIZATION_ID:
+        raise _CROSS_ORGANIZATION
+    store = request.app[CLIPS_KEY]
+    jobs = [_job_answer(store, job) for job in reversed(store.jobs.values())]
+    if "status" in values:
+        jobs = [job for job in jobs if job["status"] == values["status"]]
+    limit = values.get("limit", DEFAULT_LIST_LIMIT)
+    offset = values.get("offset", 0)
+    return web.json_response(
+        {
+            "jobs": jobs[offset : offset + limit],
+            "total": len(jobs),
+            "limit": limit,
+            "offset": offset,
+        }
+    )
+
+
+async def job_tile_info_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """``clip.job.tile_info``: how to render each output of a completed job (see the module
+    docstring); 400 before completion or for a synthetic job."""
+    values = validate_body(body, _JOB_FIELDS)
+    job, outputs = _completed_job(request, values["job_id"])
+    tiles = [out.tile_info for out in outputs.values() if out.tile_info is not None]
+    if not tiles:
+        raise ProblemError(
+            400, "no-tile-info", "Bad Request", "This job's outputs are not imagery."
+        )
+    return web.json_response({"job_id": job.id, "tiles": tiles})
 
 
 def _completed_job(request: web.Request, job_id: str) -> tuple[ClipJob, dict[str, ClipOutput]]:
@@ -754,9 +942,8 @@ async def job_download_operation(request: web.Request, body: dict[str, Any]) -> 
         )
     egress.admit(request, values)
 
-    response = web.StreamResponse(
-        headers={"Content-Disposition": f'attachment; filename="{output.filename}"'}
-    )
+    disposition = {"Content-Disposition": f'attachment; filename="{output.filename}"'}
+    response = web.StreamResponse(headers=None if without_filename(request) else disposition)
     response.content_type = TIFF_CONTENT_TYPE
     response.content_length = output.size_bytes
     limit = truncate_limit(request)
@@ -793,7 +980,9 @@ async def job_download_operation(request: web.Request, body: dict[str, Any]) -> 
 
 CLIP_OPERATIONS: dict[str, OperationHandler] = {
     "clip.create_from_item": create_from_item_operation,
+    "clip.jobs.list": jobs_list_operation,
     "clip.job.get": job_get_operation,
+    "clip.job.tile_info": job_tile_info_operation,
     "clip.job.downloads": job_downloads_operation,
     "clip.job.download": job_download_operation,
 }

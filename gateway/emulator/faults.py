@@ -5,8 +5,18 @@ For tests and failure drills of the gateway against a real HTTP upstream. Queue 
 object or list of objects (fields as :class:`Fault`); ``DELETE /_emulator/faults`` clears
 them. Like the stats endpoints these need no auth: the emulator is a loopback test tool.
 
-Kinds (see :class:`Fault`): ``status``, ``garbage``, ``wrong-type``, ``hang``, ``echo-key``
-replace the operation's answer; ``truncate`` lets the operation answer but breaks its body.
+Kinds (see :class:`Fault`): ``status``, ``garbage``, ``wrong-type``, ``json``, ``hang``,
+``echo-key`` replace the operation's answer; ``truncate`` lets the operation answer but
+breaks its body; ``no-filename`` lets a download answer without its Content-Disposition.
+
+A ``status`` fault's problem ``type`` is ``type`` when given (a slug under
+``https://docs.geopera.com/errors/``, or a whole URI), else :data:`DEFAULT_FAULT_TYPES` for
+its status (402 ``subscription-past-due``, the documented "subscription is past due" of seeds
+``002``), else ``injected-fault``, a type no gateway mapping knows. For example a 429 the
+gateway cannot attribute, and one it reads as organisation-wide::
+
+    Fault("status", status=429, retry_after="5")
+    Fault("status", status=429, retry_after="5", type="bandwidth-circuit-open")
 
 ``truncate`` (broken transfers; field ``bytes``, an int >= 0): the next matching *streaming
 download* (:data:`STREAMING_OPERATIONS`, i.e. ``clip.job.download``) sends its status line and
@@ -27,19 +37,34 @@ import asyncio
 import json
 from collections import deque
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
 from .protocol import problem_response
 
-KINDS = ("status", "garbage", "wrong-type", "hang", "echo-key", "truncate")
+KINDS = ("status", "garbage", "wrong-type", "json", "hang", "echo-key", "truncate", "no-filename")
 
 STREAMING_OPERATIONS = frozenset({"clip.job.download"})
-"""Operations that stream a file body and honour (and consume) ``truncate`` faults."""
+"""Operations that stream a file body and honour (and consume) ``truncate`` and
+``no-filename`` faults."""
+
+STREAMING_KINDS = frozenset({"truncate", "no-filename"})
 
 TRUNCATE_KEY: web.RequestKey[int] = web.RequestKey("geopera_emulator_truncate", int)
 """Set on a request by a ``truncate`` fault: how many body bytes to send before closing."""
+
+NO_FILENAME_KEY: web.RequestKey[bool] = web.RequestKey("geopera_emulator_no_filename", bool)
+"""Set on a request by a ``no-filename`` fault: send the file without Content-Disposition."""
+
+DEFAULT_FAULT_TYPES = {
+    401: "unauthorized",
+    402: "subscription-past-due",
+    403: "insufficient-scope",
+}
+"""Problem type slugs of ``status`` faults without a ``type``, by status; others
+``injected-fault``."""
 
 
 @dataclass
@@ -49,7 +74,9 @@ class Fault:
     Attributes:
         kind: ``status`` (answer ``status`` as problem+json, with ``Retry-After`` if
             ``retry_after`` is set), ``garbage`` (200 ``image/png`` that is not an image),
-            ``wrong-type`` (200 ``text/html``), ``hang`` (sleep ``seconds``, then answer
+            ``wrong-type`` (200 ``text/html``), ``json`` (200 ``application/json``, a signed
+            URL descriptor like ``items.asset.download``'s), ``no-filename`` (streaming
+            downloads only: no Content-Disposition), ``hang`` (sleep ``seconds``, then answer
             normally), ``echo-key`` (500 whose detail repeats the Authorization header, as a
             careless upstream might), ``truncate`` (streaming downloads only: headers with
             the full ``Content-Length``, then ``bytes`` bytes of body, then the connection is
@@ -60,6 +87,8 @@ class Fault:
         seconds: how long a ``hang`` fault sleeps, in seconds.
         count: how many calls it affects.
         bytes: for ``truncate``, how many body bytes are sent before the connection closes.
+        type: for ``status``, the problem type (slug or URI); None for the default.
+        detail: for ``status``, the problem's ``detail``; None for a default sentence.
     """
 
     kind: str = "status"
@@ -69,6 +98,8 @@ class Fault:
     seconds: float = 0.0
     count: int = 1
     bytes: int = 0
+    type: str | None = None
+    detail: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
@@ -100,10 +131,10 @@ class FaultPlan:
     def take(self, operation: str) -> Fault | None:
         """The first pending fault for ``operation`` (counting one use of it), or None.
 
-        ``truncate`` faults only match :data:`STREAMING_OPERATIONS`.
+        ``truncate`` and ``no-filename`` faults only match :data:`STREAMING_OPERATIONS`.
         """
         for fault in self._queue:
-            if fault.kind == "truncate" and operation not in STREAMING_OPERATIONS:
+            if fault.kind in STREAMING_KINDS and operation not in STREAMING_OPERATIONS:
                 continue
             if fault.operation in ("*", operation):
                 fault.count -= 1
@@ -125,6 +156,16 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
     if fault.kind == "truncate":
         request[TRUNCATE_KEY] = fault.bytes
         return None
+    if fault.kind == "no-filename":
+        request[NO_FILENAME_KEY] = True
+        return None
+    if fault.kind == "json":
+        return web.json_response(
+            {
+                "url": "https://storage.googleapis.com/geopera-demo/clip.tif?X-Goog-Signature=0",
+                "expires_in_seconds": 900,
+            }
+        )
     if fault.kind == "hang":
         await asyncio.sleep(fault.seconds)
         return None
@@ -136,18 +177,25 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
         detail = f"backend failed for {request.headers.get('Authorization', '')}"
         return problem_response(500, "internal-error", "Internal Server Error", detail)
     headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
-    return problem_response(
-        fault.status,
-        "injected-fault",
-        "Injected fault",
-        f"Scripted fault with status {fault.status}.",
-        headers,
-    )
+    kind = fault.type or DEFAULT_FAULT_TYPES.get(fault.status, "injected-fault")
+    try:
+        title = HTTPStatus(fault.status).phrase
+    except ValueError:
+        title = "Injected fault"
+    detail = fault.detail or f"Scripted fault with status {fault.status}."
+    if fault.status == 402 and fault.detail is None:
+        detail = "The organization's subscription is past due (scripted fault)."
+    return problem_response(fault.status, kind, title, detail, headers)
 
 
 def truncate_limit(request: web.Request) -> int | None:
     """Body bytes a streaming operation may send before closing (``truncate`` fault), or None."""
     return request.get(TRUNCATE_KEY)
+
+
+def without_filename(request: web.Request) -> bool:
+    """Whether a streaming operation must leave out Content-Disposition (``no-filename``)."""
+    return request.get(NO_FILENAME_KEY, False)
 
 
 async def post_faults(request: web.Request) -> web.Response:

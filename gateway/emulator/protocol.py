@@ -1,10 +1,11 @@
 """Wire-level error protocol shared by every emulated operation.
 
-Follows the Geopera errors guide: business, auth and routing errors are RFC 9457
-``application/problem+json`` documents whose ``type`` is
-``https://docs.geopera.com/errors/<slug>``; input validation failures are FastAPI-style
-``HTTPValidationError`` bodies (``{"detail": [{"loc", "msg", "type"}, ...]}``) with status
-422 and content type ``application/json``.
+Follows the Geopera docs: business, auth and routing errors are RFC 9457
+``application/problem+json`` documents (seeds ``001`` "Clipping", ``004`` "Python recipes");
+input validation failures are FastAPI-style ``HTTPValidationError`` bodies (``{"detail":
+[{"loc", "msg", "type"}, ...]}``) with status 422 and content type ``application/json``
+(seeds ``004``). The docs publish no problem ``type`` URIs: the emulator's,
+``https://docs.geopera.com/errors/<slug>``, are our choice (listed in the README).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def problem_response(
     detail: str,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """Build a problem+json response ``{"type", "title", "status", "detail"}``."""
-    body = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
+    """Build a problem+json response ``{"type", "title", "status", "detail"}``; ``type`` is
+    ``PROBLEM_TYPE_BASE + slug``, or ``slug`` itself when it is already a URI."""
+    kind = slug if "://" in slug else PROBLEM_TYPE_BASE + slug
+    body = {"type": kind, "title": title, "status": status, "detail": detail}
     response = web.json_response(body, status=status, content_type=PROBLEM_CONTENT_TYPE)
     if headers:
         response.headers.update(headers)

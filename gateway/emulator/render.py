@@ -189,3 +189,33 @@ def terrain_tile(path: Path, z: int, x: int, y: int, *, invert: bool = False) ->
     rgb = np.where(valid, encode_terrain_rgb(heights), 0).astype(np.uint8)
     alpha = np.where(valid, 255, 0).astype(np.uint8)
     return render(rgb, alpha, img_format="PNG")
+
+
+def thumbnail(path: Path, width: int | None = None, height: int | None = None) -> bytes:
+    """A JPEG thumbnail of the COG at ``path`` from its smallest overview (``cog.thumbnail``,
+    Geopera COG & tiles operations: "Generate a JPEG thumbnail from the smallest COG
+    overview").
+
+    ``width`` and ``height`` are pixels; with one of them the other keeps the aspect ratio,
+    with neither the longer side is 256 (our choice). The first three bands (or band 1) are
+    stretched from their 2nd to 98th percentile; masked pixels are black.
+    """
+    with Reader(str(path)) as src:
+        count = src.dataset.count
+        indexes = (1, 2, 3) if count >= 3 else (1,)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if width and height:
+                image = src.preview(indexes=indexes, width=width, height=height)
+            else:
+                image = src.preview(indexes=indexes, max_size=width or height or 256)
+    data, valid = _valid_pixels(image.array)
+    if valid.any():
+        ranges = []
+        for band in data:
+            low, high = np.percentile(band[valid], (2, 98))
+            ranges.append((float(low), float(high) if high > low else float(low) + 1.0))
+    else:
+        ranges = [(0.0, 1.0)] * data.shape[0]
+    pixels = np.where(valid, _stretch(data, ranges), 0).astype(np.uint8)
+    return render(pixels, None, img_format="JPEG")

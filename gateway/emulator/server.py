@@ -11,6 +11,7 @@ from aiohttp import web
 from .app import create_emulator_app
 from .clips import DEFAULT_CLIP_DELAY_S
 from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
+from .tiles import DEFAULT_EMPTY_STATUS
 
 
 def _base_url(host: str, port: int) -> str:
@@ -27,6 +28,7 @@ async def start_emulator(
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
     clip_delay_s: float = DEFAULT_CLIP_DELAY_S,
+    empty_tiles: int = DEFAULT_EMPTY_STATUS,
 ) -> tuple[web.AppRunner, str]:
     """Start the emulator on ``host:port`` in the current event loop.
 
@@ -41,6 +43,7 @@ async def start_emulator(
         asset_rps=asset_rps,
         bandwidth=bandwidth,
         clip_delay_s=clip_delay_s,
+        empty_tiles=empty_tiles,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -63,6 +66,7 @@ def run_emulator(
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
     clip_delay_s: float = DEFAULT_CLIP_DELAY_S,
+    empty_tiles: int = DEFAULT_EMPTY_STATUS,
 ) -> None:
     """Serve the emulator until interrupted (blocking; no access log).
 
@@ -74,6 +78,7 @@ def run_emulator(
         asset_rps=asset_rps,
         bandwidth=bandwidth,
         clip_delay_s=clip_delay_s,
+        empty_tiles=empty_tiles,
     )
     line = f"Geopera emulator listening on {_base_url(host, port)} (Ctrl+C to stop)"
     web.run_app(app, host=host, port=port, access_log=None, print=lambda _msg: print(line))

@@ -1,8 +1,13 @@
-"""The ``cog.tile.render`` and ``cog.tile.terrain`` operations (Geopera COG & tiles operations).
+"""The ``cog.tile.render``, ``cog.tile.terrain`` and ``cog.thumbnail`` operations (Geopera COG
+& tiles operations, seeds ``003``).
 
-Request bodies follow the ``CogTileInput`` and ``CogTerrainInput`` schemas. Success is the
-tile image (200); an empty tile (outside the COG or fully masked) is ``204 No Content``.
-The ``aoi`` field is accepted (it must be a string) and ignored: tiles are not clipped.
+Request bodies follow the ``CogTileInput``, ``CogTerrainInput`` and ``CogThumbnailInput``
+schemas. Success is the image (200). An empty tile (outside the COG or fully masked) is, by
+default, ``404`` problem ``empty-tile``, as a TiTiler-style API answers a tile outside its
+COG; ``empty_tiles=204`` (``--empty-tiles 204``) answers ``204 No Content`` instead. The docs
+promise neither (our choice). A ``url`` the emulator does not know is ``404`` problem
+``cog-not-found``. The ``aoi`` field is accepted (it must be a string) and ignored: tiles are
+not clipped.
 
 Both are egress-limited by COG ``url`` (:mod:`.egress`): once the body is valid and the COG
 known, the limits are checked (``429`` when exceeded) before rendering, and the bytes of each
@@ -23,11 +28,17 @@ from rio_tiler.colormap import cmap
 
 from . import egress
 from .catalog import CATALOG_KEY, resolve_cog
-from .protocol import OperationHandler, RequestValidationError, field_error
-from .render import IMAGE_FORMATS, RenderInputError, render_tile, terrain_tile
+from .protocol import OperationHandler, ProblemError, RequestValidationError, field_error
+from .render import IMAGE_FORMATS, RenderInputError, render_tile, terrain_tile, thumbnail
 from .schema import Field, validate_body
 
+DEFAULT_EMPTY_STATUS = 404
+EMPTY_STATUSES = (204, 404)
+EMPTY_STATUS_KEY: web.AppKey[int] = web.AppKey("geopera_emulator_empty_status", int)
+"""How the app answers an empty tile: 404 (problem ``empty-tile``) or 204."""
+
 MAX_ZOOM = 30
+MAX_THUMBNAIL_PX = 1024
 CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 _TILE_FIELDS = (
@@ -47,6 +58,11 @@ RENDER_FIELDS = (
     Field("quality", int, ge=1, le=100),
 )
 TERRAIN_FIELDS = (*_TILE_FIELDS, Field("invert", bool))
+THUMBNAIL_FIELDS = (
+    Field("url", str, required=True),
+    Field("width", int, ge=1, le=MAX_THUMBNAIL_PX),
+    Field("height", int, ge=1, le=MAX_THUMBNAIL_PX),
+)
 
 _BAND = re.compile(r"^[bB]?(\d+)$")
 _EXPRESSION = re.compile(r"^[A-Za-z0-9\s+\-*/%().,;<>=!&|~]{1,512}$")
@@ -162,7 +178,7 @@ async def render_operation(request: web.Request, body: dict[str, Any]) -> web.St
         quality=values.get("quality"),
     )
     if image is None:
-        return web.Response(status=204)
+        return _empty(request)
     content_type = CONTENT_TYPES[IMAGE_FORMATS[values["format"]]]
     return web.Response(body=image, content_type=content_type)
 
@@ -183,11 +199,34 @@ async def terrain_operation(request: web.Request, body: dict[str, Any]) -> web.S
         invert=values.get("invert", False),
     )
     if image is None:
-        return web.Response(status=204)
+        return _empty(request)
     return web.Response(body=image, content_type="image/png")
+
+
+async def thumbnail_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """``cog.thumbnail``: a JPEG of the COG's smallest overview (``width``/``height`` 1..1024
+    pixels, optional)."""
+    values = validate_body(body, THUMBNAIL_FIELDS)
+    path = _cog_path(request, values["url"])
+    image = await _run(request, values, thumbnail, path, values.get("width"), values.get("height"))
+    assert image is not None
+    return web.Response(body=image, content_type="image/jpeg")
+
+
+def _empty(request: web.Request) -> web.Response:
+    """The answer for an empty tile: 204, or 404 problem ``empty-tile``."""
+    if request.app.get(EMPTY_STATUS_KEY, DEFAULT_EMPTY_STATUS) == 204:
+        return web.Response(status=204)
+    raise ProblemError(
+        404,
+        "empty-tile",
+        "Not Found",
+        "This tile holds no data of the COG: it lies outside it or is fully masked.",
+    )
 
 
 TILE_OPERATIONS: dict[str, OperationHandler] = {
     "cog.tile.render": render_operation,
     "cog.tile.terrain": terrain_operation,
+    "cog.thumbnail": thumbnail_operation,
 }

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway import metrics
+from gateway.alerts import SOURCE_UNKNOWN
 from gateway.state import GUARD, TILE_CACHE, UPSTREAM
 
 
@@ -19,13 +20,20 @@ async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when this worker can serve, 503 when it cannot.
 
     Ready means the config loaded (the app exists) and the tile cache accepts a write and
-    reads it back. Upstream reachability and open breakers are reported too but do not make
-    the gateway unready: with the upstream down it still serves every cached tile, which a
-    load balancer should keep sending it traffic for.
+    reads it back. Upstream reachability, open breakers (``"all operations (organisation)"``
+    while every call is paused after a 402 or an organisation-wide 429), operator alerts
+    (:mod:`gateway.alerts`: refused key, missing scope, 402, unknown layer sources) and the
+    layers whose source the upstream does not know are reported too but do not make the
+    gateway unready: with the upstream down it still serves every cached tile, which a load
+    balancer should keep sending it traffic for.
     """
     cache_ok = await asyncio.to_thread(request.app[TILE_CACHE].probe)
     guard = request.app[GUARD]
-    open_breakers = [f"{s.operation} ({s.kind})" for s in guard.breakers.open_scopes()]
+    open_breakers = [
+        "all operations (organisation)" if s.kind == "organisation" else f"{s.operation} ({s.kind})"
+        for s in guard.breakers.open_scopes()
+    ]
+    alerts = guard.alerts.active()
     body = {
         "status": "ready" if cache_ok else "unready",
         "checks": {
@@ -34,6 +42,8 @@ async def readyz(request: web.Request) -> web.Response:
             "upstream_reachable": await request.app[UPSTREAM].ping(),
             "open_breakers": open_breakers,
             "egress_budget_remaining_bytes": guard.budget.remaining(),
+            "alerts": [a.as_json() for a in alerts],
+            "unknown_sources": sorted(a.subject for a in alerts if a.kind == SOURCE_UNKNOWN),
         },
     }
     return web.json_response(body, status=200 if cache_ok else 503)
@@ -46,6 +56,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
         cache_bytes=cache.volume_bytes,
         open_breakers=lambda: [(s.operation, s.kind) for s in guard.breakers.open_scopes()],
         budget_left=guard.budget.remaining,
+        alerts=lambda: [(a.kind, a.subject) for a in guard.alerts.active()],
     )
     body, content_type = await asyncio.to_thread(metrics.render, collector)
     response = web.Response(body=body)

@@ -9,9 +9,10 @@ there now and map users always go first. Per tile:
 - fetched with data → ``fetched`` (its stored bytes counted), reported empty → ``empty``;
 - the gateway's own limiter has no token or slot now → wait as long as it says, then try
   again (pacing, not a failure, however often);
-- a breaker is open or the upstream throttled (503 with Retry-After) → wait Retry-After and
-  try again, at most :data:`RETRIES` times (and only for waits up to :data:`MAX_RETRY_WAIT_S`);
-  then ``failed``; any other failure (502, 504, a bad tile) → ``failed`` at once;
+- a breaker is open, the upstream throttled (429) or paused the organisation (402) → wait
+  Retry-After and try again, at most :data:`RETRIES` times (and only for waits up to
+  :data:`MAX_RETRY_WAIT_S`); then ``failed``; any other failure (502, 504, a bad tile) →
+  ``failed`` at once;
 - the daily egress budget is spent → the seed stops, leaving the tile to a later resume.
 
 :meth:`Seeder.interrupt` (Ctrl+C) stops dispatching: tiles being fetched finish, tiles
@@ -28,13 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.breaker import BreakerOpen
-from gateway.limits import LimitExceeded, Priority
-from gateway.problem import Problem
+from gateway.errors import (
+    BreakerOpen,
+    GatewayError,
+    LimitExceeded,
+    UpstreamPaymentRequired,
+    UpstreamRateLimited,
+)
+from gateway.limits import Priority
+from gateway.problem import problem_for
 from gateway.seed.plan import SeedPlan
 from gateway.seed.resume import ResumeState
 from gateway.services.tiles import FETCH_ERRORS, TileAddress, TileService
-from gateway.upstream import UpstreamRateLimited
 
 log = logging.getLogger("gateway.seed")
 
@@ -59,23 +65,22 @@ class Verdict:
     wait_s: float = 0.0
 
 
-def classify(exc: Exception) -> Verdict:
-    """The :class:`Verdict` for one failed attempt."""
+def classify(exc: GatewayError) -> Verdict:
+    """The :class:`Verdict` for one failed attempt, from its domain error class
+    (:mod:`gateway.errors`)."""
     if isinstance(exc, LimitExceeded):
         if exc.scope == "budget":
             return Verdict("stop")
         return Verdict("pace", exc.retry_after_s)
-    if isinstance(exc, BreakerOpen | UpstreamRateLimited):
+    if isinstance(exc, BreakerOpen | UpstreamRateLimited | UpstreamPaymentRequired):
         return Verdict("retry", exc.retry_after_s)
-    if isinstance(exc, Problem):  # from an @2x child, already mapped
-        retry_after = float(exc.headers.get("Retry-After", "0") or 0)
-        if exc.slug == "egress-budget-spent":
-            return Verdict("stop")
-        if exc.slug == "upstream-limit":
-            return Verdict("pace", retry_after)
-        if exc.status == 503 and retry_after > 0:
-            return Verdict("retry", retry_after)
     return Verdict("fail")
+
+
+def describe(exc: GatewayError) -> str:
+    """``"<status> <title>"`` of the answer a map request would get for ``exc``."""
+    problem = problem_for(exc)
+    return f"{problem.status} {problem.title}"
 
 
 @dataclass(slots=True)
@@ -229,7 +234,7 @@ class Seeder:
         while True:
             try:
                 fetched, nbytes = await self.service.fetch_now(address, Priority.SEEDING)
-            except (*FETCH_ERRORS, Problem) as exc:
+            except FETCH_ERRORS as exc:
                 verdict = classify(exc)
                 if verdict.action == "stop":
                     log.warning("the daily egress budget is spent: seeding stops here")
@@ -249,7 +254,7 @@ class Seeder:
                         address.y,
                         address.scale,
                         address.fmt,
-                        self.service.describe_failure(address, exc),
+                        describe(exc),
                     )
                     return "failed", 0
                 retries += verdict.action == "retry"

@@ -11,9 +11,24 @@ when known) is flushed, renamed into place and indexed. A broken transfer is nev
 its readers' connections are cut short, and the temporary file is removed.
 
 Across worker processes the store's claim makes one worker transfer while the others wait
-for the stored file (rules from the Geopera "Clipping" guide: ``clip.job.get`` reports the
-status, ``clip.job.downloads`` the descriptors, ``clip.job.download`` streams the bytes and
-answers 400 before the job is completed).
+for the stored file.
+
+Job states come from ``clip.job.get`` (rules from the Geopera "Clipping" guide, seeds
+``001``: ``clip.job.get`` reports the status, ``clip.job.downloads`` the descriptors once
+``completed``, ``clip.job.download`` streams the bytes with ``Content-Type: image/tiff`` and a
+``Content-Disposition`` filename): a file is only asked for once the job is known
+``completed``, so a 400 from the upstream is never read as "not ready". ``failed`` (or
+``cancelled``) is final (:class:`~gateway.errors.JobFailed`, with the upstream's reason);
+any other status is "not completed yet" (:class:`~gateway.errors.JobNotCompleted`). A 403
+on a job is another organisation's job (:class:`~gateway.errors.JobForbidden`), a 404 an
+unknown one.
+
+A download is checked before anything is stored: its media type must be one of
+``downloads.content_types`` (default ``image/tiff``), and its size must equal its
+``Content-Length`` and the descriptor's ``size_bytes``
+(:class:`~gateway.errors.UpstreamBadResponse` otherwise). Without a Content-Disposition the
+descriptor's ``filename`` names the file. The service raises domain errors only
+(:mod:`gateway.errors`); the HTTP edge answers them.
 """
 
 from __future__ import annotations
@@ -28,24 +43,30 @@ import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from werkzeug.http import parse_options_header
 
-from gateway.breaker import BreakerOpen
-from gateway.guard import UpstreamGuard
-from gateway.limits import LimitExceeded
-from gateway.problem import Problem
-from gateway.services.errors import upstream_problem
-from gateway.store import DownloadStore, StoredFile, file_etag
-from gateway.upstream import (
+from gateway.coalesce import SingleFlight
+from gateway.errors import (
+    GatewayError,
+    JobFailed,
+    JobForbidden,
+    JobNotCompleted,
+    JobNotFound,
+    StoreUnavailable,
+    TransferFailed,
+    UpstreamBadResponse,
     UpstreamError,
+    UpstreamForbidden,
     UpstreamNotFound,
-    UpstreamRejected,
 )
+from gateway.guard import UpstreamGuard
+from gateway.secrets import redact
+from gateway.store import DownloadStore, StoredFile, file_etag
 
 log = logging.getLogger("gateway.downloads")
 
@@ -56,9 +77,12 @@ MOSAIC_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 """Allowed mosaic types (``rgb``, ``multispectral``...): lower-case letters, digits, ``-``,
 ``_``, starting with a letter; up to 64."""
 
-NOT_READY_RETRY_S = 5
-"""Retry-After sent with 409 while a job is still running, seconds (the guide: poll with
-backoff)."""
+FINAL_FAILURES = frozenset({"failed", "cancelled", "canceled"})
+"""Job statuses after which a job never completes (the Clipping guide's worked example stops
+polling at ``failed``; ``cancelled`` is the processing jobs' other end state, seeds ``004``)."""
+
+MAX_REASON_CHARS = 500
+"""Longest failure reason passed on to a client, characters."""
 
 CLAIM_POLL_S = 0.05
 
@@ -67,9 +91,6 @@ WRITE_BATCH_BYTES = 4 << 20
 
 READ_CHUNK = 1 << 20
 """Largest chunk a :class:`TransferReader` yields, bytes."""
-
-STORAGE_RETRY_S = 60
-"""Retry-After sent when the download store cannot take a file (disk full), seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +136,6 @@ class TransferBroken(Exception):
     the HTTP edge then cuts the connection, so the client sees a short body it can resume
     (``curl -C -``), never a whole-looking file.
     """
-
-
-class DownloadStorageError(Exception):
-    """The download store could not take the file: the disk is full, or the store's index
-    cannot be written. Nothing was stored; the text names no path or secret."""
 
 
 class Transfer:
@@ -293,11 +309,19 @@ class DownloadService:
     Args:
         store: the download store.
         guard: the protected upstream client.
+        content_types: media types a clip file may have (``downloads.content_types``).
     """
 
-    def __init__(self, store: DownloadStore, guard: UpstreamGuard) -> None:
+    def __init__(
+        self,
+        store: DownloadStore,
+        guard: UpstreamGuard,
+        content_types: frozenset[str] = frozenset({"image/tiff"}),
+    ) -> None:
         self.store = store
         self.guard = guard
+        self.content_types = content_types
+        self._jobs: SingleFlight[dict[str, Any]] = SingleFlight()
         self._transfers: dict[tuple[str, str], Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -309,19 +333,31 @@ class DownloadService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        """``{"job_id", "status", "files": [descriptor...]}``; files only when completed.
+        """``{"job_id", "status", "files": [descriptor...]}``, files only when completed, and
+        ``reason`` (the upstream's, cleaned) when the job failed. Concurrent asks for one job
+        share one ``clip.job.get``.
 
         Raises:
-            Problem: 404 unknown job, 503/502/504 upstream trouble.
+            JobNotFound (unknown job), JobForbidden (another organisation's), UpstreamError,
+            HeldBack.
         """
         descriptors = self.store.descriptors(job_id)
         if descriptors is not None:
             return {"job_id": job_id, "status": "completed", "files": descriptors}
+        state, _ = await self._jobs.run(job_id, lambda: self._job_state(job_id))
+        return {**state, "files": [dict(f) for f in state["files"]]}  # callers add to them
+
+    async def _job_state(self, job_id: str) -> dict[str, Any]:
         job = await self._json("clip.job.get", {"job_id": job_id}, job_id)
-        status = str(job.get("status", "unknown"))
+        if not isinstance(job, dict):
+            raise UpstreamBadResponse("clip.job.get", "the job is not a JSON object", 200)
+        status = job.get("status")
+        status = status if isinstance(status, str) and status else "unknown"
         result: dict[str, Any] = {"job_id": job_id, "status": status, "files": []}
         if status == "completed":
             listing = await self._json("clip.job.downloads", {"job_id": job_id}, job_id)
+            if not isinstance(listing, list):
+                raise UpstreamBadResponse("clip.job.downloads", "the listing is not a list", 200)
             files = [_descriptor(d) for d in listing if isinstance(d, dict)]
             files = [f for f in files if f is not None]
             try:
@@ -329,14 +365,34 @@ class DownloadService:
             except (OSError, sqlite3.Error) as exc:  # a full disk: answer, just uncached
                 log.warning("could not cache a job's file list: %s", type(exc).__name__)
             result["files"] = files
+        elif status in FINAL_FAILURES:
+            result["reason"] = failure_reason(job)
         return result
 
     async def _json(self, operation: str, body: dict[str, Any], job_id: str) -> Any:
         try:
             response = await self.guard.call(operation, body, asset=job_id)
-            return _loads(response.content)
-        except (UpstreamError, LimitExceeded, BreakerOpen) as exc:
-            raise await self._problem(job_id, exc) from None
+        except UpstreamError as exc:
+            raise _job_error(job_id, exc) from None
+        return _loads(operation, response.content)
+
+    async def _completed_file(self, job_id: str, mosaic_type: str) -> dict[str, Any]:
+        """The descriptor of ``mosaic_type`` in a job known to be completed.
+
+        Raises:
+            JobNotCompleted, JobFailed, JobNotFound (also: no such mosaic type),
+            JobForbidden, UpstreamError, HeldBack.
+        """
+        state = await self.job(job_id)
+        status = state["status"]
+        if status in FINAL_FAILURES:
+            raise JobFailed(job_id, status, state.get("reason") or "none given")
+        if status != "completed":
+            raise JobNotCompleted(job_id, status)
+        for descriptor in state["files"]:
+            if descriptor["mosaic_type"] == mosaic_type:
+                return descriptor
+        raise JobNotFound(job_id, "the job has no file of this mosaic type")
 
     async def open(
         self, job_id: str, mosaic_type: str, requester: Requester
@@ -346,8 +402,10 @@ class DownloadService:
         ``COALESCED`` (it joined one in flight).
 
         Raises:
-            Problem: 409 job not completed (with its status and Retry-After), 404 unknown
-                job or mosaic type, 503 throttled or held back, 502/504 upstream failure.
+            JobNotCompleted (still running), JobFailed (final), JobNotFound (unknown job or
+            mosaic type), JobForbidden (another organisation's job), HeldBack (throttled or
+            held back), UpstreamError (the upstream failed or sent something else than the
+            file: nothing stored), TransferFailed (the store failed); with ``subject`` set.
         """
         stored = self.store.lookup(job_id, mosaic_type)
         if stored is not None:
@@ -355,16 +413,30 @@ class DownloadService:
         key = (job_id, mosaic_type)
         transfer = self._transfers.get(key)
         status = "COALESCED"
+        descriptor: dict[str, Any] = {}
+        if transfer is None:
+            try:
+                descriptor = await self._completed_file(job_id, mosaic_type)
+            except GatewayError as exc:
+                raise exc.about("this clip file") from None
+            stored = self.store.lookup(job_id, mosaic_type)  # stored while we asked?
+            if stored is not None:
+                return stored, "HIT"
+            transfer = self._transfers.get(key)
         if transfer is None:
             status = "MISS"
             transfer = Transfer(job_id, mosaic_type, self.store.temp_path())
+            transfer.filename = descriptor.get("filename") or transfer.filename
             self._transfers[key] = transfer
             task = asyncio.ensure_future(self._run(transfer, requester))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await transfer.ready.wait()
         if transfer.error is not None:
-            raise await self._problem(job_id, transfer.error)
+            error = transfer.error
+            if not isinstance(error, GatewayError):
+                error = TransferFailed(f"the transfer failed: {type(error).__name__}")
+            raise _job_error(job_id, error).about("this clip file") from None
         if transfer.stored is not None:
             return transfer.stored, status
         return transfer, status
@@ -385,16 +457,16 @@ class DownloadService:
                 await self._transfer(transfer, requester)
             transfer.finish()
         except asyncio.CancelledError:
-            transfer.finish(UpstreamError("clip.job.download", "gateway shutting down"))
+            transfer.finish(TransferFailed("the gateway is shutting down"))
             raise
         except Exception as exc:  # every failure must reach the readers, never hang them
             if isinstance(exc, OSError | sqlite3.Error):
                 exc = _storage_error(exc)
             log.log(
-                logging.ERROR if isinstance(exc, DownloadStorageError) else logging.WARNING,
+                logging.ERROR if isinstance(exc, StoreUnavailable) else logging.WARNING,
                 "download of a %s file failed: %s",
                 transfer.mosaic_type,
-                exc if isinstance(exc, UpstreamError | DownloadStorageError) else repr(exc)[:200],
+                exc if isinstance(exc, UpstreamError | StoreUnavailable) else repr(exc)[:200],
             )
             transfer.finish(exc)
         finally:
@@ -434,7 +506,10 @@ class DownloadService:
         finally:
             await file.aclose()
         if transfer.size is not None and transfer.written != transfer.size:
-            raise ValueError(f"transfer ended at {transfer.written} of {transfer.size} bytes")
+            raise UpstreamBadResponse(
+                "clip.job.download",
+                f"transfer ended at {transfer.written} of {transfer.size} bytes",
+            )
         transfer.size = transfer.written
         transfer.stored = await asyncio.to_thread(
             self.store.commit,
@@ -451,15 +526,12 @@ class DownloadService:
     ) -> None:
         stream = self.guard.stream("clip.job.download", body, asset=transfer.job_id)
         async with stream as (headers, chunks):
-            length = headers.get("content-length")
-            size = int(length) if length and length.isdigit() else None
-            if size is not None and expected is not None and size != expected:
-                raise ValueError(f"upstream length {size} differs from size_bytes {expected}")
+            transfer.content_type, size = checked_download(headers, expected, self.content_types)
             transfer.size = size if size is not None else expected
             if transfer.size is not None:
                 free = await asyncio.to_thread(self.store.free_bytes)
                 if free < transfer.size:  # refuse cleanly now, not with a cut body later
-                    raise DownloadStorageError(
+                    raise StoreUnavailable(
                         f"the download store has {free} bytes free, the file needs {transfer.size}"
                     )
             transfer.filename = safe_filename(headers.get("content-disposition"), transfer.filename)
@@ -491,52 +563,74 @@ class DownloadService:
                 return size if isinstance(size, int) else None
         return None
 
-    async def _problem(self, job_id: str, exc: Exception) -> Problem:
-        """Map a failure to the client's problem+json; 400 from the upstream means the job is
-        not completed, so its status is looked up for the answer."""
-        if isinstance(exc, UpstreamRejected) and exc.status == 400:
-            status = "unknown"
-            with contextlib.suppress(UpstreamError, LimitExceeded, BreakerOpen, ValueError):
-                job = _loads(
-                    (
-                        await self.guard.call("clip.job.get", {"job_id": job_id}, asset=job_id)
-                    ).content
-                )
-                status = str(job.get("status", "unknown"))
-            return Problem(
-                409,
-                "Job not completed",
-                f"The clip job is {status}; its files can be downloaded once it is completed.",
-                slug="job-not-completed",
-                job_status=status,
-                headers={"Retry-After": str(NOT_READY_RETRY_S)},
-            )
-        if isinstance(exc, DownloadStorageError):
-            return Problem(
-                503,
-                "Download store full",
-                "The gateway cannot store this file right now (its download store is full "
-                f"or unwritable); an operator has been told in the log. Retry after "
-                f"{STORAGE_RETRY_S} s.",
-                slug="download-store-unavailable",
-                headers={"Retry-After": str(STORAGE_RETRY_S)},
-            )
-        if isinstance(exc, UpstreamNotFound):
-            return Problem(
-                404, "Not found", "No such clip job or mosaic type.", slug="unknown-download"
-            )
-        return upstream_problem(exc, "this clip file", "clip:read")
+
+def checked_download(
+    headers: Mapping[str, str], expected: int | None, content_types: frozenset[str]
+) -> tuple[str, int | None]:
+    """The media type and ``Content-Length`` of a ``clip.job.download`` answer, checked
+    before any byte is stored.
+
+    Args:
+        headers: the upstream answer's headers.
+        expected: the descriptor's ``size_bytes``, or None when it gave none.
+        content_types: the allowed media types (parameters are ignored: ``image/tiff;
+            application=geotiff`` is ``image/tiff``).
+
+    Raises:
+        UpstreamBadResponse: another media type (a JSON or HTML answer), or a
+            ``Content-Length`` other than ``size_bytes``.
+    """
+    media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media_type not in content_types:
+        allowed = ", ".join(sorted(content_types))
+        raise UpstreamBadResponse(
+            "clip.job.download", f"answered {media_type or 'no type'!r}, not {allowed}", 200
+        )
+    length = headers.get("content-length")
+    size = int(length) if length and length.isdigit() else None
+    if size is not None and expected is not None and size != expected:
+        raise UpstreamBadResponse(
+            "clip.job.download", f"Content-Length {size} differs from size_bytes {expected}", 200
+        )
+    return media_type, size
 
 
-def _storage_error(exc: BaseException) -> DownloadStorageError:
+def failure_reason(job: Mapping[str, Any]) -> str:
+    """Why a job failed, from its ``clip.job.get`` answer, cleaned to pass on to a client.
+
+    The Clipping guide does not name the field (our choice: ``error``, a string or an object
+    with ``message``/``detail``, as processing jobs carry ``error``, seeds ``004``; then
+    ``reason``, ``status_message``). Redacted, printable characters only, at most
+    :data:`MAX_REASON_CHARS`; ``"none given"`` when absent.
+    """
+    for key in ("error", "reason", "status_message"):
+        value = job.get(key)
+        if isinstance(value, dict):
+            value = value.get("message") or value.get("detail")
+        if isinstance(value, str) and value.strip():
+            text = "".join(c if c.isprintable() else " " for c in redact(value)).strip()
+            return text[:MAX_REASON_CHARS]
+    return "none given"
+
+
+def _job_error(job_id: str, exc: GatewayError) -> GatewayError:
+    """Upstream 404/403 on a job call as the job's domain error; others unchanged."""
+    if isinstance(exc, UpstreamNotFound):
+        return JobNotFound(job_id, "the upstream knows no such clip job or file")
+    if isinstance(exc, UpstreamForbidden):
+        return JobForbidden(job_id, "the clip job belongs to another organisation")
+    return exc
+
+
+def _storage_error(exc: BaseException) -> StoreUnavailable:
     """The domain error for a store that cannot take a file (only the error's kind is
     kept: OS messages name paths)."""
-    if isinstance(exc, DownloadStorageError):
+    if isinstance(exc, StoreUnavailable):
         return exc
     reason = type(exc).__name__
     if isinstance(exc, OSError) and exc.errno:
         reason = os.strerror(exc.errno)
-    return DownloadStorageError(f"the download store cannot take the file: {reason}")
+    return StoreUnavailable(f"the download store cannot take the file: {reason}")
 
 
 def _write_all(fd: int, data: bytes) -> int:
@@ -547,11 +641,11 @@ def _write_all(fd: int, data: bytes) -> int:
     return len(data)
 
 
-def _loads(content: bytes) -> Any:
+def _loads(operation: str, content: bytes) -> Any:
     try:
         return json.loads(content)
     except ValueError:
-        raise UpstreamError("clip", "answer is not JSON") from None
+        raise UpstreamBadResponse(operation, "answer is not JSON", 200) from None
 
 
 def _descriptor(raw: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,8 +8,17 @@ answer is a blank tile with no upstream call. Then, for the cached entry (RFC 58
   refresh (coalesced with any other fetch of the tile);
 - otherwise one coalesced fetch through the upstream guard (``cog.tile.render`` /
   ``cog.tile.terrain``): ``MISS`` for the request that started it, ``COALESCED`` for those that
-  joined; if it fails (upstream error, 429, open breaker, limiter refusal) and the expired
-  entry is within ``stale_if_error_s`` → ``STALE``; else the error as problem+json.
+  joined; if it fails (upstream error, 429, 402, open breaker, limiter refusal) and the
+  expired entry is within ``stale_if_error_s`` → ``STALE``; else the domain error
+  (:mod:`gateway.errors`), which the HTTP edge answers as problem+json.
+
+An upstream ``204`` or ``404`` for a tile inside the layer's bounds is an empty tile: a
+TiTiler-style API answers 404 for a tile outside its COG, and the COG & tiles reference
+(seeds ``003``) promises no status for "no data". It is answered blank (``EMPTY``) and cached
+for ``empty_ttl_s``, like a 204. A 404 whose problem ``type`` says the COG itself is unknown
+(``upstream.source_unknown_types``) is answered the same way and raises the layer's
+``source-unknown`` operator alert (:mod:`gateway.alerts`); so does the start-up source check
+(:mod:`gateway.services.sources`).
 
 ``@2x`` tiles are composed from the four z+1 children, each going through this same path.
 """
@@ -24,28 +33,23 @@ from dataclasses import dataclass
 import mercantile
 
 from gateway import imaging, metrics
-from gateway.breaker import BreakerOpen
+from gateway.alerts import SOURCE_UNKNOWN
 from gateway.cache import CachedTile, TileCache, make_tile
 from gateway.coalesce import SingleFlight
+from gateway.errors import HeldBack, UpstreamBadResponse, UpstreamError, UpstreamNotFound
 from gateway.guard import UpstreamGuard
 from gateway.layers import MEDIA_TYPES, Layer
-from gateway.limits import LimitExceeded, Priority
-from gateway.problem import Problem
-from gateway.services.errors import upstream_problem
-from gateway.upstream import (
-    UpstreamError,
-    UpstreamNotFound,
-)
+from gateway.limits import Priority
 
 log = logging.getLogger("gateway.tiles")
 
 EMPTY_STATUSES = frozenset({204})
-"""Upstream statuses meaning "no data in this tile" (the emulator answers 204 No Content)."""
+"""2xx statuses meaning "no data in this tile" (204 No Content); a 404 means the same."""
 
 CLAIM_POLL_S = 0.01
 """How often a worker waiting on another worker's fetch looks for the result, seconds."""
 
-FETCH_ERRORS = (UpstreamError, LimitExceeded, BreakerOpen, imaging.ImageCheckError)
+FETCH_ERRORS = (UpstreamError, HeldBack)
 """Failures of a fetch that a stale entry may cover (stale-if-error)."""
 
 
@@ -108,9 +112,9 @@ class TileService:
         """The tile at ``address``; counts the cache result in the metrics.
 
         Raises:
-            Problem: 502 (upstream refused, failed or sent garbage; key or scope wrong),
-                503 with Retry-After (upstream throttled, breaker open, limiter queue full,
-                egress budget spent), 504 (upstream timed out), when no stale entry covers.
+            UpstreamError: the upstream refused, failed, throttled (429) or sent garbage;
+            HeldBack: a breaker is open or a limit refused the call; either only when no
+                stale entry covers, with ``subject`` naming the layer.
         """
         result = await self._get(address, priority)
         metrics.CACHE_LOOKUP[result.status].inc()
@@ -150,7 +154,7 @@ class TileService:
                     type(exc).__name__,
                 )
                 return TileResult(tile, "STALE")
-            raise self._problem(address, exc) from None
+            raise exc.about(f"tiles of layer {layer.name!r}") from None
         if fetched.empty:
             return TileResult(fetched, "EMPTY")
         return TileResult(fetched, "COALESCED" if coalesced else source)
@@ -164,8 +168,7 @@ class TileService:
             this call joined another fetch; ``nbytes`` is 0 for an empty tile.
 
         Raises:
-            LimitExceeded, BreakerOpen, UpstreamError, ImageCheckError: the fetch failed;
-            Problem: an ``@2x`` child failed (as a map request would see it).
+            UpstreamError, HeldBack: the fetch (or an ``@2x`` child's) failed.
         """
         (tile, source), coalesced = await self._flights.run(
             address.key, lambda: self._fetch(address, priority)
@@ -176,11 +179,6 @@ class TileService:
         """Wait for background refreshes (started by ``@2x`` children) to finish."""
         while self._refreshes:
             await asyncio.gather(*list(self._refreshes), return_exceptions=True)
-
-    def describe_failure(self, address: TileAddress, exc: Exception) -> str:
-        """``"<status> <title>"`` of the problem a map request would get for ``exc``."""
-        problem = exc if isinstance(exc, Problem) else self._problem(address, exc)
-        return f"{problem.status} {problem.title}"
 
     def _refresh_in_background(self, address: TileAddress, priority: Priority) -> None:
         """Start one refresh of ``address`` unless a fetch of it is already in flight."""
@@ -256,7 +254,21 @@ class TileService:
     async def _fetch_1x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
         body = layer.upstream_body(address.z, address.x, address.y, address.fmt)
-        response = await self.guard.call(layer.operation, body, asset=layer.url, priority=priority)
+        try:
+            response = await self.guard.call(
+                layer.operation, body, asset=layer.url, priority=priority
+            )
+        except UpstreamNotFound as exc:
+            if exc.source_unknown:
+                self.guard.alerts.raise_alert(
+                    SOURCE_UNKNOWN,
+                    layer.name,
+                    f"layer {layer.name!r}: the upstream does not know its source (404, "
+                    f"problem type {exc.problem_type}); its tiles are served blank until its "
+                    "url is fixed",
+                    logging.WARNING,
+                )
+            return self._blank(address, self.empty_ttl_s)
         if response.status in EMPTY_STATUSES:
             return self._blank(address, self.empty_ttl_s)
         expected = MEDIA_TYPES[address.fmt]
@@ -276,7 +288,10 @@ class TileService:
                 address.y,
                 exc,
             )
-            raise
+            raise UpstreamBadResponse(layer.operation, str(exc), response.status) from None
+        self.guard.alerts.resolve(
+            SOURCE_UNKNOWN, layer.name, f"resolved: layer {layer.name!r} has tiles again"
+        )
         return make_tile(response.content, expected, layer.ttl_s, fetch_s=response.elapsed_s)
 
     async def _fetch_2x(self, address: TileAddress, priority: Priority) -> CachedTile:
@@ -293,34 +308,16 @@ class TileService:
         if all(t.empty for t in tiles):
             return self._blank(address, self.empty_ttl_s)
         bodies = [None if t.empty else t.body for t in tiles]
-        composite = await asyncio.to_thread(
-            imaging.compose_2x,
-            bodies,
-            address.fmt,
-            layer.kind == "terrain",
-            layer.render.get("quality"),
-        )
+        try:
+            composite = await asyncio.to_thread(
+                imaging.compose_2x,
+                bodies,
+                address.fmt,
+                layer.kind == "terrain",
+                layer.render.get("quality"),
+            )
+        except imaging.ImageCheckError as exc:
+            raise UpstreamBadResponse(layer.operation, str(exc), 200) from None
         # as fresh as its stalest child, so a stale child is refreshed into the composite
         ttl = min(layer.ttl_s, *(t.fresh_until - now for t in tiles if not t.empty))
         return make_tile(composite, MEDIA_TYPES[address.fmt], max(0.0, ttl))
-
-    @staticmethod
-    def _problem(address: TileAddress, exc: Exception) -> Problem:
-        """Map a fetch failure to the client's problem+json (never the upstream's text)."""
-        layer = address.layer
-        if isinstance(exc, imaging.ImageCheckError):
-            return Problem(
-                502,
-                "Bad upstream response",
-                "The upstream answered with something that is not a valid tile.",
-                slug="upstream-bad-response",
-            )
-        if isinstance(exc, UpstreamNotFound):
-            log.error("upstream does not know the COG of layer %s", layer.name)
-            return Problem(
-                502,
-                "Bad gateway",
-                f"The upstream does not know the source of layer {layer.name!r}.",
-                slug="upstream-error",
-            )
-        return upstream_problem(exc, f"tiles of layer {layer.name!r}", "tiles:read")
