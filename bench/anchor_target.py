@@ -24,7 +24,9 @@ import os
 import sys
 from pathlib import Path
 
-import gwconfig  # bench/gwconfig.py: this script's directory is first on sys.path
+# bench/gwconfig.py and bench/harness.py: this script's directory is first on sys.path
+import gwconfig
+import harness
 
 CONFIG_TEMPLATE = """\
 # Written by bench/anchor_target.py for the anchor harness's fake upstream.
@@ -49,9 +51,6 @@ ttl_s = 86400
 
 UPSTREAM_RPS = 10_000.0
 """Upstream limit per operation and per asset for the fake upstream (which has none)."""
-
-BENCH_API_KEY = "gpra_bench_key_123"
-"""Sent to the fake upstream, which ignores it; the gateway refuses to start without a key."""
 
 
 def write_config(upstream: str, scratch: Path, environ: dict[str, str]) -> Path:
@@ -81,25 +80,12 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, required=True, help="directory for config/cache")
     parser.add_argument("--workers", type=int, default=1, help="gateway workers (1)")
     args = parser.parse_args()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
-    env["GEOPERA_API_KEY"] = BENCH_API_KEY  # never a real key: the upstream is a fake
+    # the bench API key, never a real one: the fake upstream ignores it, but the gateway
+    # refuses to start without a key
+    env = harness.gateway_env()
     config = write_config(args.upstream, args.scratch, env)
-    argv = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-        "--workers",
-        str(args.workers),
-    ]
     sys.stdout.flush()
-    os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, harness.gateway_argv(config, args.port, args.workers), env)
 
 
 if __name__ == "__main__":

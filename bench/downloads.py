@@ -46,7 +46,7 @@ Method:
    Also recorded: time to first byte, and the CPU used by the gateway and the emulator during
    each download (% of one core). The emulator must count exactly one ``clip.job.download``
    from the gateway.
-5. **Memory.** A thread samples ``VmRSS`` of the gateway process and its descendants every
+5. **Memory.** A thread samples the RSS (psutil) of the gateway process and its descendants every
    50 ms, from 0.5 s before the cold download (the baseline is the median of those samples)
    until after the cached runs. Reported: baseline, peak per phase, and growth = peak -
    baseline.
@@ -57,7 +57,7 @@ The exit status is 0 when the measurement ran, whatever the targets say; 1 when 
 broke (a process died or did not start, a config override was refused, too little disk, a
 download was not 200 with the full size, the wrong ``X-Cache``, a wrong checksum, more or
 fewer than one upstream download from the gateway); 130 on Ctrl-C. Processes are stopped by
-PID with ``bench/tiles.py``'s ``Processes``, also on errors, Ctrl-C and SIGTERM. Everything
+PID by ``bench/harness.py``, also on errors, Ctrl-C and SIGTERM. Everything
 listens on 127.0.0.1 and every wait is bounded. The scratch directory is deleted at the end
 unless ``--keep``; after a failure its logs are kept but the download store (the big file) is
 deleted unless ``--keep``.
@@ -77,37 +77,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# bench/tiles.py and bench/gwconfig.py: this script's directory is first on sys.path
+# bench/harness.py and bench/gwconfig.py: this script's directory is first on sys.path
 import gwconfig
-from tiles import (
-    API_KEY,
-    CLK_TCK,
-    BenchError,
-    Child,
-    Processes,
-    check_alive,
-    cpu_ticks,
-    descendants,
-    gateway_env,
-    gateway_log_findings,
-    http_json,
-    run_main,
-    start_emulator,
-    start_gateway,
-    table,
-    verdict,
-)
+import harness
 
-HERE = Path(__file__).resolve().parent
-CONFIG = HERE / "tiles.toml"
 MOSAIC = "data"
 PROJECT = "demo"
 AOI = {
@@ -137,8 +116,6 @@ CURL_WRITE_OUT = "%{http_code} %{size_download} %{speed_download} %{time_total} 
 CURL_WRITE_OUT += "%{time_starttransfer}"
 HASH_CHUNK = 1 << 20
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -161,46 +138,19 @@ def fmt_bytes(n: float) -> str:
 
 
 def post_json(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
-    """POST ``body`` as JSON to ``url`` with the bench API key; decode the JSON answer."""
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={
-            "Authorization": f"Bearer {API_KEY}",
-            "Content-Type": "application/json",
-            **(headers or {}),
-        },
-    )
-    return _open_json(request)
-
-
-def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
-    """GET ``url`` and decode the JSON answer."""
-    return _open_json(urllib.request.Request(url, headers=headers or {}))
-
-
-def _open_json(request: urllib.request.Request) -> Any:
-    """Send ``request`` (no proxy) and decode its JSON answer.
+    """POST ``body`` as JSON to ``url`` with the bench API key; decode the JSON answer.
 
     Raises:
-        BenchError: an HTTP error status (with the start of the body) or no connection.
+        BenchError: an HTTP error status or no connection.
     """
-    try:
-        with _NO_PROXY.open(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(500).decode(errors="replace")
-        raise BenchError(
-            f"{request.get_method()} {request.full_url}: {exc.code} {detail}"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise BenchError(f"{request.get_method()} {request.full_url}: {exc}") from None
+    return harness.http_json(
+        url, "POST", body, {"Authorization": f"Bearer {harness.API_KEY}", **(headers or {})}
+    )
 
 
 def upstream_downloads(emulator_url: str) -> int:
     """``clip.job.download`` calls the emulator has counted."""
-    return int(http_json(emulator_url + "/_emulator/stats")["calls"].get(DOWNLOAD_OP, 0))
+    return harness.emulator_calls(emulator_url, DOWNLOAD_OP)
 
 
 def create_job(emulator_url: str, size: int) -> str:
@@ -222,56 +172,9 @@ def create_job(emulator_url: str, size: int) -> str:
         if job.get("status") == "completed":
             return job_id
         if job.get("status") == "failed":
-            raise BenchError(f"clip job {job_id} failed: {job.get('error')}")
+            raise harness.BenchError(f"clip job {job_id} failed: {job.get('error')}")
         time.sleep(JOB_POLL_S)
-    raise BenchError(f"clip job {job_id} not completed after {JOB_TIMEOUT_S:g} s")
-
-
-def vmrss_kib(pid: int) -> int:
-    """``VmRSS`` of ``pid`` in KiB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class RssSampler(threading.Thread):
-    """Samples the summed ``VmRSS`` of a process and its descendants every 50 ms."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.pid = pid
-        self.samples: list[tuple[float, int]] = []  # (monotonic time, KiB)
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        pids, refreshed = [self.pid, *descendants(self.pid)], time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now - refreshed >= RSS_PIDS_REFRESH_S:
-                pids, refreshed = [self.pid, *descendants(self.pid)], now
-            self.samples.append((now, sum(vmrss_kib(p) for p in pids)))
-            if self._stop_event.wait(RSS_SAMPLE_S):
-                return
-
-    def stop(self) -> None:
-        """Stop sampling (waits for the thread)."""
-        self._stop_event.set()
-        self.join(timeout=5)
-
-    def median_mib(self, start: float, end: float) -> float:
-        """Median RSS of the samples taken in ``[start, end]``, MiB."""
-        values = [kib for t, kib in self.samples if start <= t <= end]
-        return statistics.median(values) / 1024 if values else float("nan")
-
-    def peak_mib(self, start: float, end: float) -> float:
-        """Peak RSS of the samples taken in ``[start, end]``, MiB."""
-        values = [kib for t, kib in self.samples if start <= t <= end]
-        return max(values) / 1024 if values else float("nan")
+    raise harness.BenchError(f"clip job {job_id} not completed after {JOB_TIMEOUT_S:g} s")
 
 
 # --------------------------------------------------------------------------- curl
@@ -303,19 +206,26 @@ def curl_timeout(size: int) -> float:
     return CURL_SLACK_S + size / CURL_MIN_BPS
 
 
-def xcache_of(header_file: Path) -> str:
-    """The last ``X-Cache`` value in a ``curl -D`` header dump (``-`` when none)."""
+def last_header(text: str, name: str) -> str:
+    """The value of the last header line ``name: value`` in ``text`` (``name`` in lower
+    case; ``-`` when there is none)."""
     value = "-"
-    if header_file.exists():
-        for line in header_file.read_text(errors="replace").splitlines():
-            name, _, rest = line.partition(":")
-            if name.strip().lower() == "x-cache":
-                value = rest.strip()
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip().lower() == name:
+            value = rest.strip()
     return value
 
 
+def xcache_of(header_file: Path) -> str:
+    """The last ``X-Cache`` value in a ``curl -D`` header dump (``-`` when none)."""
+    if not header_file.exists():
+        return "-"
+    return last_header(header_file.read_text(errors="replace"), "x-cache")
+
+
 def run_curl(
-    procs: Processes,
+    procs: harness.Processes,
     label: str,
     url: str,
     size: int,
@@ -350,26 +260,25 @@ def run_curl(
         url,
     ]
     groups = {
-        name: [pid, *descendants(pid)] if name == "gateway" else [pid] for name, pid in pids.items()
+        name: harness.process_tree(pid) if name == "gateway" else [pid]
+        for name, pid in pids.items()
     }
-    ticks_before = {name: cpu_ticks(group) for name, group in groups.items()}
+    before = harness.cpu_snapshot(groups)
     started = time.monotonic()
-    popen = procs.start("curl", argv, capture=True)
+    popen = procs.start("curl", argv, output="text")
     try:
         out, err = popen.communicate(timeout=limit + 30)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"curl did not finish within {limit + 30:.0f} s") from None
+        raise harness.BenchError(f"curl did not finish within {limit + 30:.0f} s") from None
     finally:
         procs.stop(popen)
     ended = time.monotonic()
-    wall = max(ended - started, 1e-6)
-    cpu = {
-        name: 100.0 * (cpu_ticks(group) - ticks_before[name]) / CLK_TCK / wall
-        for name, group in groups.items()
-    }
+    cpu = harness.cpu_usage(before, harness.cpu_snapshot(groups)).groups_pct
     fields = out.split()
     if popen.returncode != 0 or len(fields) != 5:
-        raise BenchError(f"curl {url} failed (exit {popen.returncode}): {out} {err}".strip())
+        raise harness.BenchError(
+            f"curl {url} failed (exit {popen.returncode}): {out} {err}".strip()
+        )
     return Fetch(
         label=label,
         status=int(fields[0]),
@@ -386,7 +295,7 @@ def run_curl(
 
 
 def curl_sha256(
-    procs: Processes, url: str, size: int, extra: Sequence[str] = ()
+    procs: harness.Processes, url: str, size: int, extra: Sequence[str] = ()
 ) -> tuple[int, int, str, str]:
     """Download ``url`` with curl, hashing its output here; ``(status, bytes, X-Cache, hex)``.
 
@@ -408,14 +317,7 @@ def curl_sha256(
         *extra,
         url,
     ]
-    popen = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    procs.children.append(Child("curl-sha256", popen, None))
+    popen = procs.start("curl-sha256", argv, output="bytes")
     digest, received = hashlib.sha256(), 0
     errors: list[bytes] = []
     # stderr carries the headers and the status line: drain it in a thread so curl never
@@ -430,18 +332,18 @@ def curl_sha256(
         popen.wait(timeout=limit + 30)
         drain.join(timeout=30)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"curl (checksum run) did not finish within {limit + 30:.0f} s") from None
+        raise harness.BenchError(
+            f"curl (checksum run) did not finish within {limit + 30:.0f} s"
+        ) from None
     finally:
         procs.stop(popen)
     text = b"".join(errors).decode(errors="replace")
     status_match = re.search(r"^HTTP_CODE (\d+)", text, re.MULTILINE)
     if popen.returncode != 0 or status_match is None:
-        raise BenchError(f"curl {url} (checksum run) failed (exit {popen.returncode}): {text}")
-    xcache = "-"
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name.strip().lower() == "x-cache":
-            xcache = rest.strip()
+        raise harness.BenchError(
+            f"curl {url} (checksum run) failed (exit {popen.returncode}): {text}"
+        )
+    xcache = last_header(text, "x-cache")
     return int(status_match.group(1)), received, xcache, digest.hexdigest()
 
 
@@ -506,7 +408,7 @@ def report(
     directs: Sequence[Fetch],
     cold: Fetch,
     cached: Sequence[Fetch],
-    rss: RssSampler,
+    rss: harness.RssSampler,
     baseline_window: tuple[float, float],
     checksum_ok: bool,
     config_note: str,
@@ -516,7 +418,7 @@ def report(
     print(f"config: {config_note}")
     print("client: curl -o /dev/null, one download at a time; nothing pinned\n")
     print(
-        table(
+        harness.table(
             [
                 "download",
                 "status",
@@ -542,7 +444,7 @@ def report(
     growth = peak - base
     print()
     print(
-        table(
+        harness.table(
             ["figure", "MB/s", "GiB/s", "note"],
             [
                 [f"direct (best of {len(directs)})", mbps(direct), gibps(direct), "emulator"],
@@ -569,32 +471,30 @@ def report(
     )
     print(f"SHA-256 of a gateway download: {'matches' if checksum_ok else 'WRONG'}")
     print()
-    print(
-        table(
-            ["target", "measured", "", "result"],
+    harness.print_targets(
+        ["measured", ""],
+        [
             [
-                [
-                    f"cold >= {COLD_RATIO_TARGET:.0%} of direct",
-                    f"{ratio:.0%}",
-                    f"{mbps(cold.speed)} vs {mbps(direct)} MB/s",
-                    verdict(ratio >= COLD_RATIO_TARGET),
-                ],
-                [
-                    "cached >= 1 GiB/s",
-                    f"{gibps(cached_median)} GiB/s",
-                    f"{mbps(cached_median)} MB/s",
-                    verdict(cached_median >= CACHED_TARGET_BPS),
-                ],
-                [
-                    f"gateway RSS growth < {RSS_TARGET_MIB:g} MiB",
-                    f"{growth:.1f} MiB",
-                    f"peak {peak:.1f} - baseline {base:.1f}",
-                    verdict(growth < RSS_TARGET_MIB),
-                ],
+                f"cold >= {COLD_RATIO_TARGET:.0%} of direct",
+                f"{ratio:.0%}",
+                f"{mbps(cold.speed)} vs {mbps(direct)} MB/s",
+                harness.verdict(ratio >= COLD_RATIO_TARGET),
             ],
-        )
+            [
+                "cached >= 1 GiB/s",
+                f"{gibps(cached_median)} GiB/s",
+                f"{mbps(cached_median)} MB/s",
+                harness.verdict(cached_median >= CACHED_TARGET_BPS),
+            ],
+            [
+                f"gateway RSS growth < {RSS_TARGET_MIB:g} MiB",
+                f"{growth:.1f} MiB",
+                f"peak {peak:.1f} - baseline {base:.1f}",
+                harness.verdict(growth < RSS_TARGET_MIB),
+            ],
+        ],
+        heading=False,
     )
-    print(flush=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -618,11 +518,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the scratch dir (config, logs, download store)"
     )
-    args = parser.parse_args(argv)
+    args = harness.parse_options(parser, argv, {"--runs": (1, 20, "")})
     if not MIB <= args.size <= MAX_SIZE:
         parser.error("--size must be 1 MiB .. 64 GiB")
-    if not 1 <= args.runs <= 20:
-        parser.error("--runs must be 1..20")
     return args
 
 
@@ -650,7 +548,7 @@ def overrides(size: int) -> list[gwconfig.Override]:
     ]
 
 
-def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list[str]:
+def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -> list[str]:
     """Start the processes, run the downloads and print the report; returns the problems.
 
     Raises:
@@ -659,19 +557,20 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     """
     size = args.size
     if shutil.which("curl") is None:
-        raise BenchError("curl not found on PATH (Debian: apt-get install curl)")
+        raise harness.BenchError("curl not found on PATH (Debian: apt-get install curl)")
     need = max(3 * GIB, size + 2 * GIB)
     free = shutil.disk_usage(scratch).free
     if free < need:
-        raise BenchError(
+        raise harness.BenchError(
             f"{scratch}: {free / GIB:.1f} GiB free, need {need / GIB:.1f} GiB "
             "(set TMPDIR to a bigger file system)"
         )
     problems: list[str] = []
 
-    emulator_url, emulator = start_emulator(
+    emulator = harness.start_emulator(
         procs, "--bandwidth", "0", "--asset-rps", "0", "--clip-delay-s", "0"
     )
+    emulator_url = emulator.url
     job_id = create_job(emulator_url, size)
     started = time.perf_counter()
     from gateway.emulator import synthetic_sha256
@@ -690,7 +589,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     body = json.dumps({"job_id": job_id, "mosaic_type": MOSAIC})
     direct_args = [
         "-H",
-        f"Authorization: Bearer {API_KEY}",
+        f"Authorization: Bearer {harness.API_KEY}",
         "-H",
         "Content-Type: application/json",
         "--data-binary",
@@ -710,38 +609,33 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
         if not fetch.ok(size):
             problems.append(f"direct {i}: status {fetch.status}, {fetch.size:,} of {size:,} B")
         directs.append(fetch)
-        check_alive(emulator, "emulator", procs)
+        procs.check_alive(emulator)
 
     # -- gateway
-    env = gateway_env(emulator_url, scratch / "tiles")
+    env = harness.gateway_env(emulator_url, scratch / "tiles")
     config = scratch / "gateway.toml"
     token = "ggw_bench_" + secrets.token_urlsafe(24)
     optional = token_override(token)
-    try:
-        applied, skipped = gwconfig.write_config(
-            CONFIG.read_text(), config, env, [*overrides(size), optional]
-        )
-    except Exception as exc:  # ConfigError, or a gateway that does not even import
-        raise BenchError(f"the benchmark config does not load: {exc}") from exc
-    required_skipped = [r for r in skipped if not r.startswith(optional.label + ":")]
-    if required_skipped:
-        raise BenchError("the gateway refused config overrides: " + "; ".join(required_skipped))
+    applied, _ = harness.write_gateway_config(
+        config, env, required=overrides(size), optional=[optional]
+    )
     # a gateway with client access control needs the token on /downloads; older ones do not
     auth = {"Authorization": f"Bearer {token}"} if optional.label in applied else {}
     auth_args = [arg for name, value in auth.items() for arg in ("-H", f"{name}: {value}")]
-    config_note = f"{CONFIG.name} + {'; '.join(applied)}"
-    gateway_url, _, gateway = start_gateway(procs, config, env)
+    config_note = f"{harness.BASE_CONFIG.name} + {'; '.join(applied)}"
+    gateway = harness.start_gateway(procs, config, env)
+    gateway_url = gateway.url
     pids["gateway"] = gateway.pid
     print(f"gateway pid {gateway.pid} on {gateway_url}; config: {config_note}", flush=True)
 
-    status = get_json(f"{gateway_url}/downloads/{job_id}", auth)
+    status = harness.http_json(f"{gateway_url}/downloads/{job_id}", headers=auth)
     files = {f.get("mosaic_type"): f for f in status.get("files", [])}
     if status.get("status") != "completed" or files.get(MOSAIC, {}).get("size_bytes") != size:
         problems.append(f"GET /downloads/{job_id}: unexpected answer {status}")
     downloads_before = upstream_downloads(emulator_url)
     url = f"{gateway_url}/downloads/{job_id}/{MOSAIC}"
 
-    rss = RssSampler(gateway.pid)
+    rss = harness.RssSampler(gateway.pid, RSS_SAMPLE_S, RSS_PIDS_REFRESH_S)
     rss.start()
     cached: list[Fetch] = []
     try:
@@ -759,7 +653,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
                 f"cold: status {cold.status}, X-Cache {cold.xcache}, {cold.size:,} of {size:,} B "
                 "(expected 200 MISS, whole file)"
             )
-        check_alive(gateway, "gateway", procs)
+        procs.check_alive(gateway)
 
         for i in range(1, args.runs + 1):
             fetch = run_curl(procs, f"cached {i}", url, size, scratch, pids, auth_args)
@@ -774,7 +668,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
                     f"{fetch.size:,} of {size:,} B (expected 200 HIT, whole file)"
                 )
             cached.append(fetch)
-            check_alive(gateway, "gateway", procs)
+            procs.check_alive(gateway)
         time.sleep(2 * RSS_SAMPLE_S)
     finally:
         rss.stop()
@@ -788,8 +682,8 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
             f"checksum run: status {code}, {received:,} of {size:,} B, SHA-256 {sha} "
             f"(expected {expected_sha})"
         )
-    check_alive(gateway, "gateway", procs)
-    check_alive(emulator, "emulator", procs)
+    procs.check_alive(gateway)
+    procs.check_alive(emulator)
     upstream = upstream_downloads(emulator_url) - downloads_before
     if upstream != 1:
         problems.append(f"the gateway made {upstream} upstream downloads (expected 1)")
@@ -797,17 +691,13 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     disk_speed = disk_write_speed(scratch, size)
     report(args, disk_speed, directs, cold, cached, rss, baseline_window, checksum_ok, config_note)
     print(f"upstream {DOWNLOAD_OP} calls from the gateway: {upstream}")
-    gateway_log = next((c.log for c in procs.children if c.popen is gateway), None)
-    findings = gateway_log_findings(gateway_log)
-    print("gateway log (WARNING and above): " + ("none" if not findings else ""))
-    for line in findings:
-        print("  " + line)
+    harness.print_log_findings(procs.log_path(gateway.popen))
     return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
-    return run_main(
+    return harness.run_main(
         "bench/downloads.py",
         "geopera-bench-downloads-",
         parse_args(argv),

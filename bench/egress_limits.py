@@ -50,7 +50,7 @@ Method:
 The exit status is 0 when the measurement ran, whatever the targets say; 1 when something
 broke (a process died or did not start, the config was not accepted, the generator fell more
 than 1 s behind its schedule, or the emulator counted no render at all); 130 on Ctrl-C. Every
-process started here is stopped by PID (via ``bench/tiles.py``'s ``Processes``), also on
+process started here is stopped by PID (by ``bench/harness.py``), also on
 errors, Ctrl-C and SIGTERM. Everything listens on 127.0.0.1 and every wait is bounded.
 """
 
@@ -81,28 +81,10 @@ except ImportError:  # pragma: no cover - a helpful message instead of a traceba
         "bench/egress_limits.py: aiohttp/mercantile missing; run it with the project's venv python"
     )
 
-# bench/tiles.py and bench/gwconfig.py: this script's directory is first on sys.path
+# bench/harness.py and bench/gwconfig.py: this script's directory is first on sys.path
 import gwconfig
-from tiles import (
-    LAYER,
-    PNG_MAGIC,
-    RENDER_OP,
-    BenchError,
-    Processes,
-    check_alive,
-    fmt_counter,
-    gateway_env,
-    gateway_log_findings,
-    http_json,
-    run_main,
-    start_emulator,
-    start_gateway,
-    table,
-    verdict,
-)
+import harness
 
-HERE = Path(__file__).resolve().parent
-CONFIG = HERE / "tiles.toml"
 LAYER_BOUNDS = (-78.95865, 23.56499, -76.57492, 25.55087)
 """The bahamas layer's bounds in ``tiles.toml`` (west, south, east, north)."""
 TILE_ZOOMS = (14, 13, 12)
@@ -153,8 +135,8 @@ def load_paths(count: int) -> list[str]:
         if len(chosen) >= count:
             break
     if len(chosen) < count:
-        raise BenchError(f"only {len(chosen)} distinct tiles available, {count} needed")
-    return [f"/tiles/{LAYER}/{z}/{x}/{y}.png" for z, x, y in chosen]
+        raise harness.BenchError(f"only {len(chosen)} distinct tiles available, {count} needed")
+    return [f"/tiles/{harness.LAYER}/{z}/{x}/{y}.png" for z, x, y in chosen]
 
 
 # --------------------------------------------------------------------------- load
@@ -234,7 +216,7 @@ def good_renders(stats: dict) -> int:
     """Render calls the emulator answered 200 or empty (404 ``empty-tile``, or 204 with
     ``--empty-tiles 204``), from ``/_emulator/stats``."""
     statuses = stats.get("statuses", {})
-    return sum(int(statuses.get(f"{RENDER_OP} {status}", 0)) for status in (200, 204, 404))
+    return sum(int(statuses.get(f"{harness.RENDER_OP} {status}", 0)) for status in (200, 204, 404))
 
 
 async def one_request(
@@ -250,7 +232,7 @@ async def one_request(
             answer.status = str(response.status)
             answer.xcache = response.headers.get("X-Cache", "-")
             if response.status == 200:
-                answer.png = body.startswith(PNG_MAGIC)
+                answer.png = body.startswith(harness.PNG_MAGIC)
             elif response.status == 503:
                 answer.retry_after = response.headers.get("Retry-After")
                 try:
@@ -412,9 +394,10 @@ def report(
     load: Load,
     stats: dict,
     metrics: list[str],
-    log_findings: list[str],
+    gateway_log: Path | None,
 ) -> list[str]:
-    """Print the tables and the targets; returns the problems that make the run invalid."""
+    """Print the tables and the targets (``gateway_log``: the gateway's log file, for its
+    warnings); returns the problems that make the run invalid."""
     problems = []
     r, answers = args.rate, load.answers
     max_latency_limit = args.max_wait + LATENCY_SLACK_S
@@ -455,7 +438,7 @@ def report(
     print(f"### Timeline ({bin_s:g} s slices; requests by start time)")
     print()
     print(
-        table(
+        harness.table(
             [
                 "slice",
                 "started",
@@ -480,17 +463,17 @@ def report(
         if not group:
             continue
         if kind == "tile":
-            details.append("200: X-Cache " + fmt_counter(Counter(a.xcache for a in group)))
+            details.append("200: X-Cache " + harness.fmt_counter(Counter(a.xcache for a in group)))
         elif kind == "503":
             details.append(
                 "503: type "
-                + fmt_counter(Counter(a.slug for a in group))
+                + harness.fmt_counter(Counter(a.slug for a in group))
                 + "; Retry-After "
-                + fmt_counter(Counter(a.retry_after or "-" for a in group))
+                + harness.fmt_counter(Counter(a.retry_after or "-" for a in group))
             )
         else:
-            details.append("other: " + fmt_counter(Counter(a.label for a in group)))
-    print(table(["answer", "count", "p50 ms", "p99 ms", "max ms"], rows))
+            details.append("other: " + harness.fmt_counter(Counter(a.label for a in group)))
+    print(harness.table(["answer", "count", "p50 ms", "p99 ms", "max ms"], rows))
     for line in details:
         print(line)
     print()
@@ -501,7 +484,7 @@ def report(
     print()
     win = f"{window[0]:.2f} to {window[1]:.2f} s" if window else "none"
     print(
-        table(
+        harness.table(
             ["upstream rate (renders answered 200/empty)", "renders", "seconds", "req/s", "x R"],
             [
                 [
@@ -540,44 +523,37 @@ def report(
     print("gateway /metrics:")
     for line in metrics:
         print("  " + line)
-    print("gateway log (WARNING and above): " + ("none" if not log_findings else ""))
-    for line in log_findings:
-        print("  " + line)
+    harness.print_log_findings(gateway_log)
     print()
-    print("### Targets (informational)")
-    print()
-    print(
-        table(
-            ["target", "measured", "result"],
+    harness.print_targets(
+        ["measured"],
+        [
+            ["upstream 429s = 0", str(throttled), harness.verdict(throttled == 0)],
             [
-                ["upstream 429s = 0", str(throttled), verdict(throttled == 0)],
-                [
-                    f"upstream rate >= {RATE_TARGET:.0%} of R = {RATE_TARGET * r:g} req/s "
-                    "(steady window)",
-                    f"{steady_rate:.2f} req/s ({steady_rate / r:.0%} of R)",
-                    verdict(steady_rate >= RATE_TARGET * r),
-                ],
-                [
-                    "every answer 200 (tile/EMPTY) or 503 + Retry-After",
-                    f"{kinds['tile']:,} tiles, {kinds['503']:,} 503, "
-                    f"{kinds['failure']:,} other"
-                    + (f" ({fmt_counter(failures)})" if failures else ""),
-                    verdict(kinds["failure"] == 0),
-                ],
-                [
-                    f"no hung request (client timeout {args.max_wait + CLIENT_SLACK_S:g} s)",
-                    f"{timeouts} timed out",
-                    verdict(timeouts == 0),
-                ],
-                [
-                    f"max latency <= max_wait_s + {LATENCY_SLACK_S:g} s = {max_latency_limit:g} s",
-                    f"{max_latency:.2f} s",
-                    verdict(max_latency <= max_latency_limit),
-                ],
+                f"upstream rate >= {RATE_TARGET:.0%} of R = {RATE_TARGET * r:g} req/s "
+                "(steady window)",
+                f"{steady_rate:.2f} req/s ({steady_rate / r:.0%} of R)",
+                harness.verdict(steady_rate >= RATE_TARGET * r),
             ],
-        )
+            [
+                "every answer 200 (tile/EMPTY) or 503 + Retry-After",
+                f"{kinds['tile']:,} tiles, {kinds['503']:,} 503, "
+                f"{kinds['failure']:,} other"
+                + (f" ({harness.fmt_counter(failures)})" if failures else ""),
+                harness.verdict(kinds["failure"] == 0),
+            ],
+            [
+                f"no hung request (client timeout {args.max_wait + CLIENT_SLACK_S:g} s)",
+                f"{timeouts} timed out",
+                harness.verdict(timeouts == 0),
+            ],
+            [
+                f"max latency <= max_wait_s + {LATENCY_SLACK_S:g} s = {max_latency_limit:g} s",
+                f"{max_latency:.2f} s",
+                harness.verdict(max_latency <= max_latency_limit),
+            ],
+        ],
     )
-    print(flush=True)
     if max_lag > MAX_LAG_S:
         problems.append(
             f"the load generator fell {max_lag:.2f} s behind its schedule: the offered rate "
@@ -608,24 +584,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-wait", type=float, default=10.0, help="gateway's [limits] max_wait_s (10)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
-    parser.add_argument(
-        "--delay-ms", type=float, default=50.0, help="emulator delay per upstream call (50)"
-    )
+    harness.add_server_options(parser)
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, cache)")
-    args = parser.parse_args(argv)
-    if not 0.5 <= args.rate <= 1000:
-        parser.error("--rate must be 0.5..1000")
-    if not 5 <= args.duration <= 600:
-        parser.error("--duration must be 5..600 seconds")
-    if not 0.1 <= args.factor <= 100:
-        parser.error("--factor must be 0.1..100")
-    if not 0.1 <= args.max_wait <= 120:
-        parser.error("--max-wait must be 0.1..120 seconds")
-    if not 1 <= args.workers <= 64:
-        parser.error("--workers must be 1..64")
-    if not 0 <= args.delay_ms <= 10_000:
-        parser.error("--delay-ms must be 0..10000")
+    args = harness.parse_options(
+        parser,
+        argv,
+        {
+            "--rate": (0.5, 1000, ""),
+            "--duration": (5, 600, " seconds"),
+            "--factor": (0.1, 100, ""),
+            "--max-wait": (0.1, 120, " seconds"),
+        },
+    )
     if round(args.rate * args.factor * args.duration) < 1:
         parser.error("rate x factor x duration must be at least one request")
     return args
@@ -657,7 +627,7 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list[str]:
+def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -> list[str]:
     """Start the processes, run the load and print the report; returns the problems.
 
     Raises:
@@ -669,27 +639,24 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     # worst case every request of the last client_timeout seconds is open, twice over
     raise_fd_limit(2 * math.ceil(args.rate * args.factor * client_timeout) + 1024)
 
-    emulator_url, emulator = start_emulator(
+    emulator = harness.start_emulator(
         procs, "--delay-ms", f"{args.delay_ms:g}", "--asset-rps", f"{args.rate:g}"
     )
+    emulator_url = emulator.url
 
-    env = gateway_env(emulator_url, scratch / "cache")
+    env = harness.gateway_env(emulator_url, scratch / "cache")
     config = scratch / "gateway.toml"
-    try:
-        applied, skipped = gwconfig.write_config(CONFIG.read_text(), config, env, overrides(args))
-    except Exception as exc:  # ConfigError, or a gateway that does not even import
-        raise BenchError(f"the benchmark config does not load: {exc}") from exc
-    if skipped:
-        raise BenchError("the gateway refused config overrides: " + "; ".join(skipped))
-    print(f"config: {CONFIG.name} + {'; '.join(applied)}", flush=True)
-    gateway_url, _, gateway = start_gateway(procs, config, env, args.workers)
+    applied, _ = harness.write_gateway_config(config, env, required=overrides(args))
+    print(f"config: {harness.BASE_CONFIG.name} + {'; '.join(applied)}", flush=True)
+    gateway = harness.start_gateway(procs, config, env, args.workers)
+    gateway_url = gateway.url
     print(
         f"emulator pid {emulator.pid} on {emulator_url} (asset limit {args.rate:g} req/s, "
         f"delay {args.delay_ms:g} ms); gateway pid {gateway.pid} on {gateway_url} "
         f"(workers {args.workers}); scratch {scratch}",
         flush=True,
     )
-    http_json(emulator_url + "/_emulator/reset", method="POST")
+    harness.reset_emulator(emulator_url)
     print(
         f"load: {count:,} tiles at {args.rate * args.factor:g} req/s for {args.duration:g} s "
         f"(client timeout {client_timeout:g} s)...",
@@ -698,17 +665,18 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     load = asyncio.run(
         run_load(gateway_url, emulator_url, paths, args.rate * args.factor, client_timeout)
     )
-    check_alive(emulator, "emulator", procs)
-    check_alive(gateway, "gateway", procs)
-    stats = http_json(emulator_url + "/_emulator/stats")
+    procs.check_alive(emulator)
+    procs.check_alive(gateway)
+    stats = harness.emulator_stats(emulator_url)
     metrics = metric_lines(gateway_url)
-    gateway_log = next((c.log for c in procs.children if c.popen is gateway), None)
-    return report(args, load, stats, metrics, gateway_log_findings(gateway_log))
+    return report(args, load, stats, metrics, procs.log_path(gateway.popen))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
-    return run_main("bench/egress_limits.py", "geopera-bench-limits-", parse_args(argv), benchmark)
+    return harness.run_main(
+        "bench/egress_limits.py", "geopera-bench-limits-", parse_args(argv), benchmark
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ be set side by side; ``--anchors`` measures some anchors in the same invocation)
    ``wrk -t1 -c64 -d15s --timeout 5s -s bench/tiles.lua`` cycling through the 1,024 paths.
    Reported: the median of each metric over the runs (req/s, p50, p99 are each the median of
    their own values) and the upstream calls during the runs, which must be 0. CPU use of the
-   gateway processes and of wrk, and per-core busy time from ``/proc/stat``, are recorded too;
-   a run where something else used a noticeable share of the CPUs is marked DISTURBED.
+   gateway processes and of wrk, and per-core busy time (steal apart), are recorded too (with
+   psutil, ``bench/harness.py``); a run where something else used a noticeable share of the
+   CPUs is marked DISTURBED.
 5. **Cold miss.** Nothing restarts. 200 TCP connections are opened to the gateway first; then
    the same ``GET`` (``Connection: close``) for a tile the gateway has never seen is written on
    all of them at once and all 200 responses are read. Recorded: statuses, ``X-Cache`` counts,
@@ -46,8 +47,8 @@ be set side by side; ``--anchors`` measures some anchors in the same invocation)
 The exit status is 0 when the measurements ran, whatever the targets say; it is 1 when
 something broke (a process died, wrk failed, the gateway did not cache, errors or non-2xx
 answers), 130 on Ctrl-C. Every process started here is stopped by PID (SIGTERM, then
-SIGKILL after 10 s), also on Ctrl-C, SIGTERM and errors. Everything listens on 127.0.0.1, and
-every wait is bounded.
+SIGKILL after 10 s), also on Ctrl-C, SIGTERM and errors, by ``bench/harness.py``. Everything
+listens on 127.0.0.1, and every wait is bounded.
 """
 
 from __future__ import annotations
@@ -56,20 +57,14 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,21 +74,17 @@ try:
 except ImportError:  # pragma: no cover - a helpful message instead of a traceback
     sys.exit("bench/tiles.py: aiohttp is missing; run it with the project's venv python")
 
-import gwconfig  # bench/gwconfig.py: this script's directory is first on sys.path
+# bench/harness.py and bench/gwconfig.py: this script's directory is first on sys.path
+import gwconfig
+import harness
 
 HERE = Path(__file__).resolve().parent
-CONFIG = HERE / "tiles.toml"
 LUA = HERE / "tiles.lua"
 ANCHOR_TARGET = HERE / "anchor_target.py"
 DEFAULT_ANCHORS_DIR = HERE.parent.parent / "shared" / "bench-anchors"
 ANCHOR_TARGETS = "nginx w=1 [pinned],diskcache 1p [pinned]"
 
-HOST = "127.0.0.1"
-LAYER = "bahamas"
 BAHAMAS_COG = "https://demo.geopera.invalid/cogs/landsat7_bahamas_rgb_cog.tif"
-API_KEY = "gpra_bench_key_123"
-RENDER_OP = "cog.tile.render"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 PARENT_TILE = (9, 145, 220)
 """A z9 tile that the Bahamas sample COG covers fully; every tile used lies inside it."""
@@ -111,15 +102,6 @@ COLDMISS_TIMEOUT_S = 30.0
 HIT_RPS_TARGET = 10_000.0
 HIT_P99_TARGET_MS = 10.0
 COLDMISS_SLACK_MS = 30.0
-
-STOP_GRACE_S = 10.0
-START_TIMEOUT_S = 30.0
-DISTURBED_OTHER_CPU_PCT = 10.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    """Something broke: the benchmark cannot go on (message says what)."""
 
 
 # --------------------------------------------------------------------------- tiles
@@ -149,256 +131,15 @@ def probe_tile(run: int) -> tuple[int, int, int]:
 def tile_path(tile: tuple[int, int, int]) -> str:
     """The gateway path of ``tile`` in the benchmark layer."""
     z, x, y = tile
-    return f"/tiles/{LAYER}/{z}/{x}/{y}.png"
+    return f"/tiles/{harness.LAYER}/{z}/{x}/{y}.png"
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/PID/stat`` after the command name, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every living descendant of ``pid`` (children, grandchildren...)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _proc_stat(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def cpu_ticks(pids: Iterable[int]) -> int:
-    """utime + stime of ``pids`` in clock ticks (processes that are gone count 0)."""
-    total = 0
-    for pid in pids:
-        fields = _proc_stat(pid)
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])
-    return total
-
-
-def process_ticks() -> dict[int, tuple[str, int]]:
-    """``pid -> (command name, utime + stime ticks)`` for every process on the machine."""
-    result = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                text = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            name = text[text.index("(") + 1 : text.rindex(")")]
-            fields = text.rsplit(")", 1)[1].split()
-            result[int(entry)] = (name, int(fields[11]) + int(fields[12]))
-    return result
-
-
-def busiest_others(
-    before: dict[int, tuple[str, int]],
-    after: dict[int, tuple[str, int]],
-    exclude: Iterable[int],
-    seconds: float,
-) -> list[str]:
-    """The up to 3 other processes that used the most CPU between two :func:`process_ticks`.
-
-    Only those above 2 % of one core, as ``name[pid] N %``; processes that started in
-    between count from 0, ones that ended are not seen.
-    """
-    skip = set(exclude)
-    used = []
-    for pid, (name, ticks) in after.items():
-        if pid in skip:
-            continue
-        pct = 100.0 * (ticks - before.get(pid, (name, 0))[1]) / CLK_TCK / seconds
-        if pct >= 2.0:
-            used.append((pct, f"{name}[{pid}] {pct:.0f} %"))
-    return [text for _, text in sorted(used, reverse=True)[:3]]
-
-
-def core_times() -> dict[str, tuple[int, int, int]]:
-    """Per-CPU ``(busy, steal, total)`` jiffies from ``/proc/stat``.
-
-    busy is user + nice + system + irq + softirq (loopback TCP work mostly lands in softirq);
-    steal, time the hypervisor gave to other guests, is kept apart.
-    """
-    result = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name.startswith("cpu") and name != "cpu":
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
-            busy = user + nice + system + irq + softirq
-            result[name] = (busy, steal, sum(map(int, values[:8])))
-    return result
-
-
-@dataclass
-class Child:
-    """One process started by the benchmark."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path | None
-
-
-class Processes:
-    """Starts child processes and stops every one of them, by PID, exactly once.
-
-    Children get their own session, so a Ctrl-C in the terminal reaches only this script,
-    which then stops them in order. Output goes to ``<logdir>/<name>.log`` unless captured.
-    """
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.children: list[Child] = []
-
-    def start(
-        self,
-        name: str,
-        argv: Sequence[str],
-        *,
-        cpu: int | None = None,
-        env: dict[str, str] | None = None,
-        capture: bool = False,
-    ) -> subprocess.Popen:
-        """Start ``argv`` (pinned to ``cpu`` with taskset when given).
-
-        taskset execs the command, so the returned PID is the command's own.
-        """
-        if cpu is not None:
-            argv = ["taskset", "-c", str(cpu), *argv]
-        log = None
-        if capture:
-            popen = subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-                start_new_session=True,
-            )
-        else:
-            log = self.logdir / f"{name}.log"
-            with log.open("ab") as out:
-                popen = subprocess.Popen(
-                    argv,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    start_new_session=True,
-                )
-        self.children.append(Child(name, popen, log))
-        return popen
-
-    def stop(self, popen: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM ``popen``, SIGKILL it after ``grace_s``; then SIGKILL leftover descendants."""
-        child = next((c for c in self.children if c.popen is popen), None)
-        if child is None:
-            return
-        self.children.remove(child)
-        kids = descendants(popen.pid)
-        if popen.poll() is None:
-            popen.send_signal(signal.SIGTERM)
-            try:
-                popen.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                print(f"  {child.name} (pid {popen.pid}) ignored SIGTERM; SIGKILL", flush=True)
-                popen.kill()
-                popen.wait(timeout=grace_s)
-        deadline = time.monotonic() + grace_s
-        while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in kids:
-            if alive(pid):
-                print(f"  {child.name}: child pid {pid} still running; SIGKILL", flush=True)
-                os.kill(pid, signal.SIGKILL)
-        if popen.stdout is not None:
-            popen.stdout.close()
-        if popen.stderr is not None:
-            popen.stderr.close()
-
-    def stop_all(self) -> None:
-        """Stop every child still registered, newest first."""
-        for child in reversed(list(self.children)):
-            self.stop(child.popen)
-
-    def log_tail(self, popen: subprocess.Popen, lines: int = 30) -> str:
-        """The last ``lines`` lines of the log of ``popen`` ('' when there is none)."""
-        child = next((c for c in self.children if c.popen is popen), None)
-        if child is None or child.log is None or not child.log.exists():
-            return ""
-        return "\n".join(child.log.read_text(errors="replace").splitlines()[-lines:])
-
-
-# --------------------------------------------------------------------------- HTTP helpers
-
-
-def http_json(url: str, method: str = "GET", timeout: float = 10.0) -> Any:
-    """GET or POST ``url`` (no body) and decode the JSON answer."""
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+# --------------------------------------------------------------------------- upstream
 
 
 def upstream_renders(emulator_url: str) -> int:
     """``cog.tile.render`` calls the emulator has counted since its last reset."""
-    return int(http_json(emulator_url + "/_emulator/stats")["calls"].get(RENDER_OP, 0))
-
-
-def wait_ready(
-    url: str, popen: subprocess.Popen, procs: Processes, timeout_s: float = START_TIMEOUT_S
-) -> None:
-    """Poll ``url`` until it answers 200.
-
-    Raises:
-        BenchError: the process exited, or ``timeout_s`` passed.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise BenchError(
-                f"{shlex.join(popen.args)} exited with {popen.returncode}:\n"
-                + procs.log_tail(popen)
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise BenchError(f"{url} not ready after {timeout_s:g} s:\n{procs.log_tail(popen)}")
-
-
-def check_alive(popen: subprocess.Popen, name: str, procs: Processes) -> None:
-    """Raise :class:`BenchError` with the log tail if ``popen`` has exited."""
-    if popen.poll() is not None:
-        raise BenchError(f"the {name} exited with {popen.returncode}:\n{procs.log_tail(popen)}")
+    return harness.emulator_calls(emulator_url, harness.RENDER_OP)
 
 
 # --------------------------------------------------------------------------- warm / verify
@@ -419,8 +160,9 @@ class Pass:
     def describe(self) -> str:
         """One line: tiles, time, statuses, X-Cache counts, upstream calls."""
         return (
-            f"{self.tiles} tiles in {self.seconds:.1f} s, statuses {fmt_counter(self.statuses)}, "
-            f"X-Cache {fmt_counter(self.xcache)}, {self.upstream_calls} upstream renders, "
+            f"{self.tiles} tiles in {self.seconds:.1f} s, "
+            f"statuses {harness.fmt_counter(self.statuses)}, "
+            f"X-Cache {harness.fmt_counter(self.xcache)}, {self.upstream_calls} upstream renders, "
             f"mean body {self.body_bytes / max(1, self.tiles):,.0f} B"
         )
 
@@ -447,7 +189,7 @@ async def fetch_all(base_url: str, paths: Sequence[str], concurrency: int) -> Pa
                 result.statuses[status] += 1
                 result.xcache[xcache] += 1
                 result.body_bytes += len(body)
-                if status != 200 or not body.startswith(PNG_MAGIC):
+                if status != 200 or not body.startswith(harness.PNG_MAGIC):
                     result.bad.append(f"{path}: {status} {body[:120]!r}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -460,19 +202,16 @@ async def fetch_all(base_url: str, paths: Sequence[str], concurrency: int) -> Pa
 
 @dataclass
 class WrkRun:
-    """One wrk run: its JSON summary plus CPU accounting and the upstream call delta."""
+    """One wrk run: its JSON summary, the upstream call delta and the CPU used meanwhile."""
 
     summary: dict[str, Any]
     upstream_calls: int
-    gateway_cpu_pct: float
-    wrk_cpu_pct: float
-    core_busy_pct: dict[str, float]
-    steal_pct: float
-    others: list[str]
+    cpu: harness.CpuUsage
+    """CPU during the run: group ``gateway`` (its processes), wrk as the ended child."""
 
     @property
     def seconds(self) -> float:
-        """The run's duration as wrk measured it."""
+        """The run's duration as wrk measured it, seconds."""
         return self.summary["duration_us"] / 1e6
 
     @property
@@ -487,9 +226,20 @@ class WrkRun:
         return s["connect_errors"] + s["read_errors"] + s["write_errors"] + s["timeouts"]
 
     @property
-    def other_cpu_pct(self) -> float:
-        """Busy CPU (all cores) not used by the gateway or wrk, % of one core."""
-        return sum(self.core_busy_pct.values()) - self.gateway_cpu_pct - self.wrk_cpu_pct
+    def gateway_cpu_pct(self) -> float:
+        """CPU used by the gateway's processes, % of one core."""
+        return self.cpu.groups_pct["gateway"]
+
+    @property
+    def wrk_cpu_pct(self) -> float:
+        """CPU used by wrk, % of one core."""
+        return self.cpu.children_pct
+
+    @property
+    def note(self) -> str:
+        """Other CPU (neither the gateway nor wrk), steal, and DISTURBED with the busiest
+        other processes (see ``harness.CpuUsage.note``)."""
+        return self.cpu.note(self.gateway_cpu_pct, self.wrk_cpu_pct)
 
     def ms(self, key: str) -> float:
         """A latency from the summary (``p50``, ``p90``, ``p99``), milliseconds."""
@@ -497,7 +247,7 @@ class WrkRun:
 
 
 def run_wrk(
-    procs: Processes,
+    procs: harness.Processes,
     url: str,
     paths_file: Path,
     duration_s: int,
@@ -506,7 +256,8 @@ def run_wrk(
     gateway_pid: int,
     emulator_url: str,
 ) -> WrkRun:
-    """Run wrk once with :data:`LUA` over ``paths_file``; measure CPU and upstream calls.
+    """Run wrk once with :data:`LUA` over ``paths_file`` for ``duration_s`` seconds (pinned
+    to CPU ``cpu`` when given); measure CPU and upstream calls.
 
     Raises:
         BenchError: wrk failed or printed no summary.
@@ -524,46 +275,25 @@ def run_wrk(
         "--",
         str(paths_file),
     ]
-    server_pids = [gateway_pid, *descendants(gateway_pid)]
+    groups = {"gateway": harness.process_tree(gateway_pid)}
     calls_before = upstream_renders(emulator_url)
-    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    ticks_before, cores_before = cpu_ticks(server_pids), core_times()
-    everyone_before = process_ticks()
-    started = time.monotonic()
-    popen = procs.start("wrk", argv, cpu=cpu, capture=True)
+    before = harness.cpu_snapshot(groups, machine=True)
+    popen = procs.start("wrk", argv, cpu=cpu, output="text")
     try:
         out, err = popen.communicate(timeout=duration_s + 30)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish within {duration_s + 30} s") from None
+        raise harness.BenchError(f"wrk did not finish within {duration_s + 30} s") from None
     finally:
         procs.stop(popen)
-    wall = time.monotonic() - started
-    ticks_after, cores_after = cpu_ticks(server_pids), core_times()
-    everyone_after = process_ticks()
-    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = harness.cpu_snapshot(groups, machine=True)
     calls_after = upstream_renders(emulator_url)
     line = next((ln for ln in out.splitlines() if ln.startswith("TILES_BENCH_JSON ")), None)
     if popen.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed (exit {popen.returncode}):\n{out}\n{err}")
-    wrk_s = (usage_after.ru_utime - usage_before.ru_utime) + (
-        usage_after.ru_stime - usage_before.ru_stime
-    )
-    busy, steal = {}, 0.0
-    for cpu_name, (busy_after, steal_after, total_after) in cores_after.items():
-        busy_before, steal_before, total_before = cores_before[cpu_name]
-        total = max(1, total_after - total_before)
-        busy[cpu_name] = 100.0 * (busy_after - busy_before) / total
-        steal = max(steal, 100.0 * (steal_after - steal_before) / total)
+        raise harness.BenchError(f"wrk failed (exit {popen.returncode}):\n{out}\n{err}")
     return WrkRun(
         summary=json.loads(line.split(" ", 1)[1]),
         upstream_calls=calls_after - calls_before,
-        gateway_cpu_pct=100.0 * (ticks_after - ticks_before) / CLK_TCK / wall,
-        wrk_cpu_pct=100.0 * wrk_s / wall,
-        core_busy_pct=busy,
-        steal_pct=steal,
-        others=busiest_others(
-            everyone_before, everyone_after, [*server_pids, popen.pid, os.getpid()], wall
-        ),
+        cpu=harness.cpu_usage(before, after, exclude=[popen.pid]),
     )
 
 
@@ -633,7 +363,7 @@ async def cold_miss_burst(port: int, path: str, connections: int, result: ColdMi
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async with gate:
-            return await asyncio.open_connection(HOST, port)
+            return await asyncio.open_connection(harness.HOST, port)
 
     opened = await asyncio.wait_for(
         asyncio.gather(*(connect() for _ in range(connections)), return_exceptions=True),
@@ -643,10 +373,10 @@ async def cold_miss_burst(port: int, path: str, connections: int, result: ColdMi
     try:
         if len(streams) != connections:
             failed = next(s for s in opened if isinstance(s, BaseException))
-            raise BenchError(f"cold miss: opened {len(streams)}/{connections}: {failed!r}")
+            raise harness.BenchError(f"cold miss: opened {len(streams)}/{connections}: {failed!r}")
         await asyncio.sleep(0.3)  # let the gateway accept every connection before the burst
         request = (
-            f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {harness.HOST}:{port}\r\nConnection: close\r\n\r\n"
         ).encode()
 
         async def answer(reader: asyncio.StreamReader, sent: float) -> None:
@@ -668,7 +398,7 @@ async def cold_miss_burst(port: int, path: str, connections: int, result: ColdMi
         try:
             await asyncio.wait_for(asyncio.gather(*readers), COLDMISS_TIMEOUT_S)
         except TimeoutError:
-            raise BenchError(
+            raise harness.BenchError(
                 f"cold miss: only {len(result.latencies_ms)}/{connections} answers "
                 f"within {COLDMISS_TIMEOUT_S:g} s"
             ) from None
@@ -681,44 +411,20 @@ async def time_upstream_render(emulator_url: str, tile: tuple[int, int, int]) ->
     """Milliseconds for one ``cog.tile.render`` of ``tile`` sent straight to the emulator."""
     z, x, y = tile
     body = {"url": BAHAMAS_COG, "z": z, "x": x, "y": y, "format": "png", "rescale": "0,180"}
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {harness.API_KEY}"}
     timeout = aiohttp.ClientTimeout(total=COLDMISS_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         started = time.perf_counter()
         async with session.post(
-            f"{emulator_url}/v1/op/{RENDER_OP}", json=body, headers=headers
+            f"{emulator_url}/v1/op/{harness.RENDER_OP}", json=body, headers=headers
         ) as response:
             await response.read()
             if response.status != 200:
-                raise BenchError(f"emulator answered {response.status} for {tile}")
+                raise harness.BenchError(f"emulator answered {response.status} for {tile}")
         return (time.perf_counter() - started) * 1000
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt_counter(counter: Counter) -> str:
-    """``{'200': 199, ...}`` as ``200x199 ...``, most common first."""
-    return " ".join(f"{k}x{v}" for k, v in counter.most_common()) or "-"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table with aligned columns (first column left, the rest right)."""
-    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        padded = [
-            row[i].ljust(widths[i]) if i == 0 else row[i].rjust(widths[i]) for i in range(len(row))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = (
-        "|"
-        + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
-        + "|"
-    )
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
 def _run_values(run: WrkRun) -> dict[str, float]:
@@ -759,26 +465,14 @@ def hit_rows(runs: Sequence[WrkRun]) -> list[list[str]]:
 
     rows = []
     for i, run in enumerate(runs, 1):
-        busy = "/".join(f"{v:.0f}" for v in run.core_busy_pct.values())
-        note = f"other CPU {run.other_cpu_pct:+.0f} %"
-        if run.steal_pct >= 2:
-            note += f", steal {run.steal_pct:.0f} %"
-        if run.other_cpu_pct > DISTURBED_OTHER_CPU_PCT:
-            note += " DISTURBED"
-            if run.others:
-                note += ": " + ", ".join(run.others)
-        rows.append(row(f"run {i}", _run_values(run), busy, note))
+        busy = "/".join(f"{v:.0f}" for v in run.cpu.core_busy_pct.values())
+        rows.append(row(f"run {i}", _run_values(run), busy, run.note))
     each = [_run_values(r) for r in runs]
     summary = {k: statistics.median(v[k] for v in each) for k in each[0]}
     for counter in ("upstream", "errors", "non2xx"):
         summary[counter] = sum(v[counter] for v in each)
     rows.append(row("median", summary, "", "counters: sum of runs"))
     return rows
-
-
-def verdict(ok: bool) -> str:
-    """PASS or MISS."""
-    return "PASS" if ok else "MISS"
 
 
 def print_report(
@@ -807,7 +501,7 @@ def print_report(
     )
     print()
     print(
-        table(
+        harness.table(
             [
                 "",
                 "req/s",
@@ -834,7 +528,7 @@ def print_report(
     )
     print()
     print(
-        table(
+        harness.table(
             [
                 "run",
                 "tile",
@@ -851,8 +545,8 @@ def print_report(
                     str(i),
                     "/".join(map(str, c.tile)),
                     str(c.upstream_calls),
-                    fmt_counter(c.statuses),
-                    fmt_counter(c.xcache),
+                    harness.fmt_counter(c.statuses),
+                    harness.fmt_counter(c.xcache),
                     f"{c.p50_ms:.1f}",
                     f"{c.max_ms:.1f}",
                     f"{c.upstream_alone_ms:.1f}",
@@ -874,65 +568,49 @@ def print_report(
     worst_overhead = max(c.overhead_ms for c in colds)
     calls = [c.upstream_calls for c in colds]
     all_ok = all(c.all_ok for c in colds)
-    print("### Targets (informational)")
-    print()
-    print(
-        table(
-            ["target", "measured", "ratio", "result"],
+    harness.print_targets(
+        ["measured", "ratio"],
+        [
             [
-                [
-                    f"cache HITs >= {HIT_RPS_TARGET:,.0f} req/s ({setup})",
-                    f"{rps:,.0f} req/s",
-                    f"{rps / HIT_RPS_TARGET:.2f}x target",
-                    verdict(rps >= HIT_RPS_TARGET),
-                ],
-                [
-                    f"cache HITs p99 < {HIT_P99_TARGET_MS:g} ms",
-                    f"{p99:.2f} ms",
-                    f"{p99 / HIT_P99_TARGET_MS:.2f}x limit",
-                    verdict(p99 < HIT_P99_TARGET_MS),
-                ],
-                [
-                    f"cold miss: all {COLDMISS_CONNECTIONS} answered 200 within "
-                    f"{delay_limit:g} ms (delay + {COLDMISS_SLACK_MS:g})",
-                    f"worst max {worst:.1f} ms" + ("" if all_ok else ", not all 200"),
-                    f"{worst / delay_limit:.2f}x limit",
-                    verdict(all_ok and worst <= delay_limit),
-                ],
-                [
-                    "(same, counting from one direct upstream call instead of the delay: "
-                    f"max - upstream alone <= {COLDMISS_SLACK_MS:g} ms)",
-                    f"worst {worst_overhead:.1f} ms",
-                    f"{worst_overhead / COLDMISS_SLACK_MS:.2f}x limit",
-                    f"({verdict(all_ok and worst_overhead <= COLDMISS_SLACK_MS)})",
-                ],
-                [
-                    "cold miss: 1 upstream call per burst",
-                    "/".join(map(str, calls)),
-                    "",
-                    verdict(all(c == 1 for c in calls)),
-                ],
+                f"cache HITs >= {HIT_RPS_TARGET:,.0f} req/s ({setup})",
+                f"{rps:,.0f} req/s",
+                f"{rps / HIT_RPS_TARGET:.2f}x target",
+                harness.verdict(rps >= HIT_RPS_TARGET),
             ],
-        )
+            [
+                f"cache HITs p99 < {HIT_P99_TARGET_MS:g} ms",
+                f"{p99:.2f} ms",
+                f"{p99 / HIT_P99_TARGET_MS:.2f}x limit",
+                harness.verdict(p99 < HIT_P99_TARGET_MS),
+            ],
+            [
+                f"cold miss: all {COLDMISS_CONNECTIONS} answered 200 within "
+                f"{delay_limit:g} ms (delay + {COLDMISS_SLACK_MS:g})",
+                f"worst max {worst:.1f} ms" + ("" if all_ok else ", not all 200"),
+                f"{worst / delay_limit:.2f}x limit",
+                harness.verdict(all_ok and worst <= delay_limit),
+            ],
+            [
+                "(same, counting from one direct upstream call instead of the delay: "
+                f"max - upstream alone <= {COLDMISS_SLACK_MS:g} ms)",
+                f"worst {worst_overhead:.1f} ms",
+                f"{worst_overhead / COLDMISS_SLACK_MS:.2f}x limit",
+                f"({harness.verdict(all_ok and worst_overhead <= COLDMISS_SLACK_MS)})",
+            ],
+            [
+                "cold miss: 1 upstream call per burst",
+                "/".join(map(str, calls)),
+                "",
+                harness.verdict(all(c == 1 for c in calls)),
+            ],
+        ],
     )
-    print(flush=True)
-
-
-def gateway_log_findings(log: Path | None) -> list[str]:
-    """Lines of the gateway log at WARNING or above, or tracebacks (at most 10)."""
-    if log is None or not log.exists():
-        return []
-    keys = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
-    lines = [
-        ln for ln in log.read_text(errors="replace").splitlines() if any(k in ln for k in keys)
-    ]
-    return lines[:10] + ([f"... {len(lines) - 10} more"] if len(lines) > 10 else [])
 
 
 # --------------------------------------------------------------------------- anchors
 
 
-def run_anchors(args: argparse.Namespace, procs: Processes) -> None:
+def run_anchors(args: argparse.Namespace, procs: harness.Processes) -> None:
     """Run the reference anchors with this gateway as an ``--ext`` target, in one invocation.
 
     Output streams through; ``run_all.sh`` prints its own table and saves its results.
@@ -942,7 +620,7 @@ def run_anchors(args: argparse.Namespace, procs: Processes) -> None:
     """
     script = args.anchors_dir / "run_all.sh"
     if not script.exists():
-        raise BenchError(f"--anchors: {script} not found (use --anchors-dir)")
+        raise harness.BenchError(f"--anchors: {script} not found (use --anchors-dir)")
     cmd = (
         f"{shlex.quote(sys.executable)} {shlex.quote(str(ANCHOR_TARGET))} --port {{port}} "
         f"--upstream {{upstream}} --scratch {{scratch}} --workers {args.workers}"
@@ -970,19 +648,18 @@ def run_anchors(args: argparse.Namespace, procs: Processes) -> None:
     ]
     print(f"\n## Anchors in the same run: {shlex.join(argv)}\n", flush=True)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    popen = subprocess.Popen(argv, env=env, start_new_session=True)
-    procs.children.append(Child("anchors", popen, None))
+    popen = procs.start("anchors", argv, env=env, output="terminal")
     # A generous bound: package installs on first use, then per target ~(runs+1) wrk runs.
     limit_s = 1800 + 6 * (args.runs + 1) * (args.duration + 30)
     try:
         code = popen.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"--anchors: run_all.sh still running after {limit_s} s") from None
+        raise harness.BenchError(f"--anchors: run_all.sh still running after {limit_s} s") from None
     finally:
         # the harness stops its own servers on SIGTERM, which can take a while: 60 s grace
         procs.stop(popen, grace_s=60.0)
     if code != 0:
-        raise BenchError(f"--anchors: run_all.sh exited with {code}")
+        raise harness.BenchError(f"--anchors: run_all.sh exited with {code}")
 
 
 # --------------------------------------------------------------------------- main
@@ -997,10 +674,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=15, help="seconds per wrk run (15)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--runs", type=int, default=3, help="recorded wrk runs (3)")
-    parser.add_argument(
-        "--delay-ms", type=float, default=50.0, help="emulator delay per upstream call (50)"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
+    harness.add_server_options(parser)
     parser.add_argument(
         "--no-pin", action="store_true", help="do not pin: gateway and wrk share every CPU"
     )
@@ -1036,97 +710,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_ANCHORS_DIR,
         help=f"where run_all.sh lives (default {DEFAULT_ANCHORS_DIR})",
     )
-    args = parser.parse_args(argv)
-    if not 1 <= args.duration <= 600:
-        parser.error("--duration must be 1..600 seconds")
-    if not 1 <= args.runs <= 20:
-        parser.error("--runs must be 1..20")
-    if not 1 <= args.connections <= 10_000:
-        parser.error("--connections must be 1..10000")
-    if not 1 <= args.workers <= 64:
-        parser.error("--workers must be 1..64")
-    if not 0 <= args.delay_ms <= 10_000:
-        parser.error("--delay-ms must be 0..10000")
-    return args
+    return harness.parse_options(
+        parser,
+        argv,
+        {
+            "--duration": (1, 600, " seconds"),
+            "--runs": (1, 20, ""),
+            "--connections": (1, 10_000, ""),
+        },
+    )
 
 
 def check_tools(pin: bool) -> None:
     """Raise :class:`BenchError` when wrk (or taskset, for pinning) is missing."""
     for tool in ("wrk", "taskset") if pin else ("wrk",):
         if shutil.which(tool) is None:
-            raise BenchError(f"{tool} not found on PATH (Debian: apt-get install wrk util-linux)")
+            raise harness.BenchError(
+                f"{tool} not found on PATH (Debian: apt-get install wrk util-linux)"
+            )
 
 
-def start_emulator(procs: Processes, *options: str) -> tuple[str, subprocess.Popen]:
-    """Start ``python -m gateway emulator`` with ``options`` on a free loopback port and wait
-    until it answers; returns its base URL and process."""
-    port = free_port()
-    emulator = procs.start(
-        "emulator",
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "emulator",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            *options,
-        ],
-    )
-    url = f"http://{HOST}:{port}"
-    wait_ready(url + "/_emulator/stats", emulator, procs)
-    return url, emulator
-
-
-def gateway_env(emulator_url: str, cache_dir: Path) -> dict[str, str]:
-    """This process's environment without any ``GEOPERA_*``, plus the emulator's URL, the
-    bench API key and ``cache_dir``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
-    env.update(
-        GEOPERA_BASE_URL=emulator_url, GEOPERA_API_KEY=API_KEY, GEOPERA_CACHE_DIR=str(cache_dir)
-    )
-    return env
-
-
-def start_gateway(
-    procs: Processes, config: Path, env: dict[str, str], workers: int = 1, cpu: int | None = None
-) -> tuple[str, int, subprocess.Popen]:
-    """Start ``python -m gateway serve`` on a free loopback port (pinned to ``cpu`` when
-    given), wait for ``/healthz`` and, with several workers, for all of them; returns its
-    base URL, port and process."""
-    port = free_port()
-    gateway = procs.start(
-        "gateway",
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        cpu=cpu,
-        env=env,
-    )
-    url = f"http://{HOST}:{port}"
-    wait_ready(url + "/healthz", gateway, procs)
-    if workers > 1:  # /healthz answered from one worker; give the others a moment
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(descendants(gateway.pid)) < workers and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
-    return url, port, gateway
-
-
-def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list[str]:
+def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -> list[str]:
     """Run every phase and print the report; returns the problems found (empty when sound).
 
     Raises:
@@ -1140,27 +744,24 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     placement = "gateway on CPU 0, wrk on CPU 1" if pin else "not pinned (shared CPUs)"
     problems: list[str] = []
 
-    emulator_url, emulator = start_emulator(procs, "--delay-ms", f"{args.delay_ms:g}")
-    http_json(emulator_url + "/_emulator/reset", method="POST")
+    emulator = harness.start_emulator(procs, "--delay-ms", f"{args.delay_ms:g}")
+    emulator_url = emulator.url
+    harness.reset_emulator(emulator_url)
 
-    env = gateway_env(emulator_url, scratch / "cache")
+    env = harness.gateway_env(emulator_url, scratch / "cache")
     config = scratch / "gateway.toml"
     overrides = gwconfig.default_overrides(
         access_log=args.access_log, client_limit=args.client_limit, upstream_rps=args.upstream_rps
     )
-    try:
-        applied, skipped = gwconfig.write_config(CONFIG.read_text(), config, env, overrides)
-    except Exception as exc:  # ConfigError, or a gateway that does not even import
-        raise BenchError(f"the benchmark config does not load: {exc}") from exc
-    config_note = f"{CONFIG.name} + overrides: {'; '.join(applied) or 'none'}"
+    applied, skipped = harness.write_gateway_config(config, env, required=[], optional=overrides)
+    config_note = f"{harness.BASE_CONFIG.name} + overrides: {'; '.join(applied) or 'none'}"
     if skipped:
         config_note += f" ({len(skipped)} skipped, see above)"
     print(f"config: {config_note}", flush=True)
     for reason in skipped:
         print(f"  override skipped (this gateway does not accept it): {reason}", flush=True)
-    gateway_url, gateway_port, gateway = start_gateway(
-        procs, config, env, args.workers, gateway_cpu
-    )
+    gateway = harness.start_gateway(procs, config, env, args.workers, gateway_cpu)
+    gateway_url = gateway.url
     print(
         f"emulator pid {emulator.pid} on {emulator_url} (delay {args.delay_ms:g} ms); "
         f"gateway pid {gateway.pid} on {gateway_url} (workers {args.workers}, {placement}); "
@@ -1184,15 +785,17 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
         passes.append(result)
     warm, verify = passes
     if warm.statuses != Counter({200: len(paths)}) or warm.bad:
-        problems.append(f"warm: not every tile answered 200 PNG: {fmt_counter(warm.statuses)}")
+        problems.append(
+            f"warm: not every tile answered 200 PNG: {harness.fmt_counter(warm.statuses)}"
+        )
     if warm.upstream_calls != len(paths):
         problems.append(f"warm: {warm.upstream_calls} upstream renders, expected {len(paths)}")
     if verify.xcache != Counter({"HIT": len(paths)}) or verify.upstream_calls != 0:
         problems.append(
             f"verify: the gateway did not serve every tile from cache: X-Cache "
-            f"{fmt_counter(verify.xcache)}, {verify.upstream_calls} upstream renders"
+            f"{harness.fmt_counter(verify.xcache)}, {verify.upstream_calls} upstream renders"
         )
-    check_alive(gateway, "gateway", procs)
+    procs.check_alive(gateway)
 
     # -- cache HITs with wrk
     print(f"wrk warm-up {WRK_WARMUP_S} s (not recorded)", flush=True)
@@ -1225,7 +828,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
             flush=True,
         )
         runs.append(run)
-        check_alive(gateway, "gateway", procs)
+        procs.check_alive(gateway)
     upstream_in_runs = sum(r.upstream_calls for r in runs)
     if upstream_in_runs:
         problems.append(f"HIT runs: {upstream_in_runs} upstream calls (expected 0)")
@@ -1238,94 +841,34 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
         cold = ColdMiss(cold_tile(i))
         cold.upstream_alone_ms = asyncio.run(time_upstream_render(emulator_url, probe_tile(i)))
         before = upstream_renders(emulator_url)
-        asyncio.run(cold_miss_burst(gateway_port, tile_path(cold.tile), COLDMISS_CONNECTIONS, cold))
+        asyncio.run(cold_miss_burst(gateway.port, tile_path(cold.tile), COLDMISS_CONNECTIONS, cold))
         cold.upstream_calls = upstream_renders(emulator_url) - before
         print(
             f"cold miss {i + 1}/{COLDMISS_RUNS} {tile_path(cold.tile)}: "
-            f"{cold.upstream_calls} upstream calls, statuses {fmt_counter(cold.statuses)}, "
-            f"X-Cache {fmt_counter(cold.xcache)}, p50 {cold.p50_ms:.1f} ms, "
+            f"{cold.upstream_calls} upstream calls, statuses {harness.fmt_counter(cold.statuses)}, "
+            f"X-Cache {harness.fmt_counter(cold.xcache)}, p50 {cold.p50_ms:.1f} ms, "
             f"max {cold.max_ms:.1f} ms (upstream alone {cold.upstream_alone_ms:.1f} ms)",
             flush=True,
         )
         if not cold.all_ok:
             problems.append(f"cold miss {i + 1}: not every answer was 200")
         colds.append(cold)
-        check_alive(gateway, "gateway", procs)
+        procs.check_alive(gateway)
 
     print_report(args, warm, verify, runs, colds, placement, config_note)
-    gateway_log = next((c.log for c in procs.children if c.popen is gateway), None)
-    findings = gateway_log_findings(gateway_log)
-    print("gateway log (WARNING and above): " + ("none" if not findings else ""))
-    for line in findings:
-        print("  " + line)
+    harness.print_log_findings(procs.log_path(gateway.popen))
     return problems
-
-
-def run_main(
-    script: str,
-    prefix: str,
-    args: argparse.Namespace,
-    benchmark: Callable[[argparse.Namespace, Path, Processes], list[str]],
-    after: Callable[[argparse.Namespace, Processes], None] | None = None,
-    discard_when_kept: Sequence[str] = (),
-) -> int:
-    """The ``main()`` every benchmark shares: signals, a scratch directory, stopping every
-    process it started, and the exit status (0 measured, 1 broken, 130 interrupted).
-
-    ``after`` runs once the benchmark's processes are stopped (the anchors); the scratch
-    directory is kept with ``--keep`` or after a problem, minus ``discard_when_kept``
-    (large files) unless ``--keep`` asked for everything.
-    """
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # Ctrl-C must stop everything even when started with SIGINT ignored (as `cmd &` in a script)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    scratch = Path(tempfile.mkdtemp(prefix=prefix))
-    (scratch / "logs").mkdir()
-    procs = Processes(scratch / "logs")
-    keep = args.keep
-    code = 1
-    try:
-        problems = benchmark(args, scratch, procs)
-        procs.stop_all()  # before anything else runs, so nothing of ours competes for CPUs
-        if problems:
-            keep = True
-            print("PROBLEMS (exit status 1):")
-            for problem in problems:
-                print("  - " + problem)
-        if after is not None:
-            after(args, procs)
-        code = 1 if problems else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping processes", file=sys.stderr, flush=True)
-        code = 130
-    except BenchError as exc:
-        print(f"{script}: {exc}", file=sys.stderr, flush=True)
-        keep = True
-    finally:
-        procs.stop_all()
-        if keep:
-            if not args.keep:
-                for name in discard_when_kept:
-                    shutil.rmtree(scratch / name, ignore_errors=True)
-            print(f"scratch dir kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (0 measured, 1 broken, 130 interrupted)."""
     args = parse_args(argv)
 
-    def anchors(args: argparse.Namespace, procs: Processes) -> None:
+    def anchors(args: argparse.Namespace, procs: harness.Processes) -> None:
         if args.anchors:
             run_anchors(args, procs)
 
-    return run_main("bench/tiles.py", "geopera-bench-", args, benchmark, after=anchors)
+    return harness.run_main("bench/tiles.py", "geopera-bench-", args, benchmark, after=anchors)
 
 
 if __name__ == "__main__":
