@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import __version__, metrics
+from gateway import metrics
 from gateway.auth import Authenticator
 from gateway.cache import TileCache
 from gateway.clients import ClientRateLimit, client_address
 from gateway.config import Settings
 from gateway.cors import cors_middleware
 from gateway.guard import UpstreamGuard
+from gateway.httpserver import SERVER
 from gateway.limits import SharedState
 from gateway.logs import CLIENT_KEY
 from gateway.problem import Problem
@@ -40,8 +41,6 @@ from gateway.upstream import GeoperaClient
 from gateway.validation import check_request_shape
 
 log = logging.getLogger("gateway.app")
-
-SERVER = f"geopera-gateway/{__version__}"
 
 LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
 """Routes that count against the per-client rate limit (those that can spend upstream)."""

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +17,7 @@ import mercantile
 from gateway import __version__
 from gateway.auth import new_token
 from gateway.config import SCOPES, ConfigError, Settings, TokenSettings, load_settings
-from gateway.logs import access_log_options, configure_logging
+from gateway.logs import configure_logging
 
 log = logging.getLogger("gateway.cli")
 
@@ -209,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import run_single, run_workers
+    from gateway.server import ListenError, bound_port, listen, run_single, run_workers
 
     settings = load_settings(args.config)
     host = args.host or settings.server.host
@@ -217,11 +215,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("geopera-gateway: --workers must be 1 or more", file=sys.stderr)
         return 2
-    _print_urls(settings, f"http://{_url_host(host)}:{port}")
+    try:
+        sockets = listen(host, port)  # before the banner: a port in use is one line, exit 2
+    except ListenError as exc:
+        print(f"geopera-gateway: {exc}", file=sys.stderr)
+        return 2
+    _print_urls(settings, f"http://{_url_host(host)}:{bound_port(sockets)}")
     if args.workers == 1:
-        run_single(settings, host, port)
+        run_single(settings, sockets)
         return 0
-    return run_workers(args.config, host, port, args.workers, log_level=args.log_level)
+    return run_workers(args.config, sockets, args.workers, log_level=args.log_level)
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -266,38 +269,50 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
-    from aiohttp import web
-
     from gateway.app import create_app
+    from gateway.server import ListenError, bound_port, listen, serve_app
 
-    emulator_runner, emulator_url = await start_emulator("127.0.0.1", args.emulator_port)
-    env = dict(os.environ)
-    env["GEOPERA_BASE_URL"] = emulator_url
-    env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
-    settings = load_settings(None, environ=env)
-    demo_token, digest = new_token()
-    settings = dataclasses.replace(
-        settings,
-        tokens=(
-            *settings.tokens,
-            TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
-        ),
-    )
-    runner = web.AppRunner(create_app(settings), **access_log_options(settings.server.access_log))
-    await runner.setup()
     try:
-        await web.TCPSite(runner, args.host, args.port).start()
-        print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
-        _print_urls(settings, f"http://{_url_host(args.host)}:{args.port}")
-        print(f"  demo token (tiles, downloads, admin; valid until the demo stops): {demo_token}")
-        print("Press Ctrl+C to stop.", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        emulator_runner, emulator_url = await start_emulator("127.0.0.1", args.emulator_port)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        print(
+            f"geopera-gateway: cannot start the emulator on 127.0.0.1:{args.emulator_port}: "
+            f"{reason}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        env = dict(os.environ)
+        env["GEOPERA_BASE_URL"] = emulator_url
+        env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
+        settings = load_settings(None, environ=env)
+        demo_token, digest = new_token()
+        settings = dataclasses.replace(
+            settings,
+            tokens=(
+                *settings.tokens,
+                TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
+            ),
+        )
+        try:
+            sockets = listen(args.host, args.port)
+        except ListenError as exc:
+            print(f"geopera-gateway: {exc}", file=sys.stderr)
+            return 2
+
+        def ready() -> None:
+            print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
+            _print_urls(settings, f"http://{_url_host(args.host)}:{bound_port(sockets)}")
+            print(
+                "  demo token (tiles, downloads, admin; valid until the demo stops): " + demo_token
+            )
+            print("Press Ctrl+C to stop.", flush=True)
+
+        await serve_app(
+            create_app(settings), sockets, access_log=settings.server.access_log, ready=ready
+        )
     finally:
-        await runner.cleanup()
         await emulator_runner.cleanup()
     return 0
 

@@ -200,3 +200,70 @@ async def test_token_create_prints_the_token_once_and_toml_to_append(tmp_path):
     (configured,) = settings.tokens
     assert configured.name == "qgis-team" and configured.sha256 == token_digest(token)
     assert configured.scopes == {"tiles", "downloads"}
+
+
+async def serve_exit(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``python -m gateway serve ARGS`` expecting it to stop by itself within 30 s;
+    returns its exit code, stdout and stderr. If it does not, it and its workers (one
+    process group) are killed and the test fails."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.communicate()
+        raise AssertionError("serve kept running") from None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_serve_on_a_port_in_use_is_one_line_and_exit_2(emulator, tmp_path):
+    env = {
+        "GEOPERA_BASE_URL": emulator.url,
+        "GEOPERA_API_KEY": PLANTED_KEY,
+        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    with socket.socket() as taken:  # another program already listens on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            code, out, err = await serve_exit("--port", str(port), "--workers", workers, env=env)
+            assert code == 2, out + err
+            assert out == ""  # no banner
+            assert err.splitlines() == [
+                f"geopera-gateway: cannot listen on 127.0.0.1:{port}: address already in use "
+                "(another process, perhaps another gateway, listens there; stop it or choose "
+                "another --port)"
+            ]
+
+
+async def test_a_second_gateway_cannot_share_the_port_of_a_running_one(emulator, tmp_path):
+    async with serving_workers(emulator, DEFAULT_CONFIG, tmp_path / "cache") as (base, _):
+        port = base.rsplit(":", 1)[1]
+        other = tmp_path / "other.toml"  # another config: one layer only
+        text = DEFAULT_CONFIG.read_text()
+        other.write_text(text[: text.index("[[layers]]", text.index("[[layers]]") + 1)])
+        env = {
+            "GEOPERA_BASE_URL": emulator.url,
+            "GEOPERA_API_KEY": PLANTED_KEY,
+            "GEOPERA_CACHE_DIR": str(tmp_path / "other-cache"),
+        }
+        code, out, err = await serve_exit(
+            "--config", str(other), "--port", port, "--workers", "2", env=env
+        )
+        assert code == 2, out + err
+        assert out == ""
+        assert len(err.splitlines()) == 1 and "address already in use" in err
+        for _ in range(10):  # new connections: every one reaches the first gateway
+            async with aiohttp.ClientSession() as session, session.get(base + "/layers") as r:
+                assert len(await r.json()) == 4
