@@ -106,15 +106,23 @@ def _check_client_limit(request: web.Request) -> None:
     :data:`RATE_HEADERS_KEY`.
 
     Raises:
-        Problem: 401 for a bad token, 429 over the limit.
+        Problem: 400 for a token sent twice and 401 for a bad one (both counted against the
+            client address first), 429 over the limit.
     """
     app = request.app
     limits = app[CLIENT_LIMIT]
     if not limits:
-        return None  # no client limits configured: tokens are still checked by the route
-    token = app[AUTH].identify(request)
+        return  # no client limits configured: tokens are still checked by the route
     client = client_address(request, app[SETTINGS].server.trusted_proxies)
     request[CLIENT_KEY] = client
+    try:
+        token = app[AUTH].identify(request)
+    except Problem:
+        # a refused token costs a request too, from the client's address
+        default = limits.get("default")
+        if default is not None:
+            request[RATE_HEADERS_KEY] = default.check(client)
+        raise
     rate = token.rate_limit if token is not None and token.rate_limit else None
     limit = app[CLIENT_LIMIT].get(rate or "default")
     if limit is not None:

@@ -334,6 +334,10 @@ async def test_admin_purge_endpoint(emulator, gateway_for):
         assert response.headers["Content-Type"] == "application/problem+json"
     response = await client.post("/admin/purge", data="[1]", headers=admin)
     assert response.status == 400
+    for nested in ("[" * 100_000, '{"layer": ' * 50_000):  # deeper than json's recursion
+        response = await client.post("/admin/purge", data=nested, headers=admin)
+        assert response.status == 400
+        assert (await response.json())["type"].endswith("/malformed-body")
 
     response = await client.post("/admin/purge?layer=olinda&zoom=12", headers=admin)
     assert (response.status, await response.json()) == (200, {"layer": "olinda", "removed": 0})
