@@ -211,8 +211,13 @@ class TileService:
         await asyncio.gather(*self._refreshes, return_exceptions=True)
 
     def _blank(self, address: TileAddress, ttl_s: float) -> CachedTile:
-        terrain = address.layer.kind == "terrain"
-        body = imaging.blank_tile(address.fmt, imaging.TILE_SIZE * address.scale, terrain)
+        layer = address.layer
+        body = imaging.blank_tile(
+            address.fmt,
+            imaging.TILE_SIZE * address.scale,
+            layer.kind == "terrain",
+            layer.nodata_height_m,
+        )
         return make_tile(body, MEDIA_TYPES[address.fmt], ttl_s, empty=True)
 
     async def _fetch(self, address: TileAddress, priority: Priority) -> tuple[CachedTile, str]:
@@ -278,7 +283,10 @@ class TileService:
                 exc,
             )
             raise
-        return make_tile(response.content, expected, layer.ttl_s, fetch_s=response.elapsed_s)
+        body = response.content
+        if layer.kind == "terrain":  # before caching: nodata pixels get nodata_height_m
+            body = await asyncio.to_thread(imaging.fill_terrain_nodata, body, layer.nodata_height_m)
+        return make_tile(body, expected, layer.ttl_s, fetch_s=response.elapsed_s)
 
     async def _fetch_2x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
@@ -300,6 +308,7 @@ class TileService:
             address.fmt,
             layer.kind == "terrain",
             layer.render.get("quality"),
+            layer.nodata_height_m,
         )
         # as fresh as its stalest child, so a stale child is refreshed into the composite
         ttl = min(layer.ttl_s, *(t.fresh_until - now for t in tiles if not t.empty))
