@@ -55,14 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port and the disk cache (default 1)",
     )
 
-    demo = sub.add_parser("demo", help="run the bundled emulator and the gateway on sample data")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo = sub.add_parser(
+        "demo",
+        help="run the bundled emulator and the gateway on sample data",
+        description="The gateway in front of the bundled emulator, with a demo token of every "
+        "scope. --config takes the layers, viewer and other settings from a file; the "
+        "upstream is always the emulator.",
+    )
+    demo.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: the packaged demo config; $GEOPERA_CONFIG is not read)",
+    )
+    demo.add_argument("--host", help="listen address (default: server.host from the config)")
+    demo.add_argument("--port", type=int, help="listen port (default: server.port)")
     demo.add_argument(
         "--emulator-port",
         type=int,
         default=0,
-        help="port for the bundled emulator (default: any free port)",
+        help="port for the bundled emulator, e.g. 8081 (default: any free port)",
     )
 
     token = sub.add_parser("token", help="client tokens")
@@ -286,7 +297,9 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
         env = dict(os.environ)
         env["GEOPERA_BASE_URL"] = emulator_url
         env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
-        settings = load_settings(None, environ=env)
+        settings = load_settings(args.config, environ=env)
+        host = args.host or settings.server.host
+        port = settings.server.port if args.port is None else args.port
         demo_token, digest = new_token()
         settings = dataclasses.replace(
             settings,
@@ -296,14 +309,14 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
             ),
         )
         try:
-            sockets = listen(args.host, args.port)
+            sockets = listen(host, port)
         except ListenError as exc:
             print(f"geopera-gateway: {exc}", file=sys.stderr)
             return 2
 
         def ready() -> None:
             print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
-            _print_urls(settings, f"http://{_url_host(args.host)}:{bound_port(sockets)}")
+            _print_urls(settings, f"http://{_url_host(host)}:{bound_port(sockets)}")
             print(
                 "  demo token (tiles, downloads, admin; valid until the demo stops): " + demo_token
             )
@@ -354,15 +367,22 @@ def _url_host(host: str) -> str:
 
 
 def _print_urls(settings: Settings, base: str) -> None:
-    """Print ready-to-use URLs for every layer: the XYZ template and one sample tile."""
+    """Print ready-to-use URLs: the viewer, the WMTS capabilities and ``/layers``, then for
+    every layer its XYZ template, TileJSON and one sample tile."""
+    from gateway.routes.discovery import CAPABILITIES_PATH, tile_template, tilejson_url
+
     print(f"geopera-gateway {__version__} on {base}  (config: {settings.source})")
+    print(f"  map viewer:   {base}/")
+    print(f"  WMTS:         {base}{CAPABILITIES_PATH}")
+    print(f"  layers:       {base}/layers")
     for layer in settings.layers.values():
         fmt = layer.formats[0]
         west, south, east, north = layer.bounds
         zoom = min(layer.maxzoom, layer.minzoom + 4)
         sample = mercantile.tile((west + east) / 2, (south + north) / 2, zoom)
         print(f"  {layer.name} ({layer.kind}, zoom {layer.minzoom}-{layer.maxzoom})")
-        print(f"    XYZ template: {base}/tiles/{layer.name}/{{z}}/{{x}}/{{y}}.{fmt}")
+        print(f"    XYZ template: {tile_template(base, layer)}")
+        print(f"    TileJSON:     {tilejson_url(base, layer)}")
         print(f"    sample tile:  {base}/tiles/{layer.name}/{sample.z}/{sample.x}/{sample.y}.{fmt}")
     if settings.default_layer:
         print(f"  default layer {settings.default_layer}: {base}/tiles/{{z}}/{{x}}/{{y}}.png")

@@ -66,17 +66,21 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ("*",)
 
 
+MAPLIBRE_VERSION = "5.6.0"
+"""The MapLibre GL JS release of the viewer's default URLs and built-in SRI hashes."""
+
+
 @dataclass(frozen=True, slots=True)
 class ViewerSettings:
     """Where the map page loads MapLibre GL JS from: URLs with Subresource Integrity hashes,
     or ``assets_dir``, a local directory holding ``maplibre-gl.js`` and ``maplibre-gl.css``
     that the gateway serves itself (for networks without internet access)."""
 
-    maplibre_js: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.js"
+    maplibre_js: str = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.js"
     maplibre_js_integrity: str | None = (
         "sha384-GfxBM9x46BaAFxtCq39Fxir8fNZ4VDnwgfi6Kzi5/F1tAFsm0amuuV8kd+Pxzuf/"
     )
-    maplibre_css: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.css"
+    maplibre_css: str = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.css"
     maplibre_css_integrity: str | None = (
         "sha384-Nq6PQ+9vJPvw7U/VfDELyrWoGQMsy0gi6QShhaSrGzkpF5KkM40csg2leky+YMTd"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.clients import needs_gdal
 from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, Emulator
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"
 
@@ -267,3 +271,96 @@ async def test_a_second_gateway_cannot_share_the_port_of_a_running_one(emulator,
         for _ in range(10):  # new connections: every one reaches the first gateway
             async with aiohttp.ClientSession() as session, session.get(base + "/layers") as r:
                 assert len(await r.json()) == 4
+
+
+def readme_block(containing: str) -> str:
+    """The README's bash code block that contains ``containing``."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+async def bash(script: str, cwd: Path, env: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        script,
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, script + "\n" + err.decode()
+    return out.decode()
+
+
+@needs_gdal
+async def test_the_readme_clip_example_runs_against_the_demo(tmp_path):
+    create = readme_block("clip.create_from_item")
+    fetch = readme_block('AUTH="Authorization: Bearer $TOKEN"')
+    assert "uuidgen" not in create
+    assert "geopera-gateway demo --emulator-port 8081" in create
+    port, emulator_port = free_port(), free_port()
+    env = {"GEOPERA_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("demo", "--port", str(port), "--emulator-port", str(emulator_port))
+    async with running(*args, env=env, ready="Ctrl+C") as (_, lines):
+        token = next(line.split()[-1] for line in lines if "demo token" in line)
+        # the lines after the demo's own start and the TOKEN= placeholder, as typed
+        typed = [line for line in create.splitlines() if line.startswith(("JOB_ID=", " ", "\t"))]
+        script = "\n".join(typed).replace("8081", str(emulator_port)) + '\necho "$JOB_ID"'
+        job_id = (await bash(script, tmp_path, {})).strip()
+        assert re.fullmatch(r"[0-9a-f-]{36}", job_id), job_id
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:  # "the job completes after about 2 s"
+                async with session.get(
+                    f"{base}/downloads/{job_id}", headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    if (await response.json())["status"] == "completed":
+                        break
+                await asyncio.sleep(0.2)
+        out = await bash(
+            fetch.replace("127.0.0.1:8080", f"127.0.0.1:{port}"),
+            tmp_path,
+            {"TOKEN": token, "JOB_ID": job_id},
+        )
+    saved = tmp_path / "harbour_rgb.tif"
+    assert saved.stat().st_size > 10_000
+    assert '"status": "completed"' in out or '"status":"completed"' in out
+    assert "Driver: GTiff" in out  # gdalinfo read it in place
+
+
+async def test_demo_takes_a_config_and_prints_the_viewer_tilejson_and_wmts(tmp_path):
+    conf = tmp_path / "etc"
+    (conf / "dist").mkdir(parents=True)
+    (conf / "dist" / "maplibre-gl.js").write_text("/* local maplibre */")
+    (conf / "dist" / "maplibre-gl.css").write_text("/* local css */")
+    text = DEFAULT_CONFIG.read_text()
+    olinda_only = text[: text.index("[[layers]]", text.index("[[layers]]") + 1)]
+    config = conf / "demo.toml"
+    config.write_text(olinda_only + '\n[viewer]\nassets_dir = "dist"\n')
+    port = free_port()
+    env = {"GEOPERA_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("demo", "--config", str(config), "--port", str(port))
+    async with running(*args, env=env, ready="Ctrl+C") as (_, lines):
+        output = "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        assert f"(config: {config})" in output
+        printed = {
+            name: next(line.split()[-1] for line in lines if line.strip().startswith(name))
+            for name in ("map viewer:", "WMTS:", "layers:", "TileJSON:", "sample tile:")
+        }
+        assert printed["map viewer:"] == base + "/"
+        assert "olinda-ndvi" not in output and "bahamas" not in output  # the file's layers
+        async with aiohttp.ClientSession() as session:
+            for name, url in printed.items():
+                async with session.get(url) as response:
+                    assert response.status == 200, (name, url)
+                    if name == "map viewer:":
+                        page = await response.text()
+            assert f'<script src="{base}/viewer/assets/maplibre-gl.js">' in page
+            async with session.get(base + "/viewer/assets/maplibre-gl.js") as response:
+                assert await response.text() == "/* local maplibre */"
