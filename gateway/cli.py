@@ -221,8 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.server import ListenError, bound_port, listen, run_single, run_workers
 
     settings = load_settings(args.config)
-    host = args.host or settings.server.host
-    port = settings.server.port if args.port is None else args.port
+    host, port = listen_address(args, settings)
     if args.workers < 1:
         print("geopera-gateway: --workers must be 1 or more", file=sys.stderr)
         return 2
@@ -236,6 +235,13 @@ def _serve(args: argparse.Namespace) -> int:
         run_single(settings, sockets)
         return 0
     return run_workers(args.config, sockets, args.workers, log_level=args.log_level)
+
+
+def listen_address(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
+    """Where ``serve`` and ``demo`` listen: ``--host`` / ``--port``, else the settings'
+    ``server.host`` / ``server.port``, which ``GEOPERA_HOST`` / ``GEOPERA_PORT`` override."""
+    host = args.host or settings.server.host
+    return host, settings.server.port if args.port is None else args.port
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -298,8 +304,7 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
         env["GEOPERA_BASE_URL"] = emulator_url
         env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
         settings = load_settings(args.config, environ=env)
-        host = args.host or settings.server.host
-        port = settings.server.port if args.port is None else args.port
+        host, port = listen_address(args, settings)
         demo_token, digest = new_token()
         settings = dataclasses.replace(
             settings,

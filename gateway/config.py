@@ -3,8 +3,10 @@
 The file names the upstream, the cache and the layers (see ``config/gateway.toml`` and the
 README's config reference). The Geopera API key never lives in the file: it comes from
 ``GEOPERA_API_KEY`` or from the file named by ``upstream.api_key_file`` /
-``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL`` overrides ``upstream.base_url`` and
-``GEOPERA_CACHE_DIR`` overrides ``cache.directory``.
+``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL`` overrides ``upstream.base_url``,
+``GEOPERA_CACHE_DIR`` overrides ``cache.directory``, and ``GEOPERA_HOST`` / ``GEOPERA_PORT``
+override ``server.host`` / ``server.port`` (a container sets them once; ``--host`` and
+``--port`` still win).
 
 Relative paths in a config file (``cache.directory``, ``cache.state_directory``,
 ``downloads.directory``, ``viewer.assets_dir``, ``upstream.api_key_file``), and the default
@@ -237,7 +239,7 @@ def load_settings(
     upstream = _upstream(
         TableReader(source, "upstream", top.get("upstream", dict, {})), env, base, need_api_key
     )
-    server = _server(TableReader(source, "server", top.get("server", dict, {})))
+    server = _server(TableReader(source, "server", top.get("server", dict, {})), env)
     cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env, base)
     limits = _limits(TableReader(source, "limits", top.get("limits", dict, {})))
     clients = _clients(TableReader(source, "clients", top.get("clients", dict, {})))
@@ -343,13 +345,18 @@ def _api_key(r: TableReader, env: Mapping[str, str], base: Path, need_api_key: b
     return Secret(value)
 
 
-def _server(r: TableReader) -> ServerSettings:
+def _server(r: TableReader, env: Mapping[str, str]) -> ServerSettings:
     r.reject_unknown(
         {"host", "port", "trusted_proxies", "access_log", "public_url", "cors_origins"}
     )
     port = r.get("port", int, 8080)
     if not 0 <= port <= 65535:
         raise r.error("port", f"must be 0..65535, got {port}")
+    env_port = env.get("GEOPERA_PORT", "").strip()
+    if env_port:
+        if not env_port.isdigit() or not 0 <= int(env_port) <= 65535:
+            raise ConfigError(f"GEOPERA_PORT: must be a port number 0..65535, got {env_port!r}")
+        port = int(env_port)
     proxies = r.get("trusted_proxies", list, [])
     try:
         trusted = parse_networks(proxies)
@@ -378,7 +385,7 @@ def _server(r: TableReader) -> ServerSettings:
                 f"each origin is '*' or like https://app.example.org, got {origin!r}",
             )
     return ServerSettings(
-        host=r.get("host", str, "127.0.0.1"),
+        host=env.get("GEOPERA_HOST", "").strip() or r.get("host", str, "127.0.0.1"),
         port=port,
         trusted_proxies=trusted,
         access_log=r.get("access_log", bool, True),

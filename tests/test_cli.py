@@ -30,13 +30,15 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def running(
-    *args: str, env: dict[str, str] | None = None, ready: str = ""
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready: str = "",
+    program: tuple[str, ...] = (sys.executable, "-m", "gateway"),
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """Run ``python -m gateway ARGS`` until ``ready`` appears on stdout; stop it on exit."""
+    """Run ``python -m gateway ARGS`` (or ``program ARGS``) until ``ready`` appears in its
+    output (stdout and stderr); stop it on exit."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
+        *program,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
