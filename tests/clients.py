@@ -24,9 +24,9 @@ OLINDA_WINDOW = ("-34.91", "-7.955", "-34.83", "-8.035")
 """A window over Olinda (lon/lat: west north east south); 512 px wide, GDAL reads z13."""
 
 
-async def read_olinda_window(source: str, out: Path) -> np.ndarray:
-    """``gdal_translate`` the Olinda window of ``source`` into ``out`` (GeoTIFF, 512 px wide)
-    and check it holds real imagery; returns the pixels (bands, rows, columns)."""
+async def read_olinda_window(source: str, out: Path, width: int = 512) -> np.ndarray:
+    """``gdal_translate`` the Olinda window of ``source`` into ``out`` (GeoTIFF, ``width`` px
+    wide) and check it holds real imagery; returns the pixels (bands, rows, columns)."""
     process = await asyncio.create_subprocess_exec(
         "gdal_translate",
         "-q",
@@ -37,7 +37,7 @@ async def read_olinda_window(source: str, out: Path) -> np.ndarray:
         "-projwin",
         *OLINDA_WINDOW,
         "-outsize",
-        "512",
+        str(width),
         "0",
         source,
         str(out),
@@ -61,7 +61,7 @@ async def read_olinda_window(source: str, out: Path) -> np.ndarray:
     assert (alpha > 0).mean() > 0.5  # most of the window holds imagery
     rgb = data[:3][:, alpha > 0]
     assert rgb.std() > 5  # real texture, not a flat fill
-    assert np.unique(rgb.reshape(3, -1), axis=1).shape[1] > 100
+    assert np.unique(rgb.reshape(3, -1), axis=1).shape[1] > min(100, width)
     return data
 
 
