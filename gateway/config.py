@@ -321,17 +321,16 @@ def _upstream(
 
 def _api_key(r: TableReader, env: Mapping[str, str], base: Path, need_api_key: bool) -> Secret:
     value = env.get("GEOPERA_API_KEY", "").strip()
-    key_file = env.get("GEOPERA_API_KEY_FILE")
-    key_path = Path(key_file) if key_file else None
-    if not key_file and (key_file := r.get("api_key_file", str)):
-        key_path = _in(base, key_file)
-    if not value and key_path is not None:
+    if not value and not need_api_key:
+        return Secret("")  # not even a key file is read
+    from_env, from_file = env.get("GEOPERA_API_KEY_FILE"), r.get("api_key_file", str)
+    key_file = from_env or from_file
+    if not value and key_file:
+        key_path = Path(from_env) if from_env else _in(base, from_file)
         try:
             value = key_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise r.error("api_key_file", f"cannot read {key_file!r}: {exc.strerror}") from None
-    if not value and not need_api_key:
-        return Secret("")
     if not value:
         raise ConfigError(
             f"{r.source}: upstream: no Geopera API key; export GEOPERA_API_KEY=gpra_... "

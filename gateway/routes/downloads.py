@@ -11,11 +11,13 @@ it waits for the transfer to finish.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import uuid
 from email.utils import formatdate
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
 from gateway.clients import client_address
@@ -181,7 +183,13 @@ class StoredFileResponse(web.FileResponse):
         with self._store.serving(self._stored):  # not evicted while it is being sent
             return await super().prepare(request)
 
-    async def _prepare_open_file(self, request, fobj, st, file_encoding):
+    async def _prepare_open_file(
+        self,
+        request: web.BaseRequest,
+        fobj: io.BufferedReader,
+        st: os.stat_result,
+        file_encoding: str | None,
+    ) -> AbstractStreamWriter | None:
         # aiohttp answers an unsatisfiable Range with an empty body of the file's type; the
         # same test on the same stat, after aiohttp's preconditions, answers problem+json
         if not _range_unsatisfiable(request, st.st_size, st.st_mtime):
