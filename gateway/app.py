@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import __version__, metrics
+from gateway import metrics
 from gateway.auth import Authenticator
 from gateway.cache import TileCache
 from gateway.clients import ClientRateLimit, client_address
@@ -18,6 +18,7 @@ from gateway.config import Settings
 from gateway.cors import cors_middleware
 from gateway.errors import GatewayError
 from gateway.guard import UpstreamGuard
+from gateway.httpserver import COMMON_HEADERS, SERVER
 from gateway.limits import SharedState
 from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
 from gateway.problem import Problem, problem_for
@@ -43,31 +44,33 @@ from gateway.validation import check_request_shape
 
 log = logging.getLogger("gateway.app")
 
-SERVER = f"geopera-gateway/{__version__}"
-
 LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
 """Routes that count against the per-client rate limit (those that can spend upstream)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+RATE_HEADERS_KEY = web.RequestKey("gateway_rate_headers", dict)
+"""Request key for the ``RateLimit-*`` headers of the client's limit, set by the middleware
+and written by :func:`common_headers`."""
+
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per-client rate limit, problem+json for every error, common headers and HTTP metrics.
+    """Per-client rate limit, problem+json for every error and HTTP metrics.
 
     :class:`Problem` raised anywhere becomes its response, a domain error
     (:class:`~gateway.errors.GatewayError`) the response :data:`~gateway.problem.ERROR_TABLE`
     gives it; aiohttp's own 404/405/413 become the matching problem; anything unexpected is
-    logged and answered 500 without a trace.
-    Every response gets ``X-Content-Type-Options: nosniff`` and the ``Server`` name.
+    logged and answered 500 without a trace. A client that left is counted as 499.
+    The common headers are added by :func:`common_headers` as each response is prepared,
+    streamed ones included.
     """
     started = time.perf_counter()
     route = request.match_info.route.name or "unmatched"
-    rate_headers = None
     try:
         check_request_shape(request, route)
         if route in LIMITED_ROUTES:
-            rate_headers = _check_client_limit(request)
+            _check_client_limit(request)
         response = await handler(request)
     except Problem as problem:
         if problem.status == 429:
@@ -93,35 +96,52 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             "The gateway failed to answer this request; the error is in its log.",
             slug="internal-error",
         ).response(request.path)
-    headers = response.headers
-    headers["X-Content-Type-Options"] = "nosniff"
-    headers["Server"] = SERVER
-    if rate_headers is not None:
-        headers.update(rate_headers)
     status = CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status
     metrics.observe_request(route, request.method, status, time.perf_counter() - started)
     return response
 
 
-def _check_client_limit(request: web.Request) -> dict[str, str] | None:
+async def common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the headers of every answer, set just before its headers are
+    sent, so streamed answers (download transfers, ``multipart/byteranges``, files) carry
+    them too: :data:`~gateway.httpserver.COMMON_HEADERS` and, on routes with a client limit,
+    the ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)."""
+    headers = response.headers
+    headers.update(COMMON_HEADERS)
+    rate_headers = request.get(RATE_HEADERS_KEY)
+    if rate_headers is not None:
+        headers.update(rate_headers)
+
+
+def _check_client_limit(request: web.Request) -> None:
     """Count the request against its client's limit: per token (with the token's own rate
-    when it has one), else per client address. Returns the RateLimit headers, if limited.
+    when it has one), else per client address; the RateLimit headers go in
+    :data:`RATE_HEADERS_KEY`.
 
     Raises:
-        Problem: 401 for a bad token, 429 over the limit.
+        Problem: 400 for a token sent twice and 401 for a bad one (both counted against the
+            client address first), 429 over the limit.
     """
     app = request.app
     limits = app[CLIENT_LIMIT]
     if not limits:
-        return None  # no client limits configured: tokens are still checked by the route
-    token = app[AUTH].identify(request)
+        return  # no client limits configured: tokens are still checked by the route
     client = client_address(request, app[SETTINGS].server.trusted_proxies)
     request[CLIENT_KEY] = client
+    try:
+        token = app[AUTH].identify(request)
+    except Problem:
+        # a refused token costs a request too, from the client's address
+        default = limits.get("default")
+        if default is not None:
+            request[RATE_HEADERS_KEY] = default.check(client)
+        raise
     rate = token.rate_limit if token is not None and token.rate_limit else None
     limit = app[CLIENT_LIMIT].get(rate or "default")
-    if limit is None:
-        return None
-    return limit.check(f"token:{token.name}" if token is not None else client)
+    if limit is not None:
+        request[RATE_HEADERS_KEY] = limit.check(
+            f"token:{token.name}" if token is not None else client
+        )
 
 
 def _http_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -153,6 +173,7 @@ def create_app(settings: Settings) -> web.Application:
     if settings.clients.rate_limit:
         limits["default"] = ClientRateLimit(settings.clients.rate_limit)
     app[CLIENT_LIMIT] = limits
+    app.on_response_prepare.append(common_headers)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_stop_transfers)
     discovery.add_routes(app)  # before tiles: /tiles/{layer}/tilejson.json

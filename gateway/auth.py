@@ -44,21 +44,37 @@ def token_digest(token: str) -> str:
 
 
 def presented_token(request: web.BaseRequest) -> str | None:
-    """The token a request carries (Bearer header first, then ``?token=``), or None."""
+    """The token a request carries (an ``Authorization: Bearer`` header, or ``?token=``), or
+    None when it carries none. An ``Authorization`` header of another scheme is ``""`` (a bad
+    token).
+
+    Raises:
+        Problem: 400 when the request carries a token twice: both forms, two
+            ``Authorization`` header lines (RFC 9110 section 5.3 allows a field to repeat only
+            when its value is a list, which ``Authorization`` is not) or two ``token``
+            parameters; no one of them is chosen.
+    """
     header = request.headers.get("Authorization")
-    if header is not None and "token" in request.query:
-        raise Problem(
-            400,
-            "Bad request",
-            "Send the token once: in the Authorization header or as ?token=, not both.",
-            slug="repeated-parameter",
-        )
+    in_query = "token" in request.query
     if header is not None:
+        if in_query:
+            raise _twice("in the Authorization header or as ?token=, not both")
+        if len(request.headers.getall("Authorization")) > 1:
+            raise _twice("in one Authorization header")
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
         return ""  # an Authorization header we cannot use counts as a bad token
-    return request.query.get("token")
+    if not in_query:
+        return None
+    values = request.query.getall("token")
+    if len(values) > 1:
+        raise _twice("as one ?token= parameter")
+    return values[0]
+
+
+def _twice(how: str) -> Problem:
+    return Problem(400, "Bad request", f"Send the token once: {how}.", slug="repeated-parameter")
 
 
 def _unauthorized(detail: str) -> Problem:

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +17,7 @@ import mercantile
 from gateway import __version__
 from gateway.auth import new_token
 from gateway.config import SCOPES, ConfigError, Settings, TokenSettings, load_settings
-from gateway.logs import access_log_options, configure_logging
+from gateway.logs import configure_logging
 
 log = logging.getLogger("gateway.cli")
 
@@ -57,14 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port and the disk cache (default 1)",
     )
 
-    demo = sub.add_parser("demo", help="run the bundled emulator and the gateway on sample data")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo = sub.add_parser(
+        "demo",
+        help="run the bundled emulator and the gateway on sample data",
+        description="The gateway in front of the bundled emulator, with a demo token of every "
+        "scope. --config takes the layers, viewer and other settings from a file; the "
+        "upstream is always the emulator.",
+    )
+    demo.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: the packaged demo config; $GEOPERA_CONFIG is not read)",
+    )
+    demo.add_argument("--host", help="listen address (default: server.host from the config)")
+    demo.add_argument("--port", type=int, help="listen port (default: server.port)")
     demo.add_argument(
         "--emulator-port",
         type=int,
         default=0,
-        help="port for the bundled emulator (default: any free port)",
+        help="port for the bundled emulator, e.g. 8081 (default: any free port)",
     )
 
     token = sub.add_parser("token", help="client tokens")
@@ -218,19 +227,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import run_single, run_workers
+    from gateway.server import ListenError, bound_port, listen, run_single, run_workers
 
     settings = load_settings(args.config)
-    host = args.host or settings.server.host
-    port = settings.server.port if args.port is None else args.port
+    host, port = listen_address(args, settings)
     if args.workers < 1:
         print("geopera-gateway: --workers must be 1 or more", file=sys.stderr)
         return 2
-    _print_urls(settings, f"http://{_url_host(host)}:{port}")
+    try:
+        sockets = listen(host, port)  # before the banner: a port in use is one line, exit 2
+    except ListenError as exc:
+        print(f"geopera-gateway: {exc}", file=sys.stderr)
+        return 2
+    _print_urls(settings, f"http://{_url_host(host)}:{bound_port(sockets)}")
     if args.workers == 1:
-        run_single(settings, host, port)
+        run_single(settings, sockets)
         return 0
-    return run_workers(args.config, host, port, args.workers, log_level=args.log_level)
+    return run_workers(args.config, sockets, args.workers, log_level=args.log_level)
+
+
+def listen_address(args: argparse.Namespace, settings: Settings) -> tuple[str, int]:
+    """Where ``serve`` and ``demo`` listen: ``--host`` / ``--port``, else the settings'
+    ``server.host`` / ``server.port``, which ``GEOPERA_HOST`` / ``GEOPERA_PORT`` override."""
+    host = args.host or settings.server.host
+    return host, settings.server.port if args.port is None else args.port
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -276,38 +296,51 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
-    from aiohttp import web
-
     from gateway.app import create_app
+    from gateway.server import ListenError, bound_port, listen, serve_app
 
-    emulator_runner, emulator_url = await start_emulator("127.0.0.1", args.emulator_port)
-    env = dict(os.environ)
-    env["GEOPERA_BASE_URL"] = emulator_url
-    env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
-    settings = load_settings(None, environ=env)
-    demo_token, digest = new_token()
-    settings = dataclasses.replace(
-        settings,
-        tokens=(
-            *settings.tokens,
-            TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
-        ),
-    )
-    runner = web.AppRunner(create_app(settings), **access_log_options(settings.server.access_log))
-    await runner.setup()
     try:
-        await web.TCPSite(runner, args.host, args.port).start()
-        print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
-        _print_urls(settings, f"http://{_url_host(args.host)}:{args.port}")
-        print(f"  demo token (tiles, downloads, admin; valid until the demo stops): {demo_token}")
-        print("Press Ctrl+C to stop.", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        emulator_runner, emulator_url = await start_emulator("127.0.0.1", args.emulator_port)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        print(
+            f"geopera-gateway: cannot start the emulator on 127.0.0.1:{args.emulator_port}: "
+            f"{reason}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        env = dict(os.environ)
+        env["GEOPERA_BASE_URL"] = emulator_url
+        env.setdefault("GEOPERA_API_KEY", DEMO_API_KEY)
+        settings = load_settings(args.config, environ=env)
+        host, port = listen_address(args, settings)
+        demo_token, digest = new_token()
+        settings = dataclasses.replace(
+            settings,
+            tokens=(
+                *settings.tokens,
+                TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
+            ),
+        )
+        try:
+            sockets = listen(host, port)
+        except ListenError as exc:
+            print(f"geopera-gateway: {exc}", file=sys.stderr)
+            return 2
+
+        def ready() -> None:
+            print(f"Geopera emulator (bundled sample COGs): {emulator_url}")
+            _print_urls(settings, f"http://{_url_host(host)}:{bound_port(sockets)}")
+            print(
+                "  demo token (tiles, downloads, admin; valid until the demo stops): " + demo_token
+            )
+            print("Press Ctrl+C to stop.", flush=True)
+
+        await serve_app(
+            create_app(settings), sockets, access_log=settings.server.access_log, ready=ready
+        )
     finally:
-        await runner.cleanup()
         await emulator_runner.cleanup()
     return 0
 
@@ -349,15 +382,22 @@ def _url_host(host: str) -> str:
 
 
 def _print_urls(settings: Settings, base: str) -> None:
-    """Print ready-to-use URLs for every layer: the XYZ template and one sample tile."""
+    """Print ready-to-use URLs: the viewer, the WMTS capabilities and ``/layers``, then for
+    every layer its XYZ template, TileJSON and one sample tile."""
+    from gateway.routes.discovery import CAPABILITIES_PATH, tile_template, tilejson_url
+
     print(f"geopera-gateway {__version__} on {base}  (config: {settings.source})")
+    print(f"  map viewer:   {base}/")
+    print(f"  WMTS:         {base}{CAPABILITIES_PATH}")
+    print(f"  layers:       {base}/layers")
     for layer in settings.layers.values():
         fmt = layer.formats[0]
         west, south, east, north = layer.bounds
         zoom = min(layer.maxzoom, layer.minzoom + 4)
         sample = mercantile.tile((west + east) / 2, (south + north) / 2, zoom)
         print(f"  {layer.name} ({layer.kind}, zoom {layer.minzoom}-{layer.maxzoom})")
-        print(f"    XYZ template: {base}/tiles/{layer.name}/{{z}}/{{x}}/{{y}}.{fmt}")
+        print(f"    XYZ template: {tile_template(base, layer)}")
+        print(f"    TileJSON:     {tilejson_url(base, layer)}")
         print(f"    sample tile:  {base}/tiles/{layer.name}/{sample.z}/{sample.x}/{sample.y}.{fmt}")
     if settings.default_layer:
         print(f"  default layer {settings.default_layer}: {base}/tiles/{{z}}/{{x}}/{{y}}.png")

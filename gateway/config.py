@@ -3,8 +3,17 @@
 The file names the upstream, the cache and the layers (see ``config/gateway.toml`` and the
 README's config reference). The Geopera API key never lives in the file: it comes from
 ``GEOPERA_API_KEY`` or from the file named by ``upstream.api_key_file`` /
-``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL`` overrides ``upstream.base_url`` and
-``GEOPERA_CACHE_DIR`` overrides ``cache.directory``.
+``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL`` overrides ``upstream.base_url``,
+``GEOPERA_CACHE_DIR`` overrides ``cache.directory``, and ``GEOPERA_HOST`` / ``GEOPERA_PORT``
+override ``server.host`` / ``server.port`` (a container sets them once; ``--host`` and
+``--port`` still win).
+
+Relative paths in a config file (``cache.directory``, ``cache.state_directory``,
+``downloads.directory``, ``viewer.assets_dir``, ``upstream.api_key_file``), and the default
+cache directory, resolve against the directory holding the file, whatever directory a command
+runs from; paths from the environment resolve against the working directory, as a shell user
+expects. The packaged demo config (no file given) keeps its paths relative to the working
+directory.
 
 Every problem raises :class:`ConfigError` whose message names the file, the key and the fix.
 """
@@ -103,17 +112,21 @@ class ServerSettings:
     seconds (streamed downloads are cut at once; clients resume with Range)."""
 
 
+MAPLIBRE_VERSION = "5.6.0"
+"""The MapLibre GL JS release of the viewer's default URLs and built-in SRI hashes."""
+
+
 @dataclass(frozen=True, slots=True)
 class ViewerSettings:
     """Where the map page loads MapLibre GL JS from: URLs with Subresource Integrity hashes,
     or ``assets_dir``, a local directory holding ``maplibre-gl.js`` and ``maplibre-gl.css``
     that the gateway serves itself (for networks without internet access)."""
 
-    maplibre_js: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.js"
+    maplibre_js: str = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.js"
     maplibre_js_integrity: str | None = (
         "sha384-GfxBM9x46BaAFxtCq39Fxir8fNZ4VDnwgfi6Kzi5/F1tAFsm0amuuV8kd+Pxzuf/"
     )
-    maplibre_css: str = "https://unpkg.com/maplibre-gl@5.6.0/dist/maplibre-gl.css"
+    maplibre_css: str = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.css"
     maplibre_css_integrity: str | None = (
         "sha384-Nq6PQ+9vJPvw7U/VfDELyrWoGQMsy0gi6QShhaSrGzkpF5KkM40csg2leky+YMTd"
     )
@@ -226,11 +239,16 @@ def default_config_path() -> Path:
 
 
 def load_settings(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    need_api_key: bool = True,
 ) -> Settings:
     """Read and validate a config file, applying environment overrides.
 
     ``path=None`` loads the packaged demo config. ``environ`` defaults to ``os.environ``.
+    ``need_api_key=False`` is for commands that never call the upstream (``purge``,
+    ``seed --dry-run``): without a key, ``upstream.api_key`` is empty.
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown or wrong-typed key, bad layer, or no
@@ -238,6 +256,9 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     file = Path(path) if path is not None else default_config_path()
+    # relative paths in a file: against its directory (not resolving symlinks: the directory
+    # the user named); the packaged demo config: against the working directory
+    base = Path(os.path.abspath(file)).parent if path is not None else Path()
     source = str(file)
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -262,17 +283,19 @@ def load_settings(
             "layers",
         }
     )
-    upstream = _upstream(TableReader(source, "upstream", top.get("upstream", dict, {})), env)
-    server = _server(TableReader(source, "server", top.get("server", dict, {})))
-    cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env)
+    upstream = _upstream(
+        TableReader(source, "upstream", top.get("upstream", dict, {})), env, base, need_api_key
+    )
+    server = _server(TableReader(source, "server", top.get("server", dict, {})), env)
+    cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env, base)
     limits = _limits(TableReader(source, "limits", top.get("limits", dict, {})))
     clients = _clients(TableReader(source, "clients", top.get("clients", dict, {})))
     downloads = _downloads(
-        TableReader(source, "downloads", top.get("downloads", dict, {})), cache.directory
+        TableReader(source, "downloads", top.get("downloads", dict, {})), cache.directory, base
     )
     layer_tables = top.get("layers", list, [])
     layers, default_layer = parse_layers(source, layer_tables)
-    viewer = _viewer(TableReader(source, "viewer", top.get("viewer", dict, {})))
+    viewer = _viewer(TableReader(source, "viewer", top.get("viewer", dict, {})), base)
     tokens = _tokens(source, top.get("tokens", list, []), layers)
     return Settings(
         source,
@@ -292,7 +315,12 @@ def load_settings(
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
 
 
-def _downloads(r: TableReader, cache_dir: Path) -> DownloadSettings:
+def _in(base: Path, value: str) -> Path:
+    """``value`` (``~`` expanded) as a path; a relative one under ``base``."""
+    return base / Path(value).expanduser()
+
+
+def _downloads(r: TableReader, cache_dir: Path, base: Path) -> DownloadSettings:
     r.reject_unknown({"directory", "size_limit_bytes", "content_types"})
     directory = r.get("directory", str)
     types = r.get("content_types", list, ["image/tiff"])
@@ -302,7 +330,7 @@ def _downloads(r: TableReader, cache_dir: Path) -> DownloadSettings:
             f'a non-empty list of lower-case media types like "image/tiff", got {types!r}',
         )
     return DownloadSettings(
-        directory=Path(directory).expanduser()
+        directory=_in(base, directory)
         if directory
         else cache_dir.parent / (cache_dir.name + "-downloads"),
         size_limit_bytes=r.positive("size_limit_bytes", int, 10 << 30),
@@ -310,7 +338,9 @@ def _downloads(r: TableReader, cache_dir: Path) -> DownloadSettings:
     )
 
 
-def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:
+def _upstream(
+    r: TableReader, env: Mapping[str, str], base: Path, need_api_key: bool
+) -> UpstreamSettings:
     r.reject_unknown(
         {
             "base_url",
@@ -343,7 +373,7 @@ def _upstream(r: TableReader, env: Mapping[str, str]) -> UpstreamSettings:
         raise r.error("base_url", f"must be an http(s) URL with a host, got {base_url!r}")
     return UpstreamSettings(
         base_url=base_url.rstrip("/"),
-        api_key=_api_key(r, env),
+        api_key=_api_key(r, env, base, need_api_key),
         connect_timeout_s=r.positive("connect_timeout_s", float, 5.0),
         read_timeout_s=r.positive("read_timeout_s", float, 30.0),
         max_connections=r.positive("max_connections", int, 64),
@@ -373,12 +403,16 @@ def _problem_types(r: TableReader) -> ProblemTypes:
     return ProblemTypes(scopes, lists["scope_missing_types"], lists["source_unknown_types"])
 
 
-def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:
+def _api_key(r: TableReader, env: Mapping[str, str], base: Path, need_api_key: bool) -> Secret:
     value = env.get("GEOPERA_API_KEY", "").strip()
-    key_file = env.get("GEOPERA_API_KEY_FILE") or r.get("api_key_file", str)
+    if not value and not need_api_key:
+        return Secret("")  # not even a key file is read
+    from_env, from_file = env.get("GEOPERA_API_KEY_FILE"), r.get("api_key_file", str)
+    key_file = from_env or from_file
     if not value and key_file:
+        key_path = Path(from_env) if from_env else _in(base, from_file)
         try:
-            value = Path(key_file).read_text(encoding="utf-8").strip()
+            value = key_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise r.error("api_key_file", f"cannot read {key_file!r}: {exc.strerror}") from None
     if not value:
@@ -394,7 +428,7 @@ def _api_key(r: TableReader, env: Mapping[str, str]) -> Secret:
     return Secret(value)
 
 
-def _server(r: TableReader) -> ServerSettings:
+def _server(r: TableReader, env: Mapping[str, str]) -> ServerSettings:
     r.reject_unknown(
         {
             "host",
@@ -410,6 +444,11 @@ def _server(r: TableReader) -> ServerSettings:
     port = r.get("port", int, 8080)
     if not 0 <= port <= 65535:
         raise r.error("port", f"must be 0..65535, got {port}")
+    env_port = env.get("GEOPERA_PORT", "").strip()
+    if env_port:
+        if not env_port.isdigit() or not 0 <= int(env_port) <= 65535:
+            raise ConfigError(f"GEOPERA_PORT: must be a port number 0..65535, got {env_port!r}")
+        port = int(env_port)
     proxies = r.get("trusted_proxies", list, [])
     try:
         trusted = parse_networks(proxies)
@@ -438,7 +477,7 @@ def _server(r: TableReader) -> ServerSettings:
                 f"each origin is '*' or like https://app.example.org, got {origin!r}",
             )
     return ServerSettings(
-        host=r.get("host", str, "127.0.0.1"),
+        host=env.get("GEOPERA_HOST", "").strip() or r.get("host", str, "127.0.0.1"),
         port=port,
         trusted_proxies=trusted,
         access_log=r.get("access_log", bool, True),
@@ -449,7 +488,7 @@ def _server(r: TableReader) -> ServerSettings:
     )
 
 
-def _viewer(r: TableReader) -> ViewerSettings:
+def _viewer(r: TableReader, base: Path) -> ViewerSettings:
     d = ViewerSettings()
     r.reject_unknown(
         {
@@ -461,10 +500,11 @@ def _viewer(r: TableReader) -> ViewerSettings:
         }
     )
     assets = r.get("assets_dir", str, "")
-    if assets and not (Path(assets).expanduser() / "maplibre-gl.js").is_file():
+    assets_dir = _in(base, assets) if assets else None
+    if assets_dir is not None and not (assets_dir / "maplibre-gl.js").is_file():
         raise r.error(
             "assets_dir",
-            f"{assets!r} must hold maplibre-gl.js and maplibre-gl.css "
+            f"{str(assets_dir)!r} must hold maplibre-gl.js and maplibre-gl.css "
             "(for example node_modules/maplibre-gl/dist)",
         )
     return ViewerSettings(
@@ -472,7 +512,7 @@ def _viewer(r: TableReader) -> ViewerSettings:
         maplibre_js_integrity=r.get("maplibre_js_integrity", str, None),
         maplibre_css=r.get("maplibre_css", str, d.maplibre_css),
         maplibre_css_integrity=r.get("maplibre_css_integrity", str, None),
-        assets_dir=Path(assets).expanduser() if assets else None,
+        assets_dir=assets_dir,
     )
 
 
@@ -599,19 +639,24 @@ def _limits(r: TableReader) -> LimitSettings:
     )
 
 
-def _cache(r: TableReader, env: Mapping[str, str]) -> CacheSettings:
+def _cache(r: TableReader, env: Mapping[str, str], base: Path) -> CacheSettings:
     r.reject_unknown(
         {"directory", "state_directory", "size_limit_bytes", "memory_bytes", "empty_ttl_s"}
     )
-    directory = Path(env.get("GEOPERA_CACHE_DIR") or r.get("directory", str, DEFAULT_CACHE_DIR))
+    from_env = env.get("GEOPERA_CACHE_DIR")
+    directory = (
+        Path(from_env).expanduser()
+        if from_env
+        else _in(base, r.get("directory", str, DEFAULT_CACHE_DIR))
+    )
     state = r.get("state_directory", str)
-    state_directory = Path(state) if state else directory.parent / (directory.name + "-state")
+    state_directory = _in(base, state) if state else directory.parent / (directory.name + "-state")
     memory = r.get("memory_bytes", int, 64 << 20)
     if memory < 0:
         raise r.error("memory_bytes", f"must be 0 (off) or more, got {memory}")
     return CacheSettings(
-        directory=directory.expanduser(),
-        state_directory=state_directory.expanduser(),
+        directory=directory,
+        state_directory=state_directory,
         size_limit_bytes=r.positive("size_limit_bytes", int, 1 << 30),
         memory_bytes=memory,
         empty_ttl_s=r.positive("empty_ttl_s", int, 300),

@@ -30,6 +30,11 @@ MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 OPERATIONS = {"raster": "cog.tile.render", "terrain": "cog.tile.terrain"}
 
 MAX_ZOOM = 24
+
+TERRAIN_RGB_MIN_M = -10000.0
+TERRAIN_RGB_MAX_M = -10000.0 + ((1 << 24) - 1) / 10
+"""Heights Terrain-RGB can encode, metres (Mapbox: height = -10000 + (R·65536 + G·256 + B)·0.1,
+24 bits at 0.1 m)."""
 WEB_MERCATOR_MAX_LAT = 85.0511287798066
 
 _RASTER_PARAMS = {"bands": str, "expression": str, "rescale": str, "colormap": str, "quality": int}
@@ -50,6 +55,9 @@ _COMMON_KEYS = {
     "attribution",
     "public",
 }
+
+_GATEWAY_KEYS = {"raster": frozenset(), "terrain": frozenset({"nodata_height_m"})}
+"""Per-kind keys the gateway applies itself (never sent upstream)."""
 
 Kind = Literal["raster", "terrain"]
 Bounds = tuple[float, float, float, float]
@@ -75,8 +83,12 @@ class Layer:
         stale_if_error_s: after the TTL, how long an expired tile is served when the upstream
             fails, throttles or is held back by a breaker or limit (RFC 5861 section 4).
         public: False when only clients with a ``tiles`` token may read it.
-        fingerprint: 16 hex digits hashing kind, url and render parameters (canonical JSON,
-            SHA-256); part of every cache key, so changed parameters never hit old renders.
+        nodata_height_m: terrain: the height, metres, that pixels without data get (the
+            upstream's transparent pixels and blank tiles), so Terrain-RGB readers that ignore
+            alpha (MapLibre's ``raster-dem``) see flat ground there, not -10,000 m.
+        fingerprint: 16 hex digits hashing kind, url and render parameters (and a terrain
+            layer's ``nodata_height_m``; canonical JSON, SHA-256); part of every cache key,
+            so changed parameters never hit old renders.
     """
 
     name: str
@@ -94,6 +106,7 @@ class Layer:
     attribution: str
     fingerprint: str
     public: bool = True
+    nodata_height_m: float = 0.0
 
     @property
     def operation(self) -> str:
@@ -165,7 +178,7 @@ def _parse_layer(r: TableReader) -> Layer:
     if kind not in OPERATIONS:
         raise r.error("kind", f"must be 'raster' or 'terrain', got {kind!r}")
     params = _RASTER_PARAMS if kind == "raster" else _TERRAIN_PARAMS
-    r.reject_unknown(_COMMON_KEYS | set(params))
+    r.reject_unknown(_COMMON_KEYS | set(params) | _GATEWAY_KEYS[kind])
 
     name = r.get("name", str)
     if not name or not LAYER_NAME.fullmatch(name):
@@ -197,10 +210,13 @@ def _parse_layer(r: TableReader) -> Layer:
 
     formats = _formats(r, kind)
     ttl_s = r.positive("ttl_s", int, 86400)
+    rendered: dict[str, Any] = {"kind": kind, "url": url, "render": render}
+    nodata_height_m = 0.0
+    if kind == "terrain":  # the gateway writes it into the tiles: part of what is cached
+        nodata_height_m = _nodata_height(r)
+        rendered["nodata_height_m"] = nodata_height_m
     fingerprint = hashlib.sha256(
-        json.dumps(
-            {"kind": kind, "url": url, "render": render}, sort_keys=True, separators=(",", ":")
-        ).encode()
+        json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()[:16]
     return Layer(
         name=name,
@@ -218,7 +234,19 @@ def _parse_layer(r: TableReader) -> Layer:
         attribution=r.get("attribution", str, ""),
         public=r.get("public", bool, True),
         fingerprint=fingerprint,
+        nodata_height_m=nodata_height_m,
     )
+
+
+def _nodata_height(r: TableReader) -> float:
+    height = r.get("nodata_height_m", float, 0.0)
+    if not TERRAIN_RGB_MIN_M <= height <= TERRAIN_RGB_MAX_M:
+        raise r.error(
+            "nodata_height_m",
+            f"must be {TERRAIN_RGB_MIN_M:g} to {TERRAIN_RGB_MAX_M:g} metres (what Terrain-RGB "
+            f"encodes), got {height}",
+        )
+    return height
 
 
 def _non_negative(r: TableReader, key: str, default: int) -> int:

@@ -21,14 +21,21 @@ from gateway.clients import is_trusted
 from gateway.state import AUTH, SETTINGS
 
 _HOST = re.compile(
-    r"(?:[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+    r"(?:[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
 )
 """``host[:port]``: DNS labels (letters, digits, ``-``, ``_``) or ``[IPv6]``, optional port."""
 
 
 def valid_host(value: str) -> bool:
-    """Whether ``value`` is a plain ``host[:port]`` (at most 255 characters)."""
-    return len(value) <= 255 and _HOST.fullmatch(value) is not None
+    """Whether ``value`` is a plain ``host[:port]`` (at most 255 characters) whose port, when
+    given, is one a client can connect to: 1 to 65535 (TCP ports are 16 bits, RFC 9293
+    section 3.1, and port 0 is reserved)."""
+    match = _HOST.fullmatch(value) if len(value) <= 255 else None
+    if match is None:
+        return False
+    port = match["port"]
+    return port is None or 1 <= int(port) <= 65535
 
 
 def _last(request: web.BaseRequest, header: str) -> str | None:
@@ -78,7 +85,7 @@ def depends_on_request(request: web.BaseRequest) -> bool:
 
 def token_query(request: web.BaseRequest) -> str:
     """``?token=<token>`` when the request carried a valid token as its ``token`` query
-    parameter (and no ``Authorization`` header), else ``""``.
+    parameter, ``""`` when it carried none or a valid one in ``Authorization``.
 
     Discovery documents append it to the tile URLs they return, so a client configured with
     only a capabilities or TileJSON URL (QGIS, GDAL) reads private layers with the same
@@ -86,10 +93,10 @@ def token_query(request: web.BaseRequest) -> str:
     caches (``Cache-Control: private, no-store``).
 
     Raises:
-        Problem: 401 when the presented token matches no configured token.
+        Problem: 401 when the presented token (either form) matches no configured token,
+            400 when the request carries a token twice (see
+            :func:`gateway.auth.presented_token`).
     """
-    value = request.query.get("token")
-    if not value or "Authorization" in request.headers:
+    if request.app[AUTH].identify(request) is None or "Authorization" in request.headers:
         return ""
-    request.app[AUTH].identify(request)  # 401 for a token that is not ours
-    return "?token=" + quote(value, safe="")
+    return "?token=" + quote(request.query["token"], safe="")

@@ -57,3 +57,35 @@ async def test_token_as_query_parameter(gateway_for, emulator, tmp_path, who):
     token = "ggw_nope" if who == "bad" else TOKENS[who]
     response = await client.get(f"/tiles/olinda-private/13/3302/4278.png?token={token}")
     assert response.status == (401 if who == "bad" else 200)
+
+
+async def test_two_authorization_headers_are_refused(gateway_for, emulator, tmp_path):
+    client = await gateway_for(emulator, config=config_with(tmp_path, append=PRIVATE_LAYER))
+    good, bad = f"Bearer {TOKENS['all']}", "Bearer ggw_not-a-configured-token"
+    for pair in ([good, bad], [bad, good], [good, good]):
+        for path in [
+            "/tiles/olinda-private/13/3302/4278.png",
+            "/tiles/olinda/13/3302/4278.png",
+            "/admin/purge?layer=olinda",
+        ]:
+            method = "POST" if path.startswith("/admin") else "GET"
+            response = await client.request(
+                method, path, headers=[("Authorization", value) for value in pair]
+            )
+            assert response.status == 400, (path, pair)
+            assert response.headers["Content-Type"] == "application/problem+json"
+            assert (await response.json())["type"].endswith("/repeated-parameter")
+
+
+async def test_refused_tokens_count_against_the_client_limit(gateway_for, emulator, tmp_path):
+    config = config_with(tmp_path, ('rate_limit = "200/second"', 'rate_limit = "3/minute"'))
+    client = await gateway_for(emulator, config=config)
+    tile = "/tiles/olinda/13/3302/4278.png"
+    for header in ["Bearer ggw_not-a-configured-token", "Basic Zm9vOmJhcg==", "Bearer ggw_x"]:
+        response = await client.get(tile, headers={"Authorization": header})
+        assert response.status == 401
+        assert "RateLimit-Remaining" in response.headers
+    response = await client.get(tile)  # the same client, now without a token
+    assert response.status == 429
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert emulator.renders() == 0

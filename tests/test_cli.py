@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.clients import needs_gdal
 from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, Emulator
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"
 
@@ -26,13 +30,15 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def running(
-    *args: str, env: dict[str, str] | None = None, ready: str = ""
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready: str = "",
+    program: tuple[str, ...] = (sys.executable, "-m", "gateway"),
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """Run ``python -m gateway ARGS`` until ``ready`` appears on stdout; stop it on exit."""
+    """Run ``python -m gateway ARGS`` (or ``program ARGS``) until ``ready`` appears in its
+    output (stdout and stderr); stop it on exit."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
+        *program,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -200,3 +206,163 @@ async def test_token_create_prints_the_token_once_and_toml_to_append(tmp_path):
     (configured,) = settings.tokens
     assert configured.name == "qgis-team" and configured.sha256 == token_digest(token)
     assert configured.scopes == {"tiles", "downloads"}
+
+
+async def serve_exit(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``python -m gateway serve ARGS`` expecting it to stop by itself within 30 s;
+    returns its exit code, stdout and stderr. If it does not, it and its workers (one
+    process group) are killed and the test fails."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.communicate()
+        raise AssertionError("serve kept running") from None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_serve_on_a_port_in_use_is_one_line_and_exit_2(emulator, tmp_path):
+    env = {
+        "GEOPERA_BASE_URL": emulator.url,
+        "GEOPERA_API_KEY": PLANTED_KEY,
+        "GEOPERA_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    with socket.socket() as taken:  # another program already listens on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            code, out, err = await serve_exit("--port", str(port), "--workers", workers, env=env)
+            assert code == 2, out + err
+            assert out == ""  # no banner
+            assert err.splitlines() == [
+                f"geopera-gateway: cannot listen on 127.0.0.1:{port}: address already in use "
+                "(another process, perhaps another gateway, listens there; stop it or choose "
+                "another --port)"
+            ]
+
+
+async def test_a_second_gateway_cannot_share_the_port_of_a_running_one(emulator, tmp_path):
+    async with serving_workers(emulator, DEFAULT_CONFIG, tmp_path / "cache") as (base, _):
+        port = base.rsplit(":", 1)[1]
+        other = tmp_path / "other.toml"  # another config: one layer only
+        text = DEFAULT_CONFIG.read_text()
+        other.write_text(text[: text.index("[[layers]]", text.index("[[layers]]") + 1)])
+        env = {
+            "GEOPERA_BASE_URL": emulator.url,
+            "GEOPERA_API_KEY": PLANTED_KEY,
+            "GEOPERA_CACHE_DIR": str(tmp_path / "other-cache"),
+        }
+        code, out, err = await serve_exit(
+            "--config", str(other), "--port", port, "--workers", "2", env=env
+        )
+        assert code == 2, out + err
+        assert out == ""
+        assert len(err.splitlines()) == 1 and "address already in use" in err
+        for _ in range(10):  # new connections: every one reaches the first gateway
+            async with aiohttp.ClientSession() as session, session.get(base + "/layers") as r:
+                assert len(await r.json()) == 4
+
+
+def readme_block(containing: str) -> str:
+    """The README's bash code block that contains ``containing``."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+async def bash(script: str, cwd: Path, env: dict[str, str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        script,
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, script + "\n" + err.decode()
+    return out.decode()
+
+
+@needs_gdal
+async def test_the_readme_clip_example_runs_against_the_demo(tmp_path):
+    create = readme_block("clip.create_from_item")
+    fetch = readme_block('AUTH="Authorization: Bearer $TOKEN"')
+    assert "uuidgen" not in create
+    assert "geopera-gateway demo --emulator-port 8081" in create
+    port, emulator_port = free_port(), free_port()
+    env = {"GEOPERA_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("demo", "--port", str(port), "--emulator-port", str(emulator_port))
+    async with running(*args, env=env, ready="Ctrl+C") as (_, lines):
+        token = next(line.split()[-1] for line in lines if "demo token" in line)
+        # the lines after the demo's own start and the TOKEN= placeholder, as typed
+        typed = [line for line in create.splitlines() if line.startswith(("JOB_ID=", " ", "\t"))]
+        script = "\n".join(typed).replace("8081", str(emulator_port)) + '\necho "$JOB_ID"'
+        job_id = (await bash(script, tmp_path, {})).strip()
+        assert re.fullmatch(r"[0-9a-f-]{36}", job_id), job_id
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:  # "the job completes after about 2 s"
+                async with session.get(
+                    f"{base}/downloads/{job_id}", headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    if (await response.json())["status"] == "completed":
+                        break
+                await asyncio.sleep(0.2)
+        out = await bash(
+            fetch.replace("127.0.0.1:8080", f"127.0.0.1:{port}"),
+            tmp_path,
+            {"TOKEN": token, "JOB_ID": job_id},
+        )
+    saved = tmp_path / "harbour_rgb.tif"
+    assert saved.stat().st_size > 10_000
+    assert '"status": "completed"' in out or '"status":"completed"' in out
+    assert "Driver: GTiff" in out  # gdalinfo read it in place
+
+
+async def test_demo_takes_a_config_and_prints_the_viewer_tilejson_and_wmts(tmp_path):
+    conf = tmp_path / "etc"
+    (conf / "dist").mkdir(parents=True)
+    (conf / "dist" / "maplibre-gl.js").write_text("/* local maplibre */")
+    (conf / "dist" / "maplibre-gl.css").write_text("/* local css */")
+    text = DEFAULT_CONFIG.read_text()
+    olinda_only = text[: text.index("[[layers]]", text.index("[[layers]]") + 1)]
+    config = conf / "demo.toml"
+    config.write_text(olinda_only + '\n[viewer]\nassets_dir = "dist"\n')
+    port = free_port()
+    env = {"GEOPERA_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("demo", "--config", str(config), "--port", str(port))
+    async with running(*args, env=env, ready="Ctrl+C") as (_, lines):
+        output = "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        assert f"(config: {config})" in output
+        printed = {
+            name: next(line.split()[-1] for line in lines if line.strip().startswith(name))
+            for name in ("map viewer:", "WMTS:", "layers:", "TileJSON:", "sample tile:")
+        }
+        assert printed["map viewer:"] == base + "/"
+        assert "olinda-ndvi" not in output and "bahamas" not in output  # the file's layers
+        async with aiohttp.ClientSession() as session:
+            for name, url in printed.items():
+                async with session.get(url) as response:
+                    assert response.status == 200, (name, url)
+                    if name == "map viewer:":
+                        page = await response.text()
+            assert f'<script src="{base}/viewer/assets/maplibre-gl.js">' in page
+            async with session.get(base + "/viewer/assets/maplibre-gl.js") as response:
+                assert await response.text() == "/* local maplibre */"

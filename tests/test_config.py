@@ -110,3 +110,31 @@ def test_retry_after_forms():
     assert parse_retry_after(None) == 1.0
     assert parse_retry_after("soon") == 1.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, monkeypatch):
+    conf = tmp_path / "etc"
+    (conf / "dist").mkdir(parents=True)
+    (conf / "dist" / "maplibre-gl.js").write_text("/* js */")
+    (conf / "key").write_text("gpra_from-relative-file-1\n")
+    text = DEFAULT_CONFIG.read_text()
+    text = text.replace("connect_timeout_s = 5.0", 'connect_timeout_s = 5.0\napi_key_file = "key"')
+    text += '\n[viewer]\nassets_dir = "dist"\n'
+    path = conf / "gateway.toml"
+    path.write_text(text.replace("[downloads]\n", '[downloads]\ndirectory = "files"\n'))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as when a command runs from another directory
+    settings = load_settings(Path("..") / "etc" / "gateway.toml", environ={})
+    assert settings.cache.directory == conf.absolute() / ".cache/geopera-gateway/tiles"
+    assert settings.cache.state_directory == conf / ".cache/geopera-gateway/tiles-state"
+    assert settings.downloads.directory == conf / "files"
+    assert settings.viewer.assets_dir == conf / "dist"
+    assert settings.upstream.api_key.reveal() == "gpra_from-relative-file-1"
+    assert all(p.is_absolute() for p in (settings.cache.directory, settings.viewer.assets_dir))
+    # paths from the environment are the shell user's: against the working directory
+    settings = load_settings(path, environ={**ENV, "GEOPERA_CACHE_DIR": "here"})
+    assert settings.cache.directory == Path("here")
+    # the packaged demo config keeps its cache under the working directory
+    packaged = load_settings(None, environ=ENV)
+    assert packaged.cache.directory == Path(".cache/geopera-gateway/tiles")

@@ -168,6 +168,11 @@ async def test_forwarded_headers_are_ignored_from_an_untrusted_peer(gateway):
         ({"X-Forwarded-Host": "user@evil.example"}, "http://127.0.0.1:{port}"),
         ({"X-Forwarded-Proto": "javascript"}, "http://127.0.0.1:{port}"),
         ({"X-Forwarded-Host": "[::1]:8080"}, "http://[::1]:8080"),
+        # ports no client can connect to
+        ({"X-Forwarded-Host": "tiles.example.org:0"}, "http://127.0.0.1:{port}"),
+        ({"X-Forwarded-Host": "tiles.example.org:99999"}, "http://127.0.0.1:{port}"),
+        ({"X-Forwarded-Host": "[::1]:65536"}, "http://127.0.0.1:{port}"),
+        ({"X-Forwarded-Host": "tiles.example.org:65535"}, "http://tiles.example.org:65535"),
     ],
 )
 async def test_forwarded_headers_from_a_trusted_proxy(
@@ -323,3 +328,30 @@ async def test_gdal_reads_a_window_through_wmts(aiohttp_server, settings_for, em
     out = tmp_path / "olinda-wmts.tif"
     await read_olinda_window(source, out)
     assert emulator.renders() > 0
+
+
+@pytest.mark.parametrize("path", ["/layers", "/tiles/olinda-private/tilejson.json", WMTS_PATH])
+async def test_discovery_takes_one_token_in_one_form(gateway_for, emulator, tmp_path, path):
+    client = await gateway_for(emulator, config=config_with(tmp_path, append=PRIVATE_LAYER))
+    good, bad = TOKENS["tiles"], "ggw_not-ours"
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    refused = {
+        "both forms": await client.get(path, params={"token": good}, headers=bearer(good)),
+        "a bad ?token= beside a header": await client.get(
+            path, params={"token": bad}, headers=bearer(good)
+        ),
+        "two ?token=": await client.get(f"{path}?token={good}&token={good}"),
+        "a bad header": await client.get(path, headers=bearer(bad)),
+        "two headers": await client.get(path, headers=[("Authorization", f"Bearer {good}")] * 2),
+    }
+    for case, response in refused.items():
+        assert response.status in (400, 401), case
+        assert response.headers["Content-Type"] == "application/problem+json", case
+        assert good not in await response.text(), case
+    assert refused["a bad header"].status == 401
+    header_only = await client.get(path, headers=bearer(good))
+    assert header_only.status == 200
+    assert good not in await header_only.text()  # a header token is never copied

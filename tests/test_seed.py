@@ -334,6 +334,10 @@ async def test_admin_purge_endpoint(emulator, gateway_for):
         assert response.headers["Content-Type"] == "application/problem+json"
     response = await client.post("/admin/purge", data="[1]", headers=admin)
     assert response.status == 400
+    for nested in ("[" * 100_000, '{"layer": ' * 50_000):  # deeper than json's recursion
+        response = await client.post("/admin/purge", data=nested, headers=admin)
+        assert response.status == 400
+        assert (await response.json())["type"].endswith("/malformed-body")
 
     response = await client.post("/admin/purge?layer=olinda&zoom=12", headers=admin)
     assert (response.status, await response.json()) == (200, {"layer": "olinda", "removed": 0})
@@ -361,3 +365,44 @@ async def test_a_purge_in_one_process_reaches_another_process_memory_tier(emulat
     assert (response.status, response.headers["X-Cache"]) == (200, "MISS")
     assert emulator.renders() == 2
     assert (await worker_a.get(TILE)).headers["X-Cache"] == "HIT"  # cached again as usual
+
+
+async def test_purge_and_dry_run_need_no_key_and_find_the_cache_from_anywhere(emulator, tmp_path):
+    """The config's relative cache directory is the one next to the config file, whatever
+    directory each command runs from; only a real seed needs the Geopera key."""
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    config = conf / "gateway.toml"
+    text = config_with(tmp_path).read_text()
+    config.write_text(text.replace('directory = ".cache/geopera-gateway/tiles"', 'directory = "c"'))
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("GEOPERA_")}
+    runs = []
+    for cwd, key, args in [
+        ("a", True, (*SEED, "--config", str(config))),
+        ("b", False, (*SEED, "--config", str(config), "--dry-run")),
+        ("c", False, ("purge", "--layer", "olinda", "--config", str(config))),
+    ]:
+        (tmp_path / cwd).mkdir()
+        env = {**bare, "GEOPERA_BASE_URL": emulator.url}
+        if key:
+            env["GEOPERA_API_KEY"] = PLANTED_KEY
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=tmp_path / cwd,
+        )
+        runs.append(await finish(process))
+    (seeded, seed_out), (dry, dry_out), (purged, purge_out) = runs
+    assert seeded == 0 and count(seed_out, "fetched") == SEED_TILES, seed_out
+    assert dry == 0, dry_out
+    assert count(dry_out, "not fresh") == 0  # it read the seeded cache
+    assert purged == 0, purge_out
+    assert f"removed {SEED_TILES} cached tiles" in purge_out
+    assert (conf / "c").is_dir()
+    for cwd in "abc":  # no cache created where the commands ran
+        assert list((tmp_path / cwd).iterdir()) == []

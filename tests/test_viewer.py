@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -325,3 +326,45 @@ async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tm
     assert (private["state"], private["layer"], private["status"]) == ("idle", "olinda-private", "")
     assert private["tiles"] > 0
     assert len(set(_map_area(private["png"]).getdata())) > 2000
+
+
+def _open_and_read_status(url: str, profile: Path) -> tuple[str, str]:
+    driver = _chromium(profile)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(url)
+        deadline = time.monotonic() + 20
+        state = ""
+        while state != "error" and time.monotonic() < deadline:
+            state = driver.execute_script("return document.body.dataset.mapState")
+            time.sleep(0.1)
+        return state, driver.execute_script("return document.getElementById('status').textContent")
+    finally:
+        driver.quit()
+
+
+async def test_without_maplibre_the_page_says_how_to_serve_it_locally(
+    aiohttp_server, settings_for, emulator, tmp_path, caplog
+):
+    _require(CHROMIUM is not None, "chromium (Debian package chromium)")
+    _require(CHROMEDRIVER is not None, "chromedriver (Debian package chromium-driver)")
+    caplog.set_level(logging.INFO, logger="selenium")
+    caplog.set_level(logging.INFO, logger="urllib3")
+    with socket.socket() as hole:  # bound, never listening: connections to it are refused
+        hole.bind(("127.0.0.1", 0))
+        cdn = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        viewer = (
+            f'\n[viewer]\nmaplibre_js = "{cdn}/maplibre-gl.js"\n'
+            f'maplibre_css = "{cdn}/maplibre-gl.css"\n'
+        )
+        config = config_with(tmp_path, append=viewer)
+        server = await aiohttp_server(create_app(settings_for(emulator, config=config)))
+        url = f"http://127.0.0.1:{server.port}/"
+        state, status = await asyncio.wait_for(
+            asyncio.to_thread(_open_and_read_status, url, tmp_path / "chromium-profile"), 55
+        )
+    assert state == "error"
+    assert f"did not load from {cdn}/maplibre-gl.js" in status
+    assert "npm install --prefix /opt/maplibre maplibre-gl@5.6.0" in status
+    assert 'assets_dir = "/opt/maplibre/node_modules/maplibre-gl/dist"' in status
+    assert "[viewer]" in status

@@ -37,7 +37,7 @@ async def _parameters(request: web.Request) -> dict[str, Any]:
         if raw.strip():
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 body = None
             if not isinstance(body, dict):
                 raise bad_request(

@@ -11,16 +11,18 @@ it waits for the transfer to finish.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import uuid
 from email.utils import formatdate
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
 from gateway.clients import client_address
 from gateway.logs import CLIENT_GONE_KEY
-from gateway.problem import Problem, bad_request
+from gateway.problem import PROBLEM_JSON, Problem, bad_request
 from gateway.services.downloads import (
     JOB_ID,
     MOSAIC_TYPE,
@@ -175,6 +177,61 @@ class StoredFileResponse(web.FileResponse):
         with self._store.serving(self._stored):  # not evicted while it is being sent
             return await super().prepare(request)
 
+    async def _prepare_open_file(
+        self,
+        request: web.BaseRequest,
+        fobj: io.BufferedReader,
+        st: os.stat_result,
+        file_encoding: str | None,
+    ) -> AbstractStreamWriter | None:
+        # aiohttp answers an unsatisfiable Range with an empty body of the file's type; the
+        # same test on the same stat, after aiohttp's preconditions, answers problem+json
+        if not _range_unsatisfiable(request, st.st_size, st.st_mtime):
+            return await super()._prepare_open_file(request, fobj, st, file_encoding)
+        answer = range_not_satisfiable(st.st_size).response(request.path)
+        self.set_status(416)
+        self.headers.pop("Content-Disposition", None)
+        self.headers.update(answer.headers)
+        self.content_type = PROBLEM_JSON
+        self.content_length = len(answer.body)
+        writer = await web.StreamResponse.prepare(self, request)
+        if request.method != "HEAD":
+            await self.write(answer.body)
+        return writer
+
+
+def range_not_satisfiable(size: int) -> Problem:
+    """416 for a ``Range`` none of whose ranges lies within a file of ``size`` bytes, with
+    ``Content-Range: bytes */<size>`` (RFC 9110 sections 14.4 and 15.5.17)."""
+    return Problem(
+        416,
+        "Range not satisfiable",
+        f"The file has {size} bytes.",
+        slug="range-not-satisfiable",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+def _range_unsatisfiable(request: web.BaseRequest, size: int, mtime: float) -> bool:
+    """Whether aiohttp's ``FileResponse`` would answer 416 to ``request`` for a file of
+    ``size`` bytes modified at ``mtime`` (POSIX seconds): a date ``If-Range`` that holds (or
+    none), and a single ``Range`` it cannot parse or that starts at or past the end."""
+    if "Range" not in request.headers:
+        return False
+    if_range = request.if_range
+    if if_range is not None and mtime > if_range.timestamp():
+        return False  # the whole file is sent
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return True
+    start = wanted.start
+    if start is None:
+        return False
+    if start < 0 and wanted.stop is None:  # a suffix: the last -start bytes
+        start = max(0, size + start)
+    return start >= size
+
 
 def _if_range_holds(request: web.BaseRequest, stored: StoredFile) -> bool:
     value = request.headers.get("If-Range")
@@ -212,14 +269,10 @@ async def _multipart_ranges(
     headers["ETag"] = stored.etag
     headers["Last-Modified"] = formatdate(stored.mtime_ns / 1e9, usegmt=True)
     if not spans:
-        headers["Content-Range"] = f"bytes */{size}"
-        return Problem(
-            416,
-            "Range not satisfiable",
-            f"The file has {size} bytes.",
-            slug="range-not-satisfiable",
-            headers=headers,
-        ).response(request.path)
+        problem = range_not_satisfiable(size)
+        del headers["Content-Disposition"]
+        problem.headers.update(headers)
+        return problem.response(request.path)
     boundary = uuid.uuid4().hex
     parts = [
         (

@@ -4,7 +4,10 @@
 Handlers parse and validate the path strictly (400 for malformed, 404 for an unknown layer,
 400 for a tile outside the layer's zoom range or the z/x/y tile matrix, all problem+json),
 then hand a :class:`TileAddress` to the tile service and write its answer with a strong ETag,
-``Cache-Control: public, max-age=<seconds left>``, ``X-Cache`` and 304 for ``If-None-Match``.
+``Cache-Control: <visibility>, max-age=<seconds left>``, ``X-Cache`` and 304 for
+``If-None-Match``. The visibility is ``public`` for public layers and ``private`` for the
+others (RFC 9111 section 5.2.2.7: a shared cache, a CDN or nginx ``proxy_cache``, must not
+store it), so a private tile fetched by a token holder is never served to anyone else.
 """
 
 from __future__ import annotations
@@ -61,13 +64,20 @@ def parse_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
     return TileAddress(layer, zoom, col, row, scale, fmt)
 
 
-def _respond(request: web.Request, result: TileResult) -> web.Response:
+def cache_control(layer: Layer, max_age: int) -> str:
+    """``Cache-Control`` of a tile of ``layer`` with ``max_age`` seconds of freshness left:
+    ``public`` for public layers, ``private`` (browsers only, never a shared cache; RFC 9111
+    section 5.2.2.7) for layers that need a token."""
+    return f"{'public' if layer.public else 'private'}, max-age={max_age}"
+
+
+def _respond(request: web.Request, layer: Layer, result: TileResult) -> web.Response:
     tile = result.tile
     if result.upstream_s is not None:
         request[UPSTREAM_TIME_KEY] = result.upstream_s
     headers = {
         "ETag": tile.etag,
-        "Cache-Control": f"public, max-age={tile.max_age()}",
+        "Cache-Control": cache_control(layer, tile.max_age()),
         "X-Cache": result.status,
     }
     if _etag_matches(request.headers.get("If-None-Match"), tile.etag):
@@ -95,7 +105,7 @@ async def layer_tile(request: web.Request) -> web.Response:
         )
     request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return _respond(request, await request.app[TILE_SERVICE].get(address))
+    return _respond(request, layer, await request.app[TILE_SERVICE].get(address))
 
 
 async def default_tile(request: web.Request) -> web.Response:
@@ -110,7 +120,7 @@ async def default_tile(request: web.Request) -> web.Response:
     layer = request.app[LAYERS][name]
     request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return _respond(request, await request.app[TILE_SERVICE].get(address))
+    return _respond(request, layer, await request.app[TILE_SERVICE].get(address))
 
 
 def add_routes(app: web.Application) -> None:

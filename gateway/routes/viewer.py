@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.config import ViewerSettings
+from gateway.config import MAPLIBRE_VERSION, ViewerSettings
 from gateway.problem import not_found
 from gateway.routes.discovery import tile_template
 from gateway.state import LAYERS, SETTINGS
@@ -98,6 +98,22 @@ def _tag_attrs(sri: str, cross_origin: bool) -> str:
     return attrs
 
 
+def load_failure_help(assets_dir_set: bool) -> str:
+    """What the page tells when MapLibre GL JS did not load: how to serve it from the
+    gateway itself (``viewer.assets_dir``), or, when that is already set, what to check."""
+    if assets_dir_set:
+        return (
+            "Check that the gateway's viewer.assets_dir holds maplibre-gl.js and "
+            "maplibre-gl.css (node_modules/maplibre-gl/dist of an npm install)."
+        )
+    return (
+        "Without internet access, serve it from this gateway: run "
+        f"'npm install --prefix /opt/maplibre maplibre-gl@{MAPLIBRE_VERSION}', then set "
+        'assets_dir = "/opt/maplibre/node_modules/maplibre-gl/dist" in the [viewer] table '
+        "of the gateway's config and restart it (README: The viewer)."
+    )
+
+
 def page_values(request: web.Request, nonce: str) -> tuple[dict[str, str], str]:
     """The template values for ``request`` and the Content-Security-Policy to send."""
     settings = request.app[SETTINGS]
@@ -136,6 +152,7 @@ def page_values(request: web.Request, nonce: str) -> tuple[dict[str, str], str]:
         "background": BACKGROUND,
         "default": settings.default_layer,
         "maplibre_js": js,
+        "load_failure_help": load_failure_help(viewer.assets_dir is not None),
         "layers": layers,
     }
     values = {

@@ -38,7 +38,9 @@ def run_seed(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: the config cannot be loaded (the caller prints it, exit 2).
     """
-    settings = load_settings(args.config)
+    settings = load_settings(
+        args.config, need_api_key=not args.dry_run
+    )  # a dry run fetches nothing
     try:
         layer = _layer(settings, args.layer)
         zooms = parse_zoom(args.zoom)
@@ -216,7 +218,7 @@ def run_purge(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: the config cannot be loaded (the caller prints it, exit 2).
     """
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, need_api_key=False)  # purging never calls upstream
     try:
         layer = _layer(settings, args.layer)
         bbox = parse_bbox(args.bbox) if args.bbox is not None else None

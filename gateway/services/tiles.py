@@ -209,8 +209,13 @@ class TileService:
         await asyncio.gather(*self._refreshes, return_exceptions=True)
 
     def _blank(self, address: TileAddress, ttl_s: float) -> CachedTile:
-        terrain = address.layer.kind == "terrain"
-        body = imaging.blank_tile(address.fmt, imaging.TILE_SIZE * address.scale, terrain)
+        layer = address.layer
+        body = imaging.blank_tile(
+            address.fmt,
+            imaging.TILE_SIZE * address.scale,
+            layer.kind == "terrain",
+            layer.nodata_height_m,
+        )
         return make_tile(body, MEDIA_TYPES[address.fmt], ttl_s, empty=True)
 
     async def _fetch(self, address: TileAddress, priority: Priority) -> tuple[CachedTile, str]:
@@ -292,7 +297,10 @@ class TileService:
         self.guard.alerts.resolve(
             SOURCE_UNKNOWN, layer.name, f"resolved: layer {layer.name!r} has tiles again"
         )
-        return make_tile(response.content, expected, layer.ttl_s, fetch_s=response.elapsed_s)
+        body = response.content
+        if layer.kind == "terrain":  # before caching: nodata pixels get nodata_height_m
+            body = await asyncio.to_thread(imaging.fill_terrain_nodata, body, layer.nodata_height_m)
+        return make_tile(body, expected, layer.ttl_s, fetch_s=response.elapsed_s)
 
     async def _fetch_2x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
@@ -315,6 +323,7 @@ class TileService:
                 address.fmt,
                 layer.kind == "terrain",
                 layer.render.get("quality"),
+                layer.nodata_height_m,
             )
         except imaging.ImageCheckError as exc:
             raise UpstreamBadResponse(layer.operation, str(exc), 200) from None
