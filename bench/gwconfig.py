@@ -67,9 +67,9 @@ def write_config(
         others.
 
     Raises:
-        gateway.config.ConfigError: the final config does not load.
+        gateway.config.settings.ConfigError: the final config does not load.
     """
-    from gateway.config import ConfigError, load_settings
+    from gateway.config.settings import ConfigError, load_settings
 
     kept: list[Override] = []
     skipped: list[str] = []

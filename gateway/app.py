@@ -1,32 +1,19 @@
-"""The aiohttp application factory: state, resources with a lifetime, middleware, routes."""
+"""The aiohttp application factory: app state, one cleanup context per resource with a
+lifetime, middleware and routes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import metrics
-from gateway.auth import Authenticator
-from gateway.cache import TileCache
-from gateway.clients import ClientRateLimit, client_address
-from gateway.config import Settings
-from gateway.cors import cors_middleware
-from gateway.errors import GatewayError
-from gateway.guard import UpstreamGuard
-from gateway.httpserver import COMMON_HEADERS, SERVER
-from gateway.limits import SharedState
-from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
-from gateway.problem import Problem, problem_for
-from gateway.routes import admin, discovery, downloads, health, tiles, viewer
-from gateway.services.downloads import DownloadService
-from gateway.services.sources import SourceCheck
-from gateway.services.tiles import TileService
-from gateway.state import (
+from gateway.config.settings import Settings
+from gateway.http.auth import Authenticator
+from gateway.http.callers import ClientRateLimit
+from gateway.http.cors import cors_middleware
+from gateway.http.keys import (
     AUTH,
     CLIENT_LIMIT,
     DOWNLOAD_SERVICE,
@@ -38,122 +25,14 @@ from gateway.state import (
     TILE_SERVICE,
     UPSTREAM,
 )
-from gateway.store import DownloadStore, remove_interrupted
-from gateway.upstream import GeoperaClient
-from gateway.validation import check_request_shape
+from gateway.http.middleware import common_headers, gateway_middleware
+from gateway.routes import admin, discovery, downloads, health, tiles, viewer
+from gateway.services.downloads import DownloadService
+from gateway.services.sources import SourceCheck
+from gateway.services.stack import open_tile_stack
+from gateway.storage.downloads import DownloadStore, remove_interrupted
 
 log = logging.getLogger("gateway.app")
-
-LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
-"""Routes that count against the per-client rate limit (those that can spend upstream)."""
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-RATE_HEADERS_KEY = web.RequestKey("gateway_rate_headers", dict)
-"""Request key for the ``RateLimit-*`` headers of the client's limit, set by the middleware
-and written by :func:`common_headers`."""
-
-
-@web.middleware
-async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per-client rate limit, problem+json for every error and HTTP metrics.
-
-    :class:`Problem` raised anywhere becomes its response, a domain error
-    (:class:`~gateway.errors.GatewayError`) the response :data:`~gateway.problem.ERROR_TABLE`
-    gives it; aiohttp's own 404/405/413 become the matching problem; anything unexpected is
-    logged and answered 500 without a trace. A client that left is counted as 499.
-    The common headers are added by :func:`common_headers` as each response is prepared,
-    streamed ones included.
-    """
-    started = time.perf_counter()
-    route = request.match_info.route.name or "unmatched"
-    try:
-        check_request_shape(request, route)
-        if route in LIMITED_ROUTES:
-            _check_client_limit(request)
-        response = await handler(request)
-    except Problem as problem:
-        if problem.status == 429:
-            metrics.CLIENT_REJECTIONS.inc()
-        response = problem.response(request.path)
-    except GatewayError as exc:
-        response = problem_for(exc).response(request.path)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = _http_problem(request, exc)
-    except ConnectionResetError:  # the client left while the answer was being sent
-        request[CLIENT_GONE_KEY] = True
-        response = web.Response(status=CLIENT_CLOSED)
-    except asyncio.CancelledError:  # the client left and the server cancels its handlers
-        metrics.observe_request(route, request.method, CLIENT_CLOSED, time.perf_counter() - started)
-        raise
-    except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        response = Problem(
-            500,
-            "Internal error",
-            "The gateway failed to answer this request; the error is in its log.",
-            slug="internal-error",
-        ).response(request.path)
-    status = CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status
-    metrics.observe_request(route, request.method, status, time.perf_counter() - started)
-    return response
-
-
-async def common_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the headers of every answer, set just before its headers are
-    sent, so streamed answers (download transfers, ``multipart/byteranges``, files) carry
-    them too: :data:`~gateway.httpserver.COMMON_HEADERS` and, on routes with a client limit,
-    the ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)."""
-    headers = response.headers
-    headers.update(COMMON_HEADERS)
-    rate_headers = request.get(RATE_HEADERS_KEY)
-    if rate_headers is not None:
-        headers.update(rate_headers)
-
-
-def _check_client_limit(request: web.Request) -> None:
-    """Count the request against its client's limit: per token (with the token's own rate
-    when it has one), else per client address; the RateLimit headers go in
-    :data:`RATE_HEADERS_KEY`.
-
-    Raises:
-        Problem: 400 for a token sent twice and 401 for a bad one (both counted against the
-            client address first), 429 over the limit.
-    """
-    app = request.app
-    limits = app[CLIENT_LIMIT]
-    if not limits:
-        return  # no client limits configured: tokens are still checked by the route
-    client = client_address(request, app[SETTINGS].server.trusted_proxies)
-    request[CLIENT_KEY] = client
-    try:
-        token = app[AUTH].identify(request)
-    except Problem:
-        # a refused token costs a request too, from the client's address
-        default = limits.get("default")
-        if default is not None:
-            request[RATE_HEADERS_KEY] = default.check(client)
-        raise
-    rate = token.rate_limit if token is not None and token.rate_limit else None
-    limit = app[CLIENT_LIMIT].get(rate or "default")
-    if limit is not None:
-        request[RATE_HEADERS_KEY] = limit.check(
-            f"token:{token.name}" if token is not None else client
-        )
-
-
-def _http_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
-    """aiohttp's own HTTP errors (no route, wrong method, body too large) as problem+json."""
-    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-    title = exc.reason or "Error"
-    detail = {
-        404: "No route matches this path.",
-        405: f"{request.method} is not allowed here.",
-    }.get(exc.status, title)
-    slug = title.lower().replace(" ", "-")
-    return Problem(exc.status, title, detail, slug=slug, headers=headers).response(request.path)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -183,57 +62,6 @@ def create_app(settings: Settings) -> web.Application:
     admin.add_routes(app)
     health.add_routes(app)
     return app
-
-
-@dataclass(slots=True)
-class TileStack:
-    """The tile path of one process: the tile cache, the host's shared limiter state, the
-    Geopera client, the upstream guard and the tile service, built as the gateway builds them.
-
-    Used by the app (:func:`_resources`) and by ``geopera-gateway seed``, so seeding shares the
-    gateway's cache, host-wide limits, breakers and coalescing.
-    """
-
-    cache: TileCache
-    state: SharedState
-    client: GeoperaClient
-    guard: UpstreamGuard
-    service: TileService
-
-    async def aclose(self) -> None:
-        """Cancel background refreshes, then close the client, the state and the cache."""
-        await self.service.aclose()
-        await self.client.aclose()
-        self.state.close()
-        self.cache.close()
-
-
-def open_tile_stack(settings: Settings) -> TileStack:
-    """Build the tile path for ``settings`` (cache, shared state, client, guard, tile
-    service), as the gateway and the seeder use it; close it with :meth:`TileStack.aclose`.
-
-    Raises:
-        OSError: the cache or state directory cannot be created or opened.
-    """
-    cache = TileCache(
-        settings.cache.directory, settings.cache.size_limit_bytes, settings.cache.memory_bytes
-    )
-    state = SharedState(settings.cache.state_directory)
-    up = settings.upstream
-    client = GeoperaClient(
-        up.base_url,
-        up.api_key,
-        connect_timeout_s=up.connect_timeout_s,
-        read_timeout_s=up.read_timeout_s,
-        max_connections=up.max_connections,
-        user_agent=SERVER,
-        problem_types=up.problem_types,
-    )
-    guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
-    lim = settings.limits
-    longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
-    service = TileService(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
-    return TileStack(cache, state, client, guard, service)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -2,7 +2,7 @@
 
 Services (tiles, downloads, seeding) and the upstream layer raise only these; they never
 build an HTTP answer. The HTTP edge maps each class to its problem+json in one table,
-:data:`gateway.problem.ERROR_TABLE`, and the seeder decides what to retry from the classes
+:data:`gateway.http.problem.ERROR_TABLE`, and the seeder decides what to retry from the classes
 alone. The tree::
 
     GatewayError                    base; ``subject`` names what was asked for, for messages
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 from gateway.secrets import redact
 
 if TYPE_CHECKING:
-    from gateway.breaker import Scope
+    from gateway.upstream.breakers import Scope
 
 
 class GatewayError(Exception):
@@ -195,7 +195,7 @@ class LimitExceeded(HeldBack):
 
 
 class BreakerOpen(HeldBack):
-    """No call may go upstream for ``scope`` (a :class:`gateway.breaker.Scope`) now; try
+    """No call may go upstream for ``scope`` (a :class:`gateway.upstream.breakers.Scope`) now; try
     again after ``retry_after_s`` seconds."""
 
     def __init__(self, scope: Scope, retry_after_s: float) -> None:

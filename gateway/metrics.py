@@ -4,7 +4,7 @@ Labels are bounded: routes are route names, operations are Geopera operation ids
 a fixed set. No label ever holds z/x/y, a URL, a job id, a token or a key.
 
 With ``--workers N`` the worker processes write to ``PROMETHEUS_MULTIPROC_DIR`` (set by
-:mod:`gateway.server` before they start) and ``/metrics`` merges them with prometheus-client's
+:mod:`gateway.cli.serve` before they start) and ``/metrics`` merges them with prometheus-client's
 multiprocess collector. Host-wide state (cache size, open breakers, egress budget) is read at
 scrape time from the shared state by :class:`StateCollector`, so every worker reports the
 same values.
@@ -113,7 +113,7 @@ class StateCollector(Collector):
         open_breakers: returns ``(operation, scope_kind)`` for each open breaker.
         budget_left: returns today's egress budget left in bytes, or None without a budget.
         alerts: returns ``(kind, subject)`` for each active operator alert
-            (:mod:`gateway.alerts`; subjects are Geopera scopes or layer names).
+            (:mod:`gateway.upstream.alerts`; subjects are Geopera scopes or layer names).
     """
 
     def __init__(

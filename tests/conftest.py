@@ -24,9 +24,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
-from gateway.auth import token_digest
-from gateway.config import Settings, load_settings
+from gateway.config.settings import Settings, load_settings
 from gateway.emulator import STATS_KEY, EmulatorStats, start_emulator
+from gateway.http.auth import token_digest
 from gateway.logs import access_log_options, configure_logging
 
 PLANTED_KEY = "gpra_PLANTED-7f3a9c1e-never-echo-me"

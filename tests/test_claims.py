@@ -9,11 +9,11 @@ from pathlib import Path
 
 import diskcache
 
-from gateway.claims import Claims, owner_alive, process_tag
+from gateway.storage.claims import Claims, owner_alive, process_tag
 
 HOLD = """
 import sys, time, diskcache
-from gateway.claims import Claims
+from gateway.storage.claims import Claims
 claims = Claims(diskcache.Cache(sys.argv[1]))
 assert claims.claim("tile/a", 600)
 print("held", flush=True)

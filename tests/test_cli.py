@@ -199,8 +199,8 @@ async def test_token_create_prints_the_token_once_and_toml_to_append(tmp_path):
     assert token not in out.decode()  # the TOML holds the hash only
     config = tmp_path / "gateway.toml"
     config.write_text(DEFAULT_CONFIG.read_text() + out.decode())
-    from gateway.auth import token_digest
-    from gateway.config import load_settings
+    from gateway.config.settings import load_settings
+    from gateway.http.auth import token_digest
 
     settings = load_settings(config, environ={"GEOPERA_API_KEY": "gpra_x12345678"})
     (configured,) = settings.tokens

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, default_config_path, load_settings
+from gateway.config.settings import ConfigError, default_config_path, load_settings
 from gateway.secrets import Secret, redact
-from gateway.upstream import parse_retry_after
+from gateway.upstream.client import parse_retry_after
 from tests.conftest import DEFAULT_CONFIG
 
 ENV = {"GEOPERA_API_KEY": "gpra_config-test-key-1"}

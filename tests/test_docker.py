@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import build_parser, listen_address
-from gateway.config import ConfigError, load_settings
+from gateway.cli.main import build_parser, listen_address
+from gateway.config.settings import ConfigError, load_settings
 from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY
 from tests.test_cli import free_port, running, wait_healthy
 

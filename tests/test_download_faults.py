@@ -25,7 +25,7 @@ from aiohttp import web
 from PIL import Image
 
 from gateway.emulator import FAULTS_KEY, Fault
-from gateway.store import DownloadStore
+from gateway.storage.downloads import DownloadStore
 from tests.conftest import TOKENS, config_with
 from tests.test_cli import serving_workers
 from tests.test_downloads import completed, create_job, downloads, upstream_bytes

@@ -18,7 +18,7 @@ import pytest
 from gateway.app import create_app
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.services.downloads import clean_filename, content_disposition, safe_filename
-from gateway.store import DownloadStore
+from gateway.storage.downloads import DownloadStore
 from tests.conftest import PLANTED_KEY, TOKENS
 
 AUTH = {"Authorization": f"Bearer {PLANTED_KEY}"}  # at the emulator

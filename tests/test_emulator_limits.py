@@ -265,7 +265,7 @@ async def test_start_emulator_and_cli_pass_the_limits(monkeypatch: pytest.Monkey
 
 
 def test_gateway_cli_defaults_match_the_emulator():
-    from gateway.cli import build_parser
+    from gateway.cli.main import build_parser
     from gateway.emulator import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH, DEFAULT_CLIP_DELAY_S
 
     args = build_parser().parse_args(["emulator"])

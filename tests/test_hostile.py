@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.problem import Problem
+from gateway.http.problem import Problem
 from gateway.routes.tiles import parse_tile
 from gateway.services.downloads import JOB_ID, MOSAIC_TYPE, clean_filename, content_disposition
 from tests.conftest import TOKENS
@@ -189,7 +189,7 @@ def test_download_names_never_split_headers(name):
 
 @pytest.fixture(scope="module")
 def demo_layer():
-    from gateway.config import load_settings
+    from gateway.config.settings import load_settings
     from tests.conftest import DEFAULT_CONFIG
 
     return load_settings(DEFAULT_CONFIG, environ={"GEOPERA_API_KEY": "gpra_x12345678"}).layers[

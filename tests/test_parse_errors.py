@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.httpserver import GatewayRunner
+from gateway.cli.serve import bound_port, listen
+from gateway.http.server import GatewayRunner
 from gateway.logs import access_log_options
-from gateway.server import bound_port, listen
 from tests.conftest import TOKENS
 
 TOKEN = TOKENS["all"]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.config import load_settings
-from gateway.configfile import ConfigError
+from gateway.config.settings import load_settings
+from gateway.config.tables import ConfigError
 from gateway.imaging import fill_terrain_nodata, terrain_rgb
 from tests.conftest import PLANTED_KEY, config_with
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import create_app
-from gateway.config import ViewerSettings
+from gateway.config.settings import ViewerSettings
 from gateway.routes.viewer import script_json
 from tests.conftest import PRIVATE_LAYER, TOKENS, config_with
 

@@ -4,7 +4,7 @@
 ``zoom`` (``"A-B"`` or ``"A"``), as a JSON object body or as query parameters (the body
 wins), removes the layer's cached tiles (all, or those overlapping ``bbox`` within ``zoom``;
 every scale and format) and answers ``200 {"layer": name, "removed": n}``. Every worker's
-memory tier drops its copies within about a second (:meth:`gateway.cache.TileCache.purge`).
+memory tier drops its copies within about a second (:meth:`gateway.storage.tiles.TileCache.purge`).
 It never calls the upstream.
 
 Errors (problem+json): 401 without a valid token, 403 without the ``admin`` scope, 400 for a
@@ -18,10 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.problem import bad_request
+from gateway.http.keys import AUTH, LAYERS, TILE_CACHE
+from gateway.http.problem import bad_request
 from gateway.seed.area import AreaError, parse_bbox, parse_zoom
 from gateway.seed.purge import purge_tiles_async
-from gateway.state import AUTH, LAYERS, TILE_CACHE
 
 
 async def _parameters(request: web.Request) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
-from gateway.clients import client_address
+from gateway.http.callers import client_address
+from gateway.http.keys import AUTH, DOWNLOAD_SERVICE, SETTINGS
+from gateway.http.problem import PROBLEM_JSON, Problem, bad_request
+from gateway.http.urls import public_base
 from gateway.logs import CLIENT_GONE_KEY
-from gateway.problem import PROBLEM_JSON, Problem, bad_request
 from gateway.services.downloads import (
     JOB_ID,
     MOSAIC_TYPE,
@@ -32,9 +34,7 @@ from gateway.services.downloads import (
     TransferBroken,
     content_disposition,
 )
-from gateway.state import AUTH, DOWNLOAD_SERVICE, SETTINGS
-from gateway.store import DownloadStore, StoredFile
-from gateway.urls import public_base
+from gateway.storage.downloads import DownloadStore, StoredFile
 
 CACHE_CONTROL = "private, max-age=86400"
 """Clip files are immutable once completed, but only for the clients allowed to fetch them."""

@@ -7,8 +7,8 @@ import asyncio
 from aiohttp import web
 
 from gateway import metrics
-from gateway.alerts import SOURCE_UNKNOWN
-from gateway.state import GUARD, TILE_CACHE, UPSTREAM
+from gateway.http.keys import GUARD, TILE_CACHE, UPSTREAM
+from gateway.upstream.alerts import SOURCE_UNKNOWN
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -22,7 +22,7 @@ async def readyz(request: web.Request) -> web.Response:
     Ready means the config loaded (the app exists) and the tile cache accepts a write and
     reads it back. Upstream reachability, open breakers (``"all operations (organisation)"``
     while every call is paused after a 402 or an organisation-wide 429), operator alerts
-    (:mod:`gateway.alerts`: refused key, missing scope, 402, unknown layer sources) and the
+    (:mod:`gateway.upstream.alerts`: refused key, missing scope, 402, unknown layer sources) and the
     layers whose source the upstream does not know are reported too but do not make the
     gateway unready: with the upstream down it still serves every cached tile, which a load
     balancer should keep sending it traffic for.

@@ -16,11 +16,11 @@ import re
 
 from aiohttp import web
 
+from gateway.http.keys import AUTH, LAYERS, SETTINGS, TILE_SERVICE
+from gateway.http.problem import bad_request, not_found
 from gateway.layers import Layer
 from gateway.logs import UPSTREAM_TIME_KEY
-from gateway.problem import bad_request, not_found
 from gateway.services.tiles import TileAddress, TileResult
-from gateway.state import AUTH, LAYERS, SETTINGS, TILE_SERVICE
 
 _Z = re.compile(r"0|[1-9][0-9]?")
 _XY = re.compile(r"0|[1-9][0-9]{0,8}")

@@ -1,7 +1,7 @@
 """The map viewer: ``GET /`` and ``GET /map``, one HTML page with MapLibre GL JS v5.
 
 The page (template ``gateway/viewer/index.html``) gets a JSON config of the layers (absolute
-XYZ templates from :func:`gateway.urls.public_base`, zoom range, bounds, HTML-escaped
+XYZ templates from :func:`gateway.http.urls.public_base`, zoom range, bounds, HTML-escaped
 attribution) and shows every layer in a switcher: raster layers as ``raster`` sources,
 terrain layers as ``raster-dem`` (``encoding: "mapbox"``) with a ``hillshade`` layer and a 3D
 terrain toggle. The base style has no external source (a background colour only), so the page
@@ -33,11 +33,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.config import MAPLIBRE_VERSION, ViewerSettings
-from gateway.problem import not_found
-from gateway.routes.discovery import tile_template
-from gateway.state import LAYERS, SETTINGS
-from gateway.urls import public_base
+from gateway.config.settings import MAPLIBRE_VERSION, ViewerSettings
+from gateway.discovery.tilejson import tile_template
+from gateway.http.keys import LAYERS, SETTINGS
+from gateway.http.problem import not_found
+from gateway.http.urls import public_base
 
 ASSETS_PATH = "/viewer/assets/"
 ASSET_TYPES = {

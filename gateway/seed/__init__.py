@@ -6,7 +6,7 @@
 - :mod:`gateway.seed.runner`: fetching a plan through the gateway's own tile path at seeding
   priority, with retries, interruption and a resume state file;
 - :mod:`gateway.seed.estimate`: the dry run (tile count, egress estimate);
-- :mod:`gateway.seed.commands`: the ``seed`` and ``purge`` subcommands.
+- :mod:`gateway.cli.seed`: the ``seed`` and ``purge`` subcommands.
 
 Nothing here imports :mod:`gateway.app` at import time except the runner and the commands,
 so the admin routes can use :mod:`area` and :mod:`purge` without an import cycle.

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.cache import TileCache
 from gateway.layers import Layer
 from gateway.seed.plan import SeedPlan
+from gateway.storage.tiles import TileCache
 
 DEFAULT_TILE_BYTES = {"png": 40_000, "jpg": 15_000, "webp": 12_000}
 """Assumed upstream bytes of one 256 px tile by format, when the cache holds no sample."""

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import mercantile
 
-from gateway.cache import TileCache
 from gateway.layers import Bounds
 from gateway.seed.area import tile_overlaps
+from gateway.storage.tiles import TileCache
 
 _KEY = re.compile(r"tile/[^/]+/[^/]+/(?P<z>\d+)/(?P<x>\d+)/(?P<y>\d+)@[12]x\.[a-z0-9]+")
 

@@ -36,11 +36,10 @@ from gateway.errors import (
     UpstreamPaymentRequired,
     UpstreamRateLimited,
 )
-from gateway.limits import Priority
-from gateway.problem import problem_for
 from gateway.seed.plan import SeedPlan
 from gateway.seed.resume import ResumeState
 from gateway.services.tiles import FETCH_ERRORS, TileAddress, TileService
+from gateway.upstream.buckets import Priority
 
 log = logging.getLogger("gateway.seed")
 
@@ -78,9 +77,10 @@ def classify(exc: GatewayError) -> Verdict:
 
 
 def describe(exc: GatewayError) -> str:
-    """``"<status> <title>"`` of the answer a map request would get for ``exc``."""
-    problem = problem_for(exc)
-    return f"{problem.status} {problem.title}"
+    """``"<ErrorClass>: <text>"`` for the seed log (the text names no secret: upstream
+    errors are redacted when made)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(slots=True)
@@ -128,7 +128,7 @@ class Seeder:
     """Walks a :class:`SeedPlan` with ``concurrency`` tiles in flight.
 
     Args:
-        service: the tile service (from :func:`gateway.app.open_tile_stack`).
+        service: the tile service (from :func:`gateway.services.stack.open_tile_stack`).
         plan: what to seed.
         concurrency: tiles in flight at once (the host-wide caps apply on top).
         state: where to record progress for a resume, or None.

@@ -50,7 +50,6 @@ from urllib.parse import quote
 
 from werkzeug.http import parse_options_header
 
-from gateway.coalesce import SingleFlight
 from gateway.errors import (
     GatewayError,
     JobFailed,
@@ -64,9 +63,10 @@ from gateway.errors import (
     UpstreamForbidden,
     UpstreamNotFound,
 )
-from gateway.guard import UpstreamGuard
 from gateway.secrets import redact
-from gateway.store import DownloadStore, StoredFile, file_etag
+from gateway.storage.coalesce import SingleFlight
+from gateway.storage.downloads import DownloadStore, StoredFile, file_etag
+from gateway.upstream.guard import UpstreamGuard
 
 log = logging.getLogger("gateway.downloads")
 

@@ -22,11 +22,11 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from gateway.alerts import SOURCE_UNKNOWN
 from gateway.errors import GatewayError, UpstreamNotFound
-from gateway.guard import UpstreamGuard
 from gateway.layers import Layer
-from gateway.limits import Priority, SharedState
+from gateway.upstream.alerts import SOURCE_UNKNOWN
+from gateway.upstream.buckets import Priority, SharedState
+from gateway.upstream.guard import UpstreamGuard
 
 log = logging.getLogger("gateway.sources")
 

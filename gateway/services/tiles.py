@@ -17,8 +17,8 @@ TiTiler-style API answers 404 for a tile outside its COG, and the COG & tiles re
 (seeds ``003``) promises no status for "no data". It is answered blank (``EMPTY``) and cached
 for ``empty_ttl_s``, like a 204. A 404 whose problem ``type`` says the COG itself is unknown
 (``upstream.source_unknown_types``) is answered the same way and raises the layer's
-``source-unknown`` operator alert (:mod:`gateway.alerts`); so does the start-up source check
-(:mod:`gateway.services.sources`).
+``source-unknown`` operator alert (:mod:`gateway.upstream.alerts`); so does the start-up
+source check (:mod:`gateway.services.sources`).
 
 ``@2x`` tiles are composed from the four z+1 children, each going through this same path.
 """
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import mercantile
 
 from gateway import imaging, metrics
-from gateway.alerts import SOURCE_UNKNOWN
-from gateway.cache import CachedTile, TileCache, make_tile
-from gateway.coalesce import SingleFlight
 from gateway.errors import HeldBack, UpstreamBadResponse, UpstreamError, UpstreamNotFound
-from gateway.guard import UpstreamGuard
 from gateway.layers import MEDIA_TYPES, Layer
-from gateway.limits import Priority
+from gateway.storage.coalesce import SingleFlight
+from gateway.storage.tiles import CachedTile, TileCache, make_tile
+from gateway.upstream.alerts import SOURCE_UNKNOWN
+from gateway.upstream.buckets import Priority
+from gateway.upstream.guard import UpstreamGuard
 
 log = logging.getLogger("gateway.tiles")
 

@@ -15,19 +15,12 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections.abc import Iterable
 
 from aiohttp import web
 from limits import RateLimitItem, parse, storage, strategies
 
-from gateway.problem import Problem
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
-    """CIDR strings (or bare addresses) to networks. Raises ValueError on a bad one."""
-    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+from gateway.config.settings import Network
+from gateway.http.problem import Problem
 
 
 def is_trusted(address: str, networks: tuple[Network, ...]) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from gateway.config import ProblemTypes
+from gateway.config.settings import ProblemTypes
 from gateway.errors import (
     UpstreamAuthError,
     UpstreamBadResponse,

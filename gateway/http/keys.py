@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.auth import Authenticator
-from gateway.cache import TileCache
-from gateway.clients import ClientRateLimit
-from gateway.config import Settings
-from gateway.guard import UpstreamGuard
+from gateway.config.settings import Settings
+from gateway.http.auth import Authenticator
+from gateway.http.callers import ClientRateLimit
 from gateway.layers import Layer
-from gateway.limits import SharedState
 from gateway.services.downloads import DownloadService
 from gateway.services.tiles import TileService
-from gateway.upstream import GeoperaClient
+from gateway.storage.tiles import TileCache
+from gateway.upstream.buckets import SharedState
+from gateway.upstream.client import GeoperaClient
+from gateway.upstream.guard import UpstreamGuard
 
 SETTINGS = web.AppKey("settings", Settings)
 LAYERS = web.AppKey("layers", dict[str, Layer])

@@ -1,4 +1,4 @@
-"""The ``seed`` and ``purge`` subcommands (arguments parsed in :mod:`gateway.cli`).
+"""The ``seed`` and ``purge`` subcommands (arguments parsed in :mod:`gateway.cli.main`).
 
 Exit codes: 0 done, 1 some tiles failed (or the egress budget stopped the seed), 2 bad
 arguments or configuration, 130 interrupted (Ctrl+C or SIGTERM; the resume state is saved).
@@ -19,8 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gateway.cache import TileCache
-from gateway.config import Settings, load_settings
+from gateway.config.settings import Settings, load_settings
 from gateway.layers import Layer
 from gateway.seed.area import AreaError, parse_bbox, parse_formats, parse_zoom
 from gateway.seed.estimate import dry_run
@@ -28,6 +27,7 @@ from gateway.seed.plan import SeedPlan
 from gateway.seed.purge import purge_tiles
 from gateway.seed.resume import ResumeError, ResumeState
 from gateway.seed.runner import Outcome, Seeder, SeedSummary
+from gateway.storage.tiles import TileCache
 
 EXIT_INTERRUPTED = 130
 
@@ -75,7 +75,7 @@ def run_seed(args: argparse.Namespace) -> int:
     if start:
         print(f"resuming at tile {start} of {total} (state: {state.path})", flush=True)
 
-    from gateway.server import new_event_loop
+    from gateway.cli.serve import new_event_loop
 
     loop = new_event_loop()
     try:
@@ -101,7 +101,7 @@ async def _seed(
     total: int,
 ) -> SeedSummary:
     """Open the gateway's tile path (no memory tier: each tile is stored once) and seed."""
-    from gateway.app import open_tile_stack
+    from gateway.services.stack import open_tile_stack
 
     seed_settings = dataclasses.replace(
         settings, cache=dataclasses.replace(settings.cache, memory_bytes=0)

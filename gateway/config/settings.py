@@ -20,10 +20,11 @@ Every problem raises :class:`ConfigError` whose message names the file, the key 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,10 +33,19 @@ from urllib.parse import urlsplit
 
 from limits import parse
 
-from gateway.clients import Network, parse_networks
-from gateway.configfile import ConfigError, TableReader
-from gateway.layers import Layer, parse_layers
+from gateway.config.layers import parse_layers
+from gateway.config.tables import ConfigError, TableReader
+from gateway.layers import Layer
 from gateway.secrets import Secret
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+"""An IP network (a CIDR, or one address as a /32 or /128)."""
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """CIDR strings (or bare addresses) to networks. Raises ValueError on a bad one."""
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
 
 DEFAULT_CONFIG_NAME = "gateway.toml"
 DEFAULT_CACHE_DIR = ".cache/geopera-gateway/tiles"

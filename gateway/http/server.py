@@ -9,7 +9,7 @@ the client put there, ``?token=`` and ``Authorization`` included.
 :class:`GatewayRequestHandler` answers those requests with 400 problem+json naming only
 the kind of mistake, and logs one line with the client address and the exception's class
 name, never request text. :class:`GatewayRunner` is ``web.AppRunner`` serving with it;
-``serve`` and ``demo`` run the app through it (:func:`gateway.server.serve_app`).
+``serve`` and ``demo`` run the app through it (:func:`gateway.cli.serve.serve_app`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import __version__
-from gateway.problem import Problem
+from gateway.http.problem import Problem
 
 log = logging.getLogger("gateway.http")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import diskcache
 
-from gateway.claims import Claims
+from gateway.storage.claims import Claims
 
 log = logging.getLogger("gateway.cache")
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import diskcache
 
-from gateway.claims import Claims, owner_alive
+from gateway.storage.claims import Claims, owner_alive
 
 log = logging.getLogger("gateway.downloads")
 
@@ -153,7 +153,7 @@ class DownloadStore:
 
     def temp_path(self) -> Path:
         """A new temporary path in ``tmp/`` named after this process
-        (:func:`~gateway.claims.process_tag`)."""
+        (:func:`~gateway.storage.claims.process_tag`)."""
         return self.tmp_dir / f"{self.claims.owner}-{uuid.uuid4().hex}.part"
 
     def commit(
@@ -247,7 +247,7 @@ class DownloadStore:
 
     def claim(self, job_id: str, mosaic_type: str) -> bool:
         """Claim the transfer of a file for this process (cross-process single-flight,
-        :class:`~gateway.claims.Claims`); False when another live process holds it."""
+        :class:`~gateway.storage.claims.Claims`); False when another live process holds it."""
         return self.claims.claim(self._name(job_id, mosaic_type), CLAIM_S)
 
     def claimed(self, job_id: str, mosaic_type: str) -> bool:

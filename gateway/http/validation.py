@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.problem import Problem
+from gateway.http.problem import Problem
 
 MAX_PATH = 1024
 MAX_QUERY = 1024

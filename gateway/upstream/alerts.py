@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from gateway.limits import SharedState
+from gateway.upstream.buckets import SharedState
 
 log = logging.getLogger("gateway.alerts")
 

@@ -7,13 +7,13 @@ breaker, its failure opens it again). It opens when
 
 - the upstream answers 429: for the ``Retry-After`` it gave (Geopera rate limits guide: back
   off and retry on 429), on the scope its problem ``type`` names (the guard's choice, see
-  :mod:`gateway.guard`): the asset, the operation, or :data:`ORGANISATION`;
+  :mod:`gateway.upstream.guard`): the asset, the operation, or :data:`ORGANISATION`;
 - the upstream answers 402 (subscription past due): :data:`ORGANISATION`, for ``open_s``;
 - ``failure_threshold`` failures (5xx, timeouts, no answer) happen within ``window_s``: for
   ``open_s`` seconds, on the operation.
 
-State is kept in the host's :class:`~gateway.limits.SharedState`, so every worker process sees
-the same breakers.
+State is kept in the host's :class:`~gateway.upstream.buckets.SharedState`, so every worker
+process sees the same breakers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from gateway.errors import BreakerOpen
-from gateway.limits import SharedState
+from gateway.upstream.buckets import SharedState
 
 PROBE_TIMEOUT_S = 30.0
 """How long a half-open probe may take before another caller may probe, seconds."""

@@ -1,6 +1,6 @@
 """RFC 9457 problem details (``application/problem+json``) for every error the gateway answers.
 
-Two ways in, both turned into a response by the middleware in :mod:`gateway.app`:
+Two ways in, both turned into a response by the middleware in :mod:`gateway.http.middleware`:
 
 - route handlers raise :class:`Problem` for what is wrong with the request itself (400,
   404, 401/403 of client tokens...);

@@ -15,8 +15,8 @@ from pathlib import Path
 import mercantile
 
 from gateway import __version__
-from gateway.auth import new_token
-from gateway.config import SCOPES, ConfigError, Settings, TokenSettings, load_settings
+from gateway.config.settings import SCOPES, ConfigError, Settings, TokenSettings, load_settings
+from gateway.http.auth import new_token
 from gateway.logs import configure_logging
 
 log = logging.getLogger("gateway.cli")
@@ -217,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return _token_create(args)
         if args.command in ("seed", "purge"):
-            from gateway.seed import commands
+            from gateway.cli import seed
 
-            return commands.run_seed(args) if args.command == "seed" else commands.run_purge(args)
+            return seed.run_seed(args) if args.command == "seed" else seed.run_purge(args)
         return _emulator(args)
     except ConfigError as exc:
         print(f"geopera-gateway: configuration error: {exc}", file=sys.stderr)
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import ListenError, bound_port, listen, run_single, run_workers
+    from gateway.cli.serve import ListenError, bound_port, listen, run_single, run_workers
 
     settings = load_settings(args.config)
     host, port = listen_address(args, settings)
@@ -286,7 +286,7 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from gateway.server import new_event_loop
+    from gateway.cli.serve import new_event_loop
 
     loop = new_event_loop()
     try:
@@ -297,7 +297,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
     from gateway.app import create_app
-    from gateway.server import ListenError, bound_port, listen, serve_app
+    from gateway.cli.serve import ListenError, bound_port, listen, serve_app
 
     try:
         emulator_runner, emulator_url = await start_emulator("127.0.0.1", args.emulator_port)
@@ -384,7 +384,8 @@ def _url_host(host: str) -> str:
 def _print_urls(settings: Settings, base: str) -> None:
     """Print ready-to-use URLs: the viewer, the WMTS capabilities and ``/layers``, then for
     every layer its XYZ template, TileJSON and one sample tile."""
-    from gateway.routes.discovery import CAPABILITIES_PATH, tile_template, tilejson_url
+    from gateway.discovery.tilejson import tile_template, tilejson_url
+    from gateway.discovery.wmts import CAPABILITIES_PATH
 
     print(f"geopera-gateway {__version__} on {base}  (config: {settings.source})")
     print(f"  map viewer:   {base}/")

@@ -12,10 +12,11 @@ call, never per waiting request):
   organisation) for the ``Retry-After`` it gave; a type the mapping does not know pauses the
   whole operation, since an unattributed 429 may be the organisation's bandwidth breaker.
   Not retried: the caller serves stale or answers 503.
-- 402 (subscription past due): pauses every operation (:data:`~gateway.breaker.ORGANISATION`)
-  for ``breaker_open_s`` and raises the ``payment-required`` operator alert.
+- 402 (subscription past due): pauses every operation
+  (:data:`~gateway.upstream.breakers.ORGANISATION`) for ``breaker_open_s`` and raises the
+  ``payment-required`` operator alert.
 - 401, or 403 for the key's scope: raises the ``key-refused`` / ``scope-missing`` alert
-  (:mod:`gateway.alerts`: one CRITICAL line per change of state for the host).
+  (:mod:`gateway.upstream.alerts`: one CRITICAL line per change of state for the host).
 - other 4xx (404, 400, a 403 on another organisation's job): the upstream is up and
   answering; they count as a success for the breakers (a half-open probe closes).
 
@@ -34,10 +35,10 @@ from typing import Any
 import stamina
 
 from gateway import metrics
-from gateway.alerts import KEY_REFUSED, PAYMENT_REQUIRED, SCOPE_MISSING, Alerts
-from gateway.breaker import ORGANISATION, Breakers, Scope
-from gateway.config import LimitSettings
-from gateway.limits import (
+from gateway.config.settings import LimitSettings
+from gateway.upstream.alerts import KEY_REFUSED, PAYMENT_REQUIRED, SCOPE_MISSING, Alerts
+from gateway.upstream.breakers import ORGANISATION, Breakers, Scope
+from gateway.upstream.buckets import (
     Bucket,
     ConcurrencyCap,
     EgressBudget,
@@ -46,7 +47,7 @@ from gateway.limits import (
     SharedState,
     TokenBuckets,
 )
-from gateway.upstream import (
+from gateway.upstream.client import (
     OPERATION_SCOPES,
     GeoperaClient,
     UpstreamAuthError,
@@ -95,7 +96,7 @@ class UpstreamGuard:
         read_timeout_s: the client's read timeout; concurrency leases outlive it.
 
     Attributes:
-        alerts: the host's operator alerts (:class:`~gateway.alerts.Alerts`).
+        alerts: the host's operator alerts (:class:`~gateway.upstream.alerts.Alerts`).
     """
 
     def __init__(

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.state import SETTINGS
+from gateway.http.keys import SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,6 +1,6 @@
 """Cross-process claims: one worker process fetches a key, the others wait for its result.
 
-The single-flight of :mod:`gateway.coalesce` works inside one process; a claim extends it to
+The single-flight of :mod:`gateway.storage.coalesce` works inside one process; a claim extends it to
 every worker process on the host. Both stores use this one implementation (the tile cache
 for tiles, the download store for clip files), the way MapProxy injects one locker into its
 tile manager.

@@ -19,9 +19,9 @@ import secrets
 
 from aiohttp import web
 
-from gateway.config import TokenSettings
+from gateway.config.settings import TokenSettings
+from gateway.http.problem import Problem
 from gateway.layers import Layer
-from gateway.problem import Problem
 
 TOKEN_PREFIX = "ggw_"  # noqa: S105 (a prefix, not a secret)
 """Tokens made by ``geopera-gateway token create`` start with this (easy to spot in a leak)."""

@@ -29,8 +29,8 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.config import Settings, load_settings
-from gateway.httpserver import GatewayRunner
+from gateway.config.settings import Settings, load_settings
+from gateway.http.server import GatewayRunner
 from gateway.logs import access_log_options, configure_logging
 
 log = logging.getLogger("gateway.server")
@@ -115,7 +115,7 @@ async def serve_app(
     gracefully (in-flight requests finish, up to ``shutdown_timeout_s`` seconds; the app's
     cleanup contexts run).
 
-    The app runs through :class:`~gateway.httpserver.GatewayRunner`; ``access_log`` turns
+    The app runs through :class:`~gateway.http.server.GatewayRunner`; ``access_log`` turns
     the JSON access log on; ``ready`` is called once the sockets accept requests. A
     connection that has not sent a whole request head ``header_timeout_s`` seconds after it
     opened or after its last answer is closed (aiohttp's keep-alive timer, which runs from

@@ -3,7 +3,7 @@
 The base is ``server.public_url`` when it is configured (the right choice behind any proxy).
 Otherwise it is taken from the request: the scheme of the connection and its ``Host`` header,
 replaced by ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` only when the socket peer is one of
-``server.trusted_proxies`` (the same rule as ``X-Forwarded-For`` in :mod:`gateway.clients`).
+``server.trusted_proxies`` (the same rule as ``X-Forwarded-For`` in :mod:`gateway.http.callers`).
 A forwarded value is believed only when it is well formed (``http``/``https``; a hostname or
 bracketed IPv6 address with an optional port); anything else is ignored, so a client can never
 inject markup or another URL through these headers. When several proxies appended values,
@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from gateway.clients import is_trusted
-from gateway.state import AUTH, SETTINGS
+from gateway.http.callers import is_trusted
+from gateway.http.keys import AUTH, SETTINGS
 
 _HOST = re.compile(
     r"(?:[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?|\[[0-9A-Fa-f:.]{2,45}\])"
@@ -95,7 +95,7 @@ def token_query(request: web.BaseRequest) -> str:
     Raises:
         Problem: 401 when the presented token (either form) matches no configured token,
             400 when the request carries a token twice (see
-            :func:`gateway.auth.presented_token`).
+            :func:`gateway.http.auth.presented_token`).
     """
     if request.app[AUTH].identify(request) is None or "Authorization" in request.headers:
         return ""

@@ -1,0 +1,6 @@
+"""Every command (``serve``, ``demo``, ``token``, ``seed``, ``purge``, ``emulator``) and the
+process runner for ``serve --workers N``.
+
+May import anything in the package; the emulator only inside the commands that run it.
+Nothing imports the CLI.
+"""

@@ -1,0 +1,5 @@
+"""Settings: one TOML file plus environment overrides, validated at start; every mistake is
+one ``file: key: what is wrong and how to fix it`` line.
+
+May import: the leaves only (never the HTTP edge).
+"""

@@ -1,0 +1,140 @@
+"""The gateway's request middleware and the headers every response carries.
+
+:func:`gateway_middleware` runs around every handler: request-shape checks, the per-client
+rate limit, problem+json for every error (a :class:`~gateway.http.problem.Problem`, a domain
+error through :data:`~gateway.http.problem.ERROR_TABLE`, aiohttp's own 404/405/413, or an
+unexpected exception: logged, 500), the 499 of a client that left, and the HTTP metrics.
+:func:`common_headers` adds ``X-Content-Type-Options``, ``Server`` and the ``RateLimit-*``
+headers as each response is prepared, streamed ones included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway import metrics
+from gateway.errors import GatewayError
+from gateway.http.callers import client_address
+from gateway.http.keys import AUTH, CLIENT_LIMIT, SETTINGS
+from gateway.http.problem import Problem, problem_for
+from gateway.http.server import COMMON_HEADERS
+from gateway.http.validation import check_request_shape
+from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
+
+log = logging.getLogger("gateway.app")
+
+LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
+"""Routes that count against the per-client rate limit (those that can spend upstream)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RATE_HEADERS_KEY = web.RequestKey("gateway_rate_headers", dict)
+"""Request key for the ``RateLimit-*`` headers of the client's limit, set by the middleware
+and written by :func:`common_headers`."""
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per-client rate limit, problem+json for every error and HTTP metrics.
+
+    :class:`Problem` raised anywhere becomes its response, a domain error
+    (:class:`~gateway.errors.GatewayError`) the response :data:`~gateway.http.problem.ERROR_TABLE`
+    gives it; aiohttp's own 404/405/413 become the matching problem; anything unexpected is
+    logged and answered 500 without a trace. A client that left is counted as 499.
+    The common headers are added by :func:`common_headers` as each response is prepared,
+    streamed ones included.
+    """
+    started = time.perf_counter()
+    route = request.match_info.route.name or "unmatched"
+    try:
+        check_request_shape(request, route)
+        if route in LIMITED_ROUTES:
+            _check_client_limit(request)
+        response = await handler(request)
+    except Problem as problem:
+        if problem.status == 429:
+            metrics.CLIENT_REJECTIONS.inc()
+        response = problem.response(request.path)
+    except GatewayError as exc:
+        response = problem_for(exc).response(request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _http_problem(request, exc)
+    except ConnectionResetError:  # the client left while the answer was being sent
+        request[CLIENT_GONE_KEY] = True
+        response = web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:  # the client left and the server cancels its handlers
+        metrics.observe_request(route, request.method, CLIENT_CLOSED, time.perf_counter() - started)
+        raise
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        response = Problem(
+            500,
+            "Internal error",
+            "The gateway failed to answer this request; the error is in its log.",
+            slug="internal-error",
+        ).response(request.path)
+    status = CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status
+    metrics.observe_request(route, request.method, status, time.perf_counter() - started)
+    return response
+
+
+async def common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the headers of every answer, set just before its headers are
+    sent, so streamed answers (download transfers, ``multipart/byteranges``, files) carry
+    them too: :data:`~gateway.http.server.COMMON_HEADERS` and, on routes with a client limit,
+    the ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)."""
+    headers = response.headers
+    headers.update(COMMON_HEADERS)
+    rate_headers = request.get(RATE_HEADERS_KEY)
+    if rate_headers is not None:
+        headers.update(rate_headers)
+
+
+def _check_client_limit(request: web.Request) -> None:
+    """Count the request against its client's limit: per token (with the token's own rate
+    when it has one), else per client address; the RateLimit headers go in
+    :data:`RATE_HEADERS_KEY`.
+
+    Raises:
+        Problem: 400 for a token sent twice and 401 for a bad one (both counted against the
+            client address first), 429 over the limit.
+    """
+    app = request.app
+    limits = app[CLIENT_LIMIT]
+    if not limits:
+        return  # no client limits configured: tokens are still checked by the route
+    client = client_address(request, app[SETTINGS].server.trusted_proxies)
+    request[CLIENT_KEY] = client
+    try:
+        token = app[AUTH].identify(request)
+    except Problem:
+        # a refused token costs a request too, from the client's address
+        default = limits.get("default")
+        if default is not None:
+            request[RATE_HEADERS_KEY] = default.check(client)
+        raise
+    rate = token.rate_limit if token is not None and token.rate_limit else None
+    limit = app[CLIENT_LIMIT].get(rate or "default")
+    if limit is not None:
+        request[RATE_HEADERS_KEY] = limit.check(
+            f"token:{token.name}" if token is not None else client
+        )
+
+
+def _http_problem(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (no route, wrong method, body too large) as problem+json."""
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+    title = exc.reason or "Error"
+    detail = {
+        404: "No route matches this path.",
+        405: f"{request.method} is not allowed here.",
+    }.get(exc.status, title)
+    slug = title.lower().replace(" ", "-")
+    return Problem(exc.status, title, detail, slug=slug, headers=headers).response(request.path)
