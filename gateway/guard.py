@@ -5,8 +5,11 @@ Order for one call: daily egress budget → circuit breakers (operation, asset) 
 reads that fail with 5xx, a timeout or no answer are retried with jittered exponential backoff
 (stamina), each attempt going through the breakers and buckets again; each failure counts
 toward the operation's breaker. A 429 opens the asset's breaker (and the operation's, when the
-upstream says its bandwidth circuit breaker tripped) for the ``Retry-After`` it gave, and is
-not retried: the caller serves stale or answers 503.
+upstream says its bandwidth circuit breaker tripped) for the ``Retry-After`` it gave, at most
+``max_retry_after_s``, and is not retried: the caller serves stale or answers 503. Any other
+answer (2xx, or a 4xx other than 429) shows the upstream alive and closes the breakers of the
+call; a half-open probe that never reaches the upstream is given back (see
+:mod:`gateway.breaker`).
 """
 
 from __future__ import annotations
@@ -84,7 +87,11 @@ class UpstreamGuard:
         self.settings = settings
         self.buckets = TokenBuckets(state)
         self.breakers = Breakers(
-            state, settings.failure_threshold, settings.failure_window_s, settings.open_s
+            state,
+            settings.failure_threshold,
+            settings.failure_window_s,
+            settings.open_s,
+            max_open_s=settings.max_retry_after_s,
         )
         self.budget = EgressBudget(state, settings.daily_egress_bytes)
         self.concurrency = ConcurrencyCap(state, settings.max_concurrent, read_timeout_s + 30)
@@ -120,11 +127,12 @@ class UpstreamGuard:
         priority: Priority,
         deadline: float,
         lease_s: float | None = None,
-    ) -> str:
-        """Budget, breakers, buckets and a concurrency lease; returns the lease."""
+    ) -> tuple[str, list[Scope]]:
+        """Budget, breakers, buckets and a concurrency lease; returns the lease and the
+        breaker scopes this call probes (half-open), whose outcome the caller reports."""
         scopes = (Scope(operation), Scope(operation, asset))
         self.budget.check()
-        self.breakers.check(scopes)
+        probes = self.breakers.check(scopes)
         started = time.monotonic()
         try:
             buckets, costs = self._buckets(operation, asset)
@@ -136,10 +144,14 @@ class UpstreamGuard:
                     max(0.0, deadline - time.monotonic()), priority, lease_s
                 )
         except LimitExceeded as exc:
+            self.breakers.abandon(probes)
             metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
             raise
+        except BaseException:
+            self.breakers.abandon(probes)
+            raise
         metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
-        return lease
+        return lease, probes
 
     async def call(
         self,
@@ -178,11 +190,14 @@ class UpstreamGuard:
     async def _attempt(
         self, operation: str, body: dict[str, Any], asset: str, priority: Priority, deadline: float
     ) -> UpstreamResponse:
-        lease = await self._admit(operation, asset, priority, deadline)
+        lease, probes = await self._admit(operation, asset, priority, deadline)
         try:
             response = await self.client.call(operation, body)
         except UpstreamError as exc:
             self._failed(operation, asset, exc)
+            raise
+        except BaseException:  # cancelled: the probe, if any, learnt nothing
+            self.breakers.abandon(probes)
             raise
         finally:
             self.concurrency.release(lease)
@@ -193,14 +208,27 @@ class UpstreamGuard:
         return response
 
     def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
-        """Breaker and metric bookkeeping for a failed call."""
+        """Breaker and metric bookkeeping for a failed call.
+
+        A 429 opens the asset's breaker (and the operation's for the bandwidth circuit
+        breaker) for its Retry-After, capped at ``max_retry_after_s`` (the exception is
+        updated, so the client is told the capped time too); 5xx, timeouts and no answer
+        count as failures; any other answer (a 4xx but 429, an unusable 2xx) shows the
+        upstream alive and closes the call's breakers.
+        """
         metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
+        scopes = (Scope(operation), Scope(operation, asset))
         if isinstance(exc, UpstreamRateLimited):
-            self.breakers.open_for(Scope(operation, asset), exc.retry_after_s)
+            exc.retry_after_s = min(exc.retry_after_s, self.settings.max_retry_after_s)
+            self.breakers.open_for(scopes[1], exc.retry_after_s)
             if _bandwidth_breaker(exc):
-                self.breakers.open_for(Scope(operation), exc.retry_after_s)
+                self.breakers.open_for(scopes[0], exc.retry_after_s)
+            else:
+                self.breakers.record_success(scopes[:1])  # the operation itself answered
         elif isinstance(exc, RETRYABLE):
-            self.breakers.record_failure(Scope(operation))
+            self.breakers.record_failure(scopes)
+        else:
+            self.breakers.record_success(scopes)
 
     async def _received(self, operation: str, nbytes: int) -> float:
         """Count ``nbytes`` of egress (budget, bytes bucket, metrics); returns how long the
@@ -236,7 +264,9 @@ class UpstreamGuard:
             UpstreamError: the upstream refused the call, or the transfer broke.
         """
         deadline = time.monotonic() + self.settings.max_wait_s
-        lease = await self._admit(operation, asset, priority, deadline, lease_s=STREAM_LEASE_S)
+        lease, probes = await self._admit(
+            operation, asset, priority, deadline, lease_s=STREAM_LEASE_S
+        )
         started = time.perf_counter()
         try:
             async with self.client.stream(operation, body) as (headers, body_chunks):
@@ -256,6 +286,9 @@ class UpstreamGuard:
                 yield headers, chunks()
         except UpstreamError as exc:
             self._failed(operation, asset, exc)
+            raise
+        except BaseException:  # the reader gave up or was cancelled: no verdict on the upstream
+            self.breakers.abandon(probes)
             raise
         finally:
             self.concurrency.release(lease)

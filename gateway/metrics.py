@@ -110,14 +110,15 @@ class StateCollector(Collector):
 
     Args:
         cache_bytes: returns the tile cache's disk volume, bytes.
-        open_breakers: returns ``(operation, scope_kind)`` for each open breaker.
+        open_breakers: returns ``(operation, scope_kind, state)`` for each breaker that
+            refuses calls now (state ``open``, or ``half-open`` with a probe in flight).
         budget_left: returns today's egress budget left in bytes, or None without a budget.
     """
 
     def __init__(
         self,
         cache_bytes: Callable[[], int],
-        open_breakers: Callable[[], list[tuple[str, str]]],
+        open_breakers: Callable[[], list[tuple[str, str, str]]],
         budget_left: Callable[[], int | None],
     ) -> None:
         self._cache_bytes = cache_bytes
@@ -130,14 +131,14 @@ class StateCollector(Collector):
         )
         breakers = GaugeMetricFamily(
             "gateway_breaker_open",
-            "Open circuit breakers by operation and scope kind",
-            labels=["operation", "scope"],
+            "Circuit breakers refusing calls, by operation, scope kind and state",
+            labels=["operation", "scope", "state"],
         )
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, str, str], int] = {}
         for key in self._open_breakers():
             counts[key] = counts.get(key, 0) + 1
-        for (operation, scope), n in sorted(counts.items()):
-            breakers.add_metric([operation, scope], n)
+        for labels, n in sorted(counts.items()):
+            breakers.add_metric(list(labels), n)
         yield breakers
         left = self._budget_left()
         if left is not None:

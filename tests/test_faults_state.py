@@ -8,12 +8,16 @@ full disk (a small tmpfs; those tests skip when it cannot be mounted).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 
 import pytest
 
+from gateway.breaker import BreakerOpen, Breakers, Scope
 from gateway.emulator import FAULTS_KEY, Fault
-from tests.conftest import PLANTED_KEY
+from gateway.limits import SharedState
+from tests.conftest import PLANTED_KEY, config_with
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"
 ATTEMPTS = 3  # retry_attempts in the demo config
@@ -88,3 +92,87 @@ async def test_a_hostile_png_is_502_and_never_cached(gateway, emulator, caplog, 
     again = await gateway.get(OLINDA)  # nothing was cached: the upstream is asked again
     assert again.status == 200 and again.headers["X-Cache"] == "MISS"
     assert emulator.renders() == 2
+
+
+# --------------------------------------------------------------------------- breakers
+
+
+async def wait_for_fault_taken(emulator) -> None:
+    """Until the emulator has taken every queued fault (the call reached it)."""
+    async with asyncio.timeout(10):
+        while emulator.app[FAULTS_KEY].pending():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_probe_answered_4xx_closes_the_breaker(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(
+        Fault("status", status=429, retry_after="1"), Fault("status", status=422)
+    )
+    assert (await gateway.get(OLINDA)).status == 503  # 429: the asset's breaker opens for 1 s
+    await asyncio.sleep(1.1)  # past the Retry-After: half-open
+    probe = await gateway.get(OLINDA)  # the probe is refused (422), but the upstream is alive
+    assert probe.status == 502
+    assert (await (await gateway.get("/readyz")).json())["checks"]["open_breakers"] == []
+    after = await gateway.get(OLINDA)  # so the breaker closed, and the guard agrees
+    assert after.status == 200 and after.headers["X-Cache"] == "MISS"
+    assert emulator.renders() == 3
+
+
+async def test_readyz_shows_a_half_open_breaker_while_it_refuses(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(
+        Fault("status", status=429, retry_after="1"), Fault("hang", seconds=1.0)
+    )
+    assert (await gateway.get(OLINDA)).status == 503
+    await asyncio.sleep(1.1)
+    probe = asyncio.ensure_future(gateway.get(OLINDA))  # the probe hangs upstream for 1 s
+    await wait_for_fault_taken(emulator)
+    refused = await gateway.get("/tiles/olinda/13/3303/4278.png")  # same asset: refused
+    assert refused.status == 503
+    assert (await problem(refused))["type"].endswith("upstream-circuit-open")
+    ready = await (await gateway.get("/readyz")).json()
+    assert ready["checks"]["open_breakers"] == ["cog.tile.render (asset, half-open)"]
+    assert (await probe).status == 200  # the probe succeeded: closed
+    assert (await (await gateway.get("/readyz")).json())["checks"]["open_breakers"] == []
+
+
+async def test_an_asset_probe_failing_5xx_reopens_it_for_its_retry_after(gateway, emulator):
+    emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="1"))
+    assert (await gateway.get(OLINDA)).status == 503
+    await asyncio.sleep(1.1)
+    emulator.app[FAULTS_KEY].add(Fault("status", status=500))
+    held = await gateway.get(OLINDA)  # the probe fails; its retry meets the reopened breaker
+    assert held.status == 503
+    assert int(held.headers["Retry-After"]) == 1  # the upstream's Retry-After, not 30 s
+    await asyncio.sleep(1.1)
+    again = await gateway.get(OLINDA)
+    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+
+
+async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulator, tmp_path):
+    first = await gateway_for(emulator)
+    emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="999999"))
+    throttled = await first.get(OLINDA)
+    assert throttled.status == 503 and int(throttled.headers["Retry-After"]) == 3600
+    held = await first.get(OLINDA)
+    assert held.status == 503 and int(held.headers["Retry-After"]) <= 3600
+    # a restart with a lower cap: the stored breaker is held to it as well
+    config = config_with(tmp_path, ("max_retry_after_s = 3600.0", "max_retry_after_s = 1"))
+    second = await gateway_for(emulator, config=config)
+    capped = await second.get(OLINDA)
+    assert capped.status == 503 and int(capped.headers["Retry-After"]) == 1
+    await asyncio.sleep(1.1)
+    recovered = await second.get(OLINDA)
+    assert recovered.status == 200, await recovered.text()
+
+
+def test_a_stored_breaker_beyond_the_cap_is_held_to_it(tmp_path):
+    from gateway.breaker import _State
+
+    state = SharedState(tmp_path / "state")
+    scope = Scope("cog.tile.render", "https://example.invalid/a.tif")
+    state.cache.set(scope.key, _State(open_until=time.time() + 999_999))  # an older gateway's
+    breakers = Breakers(state, 5, 30, 30, max_open_s=60)
+    with pytest.raises(BreakerOpen) as refused:
+        breakers.check([scope])
+    assert refused.value.retry_after_s <= 60
+    assert [b.scope for b in breakers.statuses()] == [scope]

@@ -125,6 +125,10 @@ class FaultPlan:
         """Drop every pending fault."""
         self._queue.clear()
 
+    def pending(self) -> int:
+        """Calls the queued faults will still affect."""
+        return sum(fault.count for fault in self._queue)
+
     def take(self, operation: str) -> Fault | None:
         """The first pending fault for ``operation`` (counting one use of it), or None.
 
@@ -201,10 +205,7 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", idat)
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
 
 

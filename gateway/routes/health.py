@@ -25,7 +25,9 @@ async def readyz(request: web.Request) -> web.Response:
     """
     cache_ok = await asyncio.to_thread(request.app[TILE_CACHE].probe)
     guard = request.app[GUARD]
-    open_breakers = [f"{s.operation} ({s.kind})" for s in guard.breakers.open_scopes()]
+    open_breakers = [
+        f"{b.scope.operation} ({b.scope.kind}, {b.state})" for b in guard.breakers.statuses()
+    ]
     body = {
         "status": "ready" if cache_ok else "unready",
         "checks": {
@@ -44,7 +46,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     cache, guard = request.app[TILE_CACHE], request.app[GUARD]
     collector = metrics.StateCollector(
         cache_bytes=cache.volume_bytes,
-        open_breakers=lambda: [(s.operation, s.kind) for s in guard.breakers.open_scopes()],
+        open_breakers=lambda: [
+            (b.scope.operation, b.scope.kind, b.state) for b in guard.breakers.statuses()
+        ],
         budget_left=guard.budget.remaining,
     )
     body, content_type = await asyncio.to_thread(metrics.render, collector)
