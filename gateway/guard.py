@@ -53,9 +53,6 @@ STREAM_CHUNK_BYTES = 1 << 20
 CHARGE_EVERY_BYTES = 8 << 20
 """Streamed bytes are charged to the bytes bucket and budget in batches of this many."""
 
-STREAM_LEASE_S = 6 * 3600.0
-"""A streamed transfer's concurrency lease, seconds (a crashed worker's slot returns after)."""
-
 RETRYABLE = (UpstreamServerError, UpstreamTimeout, UpstreamUnavailable)
 """Failures worth another attempt for an idempotent read."""
 
@@ -73,16 +70,9 @@ class UpstreamGuard:
         client: the Geopera client.
         state: the host's shared limiter state.
         settings: the limits.
-        read_timeout_s: the client's read timeout; concurrency leases outlive it.
     """
 
-    def __init__(
-        self,
-        client: GeoperaClient,
-        state: SharedState,
-        settings: LimitSettings,
-        read_timeout_s: float,
-    ) -> None:
+    def __init__(self, client: GeoperaClient, state: SharedState, settings: LimitSettings) -> None:
         self.client = client
         self.settings = settings
         self.buckets = TokenBuckets(state)
@@ -94,7 +84,7 @@ class UpstreamGuard:
             max_open_s=settings.max_retry_after_s,
         )
         self.budget = EgressBudget(state, settings.daily_egress_bytes)
-        self.concurrency = ConcurrencyCap(state, settings.max_concurrent, read_timeout_s + 30)
+        self.concurrency = ConcurrencyCap(state, settings.max_concurrent)
         self._local_slots = asyncio.Semaphore(settings.max_concurrent)
         self._bytes = (
             Bucket("bytes", "bytes", settings.bytes_per_s, max(settings.bytes_burst, 1.0))
@@ -126,7 +116,6 @@ class UpstreamGuard:
         asset: str,
         priority: Priority,
         deadline: float,
-        lease_s: float | None = None,
     ) -> tuple[str, list[Scope]]:
         """Budget, breakers, buckets and a concurrency lease; returns the lease and the
         breaker scopes this call probes (half-open), whose outcome the caller reports."""
@@ -141,7 +130,7 @@ class UpstreamGuard:
                 await asyncio.sleep(wait)
             async with self._local_slots:
                 lease = await self.concurrency.acquire(
-                    max(0.0, deadline - time.monotonic()), priority, lease_s
+                    max(0.0, deadline - time.monotonic()), priority
                 )
         except LimitExceeded as exc:
             self.breakers.abandon(probes)
@@ -264,9 +253,7 @@ class UpstreamGuard:
             UpstreamError: the upstream refused the call, or the transfer broke.
         """
         deadline = time.monotonic() + self.settings.max_wait_s
-        lease, probes = await self._admit(
-            operation, asset, priority, deadline, lease_s=STREAM_LEASE_S
-        )
+        lease, probes = await self._admit(operation, asset, priority, deadline)
         started = time.perf_counter()
         try:
             async with self.client.stream(operation, body) as (headers, body_chunks):

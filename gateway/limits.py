@@ -23,6 +23,7 @@ bucket arithmetic here is a few lines over diskcache's ``transact``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import time
@@ -162,48 +163,105 @@ class TokenBuckets:
         return self._level(bucket, self._clock())
 
 
+LEASE_S = 60.0
+"""How long a concurrency lease lasts unless its process renews it, seconds."""
+
+HOST = os.uname().nodename
+"""This host's name, stored with each lease: process ids are only checked on the host (PID
+namespace) that issued them."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (``kill(pid, 0)``; one owned by another
+    user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ConcurrencyCap:
     """At most ``limit`` upstream calls in flight on this host, across worker processes.
 
-    Each holder has a lease that expires after ``lease_s`` seconds, so a crashed worker's
-    slots come back. Seeding may use at most three quarters of the slots.
+    Each call holds a lease in the shared state: ``{lease id: (host, pid, expires at)}``
+    under one key. A lease belongs to a live process: any acquirer drops leases whose process
+    is gone (``kill(pid, 0)``, for leases of this host), so a crashed or killed worker's
+    slots come back at once. Leases also expire ``lease_s`` seconds after they were taken or
+    last renewed, which covers a reused process id and a process that hangs: while this
+    process holds leases, a task renews them every ``lease_s / 4`` seconds, however long the
+    call (a download may stream for hours). Seeding may use at most three quarters of the
+    slots.
+
+    Args:
+        state: the shared state.
+        limit: slots on the host.
+        lease_s: lease lifetime without renewal, seconds.
+        clock: Unix time source, seconds (tests may pass their own).
     """
 
     POLL_S = 0.02
 
-    def __init__(self, state: SharedState, limit: int, lease_s: float) -> None:
+    def __init__(
+        self, state: SharedState, limit: int, lease_s: float = LEASE_S, clock=time.time
+    ) -> None:
         self._cache = state.cache
         self.limit = limit
         self.lease_s = lease_s
-        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._clock = clock
+        self._pid = os.getpid()
+        self._prefix = f"{self._pid}-{uuid.uuid4().hex[:8]}-"
+        self._held: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
 
-    def _try_acquire(self, priority: Priority, lease_s: float) -> str | None:
+    def _live(self, now: float) -> dict[str, tuple[str, int, float]]:
+        """The stored leases that still count: unexpired, of a process that is alive.
+
+        Leases stored by older versions (``{lease id: expires at}``, the id starting with
+        the pid) are read as this host's.
+        """
+        live = {}
+        for lease, value in (self._cache.get("inflight") or {}).items():
+            if isinstance(value, tuple):
+                host, pid, expires = value
+            else:
+                host, pid, expires = HOST, int(str(lease).split("-", 1)[0] or 0), value
+            if expires <= now:
+                continue
+            if host == HOST and pid != self._pid and not pid_alive(pid):
+                continue
+            live[lease] = (host, pid, expires)
+        return live
+
+    def _try_acquire(self, priority: Priority) -> str | None:
         allowed = self.limit if priority is Priority.INTERACTIVE else max(1, self.limit * 3 // 4)
         with self._cache.transact(retry=True):
-            now = time.time()
-            leases = {k: v for k, v in (self._cache.get("inflight") or {}).items() if v > now}
+            now = self._clock()
+            leases = self._live(now)
             if len(leases) >= allowed:
                 self._cache.set("inflight", leases)
                 return None
             lease = self._prefix + uuid.uuid4().hex[:8]
-            leases[lease] = now + lease_s
+            leases[lease] = (HOST, self._pid, now + self.lease_s)
             self._cache.set("inflight", leases)
-            return lease
+        self._held.add(lease)
+        return lease
 
-    async def acquire(
-        self, max_wait_s: float, priority: Priority, lease_s: float | None = None
-    ) -> str:
-        """Wait for a slot; returns the lease to :meth:`release`.
-
-        ``lease_s`` overrides how long the lease lasts if never released (long transfers).
+    async def acquire(self, max_wait_s: float, priority: Priority) -> str:
+        """Wait for a slot; returns the lease to :meth:`release`. The lease is renewed for
+        as long as it is held.
 
         Raises:
             LimitExceeded: no slot within ``max_wait_s`` seconds (scope ``concurrency``).
         """
         deadline = time.monotonic() + max_wait_s
         while True:
-            lease = self._try_acquire(priority, lease_s or self.lease_s)
+            lease = self._try_acquire(priority)
             if lease is not None:
+                if self._renewer is None or self._renewer.done():
+                    self._renewer = asyncio.ensure_future(self._renew_while_held())
                 return lease
             if time.monotonic() >= deadline:
                 raise LimitExceeded(
@@ -211,17 +269,44 @@ class ConcurrencyCap:
                 )
             await asyncio.sleep(self.POLL_S)
 
+    async def _renew_while_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.lease_s / 4)
+            self.renew()
+
+    def renew(self) -> None:
+        """Extend this process's leases to ``lease_s`` from now (one transaction). A lease
+        that lapsed meanwhile (the process stalled longer than ``lease_s``) is not taken
+        back: its slot may be another's by now."""
+        if not self._held:
+            return
+        with self._cache.transact(retry=True):
+            now = self._clock()
+            leases = self._live(now)
+            for lease in self._held & leases.keys():
+                leases[lease] = (HOST, self._pid, now + self.lease_s)
+            self._cache.set("inflight", leases)
+
     def release(self, lease: str) -> None:
         """Give the slot back (idempotent)."""
+        self._held.discard(lease)
         with self._cache.transact(retry=True):
             leases = self._cache.get("inflight") or {}
             if leases.pop(lease, None) is not None:
                 self._cache.set("inflight", leases)
 
     def in_flight(self) -> int:
-        """Leases currently held on this host."""
-        now = time.time()
-        return sum(1 for v in (self._cache.get("inflight") or {}).values() if v > now)
+        """Leases currently held on this host (by live processes)."""
+        return len(self._live(self._clock()))
+
+    async def aclose(self) -> None:
+        """Stop renewing and give back every lease this process still holds (shutdown)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        for lease in list(self._held):
+            self.release(lease)
 
 
 class EgressBudget:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sys
 import time
 
+import aiohttp
 import pytest
 
 from gateway.breaker import BreakerOpen, Breakers, Scope
 from gateway.emulator import FAULTS_KEY, Fault
-from gateway.limits import SharedState
+from gateway.limits import ConcurrencyCap, LimitExceeded, Priority, SharedState
 from tests.conftest import PLANTED_KEY, config_with
+from tests.test_cli import serving_workers
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"
 ATTEMPTS = 3  # retry_attempts in the demo config
@@ -176,3 +179,77 @@ def test_a_stored_breaker_beyond_the_cap_is_held_to_it(tmp_path):
         breakers.check([scope])
     assert refused.value.retry_after_s <= 60
     assert [b.scope for b in breakers.statuses()] == [scope]
+
+
+# --------------------------------------------------------------------------- concurrency leases
+
+LEASE_HOLDER = """
+import asyncio, pathlib, sys
+from gateway.limits import ConcurrencyCap, Priority, SharedState
+
+async def main():
+    cap = ConcurrencyCap(SharedState(pathlib.Path(sys.argv[1])), 2, 6 * 3600)
+    for _ in range(2):
+        await cap.acquire(0, Priority.INTERACTIVE)
+    print("held", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_leases_of_a_killed_process_come_back_at_once(tmp_path):
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LEASE_HOLDER, str(tmp_path / "state"), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(30):
+            assert (await holder.stdout.readline()).strip() == b"held"
+        cap = ConcurrencyCap(SharedState(tmp_path / "state"), 2, 60)
+        with pytest.raises(LimitExceeded):  # the holder is alive: its two leases count
+            await cap.acquire(0, Priority.INTERACTIVE)
+    finally:
+        holder.kill()
+        await holder.wait()
+    leases = [await cap.acquire(0, Priority.INTERACTIVE) for _ in range(2)]
+    assert cap.in_flight() == 2
+    for lease in leases:
+        cap.release(lease)
+    assert cap.in_flight() == 0
+
+
+def test_a_held_lease_is_renewed_and_an_abandoned_one_expires(tmp_path):
+    clock = [1000.0]
+    state = SharedState(tmp_path / "state")
+    mine = ConcurrencyCap(state, 1, lease_s=10, clock=lambda: clock[0])
+    other = ConcurrencyCap(state, 1, lease_s=10, clock=lambda: clock[0])
+    lease = mine._try_acquire(Priority.INTERACTIVE)
+    assert lease is not None
+    for _ in range(5):  # 50 s in use: renewed every 5 s, so it never lapses
+        clock[0] += 5
+        mine.renew()
+        assert other._try_acquire(Priority.INTERACTIVE) is None
+    clock[0] += 10.1  # no renewal (a hung process): the slot comes back
+    assert other._try_acquire(Priority.INTERACTIVE) is not None
+
+
+async def test_a_gateway_killed_mid_call_leaves_no_slot_taken(gateway_for, emulator, tmp_path):
+    config = config_with(
+        tmp_path,
+        ("max_concurrent = 16", "max_concurrent = 2"),
+        ("max_wait_s = 10.0", "max_wait_s = 1.0"),
+    )
+    emulator.app[FAULTS_KEY].add(Fault("hang", seconds=3.0, count=2))
+    gateway = serving_workers(emulator, config, tmp_path / "cache", workers=1)
+    async with gateway as (base, process), aiohttp.ClientSession() as session:
+        calls = [
+            asyncio.ensure_future(session.get(base + path))
+            for path in ("/tiles/olinda/14/6603/8555.png", "/tiles/olinda/14/6604/8555.png")
+        ]
+        await wait_for_fault_taken(emulator)  # both calls are upstream: both slots leased
+        process.kill()
+        await process.wait()
+        await asyncio.gather(*calls, return_exceptions=True)
+    restarted = await gateway_for(emulator, config=config, cache_dir=tmp_path / "cache")
+    response = await restarted.get("/tiles/olinda/14/6605/8555.png")
+    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
