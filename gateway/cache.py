@@ -15,10 +15,20 @@ entered memory, and a memory hit compares that with its layer's purge time, whic
 process re-reads from disk at most once per :data:`PURGE_CHECK_S`: an entry loaded before
 the purge is dropped and the disk consulted instead. A purge therefore reaches every worker
 within about a second; the hit path stays a dict lookup and a comparison.
+
+The disk tier never fails a request. When it cannot write (disk full, read-only, damaged), a
+fetched tile is still served (and kept in the memory tier) but not stored: the first failure
+logs one WARNING line, ``gateway_cache_write_failures_total`` counts each, the
+``gateway_cache_writable`` gauge shows 0 and ``/readyz`` answers 503 until a write works
+again. A read that fails, or an entry that no longer reads back intact (a truncated or
+damaged value), is a cache miss; a damaged entry is deleted and counted in
+``gateway_cache_damaged_entries_total``. A damaged database is rebuilt when the cache opens
+(:func:`gateway.diskcaches.open_diskcache`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,7 +41,14 @@ from pathlib import Path
 
 import diskcache
 
+from gateway import metrics
+from gateway.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
+
 log = logging.getLogger("gateway.cache")
+
+PROBE_BYTES = 40 << 10
+"""Size of the value :meth:`TileCache.probe` writes, bytes: above diskcache's 32 KiB
+threshold, so it needs room for a value file as well as for a database row."""
 
 PURGES_KEY = "meta/purged-at"
 """Disk-tier key of ``{layer name: Unix time of its last purge}``, shared by all processes."""
@@ -152,14 +169,19 @@ class TileCache:
 
     Raises:
         OSError: the directory cannot be created or opened.
+        sqlite3.Error: the database cannot be opened for another reason than damage (a
+            damaged one is rebuilt).
     """
 
     def __init__(self, directory: Path, size_limit_bytes: int, memory_bytes: int = 0) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._disk = diskcache.Cache(
-            str(directory), size_limit=size_limit_bytes, eviction_policy="least-recently-used"
+        self._disk = open_diskcache(
+            directory,
+            "tiles",
+            size_limit=size_limit_bytes,
+            eviction_policy="least-recently-used",
         )
+        self.health = WriteHealth("tiles", directory, metrics.CACHE_WRITABLE)
         self._memory = _MemoryTier(memory_bytes) if memory_bytes > 0 else None
         self._purges: dict[str, float] = {}
         self._purges_checked = float("-inf")  # monotonic time of the last disk read
@@ -269,71 +291,137 @@ class TileCache:
     def claim(self, key: str, seconds: float) -> bool:
         """Atomically claim the fetch of ``key`` for this process for up to ``seconds``.
 
-        False when another process holds the claim (cross-process single-flight).
+        False when another process holds the claim (cross-process single-flight). When the
+        disk cannot record a claim, True: this process fetches without one.
         """
-        return bool(self._disk.add(("claim", key), os.getpid(), expire=seconds))
+        try:
+            return bool(self._disk.add(("claim", key), os.getpid(), expire=seconds))
+        except STORE_ERRORS as exc:
+            self.health.failed(exc, "serving tiles uncached")
+            return True
 
     def claimed(self, key: str) -> bool:
         """Whether a live process holds the claim on ``key`` now (a dead holder's claim is
-        dropped)."""
-        pid = self._disk.get(("claim", key))
-        if pid is None:
+        dropped). False when the disk cannot be read."""
+        try:
+            pid = self._disk.get(("claim", key))
+        except STORE_ERRORS:
+            return False
+        if not isinstance(pid, int):
             return False
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            self._disk.delete(("claim", key))
+            self.release(key)
             return False
         except PermissionError:
             pass  # alive, owned by another user
         return True
 
     def release(self, key: str) -> None:
-        """Drop this process's claim on ``key``."""
-        self._disk.delete(("claim", key))
+        """Drop this process's claim on ``key`` (best effort: a claim that cannot be deleted
+        expires, and a dead holder's is dropped by :meth:`claimed`)."""
+        with contextlib.suppress(*STORE_ERRORS):
+            self._disk.delete(("claim", key))
 
     def get(self, key: str, *, from_disk: bool = False) -> CachedTile | None:
         """The entry for ``key``, fresh or not, or None.
 
         Memory first, then disk; ``from_disk=True`` skips memory, to see what another
-        worker process stored since.
+        worker process stored since. A disk that fails to answer, or an entry that does not
+        read back intact (then deleted), is None: a miss.
         """
         if self._memory is not None and not from_disk:
             tile = self.get_memory(key)
             if tile is not None:
                 return tile
         loaded_at = time.time()
-        tile = self._disk.get(key)
+        try:
+            tile = self._disk.get(key)
+        except STORE_ERRORS as exc:
+            self._read_failed(key, exc)
+            return None
+        except Exception as exc:  # the value no longer unpickles: truncated or damaged
+            self._damaged(key, exc)
+            return None
         if not isinstance(tile, CachedTile):
+            if tile is not None:
+                self._damaged(key, TypeError(type(tile).__name__))
             return None
         if self._memory is not None:
             self._memory.put(key, tile, loaded_at)
         return tile
 
-    def set(self, key: str, tile: CachedTile, keep_s: float) -> None:
-        """Store ``tile``; disk drops it ``keep_s`` seconds from now (TTL plus stale windows)."""
-        self._disk.set(key, tile, expire=keep_s)
+    def _damaged(self, key: str, exc: BaseException) -> None:
+        """Drop an entry that does not read back intact, and say so."""
+        metrics.CACHE_DAMAGED.inc()
+        log.warning(
+            "dropped a damaged tile cache entry for %s (%s); it is fetched again",
+            _layer_of(key) or "a tile",
+            type(exc).__name__,
+        )
+        with contextlib.suppress(*STORE_ERRORS):
+            self._disk.delete(key)
+
+    def _read_failed(self, key: str, exc: BaseException) -> None:
+        # diskcache's LRU policy writes the access time on every read, so a full disk fails
+        # reads too: that is the same unwritable state
+        self.health.failed(exc, "serving tiles uncached")
+        log.debug("tile cache read failed for %s: %s", _layer_of(key), type(exc).__name__)
+
+    def set(self, key: str, tile: CachedTile, keep_s: float) -> bool:
+        """Store ``tile``; disk drops it ``keep_s`` seconds from now (TTL plus stale windows).
+
+        Returns:
+            Whether the disk stored it. When it cannot (disk full, read-only, damaged), the
+            tile is only in this process's memory tier, and the failure is reported once
+            (see the module docstring); nothing is raised.
+        """
         if self._memory is not None:
             self._memory.put(key, tile, time.time())
+        try:
+            self._disk.set(key, tile, expire=keep_s)
+        except STORE_ERRORS as exc:
+            reason = self.health.failed(exc, "serving tiles uncached")
+            metrics.CACHE_WRITE_FAILURES.labels(reason).inc()
+            return False
+        self.health.succeeded()
+        return True
 
     def delete(self, key: str) -> None:
-        """Remove ``key`` from both tiers."""
-        self._disk.delete(key)
+        """Remove ``key`` from both tiers.
+
+        Raises:
+            OSError, sqlite3.Error, diskcache.Timeout: the disk failed.
+        """
         if self._memory is not None:
             self._memory.discard(key)
+        self._disk.delete(key)
 
-    def probe(self) -> bool:
-        """Whether the disk tier accepts a write and reads it back (for readiness checks)."""
-        value = f"probe-{time.time()}"
+    def probe(self) -> tuple[bool, str]:
+        """Whether the disk tier accepts a write of :data:`PROBE_BYTES` and reads it back
+        (for readiness checks): ``(True, "")``, or ``(False, reason)`` with a path-free
+        reason (``disk-full``, ``read-only``, ``damaged``, ``busy``, ``io-error``).
+
+        A probe that works also ends a spell of failed writes (the disk has room again).
+        """
+        value = f"probe-{time.time()}".encode().ljust(PROBE_BYTES, b".")
         try:
             self._disk.set("readyz-probe", value, expire=60)
-            return self._disk.get("readyz-probe") == value
-        except OSError:
-            return False
+            ok = self._disk.get("readyz-probe") == value
+        except STORE_ERRORS as exc:
+            return False, self.health.failed(exc, "serving tiles uncached")
+        if not ok:
+            return False, "io-error"
+        self.health.succeeded()
+        return True, ""
 
     def volume_bytes(self) -> int:
-        """Bytes the disk tier uses (SQLite plus value files)."""
-        return int(self._disk.volume())
+        """Bytes the disk tier uses (SQLite plus value files); 0 when the disk cannot say."""
+        try:
+            return int(self._disk.volume())
+        except STORE_ERRORS:
+            return 0
 
     def close(self) -> None:
         """Close the disk tier and drop the memory tier."""

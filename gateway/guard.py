@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import stamina
@@ -26,6 +26,7 @@ import stamina
 from gateway import metrics
 from gateway.breaker import Breakers, Scope
 from gateway.config import LimitSettings
+from gateway.diskcaches import STORE_ERRORS
 from gateway.limits import (
     Bucket,
     ConcurrencyCap,
@@ -56,6 +57,9 @@ CHARGE_EVERY_BYTES = 8 << 20
 RETRYABLE = (UpstreamServerError, UpstreamTimeout, UpstreamUnavailable)
 """Failures worth another attempt for an idempotent read."""
 
+STATE_RETRY_S = 5.0
+"""Retry-After when the host's limiter state cannot be read or written, seconds."""
+
 
 def _bandwidth_breaker(exc: UpstreamRateLimited) -> bool:
     """Whether a 429 came from the organisation-wide bandwidth circuit breaker."""
@@ -75,6 +79,7 @@ class UpstreamGuard:
     def __init__(self, client: GeoperaClient, state: SharedState, settings: LimitSettings) -> None:
         self.client = client
         self.settings = settings
+        self.state = state
         self.buckets = TokenBuckets(state)
         self.breakers = Breakers(
             state,
@@ -118,10 +123,19 @@ class UpstreamGuard:
         deadline: float,
     ) -> tuple[str, list[Scope]]:
         """Budget, breakers, buckets and a concurrency lease; returns the lease and the
-        breaker scopes this call probes (half-open), whose outcome the caller reports."""
+        breaker scopes this call probes (half-open), whose outcome the caller reports.
+
+        Raises:
+            LimitExceeded: as for :meth:`call`; scope ``state`` when the shared state cannot
+                be read or written (fail closed: no call goes upstream unaccounted).
+            BreakerOpen: a breaker refuses the call.
+        """
         scopes = (Scope(operation), Scope(operation, asset))
-        self.budget.check()
-        probes = self.breakers.check(scopes)
+        try:
+            self.budget.check()
+            probes = self.breakers.check(scopes)
+        except STORE_ERRORS as exc:
+            raise self._state_failed(exc) from None
         started = time.monotonic()
         try:
             buckets, costs = self._buckets(operation, asset)
@@ -133,14 +147,43 @@ class UpstreamGuard:
                     max(0.0, deadline - time.monotonic()), priority
                 )
         except LimitExceeded as exc:
-            self.breakers.abandon(probes)
+            self._abandon(probes)
             metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
             raise
+        except STORE_ERRORS as exc:
+            self._abandon(probes)
+            raise self._state_failed(exc) from None
         except BaseException:
-            self.breakers.abandon(probes)
+            self._abandon(probes)
             raise
+        self.state.health.succeeded()
         metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
         return lease, probes
+
+    def _state_failed(self, exc: BaseException) -> LimitExceeded:
+        """The refusal for a call whose limits cannot be checked (reported once per change)."""
+        self.state.health.failed(exc, "refusing upstream calls")
+        metrics.LIMITER_REJECTIONS.labels("state").inc()
+        return LimitExceeded(
+            "state", STATE_RETRY_S, "the host's limiter state cannot be read or written"
+        )
+
+    @contextlib.contextmanager
+    def _bookkeeping(self) -> Iterator[None]:
+        """Accounting after a call (release, breakers, bytes): a state that cannot be
+        written is reported, never raised, so the answer already received is served."""
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            self.state.health.failed(exc, "refusing upstream calls")
+
+    def _abandon(self, probes: list[Scope]) -> None:
+        with self._bookkeeping():
+            self.breakers.abandon(probes)
+
+    def _release(self, lease: str) -> None:
+        with self._bookkeeping():
+            self.concurrency.release(lease)
 
     async def call(
         self,
@@ -186,11 +229,12 @@ class UpstreamGuard:
             self._failed(operation, asset, exc)
             raise
         except BaseException:  # cancelled: the probe, if any, learnt nothing
-            self.breakers.abandon(probes)
+            self._abandon(probes)
             raise
         finally:
-            self.concurrency.release(lease)
-        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+            self._release(lease)
+        with self._bookkeeping():
+            self.breakers.record_success((Scope(operation), Scope(operation, asset)))
         await self._received(operation, len(response.content))
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
@@ -206,6 +250,10 @@ class UpstreamGuard:
         upstream alive and closes the call's breakers.
         """
         metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
+        with self._bookkeeping():
+            self._record_outcome(operation, asset, exc)
+
+    def _record_outcome(self, operation: str, asset: str, exc: UpstreamError) -> None:
         scopes = (Scope(operation), Scope(operation, asset))
         if isinstance(exc, UpstreamRateLimited):
             exc.retry_after_s = min(exc.retry_after_s, self.settings.max_retry_after_s)
@@ -224,11 +272,14 @@ class UpstreamGuard:
         bytes bucket asks the caller to pause, seconds."""
         if nbytes <= 0:
             return 0.0
-        self.budget.add(nbytes)
         metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
+        level = 0.0
+        with self._bookkeeping():
+            self.budget.add(nbytes)
+            if self._bytes is not None:
+                level = self.buckets.charge(self._bytes, float(nbytes))
         if self._bytes is None:
             return 0.0
-        level = self.buckets.charge(self._bytes, float(nbytes))
         return max(0.0, -level / self._bytes.rate)
 
     @contextlib.asynccontextmanager
@@ -275,10 +326,11 @@ class UpstreamGuard:
             self._failed(operation, asset, exc)
             raise
         except BaseException:  # the reader gave up or was cancelled: no verdict on the upstream
-            self.breakers.abandon(probes)
+            self._abandon(probes)
             raise
         finally:
-            self.concurrency.release(lease)
-        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+            self._release(lease)
+        with self._bookkeeping():
+            self.breakers.record_success((Scope(operation), Scope(operation, asset)))
         metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import diskcache
+from gateway.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
 
 
 class Priority(enum.IntEnum):
@@ -72,13 +72,33 @@ class LimitExceeded(Exception):
 class SharedState:
     """The diskcache holding limiter, breaker and budget state for every worker on a host.
 
+    A damaged database is moved aside and started empty when it opens (buckets start full,
+    breakers closed: see :func:`gateway.diskcaches.open_diskcache`). ``health`` follows
+    whether its disk accepts writes.
+
     Raises:
         OSError: the directory cannot be created.
+        sqlite3.Error: the database cannot be opened for another reason than damage.
     """
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.cache = diskcache.Cache(str(directory), timeout=5, eviction_policy="none")
+        self.directory = directory
+        self.cache = open_diskcache(directory, "state", timeout=5, eviction_policy="none")
+        self.health = WriteHealth("state", directory)
+
+    def probe(self) -> tuple[bool, str]:
+        """Whether the state accepts a write and reads it back (readiness): ``(True, "")``
+        or ``(False, reason)`` (see :func:`gateway.diskcaches.failure_reason`)."""
+        value = time.time()
+        try:
+            self.cache.set("readyz-probe", value, expire=60)
+            ok = self.cache.get("readyz-probe") == value
+        except STORE_ERRORS as exc:
+            return False, self.health.failed(exc, "refusing upstream calls")
+        if not ok:
+            return False, "io-error"
+        self.health.succeeded()
+        return True, ""
 
     def close(self) -> None:
         """Close the SQLite connection of this process."""
@@ -207,6 +227,7 @@ class ConcurrencyCap:
     def __init__(
         self, state: SharedState, limit: int, lease_s: float = LEASE_S, clock=time.time
     ) -> None:
+        self._state = state
         self._cache = state.cache
         self.limit = limit
         self.lease_s = lease_s
@@ -272,7 +293,10 @@ class ConcurrencyCap:
     async def _renew_while_held(self) -> None:
         while self._held:
             await asyncio.sleep(self.lease_s / 4)
-            self.renew()
+            try:
+                self.renew()
+            except STORE_ERRORS as exc:  # tried again next round; the lease may lapse
+                self._state.health.failed(exc, "refusing upstream calls")
 
     def renew(self) -> None:
         """Extend this process's leases to ``lease_s`` from now (one transaction). A lease
@@ -306,7 +330,8 @@ class ConcurrencyCap:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         for lease in list(self._held):
-            self.release(lease)
+            with contextlib.suppress(*STORE_ERRORS):
+                self.release(lease)
 
 
 class EgressBudget:

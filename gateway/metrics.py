@@ -20,6 +20,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -77,6 +78,25 @@ LIMITER_REJECTIONS = Counter(
 )
 CLIENT_REJECTIONS = Counter(
     "gateway_client_rate_limited_total", "Client requests answered 429 by the per-client rate limit"
+)
+STORE_REBUILDS = Counter(
+    "gateway_store_rebuilds_total",
+    "Damaged SQLite stores moved aside and started empty, by store (tiles, state, downloads)",
+    ["store"],
+)
+CACHE_DAMAGED = Counter(
+    "gateway_cache_damaged_entries_total",
+    "Tile cache entries that could not be read back intact (dropped, served as a miss)",
+)
+CACHE_WRITE_FAILURES = Counter(
+    "gateway_cache_write_failures_total",
+    "Tile cache writes that failed, by reason (disk full, read-only, damaged, busy, I/O error)",
+    ["reason"],
+)
+CACHE_WRITABLE = Gauge(
+    "gateway_cache_writable",
+    "1 while the tile cache accepts writes, 0 while tiles are served uncached",
+    multiprocess_mode="livemin",
 )
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,16 +26,25 @@ import pytest
 from gateway.breaker import BreakerOpen, Breakers, Scope
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.limits import ConcurrencyCap, LimitExceeded, Priority, SharedState
+from gateway.routes.tiles import parse_tile
+from gateway.state import LAYERS, TILE_SERVICE
 from tests.conftest import PLANTED_KEY, config_with
 from tests.test_cli import serving_workers
 
-OLINDA = "/tiles/olinda/13/3302/4278.png"
+OLINDA = "/tiles/olinda/13/3302/4278.png"  # an 82 kB PNG
+OLINDA_Z14 = "/tiles/olinda/14/6603/8555.png"  # a 23 kB PNG
 ATTEMPTS = 3  # retry_attempts in the demo config
 
 
 async def problem(response) -> dict:
     assert response.headers["Content-Type"] == "application/problem+json"
     return await response.json(content_type=None)
+
+
+def tile_key(client, path: str) -> str:
+    """The cache key of a ``/tiles/{layer}/{z}/{x}/{y}.{fmt}`` path."""
+    _, _, layer, z, x, tail = path.split("/")
+    return parse_tile(client.server.app[LAYERS][layer], z, x, tail).key
 
 
 def log_text(caplog: pytest.LogCaptureFixture) -> str:
@@ -253,3 +269,185 @@ async def test_a_gateway_killed_mid_call_leaves_no_slot_taken(gateway_for, emula
     restarted = await gateway_for(emulator, config=config, cache_dir=tmp_path / "cache")
     response = await restarted.get("/tiles/olinda/14/6605/8555.png")
     assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+
+
+# --------------------------------------------------------------------------- damaged stores
+
+
+async def metric(client, name: str) -> float:
+    """The value of the first sample of ``name`` (a full series name) at /metrics; 0 if none."""
+    text = await (await client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+STORES = {"tiles": "cache", "state": "cache-state", "downloads": "cache-downloads/index"}
+"""Each store's directory under the test's tmp_path (the defaults for cache directory
+``tmp_path/cache``)."""
+
+
+def damage(db: Path, how: str) -> None:
+    """Write garbage over all of ``db``, or over everything after its first page."""
+    if how == "all":
+        db.write_bytes(b"this is not an SQLite database; " * 1024)
+    else:
+        with db.open("r+b") as f:
+            f.seek(4096)
+            size = max(db.stat().st_size - 4096, 4096 * 4)
+            f.write(b"\xa5" * size)
+
+
+@pytest.mark.parametrize(
+    ("store", "how"),
+    [("tiles", "all"), ("tiles", "after-page-1"), ("state", "all"), ("downloads", "all")],
+)
+async def test_a_damaged_store_is_rebuilt_at_start(
+    gateway_for, emulator, tmp_path, caplog, store, how
+):
+    first = await gateway_for(emulator)
+    assert (await first.get(OLINDA)).status == 200
+    series = f'gateway_store_rebuilds_total{{store="{store}"}}'
+    before = await metric(first, series)
+    await first.close()
+    directory = tmp_path / STORES[store]
+    damage(directory / "cache.db", how)
+    second = await gateway_for(emulator)  # starts: the damaged store is started afresh
+    response = await second.get(OLINDA)
+    assert response.status == 200
+    assert (await second.get("/readyz")).status == 200
+    assert await metric(second, series) == before + 1
+    lines = [r for r in caplog.records if "was damaged" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert f"the {store} store" in lines[0].getMessage()
+    assert (directory / "cache.db.damaged").is_file()
+    assert "Traceback" not in log_text(caplog)
+
+
+@pytest.mark.parametrize(("path", "where"), [(OLINDA, "file"), (OLINDA_Z14, "row")])
+async def test_a_truncated_tile_value_is_a_miss_and_is_replaced(
+    gateway_for, emulator, tmp_path, path, where
+):
+    config = config_with(tmp_path, ("memory_bytes = 67_108_864", "memory_bytes = 0"))
+    client = await gateway_for(emulator, config=config)
+    assert (await client.get(path)).headers["X-Cache"] == "MISS"
+    directory = tmp_path / "cache"
+    if where == "file":  # an 82 kB tile: diskcache keeps it in a value file
+        (value,) = [p for p in directory.rglob("*.val") if p.stat().st_size > 60_000]
+        value.write_bytes(value.read_bytes()[: value.stat().st_size // 2])
+    else:  # a 23 kB tile: kept in its database row
+        with contextlib.closing(sqlite3.connect(directory / "cache.db")) as db, db:
+            changed = db.execute(
+                "UPDATE Cache SET value = substr(value, 1, length(value) / 2)"
+                " WHERE filename IS NULL AND length(value) > 10000"
+            ).rowcount
+        assert changed == 1
+    before = await metric(client, "gateway_cache_damaged_entries_total")
+    again = await client.get(path)
+    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+    assert await metric(client, "gateway_cache_damaged_entries_total") == before + 1
+    assert (await client.get(path)).headers["X-Cache"] == "HIT"  # stored intact again
+    assert emulator.renders() == 2
+    assert (await client.get("/readyz")).status == 200
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a real disk that fills up (skips when it cannot be mounted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file on ``disk`` until it is full; returns it (delete it to make room)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0")
+    return filler
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and text in r.getMessage()
+    ]
+
+
+async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
+    gateway_for, emulator, tmp_path, small_disk, caplog
+):
+    config = config_with(
+        tmp_path,
+        ("empty_ttl_s = 300", f'empty_ttl_s = 300\nstate_directory = "{tmp_path / "state"}"'),
+        (
+            "size_limit_bytes = 10_737_418_240",
+            f'size_limit_bytes = 10_737_418_240\ndirectory = "{tmp_path / "downloads"}"',
+        ),
+    )
+    client = await gateway_for(emulator, config=config, cache_dir=small_disk / "tiles")
+    assert (await client.get("/readyz")).status == 200
+    filler = fill(small_disk)
+
+    for path in (OLINDA, OLINDA_Z14):
+        fresh = await client.get(path)
+        assert fresh.status == 200 and fresh.headers["X-Cache"] == "MISS"
+        assert (await fresh.read()).startswith(b"\x89PNG")
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    report = await ready.json()
+    assert report["checks"]["cache_writable"] is False
+    assert "disk-full" in report["reason"] and "uncached" in report["reason"]
+    assert await metric(client, "gateway_cache_writable") == 0
+    assert await metric(client, 'gateway_cache_write_failures_total{reason="disk-full"}') >= 2
+    assert len(warnings_about(caplog, "the tiles store cannot write (disk-full)")) == 1
+
+    filler.unlink()  # room again: ready, and tiles are stored again
+    assert (await client.get("/readyz")).status == 200
+    assert await metric(client, "gateway_cache_writable") == 1
+    stored = await client.get("/tiles/olinda/14/6604/8556.png")
+    assert stored.status == 200 and stored.headers["X-Cache"] == "MISS"
+    key = client.server.app[TILE_SERVICE].cache
+    assert key.get(tile_key(client, "/tiles/olinda/14/6604/8556.png"), from_disk=True)
+    assert "Traceback" not in log_text(caplog)
+
+
+async def test_a_full_disk_under_everything_answers_no_500(
+    gateway_for, emulator, small_disk, caplog
+):
+    client = await gateway_for(emulator, cache_dir=small_disk / "tiles")  # state, downloads too
+    assert (await client.get(OLINDA)).status == 200
+    fill(small_disk)
+    hit = await client.get(OLINDA)  # in memory
+    assert hit.status == 200 and hit.headers["X-Cache"] == "HIT"
+    miss = await client.get(OLINDA_Z14)  # the limiter cannot record the call: fail closed
+    assert miss.status == 503 and int(miss.headers["Retry-After"]) >= 1
+    assert (await problem(miss))["type"].endswith("limiter-unavailable")
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    checks = (await ready.json())["checks"]
+    assert checks["cache_writable"] is False and checks["state_writable"] is False
+    assert (await client.get("/metrics")).status == 200
+    assert "Traceback" not in log_text(caplog)

@@ -7,7 +7,8 @@ import asyncio
 from aiohttp import web
 
 from gateway import metrics
-from gateway.state import GUARD, TILE_CACHE, UPSTREAM
+from gateway.diskcaches import STORE_ERRORS
+from gateway.state import GUARD, SHARED_STATE, TILE_CACHE, UPSTREAM
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -18,27 +19,44 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when this worker can serve, 503 when it cannot.
 
-    Ready means the config loaded (the app exists) and the tile cache accepts a write and
-    reads it back. Upstream reachability and open breakers are reported too but do not make
-    the gateway unready: with the upstream down it still serves every cached tile, which a
-    load balancer should keep sending it traffic for.
+    Ready means the config loaded (the app exists), the tile cache accepts a write and reads
+    it back (else fetched tiles are served uncached), and so does the host's limiter state
+    (else no call goes upstream); a 503 says why in ``reason``. Upstream reachability,
+    breakers refusing calls and the egress budget are reported too but do not make the
+    gateway unready: with the upstream down it still serves every cached tile, which a load
+    balancer should keep sending it traffic for.
     """
-    cache_ok = await asyncio.to_thread(request.app[TILE_CACHE].probe)
-    guard = request.app[GUARD]
-    open_breakers = [
-        f"{b.scope.operation} ({b.scope.kind}, {b.state})" for b in guard.breakers.statuses()
-    ]
-    body = {
-        "status": "ready" if cache_ok else "unready",
+    app = request.app
+    cache_ok, cache_why = await asyncio.to_thread(app[TILE_CACHE].probe)
+    state_ok, state_why = await asyncio.to_thread(app[SHARED_STATE].probe)
+    guard = app[GUARD]
+    reasons = []
+    if not cache_ok:
+        reasons.append(f"the tile cache cannot store tiles ({cache_why}): serving them uncached")
+    if not state_ok:
+        reasons.append(f"the limiter state cannot be written ({state_why}): no upstream calls")
+    try:
+        open_breakers: list[str] | None = [
+            f"{b.scope.operation} ({b.scope.kind}, {b.state})" for b in guard.breakers.statuses()
+        ]
+        budget_left = guard.budget.remaining()
+    except STORE_ERRORS:
+        open_breakers, budget_left = None, None
+    ready = cache_ok and state_ok
+    body: dict[str, object] = {
+        "status": "ready" if ready else "unready",
         "checks": {
             "config": "ok",
             "cache_writable": cache_ok,
-            "upstream_reachable": await request.app[UPSTREAM].ping(),
+            "state_writable": state_ok,
+            "upstream_reachable": await app[UPSTREAM].ping(),
             "open_breakers": open_breakers,
-            "egress_budget_remaining_bytes": guard.budget.remaining(),
+            "egress_budget_remaining_bytes": budget_left,
         },
     }
-    return web.json_response(body, status=200 if cache_ok else 503)
+    if reasons:
+        body["reason"] = "; ".join(reasons)
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -36,8 +36,9 @@ def upstream_problem(exc: Exception, subject: str, scope: str) -> Problem:
         scope: the Geopera scope the operation needs, for the operator's log line.
 
     Returns:
-        503 + Retry-After (daily budget spent, limiter queue full, breaker open, upstream
-        429), 502 (credentials refused, quota spent, any other failure), 504 (timeout).
+        503 + Retry-After (daily budget spent, limiter queue full or its state unusable,
+        breaker open, upstream 429), 502 (credentials refused, quota spent, any other
+        failure), 504 (timeout).
     """
     if isinstance(exc, LimitExceeded):
         retry, headers = _retry(exc.retry_after_s)
@@ -49,6 +50,15 @@ def upstream_problem(exc: Exception, subject: str, scope: str) -> Problem:
                 "budget is spent; only cached data is served until it renews at "
                 "00:00 UTC.",
                 slug="egress-budget-spent",
+                headers=headers,
+            )
+        if exc.scope == "state":
+            return Problem(
+                503,
+                "Upstream limiter unavailable",
+                "The gateway cannot read or write its own upstream limits (its disk is full "
+                f"or damaged), so it sends nothing upstream; retry after {retry} s.",
+                slug="limiter-unavailable",
                 headers=headers,
             )
         return Problem(
