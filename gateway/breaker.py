@@ -36,6 +36,9 @@ from gateway.limits import SharedState
 PROBE_TIMEOUT_S = 30.0
 """How long a half-open probe may take before another caller may probe, seconds."""
 
+BREAKER_PREFIX = "breaker/"
+"""Start of every breaker key in the shared state (operation ids hold no ``/``)."""
+
 DEFAULT_MAX_OPEN_S = 3600.0
 """Longest a breaker stays open for one 429, seconds (``limits.max_retry_after_s``)."""
 
@@ -54,9 +57,10 @@ class Scope:
         return "asset" if self.asset is not None else "operation"
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        """The breaker's key in the shared state."""
-        return ("breaker", self.operation, self.asset or "")
+    def key(self) -> str:
+        """The breaker's key in the shared state, ``breaker/<operation>/<asset or "">`` (a
+        string: diskcache stores string keys as they are, other keys pickled)."""
+        return f"{BREAKER_PREFIX}{self.operation}/{self.asset or ''}"
 
 
 @dataclass(slots=True)
@@ -234,7 +238,7 @@ class Breakers:
         """Breakers that refuse calls now, open or half-open (for metrics and /readyz)."""
         now = time.time()
         for key in list(self._cache.iterkeys()):
-            if isinstance(key, tuple) and key and key[0] == "breaker":
+            if isinstance(key, str) and key.startswith(BREAKER_PREFIX):
                 stored = self._cache.get(key)
                 if not isinstance(stored, _State):
                     continue
@@ -242,4 +246,5 @@ class Breakers:
                 self._capped(state, now)
                 refusal = self._refusal(state, now)
                 if refusal is not None:
-                    yield BreakerStatus(Scope(key[1], key[2] or None), *refusal)
+                    operation, _, asset = key.removeprefix(BREAKER_PREFIX).partition("/")
+                    yield BreakerStatus(Scope(operation, asset or None), *refusal)

@@ -16,6 +16,12 @@ process re-reads from disk at most once per :data:`PURGE_CHECK_S`: an entry load
 the purge is dropped and the disk consulted instead. A purge therefore reaches every worker
 within about a second; the hit path stays a dict lookup and a comparison.
 
+Disk work from the tile service runs in one I/O thread per cache (:meth:`TileCache.load`,
+:meth:`TileCache.store`, :meth:`TileCache.run`): a flood of cache misses then costs the event
+loop a thread hop per disk operation instead of SQLite transactions and value pickling, and
+memory hits never wait behind it. The blocking methods (``get``, ``set``...) remain for
+commands and threads.
+
 The disk tier never fails a request. When it cannot write (disk full, read-only, damaged), a
 fetched tile is still served (and kept in the memory tier) but not stored: the first failure
 logs one WARNING line, ``gateway_cache_write_failures_total`` counts each, the
@@ -28,7 +34,9 @@ damaged value), is a cache miss; a damaged entry is deleted and counted in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -36,8 +44,10 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import diskcache
 
@@ -45,6 +55,8 @@ from gateway import metrics
 from gateway.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
 
 log = logging.getLogger("gateway.cache")
+
+T = TypeVar("T")
 
 PROBE_BYTES = 40 << 10
 """Size of the value :meth:`TileCache.probe` writes, bytes: above diskcache's 32 KiB
@@ -106,6 +118,12 @@ def make_tile(
     """A :class:`CachedTile` fresh for ``ttl_s`` seconds from ``now``."""
     start = time.time() if now is None else now
     return CachedTile(body, media_type, strong_etag(body), start + ttl_s, empty, fetch_s)
+
+
+def _claim_key(key: str) -> str:
+    """The disk key of the cross-process claim on tile ``key`` (a string key: diskcache
+    stores those as they are, and pickles any other)."""
+    return "claim/" + key
 
 
 def _layer_of(key: str) -> str:
@@ -182,9 +200,13 @@ class TileCache:
             eviction_policy="least-recently-used",
         )
         self.health = WriteHealth("tiles", directory, metrics.CACHE_WRITABLE)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-cache-io")
         self._memory = _MemoryTier(memory_bytes) if memory_bytes > 0 else None
         self._purges: dict[str, float] = {}
         self._purges_checked = float("-inf")  # monotonic time of the last disk read
+        self._refresher: asyncio.Task[None] | None = None
+        if self._memory is not None:
+            self._refresh_purges()  # now, before serving: then the refresher keeps them
 
     def get_memory(self, key: str) -> CachedTile | None:
         """The entry for ``key`` if this process's memory tier holds it (no disk access,
@@ -205,16 +227,39 @@ class TileCache:
 
     def _purged_at(self, layer: str) -> float:
         """Unix time of ``layer``'s last purge (0.0 if never), as of at most
-        :data:`PURGE_CHECK_S` ago."""
-        now = time.monotonic()
-        if now - self._purges_checked >= PURGE_CHECK_S:
-            self._purges_checked = now
-            try:
-                self._load_purges()
-            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
-                # keep serving from memory with the marks known so far; retried next second
-                log.warning("cannot read purge times from the tile cache: %s", exc)
+        :data:`PURGE_CHECK_S` ago.
+
+        While an event loop uses this cache (:meth:`load`, :meth:`store`), a task re-reads
+        the marks in the I/O thread every half :data:`PURGE_CHECK_S`, so the serving thread
+        never waits on the disk for them; otherwise (commands) they are re-read here.
+        """
+        if time.monotonic() - self._purges_checked >= PURGE_CHECK_S:
+            self._refresh_purges()
         return self._purges.get(layer, 0.0)
+
+    def _keep_purges_fresh(self) -> None:
+        """Start the task that re-reads the purge marks (on the event loop's thread)."""
+        if self._memory is not None and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.ensure_future(self._refresh_purges_forever())
+
+    async def _refresh_purges_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_CHECK_S / 2)
+            try:
+                await self.run(self._refresh_purges)
+            except RuntimeError:  # the cache was closed
+                return
+
+    def _refresh_purges(self) -> None:
+        """Re-read the purge marks (in any thread); they are as of when the read began."""
+        started = time.monotonic()
+        try:
+            self._load_purges()
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            # keep serving from memory with the marks known so far; retried next second
+            log.warning("cannot read purge times from the tile cache: %s", exc)
+        finally:
+            self._purges_checked = started
 
     def _load_purges(self) -> None:
         """Merge the disk's purge times into this process's copy (never moving one back).
@@ -295,7 +340,7 @@ class TileCache:
         disk cannot record a claim, True: this process fetches without one.
         """
         try:
-            return bool(self._disk.add(("claim", key), os.getpid(), expire=seconds))
+            return bool(self._disk.add(_claim_key(key), os.getpid(), expire=seconds))
         except STORE_ERRORS as exc:
             self.health.failed(exc, "serving tiles uncached")
             return True
@@ -304,7 +349,7 @@ class TileCache:
         """Whether a live process holds the claim on ``key`` now (a dead holder's claim is
         dropped). False when the disk cannot be read."""
         try:
-            pid = self._disk.get(("claim", key))
+            pid = self._disk.get(_claim_key(key))
         except STORE_ERRORS:
             return False
         if not isinstance(pid, int):
@@ -322,10 +367,17 @@ class TileCache:
         """Drop this process's claim on ``key`` (best effort: a claim that cannot be deleted
         expires, and a dead holder's is dropped by :meth:`claimed`)."""
         with contextlib.suppress(*STORE_ERRORS):
-            self._disk.delete(("claim", key))
+            self._disk.delete(_claim_key(key))
+
+    def release_soon(self, key: str) -> None:
+        """Queue :meth:`release` of ``key`` in the I/O thread without waiting (after any disk
+        work queued before it, such as the claimed tile's write); safe while cancelled."""
+        with contextlib.suppress(RuntimeError):  # the cache is closed: the claim expires
+            self._io.submit(self.release, key)
 
     def get(self, key: str, *, from_disk: bool = False) -> CachedTile | None:
-        """The entry for ``key``, fresh or not, or None.
+        """The entry for ``key``, fresh or not, or None (blocking; from async code use
+        :meth:`load`).
 
         Memory first, then disk; ``from_disk=True`` skips memory, to see what another
         worker process stored since. A disk that fails to answer, or an entry that does not
@@ -336,6 +388,57 @@ class TileCache:
             if tile is not None:
                 return tile
         loaded_at = time.time()
+        tile = self.read_disk(key)
+        if tile is not None and self._memory is not None:
+            self._memory.put(key, tile, loaded_at)
+        return tile
+
+    async def load(self, key: str) -> CachedTile | None:
+        """Like ``get(key, from_disk=True)``, with the disk read in this cache's I/O thread,
+        so the event loop never waits on SQLite or the file system."""
+        self._keep_purges_fresh()
+        loaded_at = time.time()
+        tile = await self.run(self.read_disk, key)
+        if tile is not None and self._memory is not None:
+            self._memory.put(key, tile, loaded_at)
+        return tile
+
+    async def store(self, key: str, tile: CachedTile, keep_s: float) -> bool:
+        """Like :meth:`set`, with the disk write in this cache's I/O thread."""
+        self._keep_purges_fresh()
+        if self._memory is not None:
+            self._memory.put(key, tile, time.time())
+        return await self.run(self.write_disk, key, tile, keep_s)
+
+    async def run(self, method: Callable[..., T], *args: object) -> T:
+        """Run a disk-only method of this cache (:meth:`read_disk`, :meth:`write_disk`,
+        :meth:`claim`, :meth:`claimed`, :meth:`release`) in its I/O thread and wait for it.
+
+        One thread per cache: its SQLite work is serialised there (no lock contention
+        between this process's own threads), and never blocks the event loop. Methods that
+        touch the memory tier must not be run here (it belongs to the event loop's thread).
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, functools.partial(method, *args))
+
+    def read_or_claim(self, key: str, seconds: float) -> tuple[CachedTile | None, bool]:
+        """The disk entry for ``key`` and, unless it is fresh, :meth:`claim` on it for
+        ``seconds``: ``(entry or None, claimed)``. One trip for a miss's two first steps;
+        disk only (run it with :meth:`run`, then :meth:`remember` a fresh entry)."""
+        tile = self.read_disk(key)
+        if tile is not None and tile.is_fresh():
+            return tile, False
+        return tile, self.claim(key, seconds)
+
+    def remember(self, key: str, tile: CachedTile, loaded_at: float) -> None:
+        """Put ``tile``, read from disk at Unix time ``loaded_at`` (taken before the read),
+        in this process's memory tier (on the serving thread)."""
+        if self._memory is not None:
+            self._memory.put(key, tile, loaded_at)
+
+    def read_disk(self, key: str) -> CachedTile | None:
+        """The disk tier's entry for ``key``, or None (also when the disk fails, or the entry
+        does not read back intact: then it is deleted). Disk only: safe in any thread."""
         try:
             tile = self._disk.get(key)
         except STORE_ERRORS as exc:
@@ -348,8 +451,6 @@ class TileCache:
             if tile is not None:
                 self._damaged(key, TypeError(type(tile).__name__))
             return None
-        if self._memory is not None:
-            self._memory.put(key, tile, loaded_at)
         return tile
 
     def _damaged(self, key: str, exc: BaseException) -> None:
@@ -371,6 +472,7 @@ class TileCache:
 
     def set(self, key: str, tile: CachedTile, keep_s: float) -> bool:
         """Store ``tile``; disk drops it ``keep_s`` seconds from now (TTL plus stale windows).
+        Blocking; from async code use :meth:`store`.
 
         Returns:
             Whether the disk stored it. When it cannot (disk full, read-only, damaged), the
@@ -379,6 +481,10 @@ class TileCache:
         """
         if self._memory is not None:
             self._memory.put(key, tile, time.time())
+        return self.write_disk(key, tile, keep_s)
+
+    def write_disk(self, key: str, tile: CachedTile, keep_s: float) -> bool:
+        """The disk half of :meth:`set` (safe in any thread); returns whether it stored."""
         try:
             self._disk.set(key, tile, expire=keep_s)
         except STORE_ERRORS as exc:
@@ -424,7 +530,13 @@ class TileCache:
             return 0
 
     def close(self) -> None:
-        """Close the disk tier and drop the memory tier."""
+        """Stop the I/O thread (after its queued work), close the disk tier in every thread
+        that used it, and drop the memory tier."""
         if self._memory is not None:
             self._memory.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        with contextlib.suppress(RuntimeError):  # already shut down
+            self._io.submit(self._disk.close)
+        self._io.shutdown(wait=True)
         self._disk.close()

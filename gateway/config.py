@@ -36,7 +36,7 @@ DEFAULT_CACHE_DIR = ".cache/geopera-gateway/tiles"
 class UpstreamSettings:
     """How to reach Geopera: base URL, credentials and HTTP client limits.
 
-    Timeouts are in seconds; ``max_connections`` bounds the httpx connection pool.
+    Timeouts are in seconds; ``max_connections`` bounds each upstream connection pool.
     """
 
     base_url: str

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import stamina
@@ -101,7 +101,7 @@ class UpstreamGuard:
         """The buckets one call draws from, and what it takes from each up front.
 
         The bytes bucket takes nothing up front (the size is unknown): a call waits while it
-        is in deficit, and :meth:`_charge_bytes` takes the bytes received afterwards.
+        is in deficit, and :meth:`_account` takes the bytes received afterwards.
         """
         op = self.settings.rate_for(operation)
         asset_rate = self.settings.asset
@@ -125,40 +125,107 @@ class UpstreamGuard:
         """Budget, breakers, buckets and a concurrency lease; returns the lease and the
         breaker scopes this call probes (half-open), whose outcome the caller reports.
 
+        The shared-state work runs in the state's I/O thread (:meth:`SharedState.run`), so
+        the event loop keeps serving cache hits meanwhile.
+
         Raises:
             LimitExceeded: as for :meth:`call`; scope ``state`` when the shared state cannot
                 be read or written (fail closed: no call goes upstream unaccounted).
             BreakerOpen: a breaker refuses the call.
         """
-        scopes = (Scope(operation), Scope(operation, asset))
-        try:
-            self.budget.check()
-            probes = self.breakers.check(scopes)
-        except STORE_ERRORS as exc:
-            raise self._state_failed(exc) from None
         started = time.monotonic()
+        # a local slot free now: ask for the lease in the same trip to the state's thread
+        slot = not self._local_slots.locked()
+        if slot:
+            await self._local_slots.acquire()  # free: returns at once
         try:
-            buckets, costs = self._buckets(operation, asset)
-            wait = self.buckets.reserve(buckets, costs, max(0.0, deadline - started), priority)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            async with self._local_slots:
-                lease = await self.concurrency.acquire(
-                    max(0.0, deadline - time.monotonic()), priority
-                )
-        except LimitExceeded as exc:
-            self._abandon(probes)
-            metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+            probes, wait, lease = await self.state.run_or_undo(
+                self._check_and_reserve,
+                operation,
+                asset,
+                priority,
+                deadline - started,
+                slot,
+                undo=self._undo_admission,
+            )
+        except BaseException as exc:
+            if slot:
+                self._local_slots.release()
+            if isinstance(exc, LimitExceeded):
+                metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+            elif isinstance(exc, STORE_ERRORS):
+                raise self._state_failed(exc) from None
             raise
-        except STORE_ERRORS as exc:
-            self._abandon(probes)
-            raise self._state_failed(exc) from None
-        except BaseException:
-            self._abandon(probes)
-            raise
+        if lease is not None:
+            self.concurrency.keep_renewed()
+        else:
+            if slot:
+                self._local_slots.release()  # not while waiting for tokens: others may go
+            try:
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                lease = await self._acquire_slot(deadline, priority)
+            except LimitExceeded as exc:
+                self._abandon(probes)
+                metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+                raise
+            except STORE_ERRORS as exc:
+                self._abandon(probes)
+                raise self._state_failed(exc) from None
+            except BaseException:
+                self._abandon(probes)
+                raise
         self.state.health.succeeded()
         metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
         return lease, probes
+
+    def _check_and_reserve(
+        self, operation: str, asset: str, priority: Priority, max_wait_s: float, lease: bool
+    ) -> tuple[list[Scope], float, str | None]:
+        """In the state's I/O thread: the budget, the breakers (returns the scopes probed),
+        the token buckets (returns the wait for the tokens reserved, seconds) and, when
+        ``lease`` and no wait is needed, a concurrency lease (else None)."""
+        self.budget.check()
+        probes = self.breakers.check((Scope(operation), Scope(operation, asset)))
+        try:
+            buckets, costs = self._buckets(operation, asset)
+            wait = self.buckets.reserve(buckets, costs, max(0.0, max_wait_s), priority)
+            held = self.concurrency.try_acquire(priority) if lease and wait <= 0 else None
+        except BaseException:
+            self.breakers.abandon(probes)
+            raise
+        return probes, wait, held
+
+    def _undo_admission(self, admitted: tuple[list[Scope], float, str | None]) -> None:
+        """In the state's I/O thread: give back what an admission took for a caller that
+        was cancelled meanwhile (its probes, its lease)."""
+        probes, _, lease = admitted
+        self.breakers.abandon(probes)
+        if lease is not None:
+            self.concurrency.release(lease)
+
+    async def _acquire_slot(self, deadline: float, priority: Priority) -> str:
+        """A slot of this process (held until :meth:`_release`), then a host-wide lease.
+
+        This process's callers queue on a local semaphore of ``max_concurrent`` slots, so
+        with one worker nobody polls the shared state for a lease; only leases held by other
+        worker processes make a caller poll.
+
+        Raises:
+            LimitExceeded: no slot before ``deadline`` (monotonic seconds).
+        """
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._local_slots.acquire()
+        except TimeoutError:
+            raise LimitExceeded(
+                "concurrency", 1.0, "concurrency limit: every upstream slot is busy"
+            ) from None
+        try:
+            return await self.concurrency.acquire(max(0.0, deadline - time.monotonic()), priority)
+        except BaseException:
+            self._local_slots.release()
+            raise
 
     def _state_failed(self, exc: BaseException) -> LimitExceeded:
         """The refusal for a call whose limits cannot be checked (reported once per change)."""
@@ -168,22 +235,15 @@ class UpstreamGuard:
             "state", STATE_RETRY_S, "the host's limiter state cannot be read or written"
         )
 
-    @contextlib.contextmanager
-    def _bookkeeping(self) -> Iterator[None]:
-        """Accounting after a call (release, breakers, bytes): a state that cannot be
-        written is reported, never raised, so the answer already received is served."""
-        try:
-            yield
-        except STORE_ERRORS as exc:
-            self.state.health.failed(exc, "refusing upstream calls")
-
     def _abandon(self, probes: list[Scope]) -> None:
-        with self._bookkeeping():
-            self.breakers.abandon(probes)
+        if probes:
+            self.state.submit(self.breakers.abandon, probes)
 
     def _release(self, lease: str) -> None:
-        with self._bookkeeping():
-            self.concurrency.release(lease)
+        """Give back this call's slot: the local one now, the lease in the state's thread
+        (queued before any later acquisition, so the host-wide count never runs ahead)."""
+        self._local_slots.release()
+        self.state.submit(self.concurrency.release, lease)
 
     async def call(
         self,
@@ -233,12 +293,18 @@ class UpstreamGuard:
             raise
         finally:
             self._release(lease)
-        with self._bookkeeping():
-            self.breakers.record_success((Scope(operation), Scope(operation, asset)))
-        await self._received(operation, len(response.content))
+        nbytes = len(response.content)
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
+        if nbytes > 0:
+            metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
+        self.state.submit(self._succeeded, operation, asset, nbytes)
         return response
+
+    def _succeeded(self, operation: str, asset: str, nbytes: int) -> None:
+        """In the state's I/O thread: close the call's breakers, count its bytes."""
+        self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+        self._account(nbytes)
 
     def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
         """Breaker and metric bookkeeping for a failed call.
@@ -247,16 +313,17 @@ class UpstreamGuard:
         breaker) for its Retry-After, capped at ``max_retry_after_s`` (the exception is
         updated, so the client is told the capped time too); 5xx, timeouts and no answer
         count as failures; any other answer (a 4xx but 429, an unusable 2xx) shows the
-        upstream alive and closes the call's breakers.
+        upstream alive and closes the call's breakers. The breakers are updated in the
+        state's I/O thread, before any later call of this process is admitted.
         """
         metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
-        with self._bookkeeping():
-            self._record_outcome(operation, asset, exc)
+        if isinstance(exc, UpstreamRateLimited):
+            exc.retry_after_s = min(exc.retry_after_s, self.settings.max_retry_after_s)
+        self.state.submit(self._record_outcome, operation, asset, exc)
 
     def _record_outcome(self, operation: str, asset: str, exc: UpstreamError) -> None:
         scopes = (Scope(operation), Scope(operation, asset))
         if isinstance(exc, UpstreamRateLimited):
-            exc.retry_after_s = min(exc.retry_after_s, self.settings.max_retry_after_s)
             self.breakers.open_for(scopes[1], exc.retry_after_s)
             if _bandwidth_breaker(exc):
                 self.breakers.open_for(scopes[0], exc.retry_after_s)
@@ -267,17 +334,29 @@ class UpstreamGuard:
         else:
             self.breakers.record_success(scopes)
 
+    def _account(self, nbytes: int) -> float:
+        """In the state's I/O thread: count ``nbytes`` of egress against the budget and the
+        bytes bucket (one transaction); returns the bucket's level after."""
+        if nbytes <= 0:
+            return 0.0
+        with self.state.cache.transact(retry=True):
+            self.budget.add(nbytes)
+            if self._bytes is not None:
+                return self.buckets.charge(self._bytes, float(nbytes))
+        return 0.0
+
     async def _received(self, operation: str, nbytes: int) -> float:
-        """Count ``nbytes`` of egress (budget, bytes bucket, metrics); returns how long the
-        bytes bucket asks the caller to pause, seconds."""
+        """Count ``nbytes`` of streamed egress (budget, bytes bucket, metrics); returns how
+        long the bytes bucket asks the reader to pause, seconds (0 when the state cannot
+        be written: that is reported, and the transfer goes on)."""
         if nbytes <= 0:
             return 0.0
         metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
-        level = 0.0
-        with self._bookkeeping():
-            self.budget.add(nbytes)
-            if self._bytes is not None:
-                level = self.buckets.charge(self._bytes, float(nbytes))
+        try:
+            level = await self.state.run(self._account, nbytes)
+        except STORE_ERRORS as exc:
+            self.state.health.failed(exc, "refusing upstream calls")
+            return 0.0
         if self._bytes is None:
             return 0.0
         return max(0.0, -level / self._bytes.rate)
@@ -330,7 +409,6 @@ class UpstreamGuard:
             raise
         finally:
             self._release(lease)
-        with self._bookkeeping():
-            self.breakers.record_success((Scope(operation), Scope(operation, asset)))
+        self.state.submit(self.breakers.record_success, (Scope(operation), Scope(operation, asset)))
         metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)

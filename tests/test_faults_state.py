@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,14 +240,14 @@ def test_a_held_lease_is_renewed_and_an_abandoned_one_expires(tmp_path):
     state = SharedState(tmp_path / "state")
     mine = ConcurrencyCap(state, 1, lease_s=10, clock=lambda: clock[0])
     other = ConcurrencyCap(state, 1, lease_s=10, clock=lambda: clock[0])
-    lease = mine._try_acquire(Priority.INTERACTIVE)
+    lease = mine.try_acquire(Priority.INTERACTIVE)
     assert lease is not None
     for _ in range(5):  # 50 s in use: renewed every 5 s, so it never lapses
         clock[0] += 5
         mine.renew()
-        assert other._try_acquire(Priority.INTERACTIVE) is None
+        assert other.try_acquire(Priority.INTERACTIVE) is None
     clock[0] += 10.1  # no renewal (a hung process): the slot comes back
-    assert other._try_acquire(Priority.INTERACTIVE) is not None
+    assert other.try_acquire(Priority.INTERACTIVE) is not None
 
 
 async def test_a_gateway_killed_mid_call_leaves_no_slot_taken(gateway_for, emulator, tmp_path):
@@ -451,3 +452,37 @@ async def test_a_full_disk_under_everything_answers_no_500(
     assert checks["cache_writable"] is False and checks["state_writable"] is False
     assert (await client.get("/metrics")).status == 200
     assert "Traceback" not in log_text(caplog)
+
+
+# --------------------------------------------------------------------------- misses vs hits
+
+
+async def test_a_miss_leaves_sqlite_and_decoding_off_the_event_loop(gateway, emulator, monkeypatch):
+    """What a cache miss does that takes time (SQLite transactions of the tile cache and the
+    limiter state, decoding the tile) runs in worker threads: a flood of misses never holds
+    the event loop that serves cache hits (timings are bench/miss_flood.py's business)."""
+    import diskcache
+    from PIL import Image
+
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    sql = diskcache.Cache._sql
+    load = Image.Image.load
+
+    def recording_sql(self):
+        if threading.get_ident() == loop_thread:
+            on_loop.append("sqlite")
+        return sql.fget(self)
+
+    def recording_load(self):
+        if threading.get_ident() == loop_thread:
+            on_loop.append("decode")
+        return load(self)
+
+    assert (await gateway.get("/readyz")).status == 200  # start-up is done
+    monkeypatch.setattr(diskcache.Cache, "_sql", property(recording_sql))
+    monkeypatch.setattr(Image.Image, "load", recording_load)
+    for path in (OLINDA, OLINDA_Z14, OLINDA, OLINDA_Z14):  # two misses, then two hits
+        assert (await gateway.get(path)).status == 200
+    assert emulator.renders() == 2
+    assert on_loop == []

@@ -7,7 +7,9 @@ import asyncio
 from aiohttp import web
 
 from gateway import metrics
+from gateway.breaker import BreakerStatus
 from gateway.diskcaches import STORE_ERRORS
+from gateway.guard import UpstreamGuard
 from gateway.state import GUARD, SHARED_STATE, TILE_CACHE, UPSTREAM
 
 
@@ -27,19 +29,20 @@ async def readyz(request: web.Request) -> web.Response:
     balancer should keep sending it traffic for.
     """
     app = request.app
-    cache_ok, cache_why = await asyncio.to_thread(app[TILE_CACHE].probe)
-    state_ok, state_why = await asyncio.to_thread(app[SHARED_STATE].probe)
-    guard = app[GUARD]
+    state, guard = app[SHARED_STATE], app[GUARD]
+    cache_ok, cache_why = await app[TILE_CACHE].run(app[TILE_CACHE].probe)
+    # in the state's I/O thread: after the bookkeeping of every call answered before
+    state_ok, state_why = await state.run(state.probe)
     reasons = []
     if not cache_ok:
         reasons.append(f"the tile cache cannot store tiles ({cache_why}): serving them uncached")
     if not state_ok:
         reasons.append(f"the limiter state cannot be written ({state_why}): no upstream calls")
     try:
+        breakers, budget_left = await state.run(_state_report, guard)
         open_breakers: list[str] | None = [
-            f"{b.scope.operation} ({b.scope.kind}, {b.state})" for b in guard.breakers.statuses()
+            f"{b.scope.operation} ({b.scope.kind}, {b.state})" for b in breakers
         ]
-        budget_left = guard.budget.remaining()
     except STORE_ERRORS:
         open_breakers, budget_left = None, None
     ready = cache_ok and state_ok
@@ -59,15 +62,22 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+def _state_report(guard: UpstreamGuard) -> tuple[list[BreakerStatus], int | None]:
+    """The breakers refusing calls and the egress budget left (in the state's thread)."""
+    return list(guard.breakers.statuses()), guard.budget.remaining()
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text exposition format."""
-    cache, guard = request.app[TILE_CACHE], request.app[GUARD]
+    cache, guard, state = request.app[TILE_CACHE], request.app[GUARD], request.app[SHARED_STATE]
+    try:
+        breakers, budget_left = await state.run(_state_report, guard)
+    except STORE_ERRORS:
+        breakers, budget_left = [], None
     collector = metrics.StateCollector(
         cache_bytes=cache.volume_bytes,
-        open_breakers=lambda: [
-            (b.scope.operation, b.scope.kind, b.state) for b in guard.breakers.statuses()
-        ],
-        budget_left=guard.budget.remaining,
+        open_breakers=lambda: [(b.scope.operation, b.scope.kind, b.state) for b in breakers],
+        budget_left=lambda: budget_left,
     )
     body, content_type = await asyncio.to_thread(metrics.render, collector)
     response = web.Response(body=body)

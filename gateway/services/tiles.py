@@ -49,6 +49,16 @@ FETCH_ERRORS = (UpstreamError, LimitExceeded, BreakerOpen, imaging.ImageCheckErr
 """Failures of a fetch that a stale entry may cover (stale-if-error)."""
 
 
+def _checked_tile(body: bytes, fmt: str, ttl_s: float, fetch_s: float) -> CachedTile:
+    """``body`` checked (:func:`gateway.imaging.check_tile`) and made a cache entry.
+
+    Raises:
+        ImageCheckError: not a decodable ``fmt`` tile.
+    """
+    imaging.check_tile(body, fmt)
+    return make_tile(body, MEDIA_TYPES[fmt], ttl_s, fetch_s=fetch_s)
+
+
 @dataclass(frozen=True, slots=True)
 class TileAddress:
     """A validated tile request: layer, XYZ z/x/y, ``scale`` 1 or 2, format extension."""
@@ -128,7 +138,7 @@ class TileService:
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         if tile is None and not self._flights.in_flight(key):
-            tile = self.cache.get(key, from_disk=True)  # joining a flight skips the disk read
+            tile = await self.cache.load(key)  # joining a flight skips the disk read
         if tile is not None:
             if tile.is_fresh(now):
                 return TileResult(tile, "EMPTY" if tile.empty else "HIT")
@@ -222,11 +232,13 @@ class TileService:
         process fetched it), ``HIT`` (another worker had stored it), ``COALESCED`` (this
         process waited on another worker's fetch).
         """
-        key = address.key
-        stored = self.cache.get(key, from_disk=True)
+        key, cache = address.key, self.cache
+        loaded_at = time.time()
+        stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
         if stored is not None and stored.is_fresh():
+            cache.remember(key, stored, loaded_at)
             return stored, "HIT"  # another worker process stored it meanwhile
-        if not self.cache.claim(key, self.claim_s):
+        if not claimed:
             stored = await self._await_other_worker(key)
             if stored is not None:
                 return stored, "COALESCED"
@@ -236,9 +248,9 @@ class TileService:
             else:
                 tile = await self._fetch_1x(address, priority)
             keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
-            self.cache.set(key, tile, keep_s=keep)
+            await cache.store(key, tile, keep_s=keep)
         finally:
-            self.cache.release(key)
+            cache.release_soon(key)
         return tile, "MISS"
 
     async def _await_other_worker(self, key: str) -> CachedTile | None:
@@ -247,10 +259,10 @@ class TileService:
         deadline = time.monotonic() + self.claim_s
         while time.monotonic() < deadline:
             await asyncio.sleep(CLAIM_POLL_S)
-            stored = self.cache.get(key, from_disk=True)
+            stored = await self.cache.load(key)
             if stored is not None and stored.is_fresh():
                 return stored
-            if not self.cache.claimed(key):
+            if not await self.cache.run(self.cache.claimed, key):
                 return None
         return None
 
@@ -266,7 +278,11 @@ class TileService:
                 raise imaging.ImageCheckError(
                     f"content type {response.content_type!r}, expected {expected}"
                 )
-            imaging.check_tile(response.content, address.fmt)
+            # decoding every pixel and hashing the bytes take a millisecond or two: off the
+            # event loop (Pillow and hashlib release the GIL), so cache hits never wait
+            return await asyncio.to_thread(
+                _checked_tile, response.content, address.fmt, layer.ttl_s, response.elapsed_s
+            )
         except imaging.ImageCheckError as exc:
             log.error(
                 "upstream %s sent an unusable tile for layer %s %d/%d/%d: %s",
@@ -278,7 +294,6 @@ class TileService:
                 exc,
             )
             raise
-        return make_tile(response.content, expected, layer.ttl_s, fetch_s=response.elapsed_s)
 
     async def _fetch_2x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
