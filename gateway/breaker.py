@@ -186,8 +186,8 @@ class Breakers:
             if self._cache.get(scope.key) is not None:
                 self._cache.delete(scope.key)
 
-    def record_failure(self, scopes: Iterable[Scope]) -> None:
-        """A call failed (5xx, timeout, no answer).
+    def record_failure(self, scopes: Iterable[Scope], at: float | None = None) -> None:
+        """A call failed (5xx, timeout, no answer) at Unix time ``at`` (default now).
 
         A scope whose half-open probe this was opens again for as long as it was last open;
         an operation scope also counts the failure and opens for ``open_s`` at the threshold.
@@ -198,7 +198,7 @@ class Breakers:
                 continue
             with self._cache.transact(retry=True):
                 state = self._get(scope)
-                now = time.time()
+                now = time.time() if at is None else at
                 probing = bool(state.open_until) and state.open_until <= now
                 if probing:
                     state.open_s = state.open_s or self.open_s
@@ -222,13 +222,14 @@ class Breakers:
                     state.probe_until = 0.0
                     self._cache.set(scope.key, state, expire=self._keep_s(state, time.time()))
 
-    def open_for(self, scope: Scope, seconds: float) -> None:
-        """Open ``scope`` for ``seconds`` (a 429's Retry-After), at most ``max_open_s``;
-        never shortens an open time."""
+    def open_for(self, scope: Scope, seconds: float, at: float | None = None) -> None:
+        """Open ``scope`` for ``seconds`` (a 429's Retry-After) from Unix time ``at`` (when
+        the answer came; default now), at most ``max_open_s``; never shortens an open
+        time."""
         seconds = min(max(seconds, 0.0), self.max_open_s)
         with self._cache.transact(retry=True):
             state = self._get(scope)
-            now = time.time()
+            now = time.time() if at is None else at
             state.open_until = max(state.open_until, now + seconds)
             state.open_s, state.probe_until = seconds, 0.0
             self._capped(state, now)

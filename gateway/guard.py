@@ -319,18 +319,19 @@ class UpstreamGuard:
         metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
         if isinstance(exc, UpstreamRateLimited):
             exc.retry_after_s = min(exc.retry_after_s, self.settings.max_retry_after_s)
-        self.state.submit(self._record_outcome, operation, asset, exc)
+        # stamped now: a Retry-After counts from the answer, not from the bookkeeping
+        self.state.submit(self._record_outcome, operation, asset, exc, time.time())
 
-    def _record_outcome(self, operation: str, asset: str, exc: UpstreamError) -> None:
+    def _record_outcome(self, operation: str, asset: str, exc: UpstreamError, at: float) -> None:
         scopes = (Scope(operation), Scope(operation, asset))
         if isinstance(exc, UpstreamRateLimited):
-            self.breakers.open_for(scopes[1], exc.retry_after_s)
+            self.breakers.open_for(scopes[1], exc.retry_after_s, at)
             if _bandwidth_breaker(exc):
-                self.breakers.open_for(scopes[0], exc.retry_after_s)
+                self.breakers.open_for(scopes[0], exc.retry_after_s, at)
             else:
                 self.breakers.record_success(scopes[:1])  # the operation itself answered
         elif isinstance(exc, RETRYABLE):
-            self.breakers.record_failure(scopes)
+            self.breakers.record_failure(scopes, at)
         else:
             self.breakers.record_success(scopes)
 

@@ -140,11 +140,11 @@ async def test_a_probe_answered_4xx_closes_the_breaker(gateway, emulator):
 
 async def test_readyz_shows_a_half_open_breaker_while_it_refuses(gateway, emulator):
     emulator.app[FAULTS_KEY].add(
-        Fault("status", status=429, retry_after="1"), Fault("hang", seconds=1.0)
+        Fault("status", status=429, retry_after="1"), Fault("hang", seconds=3.0)
     )
     assert (await gateway.get(OLINDA)).status == 503
     await asyncio.sleep(1.1)
-    probe = asyncio.ensure_future(gateway.get(OLINDA))  # the probe hangs upstream for 1 s
+    probe = asyncio.ensure_future(gateway.get(OLINDA))  # the probe hangs upstream for 3 s
     await wait_for_fault_taken(emulator)
     refused = await gateway.get("/tiles/olinda/13/3303/4278.png")  # same asset: refused
     assert refused.status == 503
@@ -430,8 +430,8 @@ async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
     assert await metric(client, "gateway_cache_writable") == 1
     stored = await client.get("/tiles/olinda/14/6604/8556.png")
     assert stored.status == 200 and stored.headers["X-Cache"] == "MISS"
-    key = client.server.app[TILE_SERVICE].cache
-    assert key.get(tile_key(client, "/tiles/olinda/14/6604/8556.png"), from_disk=True)
+    cache = client.server.app[TILE_SERVICE].cache
+    assert cache.get(tile_key(client, "/tiles/olinda/14/6604/8556.png"), from_disk=True)
     assert "Traceback" not in log_text(caplog)
 
 
