@@ -13,6 +13,7 @@ of it (MapLibre's ``raster-dem``) ignore alpha, so a pixel without data must car
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -22,6 +23,10 @@ TILE_SIZE = 256
 """Edge of one upstream tile, pixels."""
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+MAX_TILE_PIXELS = 512 * 512
+"""Largest image the gateway decodes, pixels (a retina tile); upstream tiles must be exactly
+:data:`TILE_SIZE` square, so anything larger is refused from its header alone."""
 
 Image.init()  # load every format plugin now, not on the first tile of a cold-miss burst
 
@@ -72,21 +77,44 @@ class ImageCheckError(ValueError):
 
 
 def check_tile(body: bytes, fmt: str, size: int = TILE_SIZE) -> None:
-    """Verify that ``body`` is a ``size`` x ``size`` image in ``fmt`` (png, jpg, webp).
+    """Verify that ``body`` is a ``size`` x ``size`` image in ``fmt`` (png, jpg, webp) whose
+    pixels decode completely.
+
+    The header is read first: another format, or any size but ``size`` x ``size`` (never
+    more than :data:`MAX_TILE_PIXELS`), is refused before a pixel is decoded, so a header
+    claiming a huge image costs nothing. Then PNG chunk CRCs are checked (``verify``) and
+    every pixel is decoded (``load``), so a tile whose compressed data is damaged is refused
+    even when its CRCs are valid.
 
     Raises:
-        ImageCheckError: undecodable bytes, another format, or another size.
+        ImageCheckError: undecodable bytes, another format, another size, or pixel data that
+            does not decode.
     """
+    if size * size > MAX_TILE_PIXELS:
+        raise ImageCheckError(f"a {size} px tile is larger than this gateway decodes")
     try:
         with Image.open(io.BytesIO(body)) as image:
             found, dims = image.format, image.size
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            if found != PIL_FORMATS[fmt]:
+                raise ImageCheckError(f"expected {PIL_FORMATS[fmt]}, got {found}")
+            if dims != (size, size):
+                raise ImageCheckError(f"expected {size}x{size} pixels, got {dims[0]}x{dims[1]}")
+            if found == "PNG":
+                image.verify()  # chunk CRCs; leaves the image unusable, so reopen to decode
+        with Image.open(io.BytesIO(body)) as image:
+            image.load()
+    except ImageCheckError:
+        raise
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        struct.error,
+    ) as exc:
         raise ImageCheckError(f"not a decodable image ({type(exc).__name__})") from None
-    if found != PIL_FORMATS[fmt]:
-        raise ImageCheckError(f"expected {PIL_FORMATS[fmt]}, got {found}")
-    if dims != (size, size):
-        raise ImageCheckError(f"expected {size}x{size} pixels, got {dims[0]}x{dims[1]}")
 
 
 def encode(image: Image.Image, fmt: str, quality: int | None = None) -> bytes:

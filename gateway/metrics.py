@@ -20,6 +20,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -78,6 +79,25 @@ LIMITER_REJECTIONS = Counter(
 CLIENT_REJECTIONS = Counter(
     "gateway_client_rate_limited_total", "Client requests answered 429 by the per-client rate limit"
 )
+STORE_REBUILDS = Counter(
+    "gateway_store_rebuilds_total",
+    "Damaged SQLite stores moved aside and started empty, by store (tiles, state, downloads)",
+    ["store"],
+)
+CACHE_DAMAGED = Counter(
+    "gateway_cache_damaged_entries_total",
+    "Tile cache entries that could not be read back intact (dropped, served as a miss)",
+)
+CACHE_WRITE_FAILURES = Counter(
+    "gateway_cache_write_failures_total",
+    "Tile cache writes that failed, by reason (disk full, read-only, damaged, busy, I/O error)",
+    ["reason"],
+)
+CACHE_WRITABLE = Gauge(
+    "gateway_cache_writable",
+    "1 while the tile cache accepts writes, 0 while tiles are served uncached",
+    multiprocess_mode="livemin",
+)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _REQUEST_CHILDREN: dict[tuple[str, str, int], Counter] = {}
@@ -110,7 +130,8 @@ class StateCollector(Collector):
 
     Args:
         cache_bytes: returns the tile cache's disk volume, bytes.
-        open_breakers: returns ``(operation, scope_kind)`` for each open breaker.
+        open_breakers: returns ``(operation, scope_kind, state)`` for each breaker that
+            refuses calls now (state ``open``, or ``half-open`` with a probe in flight).
         budget_left: returns today's egress budget left in bytes, or None without a budget.
         alerts: returns ``(kind, subject)`` for each active operator alert
             (:mod:`gateway.upstream.alerts`; subjects are Geopera scopes or layer names).
@@ -119,7 +140,7 @@ class StateCollector(Collector):
     def __init__(
         self,
         cache_bytes: Callable[[], int],
-        open_breakers: Callable[[], list[tuple[str, str]]],
+        open_breakers: Callable[[], list[tuple[str, str, str]]],
         budget_left: Callable[[], int | None],
         alerts: Callable[[], list[tuple[str, str]]] = list,
     ) -> None:
@@ -134,14 +155,14 @@ class StateCollector(Collector):
         )
         breakers = GaugeMetricFamily(
             "gateway_breaker_open",
-            "Open circuit breakers by operation and scope kind",
-            labels=["operation", "scope"],
+            "Circuit breakers refusing calls, by operation, scope kind and state",
+            labels=["operation", "scope", "state"],
         )
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, str, str], int] = {}
         for key in self._open_breakers():
             counts[key] = counts.get(key, 0) + 1
-        for (operation, scope), n in sorted(counts.items()):
-            breakers.add_metric([operation, scope], n)
+        for labels, n in sorted(counts.items()):
+            breakers.add_metric(list(labels), n)
         yield breakers
         alerts = GaugeMetricFamily(
             "gateway_upstream_alert",

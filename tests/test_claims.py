@@ -47,7 +47,7 @@ def test_a_live_holder_keeps_its_claim_and_a_dead_ones_is_taken_over(tmp_path):
     assert not claims.held("tile/a")
     assert claims.claim("tile/a", 600)  # taken over at once, not after 600 s
     claims.release("tile/a")
-    assert cache.get(("claim", "tile/a")) is None
+    assert cache.get("claim/tile/a") is None
 
 
 def test_process_tags_tell_a_restarted_process_from_its_predecessor():

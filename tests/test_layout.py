@@ -20,7 +20,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "leaf": frozenset({"leaf"}),
     "config": frozenset({"leaf", "config"}),
     "storage": frozenset({"leaf", "storage"}),
-    "upstream": frozenset({"leaf", "config", "upstream"}),
+    "upstream": frozenset({"leaf", "config", "storage", "upstream"}),
     "discovery": frozenset({"leaf", "config", "discovery"}),
     "services": frozenset({"leaf", "config", "storage", "upstream", "services"}),
     "seed": frozenset({"leaf", "config", "storage", "upstream", "services", "seed"}),

@@ -153,7 +153,7 @@ async def test_an_organisation_wide_429_pauses_every_operation(gateway, emulator
     await problem(await gateway.get(TERRAIN), 503, "upstream-paused")
     await problem(await gateway.get(BAHAMAS), 503, "upstream-paused")
     assert emulator.renders() == 1
-    assert "all operations (organisation)" in (await readyz(gateway))["open_breakers"]
+    assert "all operations (organisation, open)" in (await readyz(gateway))["open_breakers"]
 
 
 async def test_words_in_the_detail_do_not_classify_a_429(gateway, emulator):
@@ -197,10 +197,12 @@ async def test_402_pauses_the_organisation_serves_stale_and_alerts_once(
     await problem(job, 503, "upstream-paused")  # the clip operations too
     assert emulator.renders() == 2 and emulator.stats.calls["clip.job.get"] == 0
     checks = await readyz(client)
-    assert checks["open_breakers"] == ["all operations (organisation)"]
+    assert checks["open_breakers"] == ["all operations (organisation, open)"]
     assert [a["kind"] for a in checks["alerts"]] == [PAYMENT_REQUIRED]
     text = await (await client.get("/metrics")).text()
-    assert metric(text, 'gateway_breaker_open{operation="*",scope="organisation"}') == 1
+    assert (
+        metric(text, 'gateway_breaker_open{operation="*",scope="organisation",state="open"}') == 1
+    )
     assert metric(text, 'gateway_upstream_alert{kind="payment-required",subject=""}') == 1
     assert len(criticals(caplog)) == 1 and "402" in criticals(caplog)[0]
 

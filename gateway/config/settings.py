@@ -90,7 +90,7 @@ class UpstreamSettings:
     """How to reach Geopera: base URL, credentials, HTTP client limits and how its error
     types are read.
 
-    Timeouts are in seconds; ``max_connections`` bounds the httpx connection pool.
+    Timeouts are in seconds; ``max_connections`` bounds each upstream connection pool.
     """
 
     base_url: str
@@ -194,6 +194,7 @@ class LimitSettings:
     failure_threshold: int = 5
     failure_window_s: float = 30.0
     open_s: float = 30.0
+    max_retry_after_s: float = 3600.0
 
     def rate_for(self, operation: str) -> Rate:
         """The configured rate of ``operation`` (or the default)."""
@@ -615,6 +616,7 @@ def _limits(r: TableReader) -> LimitSettings:
             "breaker_failures",
             "breaker_window_s",
             "breaker_open_s",
+            "max_retry_after_s",
             "operations",
         }
     )
@@ -646,6 +648,7 @@ def _limits(r: TableReader) -> LimitSettings:
         failure_threshold=r.positive("breaker_failures", int, d.failure_threshold),
         failure_window_s=r.positive("breaker_window_s", float, d.failure_window_s),
         open_s=r.positive("breaker_open_s", float, d.open_s),
+        max_retry_after_s=r.positive("max_retry_after_s", float, d.max_retry_after_s),
     )
 
 

@@ -6,8 +6,9 @@ object or list of objects (fields as :class:`Fault`); ``DELETE /_emulator/faults
 them. Like the stats endpoints these need no auth: the emulator is a loopback test tool.
 
 Kinds (see :class:`Fault`): ``status``, ``garbage``, ``wrong-type``, ``json``, ``hang``,
-``echo-key`` replace the operation's answer; ``truncate`` lets the operation answer but
-breaks its body; ``no-filename`` lets a download answer without its Content-Disposition.
+``echo-key``, ``huge-png``, ``corrupt-png`` replace the operation's answer; ``truncate`` lets
+the operation answer but breaks its body; ``no-filename`` lets a download answer without its
+Content-Disposition.
 
 A ``status`` fault's problem ``type`` is ``type`` when given (a slug under
 ``https://docs.geopera.com/errors/``, or a whole URI), else :data:`DEFAULT_FAULT_TYPES` for
@@ -17,6 +18,14 @@ gateway cannot attribute, and one it reads as organisation-wide::
 
     Fault("status", status=429, retry_after="5")
     Fault("status", status=429, retry_after="5", type="bandwidth-circuit-open")
+
+``echo-key`` stands for a careless upstream that repeats the caller's ``Authorization``
+header in an error detail; ``encoding`` chooses how (``plain``, ``base64``, ``base64url``
+without padding, ``hex``, ``percent``: every byte as ``%XX``), so redaction can be tested
+against encoded echoes too. ``huge-png`` and ``corrupt-png`` are hostile tile answers (200
+``image/png``): a PNG whose header claims 30000 x 30000 pixels, and a 256 x 256 PNG whose
+chunk CRCs are all valid but whose compressed pixel data is damaged. These kinds are the
+emulator's own test tools, not Geopera behaviour.
 
 ``truncate`` (broken transfers; field ``bytes``, an int >= 0): the next matching *streaming
 download* (:data:`STREAMING_OPERATIONS`, i.e. ``clip.job.download``) sends its status line and
@@ -34,7 +43,10 @@ call is still counted in the stats and log, with status 200 (what the client was
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -44,7 +56,21 @@ from aiohttp import web
 
 from .protocol import problem_response
 
-KINDS = ("status", "garbage", "wrong-type", "json", "hang", "echo-key", "truncate", "no-filename")
+KINDS = (
+    "status",
+    "garbage",
+    "wrong-type",
+    "json",
+    "hang",
+    "echo-key",
+    "huge-png",
+    "corrupt-png",
+    "truncate",
+    "no-filename",
+)
+
+ECHO_ENCODINGS = ("plain", "base64", "base64url", "hex", "percent")
+"""How an ``echo-key`` fault repeats the Authorization header."""
 
 STREAMING_OPERATIONS = frozenset({"clip.job.download"})
 """Operations that stream a file body and honour (and consume) ``truncate`` and
@@ -89,6 +115,7 @@ class Fault:
         bytes: for ``truncate``, how many body bytes are sent before the connection closes.
         type: for ``status``, the problem type (slug or URI); None for the default.
         detail: for ``status``, the problem's ``detail``; None for a default sentence.
+        encoding: for ``echo-key``, one of :data:`ECHO_ENCODINGS`.
     """
 
     kind: str = "status"
@@ -100,6 +127,7 @@ class Fault:
     bytes: int = 0
     type: str | None = None
     detail: str | None = None
+    encoding: str = "plain"
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
@@ -111,6 +139,8 @@ class Fault:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}")
         if isinstance(fault.bytes, bool) or not isinstance(fault.bytes, int) or fault.bytes < 0:
             raise ValueError("bytes must be an integer >= 0")
+        if fault.encoding not in ECHO_ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ECHO_ENCODINGS)}")
         return fault
 
 
@@ -127,6 +157,10 @@ class FaultPlan:
     def clear(self) -> None:
         """Drop every pending fault."""
         self._queue.clear()
+
+    def pending(self) -> int:
+        """Calls the queued faults will still affect."""
+        return sum(fault.count for fault in self._queue)
 
     def take(self, operation: str) -> Fault | None:
         """The first pending fault for ``operation`` (counting one use of it), or None.
@@ -174,8 +208,13 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
     if fault.kind == "wrong-type":
         return web.Response(text="<html>maintenance</html>", content_type="text/html")
     if fault.kind == "echo-key":
-        detail = f"backend failed for {request.headers.get('Authorization', '')}"
+        echoed = _encode(request.headers.get("Authorization", ""), fault.encoding)
+        detail = f"backend failed for {echoed}"
         return problem_response(500, "internal-error", "Internal Server Error", detail)
+    if fault.kind == "huge-png":
+        return web.Response(body=HUGE_PNG, content_type="image/png")
+    if fault.kind == "corrupt-png":
+        return web.Response(body=CORRUPT_PNG, content_type="image/png")
     headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
     kind = fault.type or DEFAULT_FAULT_TYPES.get(fault.status, "injected-fault")
     try:
@@ -186,6 +225,41 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
     if fault.status == 402 and fault.detail is None:
         detail = "The organization's subscription is past due (scripted fault)."
     return problem_response(fault.status, kind, title, detail, headers)
+
+
+def _encode(text: str, encoding: str) -> str:
+    """``text`` as an ``echo-key`` fault repeats it (see :data:`ECHO_ENCODINGS`)."""
+    raw = text.encode()
+    if encoding == "base64":
+        return base64.b64encode(raw).decode()
+    if encoding == "base64url":
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    if encoding == "hex":
+        return raw.hex()
+    if encoding == "percent":
+        return "".join(f"%{b:02X}" for b in raw)
+    return text
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG (8-bit RGBA) of the given header size and IDAT payload, every CRC valid."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+HUGE_PNG = _png(30000, 30000, zlib.compress(b"\0" * 1024))
+"""A 30000 x 30000 px PNG header over a few bytes of data (a decompression bomb's shape)."""
+
+CORRUPT_PNG = _png(256, 256, b"\x78\x9c" + b"\xff" * 64)
+"""256 x 256 px, valid CRCs, but the zlib stream's first deflate block has the reserved type
+(RFC 1951 section 3.2.3), so decoding the pixels fails."""
 
 
 def truncate_limit(request: web.Request) -> int | None:

@@ -164,7 +164,21 @@ _CIRCUIT_OPEN = ProblemSpec(
 )
 
 
+_LIMITER_UNAVAILABLE = ProblemSpec(
+    503,
+    "Upstream limiter unavailable",
+    "limiter-unavailable",
+    lambda e: (
+        "The gateway cannot read or write its own upstream limits (its disk is full or "
+        f"damaged), so it sends nothing upstream; retry after {_seconds(e)} s."
+    ),
+    retry_after=True,
+)
+
+
 def _limit(exc: Any) -> ProblemSpec:
+    if exc.scope == "state":
+        return _LIMITER_UNAVAILABLE
     return _BUDGET_SPENT if exc.scope == "budget" else _LIMIT_REACHED
 
 

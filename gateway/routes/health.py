@@ -7,8 +7,11 @@ import asyncio
 from aiohttp import web
 
 from gateway import metrics
-from gateway.http.keys import GUARD, TILE_CACHE, UPSTREAM
-from gateway.upstream.alerts import SOURCE_UNKNOWN
+from gateway.http.keys import GUARD, SHARED_STATE, TILE_CACHE, UPSTREAM
+from gateway.storage.diskcaches import STORE_ERRORS
+from gateway.upstream.alerts import SOURCE_UNKNOWN, Alert
+from gateway.upstream.breakers import BreakerStatus
+from gateway.upstream.guard import UpstreamGuard
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -19,44 +22,80 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when this worker can serve, 503 when it cannot.
 
-    Ready means the config loaded (the app exists) and the tile cache accepts a write and
-    reads it back. Upstream reachability, open breakers (``"all operations (organisation)"``
-    while every call is paused after a 402 or an organisation-wide 429), operator alerts
-    (:mod:`gateway.upstream.alerts`: refused key, missing scope, 402, unknown layer sources) and the
-    layers whose source the upstream does not know are reported too but do not make the
-    gateway unready: with the upstream down it still serves every cached tile, which a load
-    balancer should keep sending it traffic for.
+    Ready means the config loaded (the app exists), the tile cache accepts a write and reads
+    it back (else fetched tiles are served uncached), and so does the host's limiter state
+    (else no call goes upstream); a 503 says why in ``reason``. Upstream reachability,
+    breakers refusing calls (``"all operations (organisation, open)"`` while every call is
+    paused after a 402 or an organisation-wide 429), operator alerts
+    (:mod:`gateway.upstream.alerts`: refused key, missing scope, 402, unknown layer sources),
+    the layers whose source the upstream does not know and the egress budget are reported too
+    but do not make the gateway unready: with the upstream down it still serves every cached
+    tile, which a load balancer should keep sending it traffic for.
     """
-    cache_ok = await asyncio.to_thread(request.app[TILE_CACHE].probe)
-    guard = request.app[GUARD]
-    open_breakers = [
-        "all operations (organisation)" if s.kind == "organisation" else f"{s.operation} ({s.kind})"
-        for s in guard.breakers.open_scopes()
-    ]
-    alerts = guard.alerts.active()
-    body = {
-        "status": "ready" if cache_ok else "unready",
+    app = request.app
+    state, guard = app[SHARED_STATE], app[GUARD]
+    cache_ok, cache_why = await app[TILE_CACHE].run(app[TILE_CACHE].probe)
+    # in the state's I/O thread: after the bookkeeping of every call answered before
+    state_ok, state_why = await state.run(state.probe)
+    reasons = []
+    if not cache_ok:
+        reasons.append(f"the tile cache cannot store tiles ({cache_why}): serving them uncached")
+    if not state_ok:
+        reasons.append(f"the limiter state cannot be written ({state_why}): no upstream calls")
+    alerts: list[Alert] | None
+    try:
+        breakers, budget_left, alerts = await state.run(_state_report, guard)
+        open_breakers: list[str] | None = [_breaker_name(b) for b in breakers]
+    except STORE_ERRORS:
+        open_breakers, budget_left, alerts = None, None, None
+    ready = cache_ok and state_ok
+    body: dict[str, object] = {
+        "status": "ready" if ready else "unready",
         "checks": {
             "config": "ok",
             "cache_writable": cache_ok,
-            "upstream_reachable": await request.app[UPSTREAM].ping(),
+            "state_writable": state_ok,
+            "upstream_reachable": await app[UPSTREAM].ping(),
             "open_breakers": open_breakers,
-            "egress_budget_remaining_bytes": guard.budget.remaining(),
-            "alerts": [a.as_json() for a in alerts],
-            "unknown_sources": sorted(a.subject for a in alerts if a.kind == SOURCE_UNKNOWN),
+            "egress_budget_remaining_bytes": budget_left,
+            "alerts": None if alerts is None else [a.as_json() for a in alerts],
+            "unknown_sources": None
+            if alerts is None
+            else sorted(a.subject for a in alerts if a.kind == SOURCE_UNKNOWN),
         },
     }
-    return web.json_response(body, status=200 if cache_ok else 503)
+    if reasons:
+        body["reason"] = "; ".join(reasons)
+    return web.json_response(body, status=200 if ready else 503)
+
+
+def _state_report(
+    guard: UpstreamGuard,
+) -> tuple[list[BreakerStatus], int | None, list[Alert]]:
+    """The breakers refusing calls, the egress budget left and the active operator alerts
+    (in the state's thread)."""
+    return list(guard.breakers.statuses()), guard.budget.remaining(), guard.alerts.active()
+
+
+def _breaker_name(status: BreakerStatus) -> str:
+    """``"<operation> (<scope kind>, <state>)"``; the organisation's is "all operations"."""
+    scope = status.scope
+    name = "all operations" if scope.kind == "organisation" else scope.operation
+    return f"{name} ({scope.kind}, {status.state})"
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text exposition format."""
-    cache, guard = request.app[TILE_CACHE], request.app[GUARD]
+    cache, guard, state = request.app[TILE_CACHE], request.app[GUARD], request.app[SHARED_STATE]
+    try:
+        breakers, budget_left, alerts = await state.run(_state_report, guard)
+    except STORE_ERRORS:
+        breakers, budget_left, alerts = [], None, []
     collector = metrics.StateCollector(
         cache_bytes=cache.volume_bytes,
-        open_breakers=lambda: [(s.operation, s.kind) for s in guard.breakers.open_scopes()],
-        budget_left=guard.budget.remaining,
-        alerts=lambda: [(a.kind, a.subject) for a in guard.alerts.active()],
+        open_breakers=lambda: [(b.scope.operation, b.scope.kind, b.state) for b in breakers],
+        budget_left=lambda: budget_left,
+        alerts=lambda: [(a.kind, a.subject) for a in alerts],
     )
     body, content_type = await asyncio.to_thread(metrics.render, collector)
     response = web.Response(body=body)

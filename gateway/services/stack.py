@@ -37,8 +37,10 @@ class TileStack:
     service: TileService
 
     async def aclose(self) -> None:
-        """Cancel background refreshes, then close the client, the state and the cache."""
+        """Cancel background refreshes, give back concurrency leases, then close the client,
+        the state and the cache."""
         await self.service.aclose()
+        await self.guard.concurrency.aclose()
         await self.client.aclose()
         self.state.close()
         self.cache.close()
@@ -65,7 +67,7 @@ def open_tile_stack(settings: Settings) -> TileStack:
         user_agent=USER_AGENT,
         problem_types=up.problem_types,
     )
-    guard = UpstreamGuard(client, state, settings.limits, up.read_timeout_s)
+    guard = UpstreamGuard(client, state, settings.limits)
     lim = settings.limits
     longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
     service = TileService(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)

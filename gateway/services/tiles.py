@@ -53,6 +53,21 @@ FETCH_ERRORS = (UpstreamError, HeldBack)
 """Failures of a fetch that a stale entry may cover (stale-if-error)."""
 
 
+def _checked_tile(
+    body: bytes, fmt: str, ttl_s: float, fetch_s: float, nodata_height_m: float | None = None
+) -> CachedTile:
+    """``body`` checked (:func:`gateway.imaging.check_tile`) and made a cache entry; for a
+    terrain tile (``nodata_height_m`` given) its nodata pixels first get that height.
+
+    Raises:
+        ImageCheckError: not a decodable ``fmt`` tile.
+    """
+    imaging.check_tile(body, fmt)
+    if nodata_height_m is not None:
+        body = imaging.fill_terrain_nodata(body, nodata_height_m)
+    return make_tile(body, MEDIA_TYPES[fmt], ttl_s, fetch_s=fetch_s)
+
+
 @dataclass(frozen=True, slots=True)
 class TileAddress:
     """A validated tile request: layer, XYZ z/x/y, ``scale`` 1 or 2, format extension."""
@@ -132,7 +147,7 @@ class TileService:
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         if tile is None and not self._flights.in_flight(key):
-            tile = self.cache.get(key, from_disk=True)  # joining a flight skips the disk read
+            tile = await self.cache.load(key)  # joining a flight skips the disk read
         if tile is not None:
             if tile.is_fresh(now):
                 return TileResult(tile, "EMPTY" if tile.empty else "HIT")
@@ -225,36 +240,43 @@ class TileService:
         process fetched it), ``HIT`` (another worker had stored it), ``COALESCED`` (this
         process waited on another worker's fetch).
         """
-        key = address.key
-        stored = self.cache.get(key, from_disk=True)
+        key, cache = address.key, self.cache
+        loaded_at = time.time()
+        stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
         if stored is not None and stored.is_fresh():
+            cache.remember(key, stored, loaded_at)
             return stored, "HIT"  # another worker process stored it meanwhile
-        claims = self.cache.claims
-        claimed = claims.claim(key, self.claim_s)
         if not claimed:
-            stored = await claims.wait(
-                key, lambda: self._fresh_on_disk(key), self.claim_s, CLAIM_POLL_S
-            )
+            stored = await self._await_other_worker(key)
             if stored is not None:
                 return stored, "COALESCED"
             # the holder failed or died: fetch, holding the claim when it is free now
-            claimed = claims.claim(key, self.claim_s)
+            claimed = await cache.run(cache.claim, key, self.claim_s)
         try:
             if address.scale == 2:
                 tile = await self._fetch_2x(address, priority)
             else:
                 tile = await self._fetch_1x(address, priority)
             keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
-            self.cache.set(key, tile, keep_s=keep)
+            await cache.store(key, tile, keep_s=keep)
         finally:
-            if claimed:
-                claims.release(key)
+            if claimed:  # only this process's own claim, never another's
+                cache.release_soon(key)
         return tile, "MISS"
 
-    def _fresh_on_disk(self, key: str) -> CachedTile | None:
-        """The fresh entry another worker process stored for ``key``, or None."""
-        stored = self.cache.get(key, from_disk=True)
-        return stored if stored is not None and stored.is_fresh() else None
+    async def _await_other_worker(self, key: str) -> CachedTile | None:
+        """Wait (up to ``claim_s``) while another worker process fetches ``key``; its
+        result, or None when its claim ended without a fresh entry (it failed or died) and
+        this process should fetch."""
+        deadline = time.monotonic() + self.claim_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(CLAIM_POLL_S)
+            stored = await self.cache.load(key)
+            if stored is not None and stored.is_fresh():
+                return stored
+            if not await self.cache.run(self.cache.claimed, key):
+                return None
+        return None
 
     async def _fetch_1x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer
@@ -265,7 +287,8 @@ class TileService:
             )
         except UpstreamNotFound as exc:
             if exc.source_unknown:
-                self.guard.alerts.raise_alert(
+                self.guard.state.submit(  # shared state: in the state's I/O thread
+                    self.guard.alerts.raise_alert,
                     SOURCE_UNKNOWN,
                     layer.name,
                     f"layer {layer.name!r}: the upstream does not know its source (404, "
@@ -282,7 +305,16 @@ class TileService:
                 raise imaging.ImageCheckError(
                     f"content type {response.content_type!r}, expected {expected}"
                 )
-            imaging.check_tile(response.content, address.fmt)
+            # decoding every pixel and hashing the bytes take a millisecond or two: off the
+            # event loop (Pillow and hashlib release the GIL), so cache hits never wait
+            tile = await asyncio.to_thread(
+                _checked_tile,
+                response.content,
+                address.fmt,
+                layer.ttl_s,
+                response.elapsed_s,
+                layer.nodata_height_m if layer.kind == "terrain" else None,
+            )
         except imaging.ImageCheckError as exc:
             log.error(
                 "upstream %s sent an unusable tile for layer %s %d/%d/%d: %s",
@@ -294,13 +326,13 @@ class TileService:
                 exc,
             )
             raise UpstreamBadResponse(layer.operation, str(exc), response.status) from None
-        self.guard.alerts.resolve(
-            SOURCE_UNKNOWN, layer.name, f"resolved: layer {layer.name!r} has tiles again"
+        self.guard.state.submit(  # shared state: in the state's I/O thread, not the loop
+            self.guard.alerts.resolve,
+            SOURCE_UNKNOWN,
+            layer.name,
+            f"resolved: layer {layer.name!r} has tiles again",
         )
-        body = response.content
-        if layer.kind == "terrain":  # before caching: nodata pixels get nodata_height_m
-            body = await asyncio.to_thread(imaging.fill_terrain_nodata, body, layer.nodata_height_m)
-        return make_tile(body, expected, layer.ttl_s, fetch_s=response.elapsed_s)
+        return tile
 
     async def _fetch_2x(self, address: TileAddress, priority: Priority) -> CachedTile:
         layer = address.layer

@@ -5,7 +5,8 @@ every worker process on the host. Both stores use this one implementation (the t
 for tiles, the download store for clip files), the way MapProxy injects one locker into its
 tile manager.
 
-A claim is a diskcache entry ``("claim", key)`` whose value names its holder by
+A claim is a diskcache entry ``"claim/<key>"`` (a string key: diskcache stores those as they
+are, and pickles any other) whose value names its holder by
 :func:`process_tag` (pid and process start time) and which expires after ``ttl_s`` seconds.
 A claim held by a process that no longer runs, or whose time ran out, is taken over by the
 next caller; a holder releases only its own claim, checked inside the same transaction.
@@ -61,13 +62,13 @@ class Claims:
         self._cache = cache
         self.owner = owner or process_tag() or "unknown"
 
-    def claim(self, key: object, ttl_s: float) -> bool:
+    def claim(self, key: str, ttl_s: float) -> bool:
         """Claim ``key`` for this process for up to ``ttl_s`` seconds, atomically.
 
         Returns True when this process now holds it (newly, again, or taken over from a
         holder that died); False while another live process holds it.
         """
-        entry = ("claim", key)
+        entry = "claim/" + key
         if self._cache.add(entry, self.owner, expire=ttl_s):
             return True
         with self._cache.transact(retry=True):
@@ -77,21 +78,21 @@ class Claims:
                 return True
         return False
 
-    def held(self, key: object) -> bool:
+    def held(self, key: str) -> bool:
         """Whether a live process holds the claim on ``key`` now."""
-        holder = self._cache.get(("claim", key))
+        holder = self._cache.get("claim/" + key)
         return holder is not None and owner_alive(str(holder))
 
-    def release(self, key: object) -> None:
+    def release(self, key: str) -> None:
         """Drop this process's claim on ``key``; another process's claim is left alone."""
-        entry = ("claim", key)
+        entry = "claim/" + key
         with self._cache.transact(retry=True):
             if self._cache.get(entry) == self.owner:
                 self._cache.delete(entry)
 
     async def wait(
         self,
-        key: object,
+        key: str,
         result: Callable[[], T | None],
         timeout_s: float,
         poll_s: float = POLL_S,

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diskcache
-
 from gateway.storage.claims import Claims, owner_alive
+from gateway.storage.diskcaches import open_diskcache
 
 log = logging.getLogger("gateway.downloads")
 
@@ -109,7 +108,8 @@ class DownloadStore:
         self.tmp_dir = directory / "tmp"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._index = diskcache.Cache(str(directory / "index"), eviction_policy="none")
+        # a damaged index is started empty; recover() then drops the files it no longer lists
+        self._index = open_diskcache(directory / "index", "downloads", eviction_policy="none")
         self._serving: Counter[str] = Counter()
         self.claims = Claims(self._index)
 

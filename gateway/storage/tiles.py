@@ -15,24 +15,52 @@ entered memory, and a memory hit compares that with its layer's purge time, whic
 process re-reads from disk at most once per :data:`PURGE_CHECK_S`: an entry loaded before
 the purge is dropped and the disk consulted instead. A purge therefore reaches every worker
 within about a second; the hit path stays a dict lookup and a comparison.
+
+Disk work from the tile service runs in one I/O thread per cache (:meth:`TileCache.load`,
+:meth:`TileCache.store`, :meth:`TileCache.run`): a flood of cache misses then costs the event
+loop a thread hop per disk operation instead of SQLite transactions and value pickling, and
+memory hits never wait behind it. The blocking methods (``get``, ``set``...) remain for
+commands and threads.
+
+The disk tier never fails a request. When it cannot write (disk full, read-only, damaged), a
+fetched tile is still served (and kept in the memory tier) but not stored: the first failure
+logs one WARNING line, ``gateway_cache_write_failures_total`` counts each, the
+``gateway_cache_writable`` gauge shows 0 and ``/readyz`` answers 503 until a write works
+again. A read that fails, or an entry that no longer reads back intact (a truncated or
+damaged value), is a cache miss; a damaged entry is deleted and counted in
+``gateway_cache_damaged_entries_total``. A damaged database is rebuilt when the cache opens
+(:func:`gateway.storage.diskcaches.open_diskcache`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
 import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import diskcache
 
+from gateway import metrics
 from gateway.storage.claims import Claims
+from gateway.storage.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
 
 log = logging.getLogger("gateway.cache")
+
+T = TypeVar("T")
+
+PROBE_BYTES = 40 << 10
+"""Size of the value :meth:`TileCache.probe` writes, bytes: above diskcache's 32 KiB
+threshold, so it needs room for a value file as well as for a database row."""
 
 PURGES_KEY = "meta/purged-at"
 """Disk-tier key of ``{layer name: Unix time of its last purge}``, shared by all processes."""
@@ -153,19 +181,28 @@ class TileCache:
 
     Raises:
         OSError: the directory cannot be created or opened.
+        sqlite3.Error: the database cannot be opened for another reason than damage (a
+            damaged one is rebuilt).
     """
 
     def __init__(self, directory: Path, size_limit_bytes: int, memory_bytes: int = 0) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._disk = diskcache.Cache(
-            str(directory), size_limit=size_limit_bytes, eviction_policy="least-recently-used"
+        self._disk = open_diskcache(
+            directory,
+            "tiles",
+            size_limit=size_limit_bytes,
+            eviction_policy="least-recently-used",
         )
+        self.health = WriteHealth("tiles", directory, metrics.CACHE_WRITABLE)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-cache-io")
         self._memory = _MemoryTier(memory_bytes) if memory_bytes > 0 else None
         self.claims = Claims(self._disk)
         """Cross-process claims on tile keys (single-flight across worker processes)."""
         self._purges: dict[str, float] = {}
         self._purges_checked = float("-inf")  # monotonic time of the last disk read
+        self._refresher: asyncio.Task[None] | None = None
+        if self._memory is not None:
+            self._refresh_purges()  # now, before serving: then the refresher keeps them
 
     def get_memory(self, key: str) -> CachedTile | None:
         """The entry for ``key`` if this process's memory tier holds it (no disk access,
@@ -186,16 +223,39 @@ class TileCache:
 
     def _purged_at(self, layer: str) -> float:
         """Unix time of ``layer``'s last purge (0.0 if never), as of at most
-        :data:`PURGE_CHECK_S` ago."""
-        now = time.monotonic()
-        if now - self._purges_checked >= PURGE_CHECK_S:
-            self._purges_checked = now
-            try:
-                self._load_purges()
-            except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
-                # keep serving from memory with the marks known so far; retried next second
-                log.warning("cannot read purge times from the tile cache: %s", exc)
+        :data:`PURGE_CHECK_S` ago.
+
+        While an event loop uses this cache (:meth:`load`, :meth:`store`), a task re-reads
+        the marks in the I/O thread every half :data:`PURGE_CHECK_S`, so the serving thread
+        never waits on the disk for them; otherwise (commands) they are re-read here.
+        """
+        if time.monotonic() - self._purges_checked >= PURGE_CHECK_S:
+            self._refresh_purges()
         return self._purges.get(layer, 0.0)
+
+    def _keep_purges_fresh(self) -> None:
+        """Start the task that re-reads the purge marks (on the event loop's thread)."""
+        if self._memory is not None and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.ensure_future(self._refresh_purges_forever())
+
+    async def _refresh_purges_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_CHECK_S / 2)
+            try:
+                await self.run(self._refresh_purges)
+            except RuntimeError:  # the cache was closed
+                return
+
+    def _refresh_purges(self) -> None:
+        """Re-read the purge marks (in any thread); they are as of when the read began."""
+        started = time.monotonic()
+        try:
+            self._load_purges()
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            # keep serving from memory with the marks known so far; retried next second
+            log.warning("cannot read purge times from the tile cache: %s", exc)
+        finally:
+            self._purges_checked = started
 
     def _load_purges(self) -> None:
         """Merge the disk's purge times into this process's copy (never moving one back).
@@ -269,51 +329,199 @@ class TileCache:
         known = self._purges.get(layer, 0.0)
         self._purges = {**self._purges, layer: max(purged_at, known)}
 
+    def claim(self, key: str, seconds: float) -> bool:
+        """Claim the fetch of ``key`` for this process for up to ``seconds`` (cross-process
+        single-flight, :class:`~gateway.storage.claims.Claims`: a dead holder's claim is
+        taken over). False when another live process holds it. When the disk cannot record
+        a claim, True: this process fetches without one."""
+        try:
+            return self.claims.claim(key, seconds)
+        except STORE_ERRORS as exc:
+            self.health.failed(exc, "serving tiles uncached")
+            return True
+
+    def claimed(self, key: str) -> bool:
+        """Whether a live process holds the claim on ``key`` now. False when the disk
+        cannot be read."""
+        try:
+            return self.claims.held(key)
+        except STORE_ERRORS:
+            return False
+
+    def release(self, key: str) -> None:
+        """Drop this process's own claim on ``key`` (best effort: a claim that cannot be
+        deleted expires, and a dead holder's is taken over)."""
+        with contextlib.suppress(*STORE_ERRORS):
+            self.claims.release(key)
+
+    def release_soon(self, key: str) -> None:
+        """Queue :meth:`release` of ``key`` in the I/O thread without waiting (after any disk
+        work queued before it, such as the claimed tile's write); safe while cancelled."""
+        with contextlib.suppress(RuntimeError):  # the cache is closed: the claim expires
+            self._io.submit(self.release, key)
+
     def get(self, key: str, *, from_disk: bool = False) -> CachedTile | None:
-        """The entry for ``key``, fresh or not, or None.
+        """The entry for ``key``, fresh or not, or None (blocking; from async code use
+        :meth:`load`).
 
         Memory first, then disk; ``from_disk=True`` skips memory, to see what another
-        worker process stored since.
+        worker process stored since. A disk that fails to answer, or an entry that does not
+        read back intact (then deleted), is None: a miss.
         """
         if self._memory is not None and not from_disk:
             tile = self.get_memory(key)
             if tile is not None:
                 return tile
         loaded_at = time.time()
-        tile = self._disk.get(key)
-        if not isinstance(tile, CachedTile):
-            return None
-        if self._memory is not None:
+        tile = self.read_disk(key)
+        if tile is not None and self._memory is not None:
             self._memory.put(key, tile, loaded_at)
         return tile
 
-    def set(self, key: str, tile: CachedTile, keep_s: float) -> None:
-        """Store ``tile``; disk drops it ``keep_s`` seconds from now (TTL plus stale windows)."""
-        self._disk.set(key, tile, expire=keep_s)
+    async def load(self, key: str) -> CachedTile | None:
+        """Like ``get(key, from_disk=True)``, with the disk read in this cache's I/O thread,
+        so the event loop never waits on SQLite or the file system."""
+        self._keep_purges_fresh()
+        loaded_at = time.time()
+        tile = await self.run(self.read_disk, key)
+        if tile is not None and self._memory is not None:
+            self._memory.put(key, tile, loaded_at)
+        return tile
+
+    async def store(self, key: str, tile: CachedTile, keep_s: float) -> bool:
+        """Like :meth:`set`, with the disk write in this cache's I/O thread."""
+        self._keep_purges_fresh()
         if self._memory is not None:
             self._memory.put(key, tile, time.time())
+        return await self.run(self.write_disk, key, tile, keep_s)
+
+    async def run(self, method: Callable[..., T], *args: object) -> T:
+        """Run a disk-only method of this cache (:meth:`read_disk`, :meth:`write_disk`,
+        :meth:`claim`, :meth:`claimed`, :meth:`release`) in its I/O thread and wait for it.
+
+        One thread per cache: its SQLite work is serialised there (no lock contention
+        between this process's own threads), and never blocks the event loop. Methods that
+        touch the memory tier must not be run here (it belongs to the event loop's thread).
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, functools.partial(method, *args))
+
+    def read_or_claim(self, key: str, seconds: float) -> tuple[CachedTile | None, bool]:
+        """The disk entry for ``key`` and, unless it is fresh, :meth:`claim` on it for
+        ``seconds``: ``(entry or None, claimed)``. One trip for a miss's two first steps;
+        disk only (run it with :meth:`run`, then :meth:`remember` a fresh entry)."""
+        tile = self.read_disk(key)
+        if tile is not None and tile.is_fresh():
+            return tile, False
+        return tile, self.claim(key, seconds)
+
+    def remember(self, key: str, tile: CachedTile, loaded_at: float) -> None:
+        """Put ``tile``, read from disk at Unix time ``loaded_at`` (taken before the read),
+        in this process's memory tier (on the serving thread)."""
+        if self._memory is not None:
+            self._memory.put(key, tile, loaded_at)
+
+    def read_disk(self, key: str) -> CachedTile | None:
+        """The disk tier's entry for ``key``, or None (also when the disk fails, or the entry
+        does not read back intact: then it is deleted). Disk only: safe in any thread."""
+        try:
+            tile = self._disk.get(key)
+        except STORE_ERRORS as exc:
+            self._read_failed(key, exc)
+            return None
+        except Exception as exc:  # the value no longer unpickles: truncated or damaged
+            self._damaged(key, exc)
+            return None
+        if not isinstance(tile, CachedTile):
+            if tile is not None:
+                self._damaged(key, TypeError(type(tile).__name__))
+            return None
+        return tile
+
+    def _damaged(self, key: str, exc: BaseException) -> None:
+        """Drop an entry that does not read back intact, and say so."""
+        metrics.CACHE_DAMAGED.inc()
+        log.warning(
+            "dropped a damaged tile cache entry for %s (%s); it is fetched again",
+            _layer_of(key) or "a tile",
+            type(exc).__name__,
+        )
+        with contextlib.suppress(*STORE_ERRORS):
+            self._disk.delete(key)
+
+    def _read_failed(self, key: str, exc: BaseException) -> None:
+        # diskcache's LRU policy writes the access time on every read, so a full disk fails
+        # reads too: that is the same unwritable state
+        self.health.failed(exc, "serving tiles uncached")
+        log.debug("tile cache read failed for %s: %s", _layer_of(key), type(exc).__name__)
+
+    def set(self, key: str, tile: CachedTile, keep_s: float) -> bool:
+        """Store ``tile``; disk drops it ``keep_s`` seconds from now (TTL plus stale windows).
+        Blocking; from async code use :meth:`store`.
+
+        Returns:
+            Whether the disk stored it. When it cannot (disk full, read-only, damaged), the
+            tile is only in this process's memory tier, and the failure is reported once
+            (see the module docstring); nothing is raised.
+        """
+        if self._memory is not None:
+            self._memory.put(key, tile, time.time())
+        return self.write_disk(key, tile, keep_s)
+
+    def write_disk(self, key: str, tile: CachedTile, keep_s: float) -> bool:
+        """The disk half of :meth:`set` (safe in any thread); returns whether it stored."""
+        try:
+            self._disk.set(key, tile, expire=keep_s)
+        except STORE_ERRORS as exc:
+            reason = self.health.failed(exc, "serving tiles uncached")
+            metrics.CACHE_WRITE_FAILURES.labels(reason).inc()
+            return False
+        self.health.succeeded()
+        return True
 
     def delete(self, key: str) -> None:
-        """Remove ``key`` from both tiers."""
-        self._disk.delete(key)
+        """Remove ``key`` from both tiers.
+
+        Raises:
+            OSError, sqlite3.Error, diskcache.Timeout: the disk failed.
+        """
         if self._memory is not None:
             self._memory.discard(key)
+        self._disk.delete(key)
 
-    def probe(self) -> bool:
-        """Whether the disk tier accepts a write and reads it back (for readiness checks)."""
-        value = f"probe-{time.time()}"
+    def probe(self) -> tuple[bool, str]:
+        """Whether the disk tier accepts a write of :data:`PROBE_BYTES` and reads it back
+        (for readiness checks): ``(True, "")``, or ``(False, reason)`` with a path-free
+        reason (``disk-full``, ``read-only``, ``damaged``, ``busy``, ``io-error``).
+
+        A probe that works also ends a spell of failed writes (the disk has room again).
+        """
+        value = f"probe-{time.time()}".encode().ljust(PROBE_BYTES, b".")
         try:
             self._disk.set("readyz-probe", value, expire=60)
-            return self._disk.get("readyz-probe") == value
-        except OSError:
-            return False
+            ok = self._disk.get("readyz-probe") == value
+        except STORE_ERRORS as exc:
+            return False, self.health.failed(exc, "serving tiles uncached")
+        if not ok:
+            return False, "io-error"
+        self.health.succeeded()
+        return True, ""
 
     def volume_bytes(self) -> int:
-        """Bytes the disk tier uses (SQLite plus value files)."""
-        return int(self._disk.volume())
+        """Bytes the disk tier uses (SQLite plus value files); 0 when the disk cannot say."""
+        try:
+            return int(self._disk.volume())
+        except STORE_ERRORS:
+            return 0
 
     def close(self) -> None:
-        """Close the disk tier and drop the memory tier."""
+        """Stop the I/O thread (after its queued work), close the disk tier in every thread
+        that used it, and drop the memory tier."""
         if self._memory is not None:
             self._memory.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        with contextlib.suppress(RuntimeError):  # already shut down
+            self._io.submit(self._disk.close)
+        self._io.shutdown(wait=True)
         self._disk.close()

@@ -2,18 +2,30 @@
 operation of the organisation).
 
 A breaker is *closed* (calls go upstream), *open* (no call goes upstream until
-``open_until``) or *half-open* (open time over: one probe call may go; its success closes the
-breaker, its failure opens it again). It opens when
+``open_until``) or *half-open* (open time over: one probe call may go; while it is in flight
+every other call is refused). The probe's outcome decides:
+
+- any answer that shows the upstream alive (2xx, or a 4xx other than 429) closes the breaker;
+- a failure (5xx, timeout, no answer) opens it again for as long as it was last opened for
+  (``open_s`` after repeated failures, the ``Retry-After`` after a 429);
+- a 429 opens it for its new ``Retry-After``;
+- a probe that never reaches the upstream (refused by the limiter, cancelled) gives the probe
+  back, so the next call probes at once.
+
+It opens when
 
 - the upstream answers 429: for the ``Retry-After`` it gave (Geopera rate limits guide: back
   off and retry on 429), on the scope its problem ``type`` names (the guard's choice, see
-  :mod:`gateway.upstream.guard`): the asset, the operation, or :data:`ORGANISATION`;
+  :mod:`gateway.upstream.guard`): the asset, the operation, or :data:`ORGANISATION`, at most
+  ``max_open_s``;
 - the upstream answers 402 (subscription past due): :data:`ORGANISATION`, for ``open_s``;
 - ``failure_threshold`` failures (5xx, timeouts, no answer) happen within ``window_s``: for
   ``open_s`` seconds, on the operation.
 
-State is kept in the host's :class:`~gateway.upstream.buckets.SharedState`, so every worker
-process sees the same breakers.
+Whether a call is refused is decided in one place (:meth:`Breakers._refusal`), for
+:meth:`Breakers.check` and for :meth:`Breakers.statuses` (``/readyz``, metrics), so what is
+reported is what is enforced. State is kept in the host's
+:class:`~gateway.upstream.buckets.SharedState`, so every worker process sees the same breakers.
 """
 
 from __future__ import annotations
@@ -27,6 +39,12 @@ from gateway.upstream.buckets import SharedState
 
 PROBE_TIMEOUT_S = 30.0
 """How long a half-open probe may take before another caller may probe, seconds."""
+
+BREAKER_PREFIX = "breaker/"
+"""Start of every breaker key in the shared state (operation ids hold no ``/``)."""
+
+DEFAULT_MAX_OPEN_S = 3600.0
+"""Longest a breaker stays open for one 429, seconds (``limits.max_retry_after_s``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +64,10 @@ class Scope:
         return "organisation" if self.operation == "*" else "operation"
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        """The breaker's key in the shared state."""
-        return ("breaker", self.operation, self.asset or "")
+    def key(self) -> str:
+        """The breaker's key in the shared state, ``breaker/<operation>/<asset or "">`` (a
+        string: diskcache stores string keys as they are, other keys pickled)."""
+        return f"{BREAKER_PREFIX}{self.operation}/{self.asset or ''}"
 
 
 ORGANISATION = Scope("*")
@@ -60,6 +79,17 @@ class _State:
     open_until: float = 0.0
     probe_until: float = 0.0
     failures: list[float] = field(default_factory=list)
+    open_s: float = 0.0  # how long it was last opened for; a failed probe reopens it as long
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """A breaker that refuses calls now: ``state`` is ``open`` or ``half-open`` (a probe is
+    in flight), ``retry_after_s`` how long until a call may be tried, seconds."""
+
+    scope: Scope
+    state: str
+    retry_after_s: float
 
 
 class Breakers:
@@ -69,70 +99,156 @@ class Breakers:
         state: shared state.
         failure_threshold: failures within ``window_s`` seconds that open an operation.
         open_s: how long such a breaker stays open before a probe, seconds.
+        max_open_s: the longest any breaker stays open, seconds: caps a 429's Retry-After,
+            and any open time already stored (by an older gateway, or with a higher cap).
     """
 
     def __init__(
-        self, state: SharedState, failure_threshold: int, window_s: float, open_s: float
+        self,
+        state: SharedState,
+        failure_threshold: int,
+        window_s: float,
+        open_s: float,
+        max_open_s: float = DEFAULT_MAX_OPEN_S,
     ) -> None:
         self._cache = state.cache
         self.failure_threshold = failure_threshold
         self.window_s = window_s
         self.open_s = open_s
+        self.max_open_s = max_open_s
 
     def _get(self, scope: Scope) -> _State:
-        return self._cache.get(scope.key) or _State()
+        state = self._cache.get(scope.key)
+        if not isinstance(state, _State):
+            return _State()
+        try:
+            state.open_s  # noqa: B018 - stored by a version without the field
+        except AttributeError:
+            state.open_s = 0.0
+        return state
 
-    def check(self, scopes: Iterable[Scope]) -> None:
-        """Let a call through, or raise :class:`BreakerOpen` for the first open scope.
+    @staticmethod
+    def _refusal(state: _State, now: float) -> tuple[str, float] | None:
+        """``(state name, seconds until a call may go)`` when ``state`` refuses calls at
+        ``now`` (``open``, or ``half-open`` with a probe in flight); None when one may go."""
+        if state.open_until > now:
+            return "open", state.open_until - now
+        if state.open_until and state.probe_until > now:
+            return "half-open", state.probe_until - now
+        return None
+
+    def _capped(self, state: _State, now: float) -> bool:
+        """Hold an open time beyond ``now + max_open_s`` to it; True when it changed."""
+        if state.open_until > now + self.max_open_s:
+            state.open_until = now + self.max_open_s
+            state.open_s = min(state.open_s, self.max_open_s)
+            return True
+        return False
+
+    def check(self, scopes: Iterable[Scope]) -> list[Scope]:
+        """Let a call through, or raise :class:`BreakerOpen` for the first refusing scope.
 
         A half-open scope lets exactly one caller through as its probe.
+
+        Returns:
+            The scopes this call probes. The caller reports the outcome for them with
+            :meth:`record_success` or :meth:`record_failure`, or gives them back with
+            :meth:`abandon` when the call never reaches the upstream.
         """
-        for scope in scopes:
-            if self._cache.get(scope.key) is None:
-                continue  # closed and clean: the common case, one read
-            with self._cache.transact(retry=True):
-                state = self._get(scope)
-                now = time.time()
-                if state.open_until > now:
-                    raise BreakerOpen(scope, state.open_until - now)
-                if state.open_until and state.probe_until > now:
-                    raise BreakerOpen(scope, state.probe_until - now)
-                if state.open_until:
-                    state.probe_until = now + PROBE_TIMEOUT_S
-                    self._cache.set(scope.key, state)
+        probes: list[Scope] = []
+        try:
+            for scope in scopes:
+                if self._cache.get(scope.key) is None:
+                    continue  # closed and clean: the common case, one read
+                with self._cache.transact(retry=True):
+                    state = self._get(scope)
+                    now = time.time()
+                    changed = self._capped(state, now)
+                    refusal = self._refusal(state, now)
+                    if refusal is None and state.open_until:
+                        state.probe_until = now + PROBE_TIMEOUT_S
+                        probes.append(scope)
+                        changed = True
+                    if changed:
+                        self._cache.set(scope.key, state, expire=self._keep_s(state, now))
+                if refusal is not None:  # after the transaction: raising inside rolls it back
+                    raise BreakerOpen(scope, refusal[1])
+        except BaseException:
+            self.abandon(probes)
+            raise
+        return probes
+
+    def _keep_s(self, state: _State, now: float) -> float:
+        """How long the shared state keeps a breaker entry, seconds."""
+        return max(state.open_until - now, 0.0) + max(self.window_s, self.open_s) * 4
 
     def record_success(self, scopes: Iterable[Scope]) -> None:
-        """A call succeeded: close these scopes (a no-op for clean ones)."""
+        """A call got an answer showing the upstream alive (2xx, or 4xx other than 429):
+        close these scopes (a no-op for clean ones)."""
         for scope in scopes:
             if self._cache.get(scope.key) is not None:
                 self._cache.delete(scope.key)
 
-    def record_failure(self, scope: Scope) -> None:
-        """A call failed (5xx, timeout, no answer); opens ``scope`` at the threshold or when
-        it was a half-open probe."""
-        with self._cache.transact(retry=True):
-            state = self._get(scope)
-            now = time.time()
-            probing = bool(state.open_until) and state.open_until <= now
-            state.failures = [t for t in state.failures if t > now - self.window_s] + [now]
-            if probing or len(state.failures) >= self.failure_threshold:
-                state.open_until, state.probe_until, state.failures = now + self.open_s, 0.0, []
-            self._cache.set(scope.key, state, expire=max(self.window_s, self.open_s) * 4)
+    def record_failure(self, scopes: Iterable[Scope], at: float | None = None) -> None:
+        """A call failed (5xx, timeout, no answer) at Unix time ``at`` (default now).
 
-    def open_for(self, scope: Scope, seconds: float) -> None:
-        """Open ``scope`` for ``seconds`` (a 429's Retry-After); never shortens an open time."""
+        A scope whose half-open probe this was opens again for as long as it was last open;
+        an operation scope also counts the failure and opens for ``open_s`` at the threshold.
+        Other asset scopes are left alone (failures count per operation).
+        """
+        for scope in scopes:
+            if scope.asset is not None and self._cache.get(scope.key) is None:
+                continue
+            with self._cache.transact(retry=True):
+                state = self._get(scope)
+                now = time.time() if at is None else at
+                probing = bool(state.open_until) and state.open_until <= now
+                if probing:
+                    state.open_s = state.open_s or self.open_s
+                    state.open_until, state.probe_until = now + state.open_s, 0.0
+                elif scope.asset is None:
+                    recent = [t for t in state.failures if t > now - self.window_s]
+                    state.failures = [*recent, now]
+                    if len(state.failures) >= self.failure_threshold:
+                        state.open_until, state.probe_until = now + self.open_s, 0.0
+                        state.open_s, state.failures = self.open_s, []
+                else:
+                    continue
+                self._cache.set(scope.key, state, expire=self._keep_s(state, now))
+
+    def abandon(self, probes: Iterable[Scope]) -> None:
+        """Give back probes that never reached the upstream, so the next call may probe."""
+        for scope in probes:
+            with self._cache.transact(retry=True):
+                state = self._get(scope)
+                if state.probe_until:
+                    state.probe_until = 0.0
+                    self._cache.set(scope.key, state, expire=self._keep_s(state, time.time()))
+
+    def open_for(self, scope: Scope, seconds: float, at: float | None = None) -> None:
+        """Open ``scope`` for ``seconds`` (a 429's Retry-After) from Unix time ``at`` (when
+        the answer came; default now), at most ``max_open_s``; never shortens an open
+        time."""
+        seconds = min(max(seconds, 0.0), self.max_open_s)
         with self._cache.transact(retry=True):
             state = self._get(scope)
-            now = time.time()
+            now = time.time() if at is None else at
             state.open_until = max(state.open_until, now + seconds)
-            state.probe_until = 0.0
-            self._cache.set(scope.key, state, expire=seconds + self.window_s * 4)
+            state.open_s, state.probe_until = seconds, 0.0
+            self._capped(state, now)
+            self._cache.set(scope.key, state, expire=self._keep_s(state, now))
 
-    def open_scopes(self) -> Iterator[Scope]:
-        """Scopes open now (for metrics and /readyz)."""
+    def statuses(self) -> Iterator[BreakerStatus]:
+        """Breakers that refuse calls now, open or half-open (for metrics and /readyz)."""
         now = time.time()
         for key in list(self._cache.iterkeys()):
-            if isinstance(key, tuple) and key and key[0] == "breaker":
-                state = self._cache.get(key)
-                if state is not None and state.open_until > now:
-                    yield Scope(key[1], key[2] or None)
+            if isinstance(key, str) and key.startswith(BREAKER_PREFIX):
+                stored = self._cache.get(key)
+                if not isinstance(stored, _State):
+                    continue
+                state = _State(stored.open_until, stored.probe_until)
+                self._capped(state, now)
+                refusal = self._refusal(state, now)
+                if refusal is not None:
+                    operation, _, asset = key.removeprefix(BREAKER_PREFIX).partition("/")
+                    yield BreakerStatus(Scope(operation, asset or None), *refusal)

@@ -11,9 +11,11 @@ and a request whose wait would exceed ``max_wait_s`` reserves nothing and is ref
 wait as its Retry-After. Seeding traffic (:attr:`Priority.SEEDING`) never reserves into a
 deficit: it only takes tokens that are there now, so interactive map requests always go first.
 
-Every operation is one short SQLite transaction (a fraction of a millisecond) and runs inline
-on the event loop: a thread hop would cost more, because its result waits for the loop to come
-round, which under a burst of requests takes longer than the transaction itself.
+Every operation is one short SQLite transaction (a fraction of a millisecond). The gateway runs
+them in the state's own I/O thread (:meth:`SharedState.run`, :meth:`SharedState.submit`):
+inline on the event loop, a flood of cache misses (several transactions each) kept the loop so
+busy that cache hits waited behind them. Bookkeeping after a call (releasing its lease,
+counting its bytes) is queued without waiting.
 
 Why not a library: aiolimiter and limits keep their state in process memory (or Redis), and
 none offers a token bucket whose state several processes share through a local file; the
@@ -23,17 +25,25 @@ bucket arithmetic here is a few lines over diskcache's ``transact``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import functools
+import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import diskcache
+from typing import TypeVar
 
 from gateway.errors import LimitExceeded  # defined with the other domain errors
+from gateway.storage.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
+
+log = logging.getLogger("gateway.limits")
+
+T = TypeVar("T")
 
 
 class Priority(enum.IntEnum):
@@ -60,17 +70,94 @@ class Bucket:
 class SharedState:
     """The diskcache holding limiter, breaker and budget state for every worker on a host.
 
+    A damaged database is moved aside and started empty when it opens (buckets start full,
+    breakers closed: see :func:`gateway.storage.diskcaches.open_diskcache`). ``health`` follows
+    whether its disk accepts writes.
+
     Raises:
         OSError: the directory cannot be created.
+        sqlite3.Error: the database cannot be opened for another reason than damage.
     """
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.cache = diskcache.Cache(str(directory), timeout=5, eviction_policy="none")
+        self.directory = directory
+        self.cache = open_diskcache(directory, "state", timeout=5, eviction_policy="none")
+        self.health = WriteHealth("state", directory)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limiter-state-io")
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        """Run ``function(*args)`` (limiter, breaker or budget work on this state) in the
+        state's I/O thread and wait for its result or exception.
+
+        One thread: this process's transactions run one after another in the order they
+        were asked for (so a call sees the bookkeeping of the calls before it), without
+        lock contention among themselves, and the event loop never waits on SQLite.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, functools.partial(function, *args))
+
+    async def run_or_undo(
+        self, function: Callable[..., T], *args: object, undo: Callable[[T], object]
+    ) -> T:
+        """Like :meth:`run`, for work that takes something (a lease): if the caller is
+        cancelled while ``function`` runs, ``undo(result)`` is queued once it has finished,
+        so nothing taken for a caller that is gone stays taken."""
+        future = asyncio.ensure_future(self.run(function, *args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+
+            def give_back(done: asyncio.Future[T]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.submit(undo, done.result())
+
+            future.add_done_callback(give_back)
+            raise
+
+    def submit(self, function: Callable[..., object], *args: object) -> None:
+        """Queue ``function(*args)`` in the state's I/O thread without waiting (bookkeeping
+        after a call: releasing a lease, recording a breaker outcome, counting bytes). It
+        runs before anything asked for later; a state that cannot be written is reported
+        through ``health``, never raised."""
+
+        def job() -> None:
+            try:
+                function(*args)
+            except STORE_ERRORS as exc:
+                self.health.failed(exc, "refusing upstream calls")
+            except Exception:
+                log.exception("limiter bookkeeping failed")
+
+        with contextlib.suppress(RuntimeError):  # closed: nothing more is recorded
+            self._io.submit(job)
+
+    def probe(self) -> tuple[bool, str]:
+        """Whether the state accepts a write and reads it back (readiness): ``(True, "")``
+        or ``(False, reason)`` (see :func:`gateway.storage.diskcaches.failure_reason`)."""
+        value = time.time()
+        try:
+            self.cache.set("readyz-probe", value, expire=60)
+            ok = self.cache.get("readyz-probe") == value
+        except STORE_ERRORS as exc:
+            return False, self.health.failed(exc, "refusing upstream calls")
+        if not ok:
+            return False, "io-error"
+        self.health.succeeded()
+        return True, ""
 
     def close(self) -> None:
-        """Close the SQLite connection of this process."""
+        """Finish the queued work, stop the I/O thread and close this process's SQLite
+        connections."""
+        with contextlib.suppress(RuntimeError):  # already closed
+            self._io.submit(self.cache.close)
+        self._io.shutdown(wait=True)
         self.cache.close()
+
+
+def _bucket_key(bucket: Bucket) -> str:
+    """A bucket's key in the shared state. Keys are strings throughout the state: diskcache
+    stores those as they are, and pickles (and optimises) any other on every access."""
+    return "bucket/" + bucket.key
 
 
 class TokenBuckets:
@@ -124,7 +211,7 @@ class TokenBuckets:
                     f"{worst_scope} limit: the queue is {worst_wait:.1f} s long",
                 )
             for bucket, amount, level in zip(buckets, cost, levels, strict=True):
-                self._cache.set(("bucket", bucket.key), (level - amount, now))
+                self._store(bucket, level - amount, now)
             return worst_wait
 
     def charge(self, bucket: Bucket, amount: float) -> float:
@@ -135,12 +222,18 @@ class TokenBuckets:
         with self._cache.transact(retry=True):
             now = self._clock()
             level = self._level(bucket, now) - amount
-            self._cache.set(("bucket", bucket.key), (level, now))
+            self._store(bucket, level, now)
             return level
+
+    def _store(self, bucket: Bucket, level: float, now: float) -> None:
+        """Write a bucket's level; it expires once it would be full again (then a missing
+        bucket reads as full), so buckets of assets no longer asked for do not pile up."""
+        refill_s = (bucket.burst - level) / bucket.rate
+        self._cache.set(_bucket_key(bucket), (level, now), expire=refill_s + 60)
 
     def _level(self, bucket: Bucket, now: float) -> float:
 
-        stored = self._cache.get(("bucket", bucket.key))
+        stored = self._cache.get(_bucket_key(bucket))
         if stored is None:
             return bucket.burst
         tokens, stamp = stored
@@ -151,48 +244,110 @@ class TokenBuckets:
         return self._level(bucket, self._clock())
 
 
+LEASE_S = 60.0
+"""How long a concurrency lease lasts unless its process renews it, seconds."""
+
+HOST = os.uname().nodename
+"""This host's name, stored with each lease: process ids are only checked on the host (PID
+namespace) that issued them."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (``kill(pid, 0)``; one owned by another
+    user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ConcurrencyCap:
     """At most ``limit`` upstream calls in flight on this host, across worker processes.
 
-    Each holder has a lease that expires after ``lease_s`` seconds, so a crashed worker's
-    slots come back. Seeding may use at most three quarters of the slots.
+    Each call holds a lease in the shared state: ``{lease id: (host, pid, expires at)}``
+    under one key. A lease belongs to a live process: any acquirer drops leases whose process
+    is gone (``kill(pid, 0)``, for leases of this host), so a crashed or killed worker's
+    slots come back at once. Leases also expire ``lease_s`` seconds after they were taken or
+    last renewed, which covers a reused process id and a process that hangs: while this
+    process holds leases, a task renews them every ``lease_s / 4`` seconds, however long the
+    call (a download may stream for hours). Seeding may use at most three quarters of the
+    slots.
+
+    Args:
+        state: the shared state.
+        limit: slots on the host.
+        lease_s: lease lifetime without renewal, seconds.
+        clock: Unix time source, seconds (tests may pass their own).
     """
 
     POLL_S = 0.02
 
-    def __init__(self, state: SharedState, limit: int, lease_s: float) -> None:
+    def __init__(
+        self, state: SharedState, limit: int, lease_s: float = LEASE_S, clock=time.time
+    ) -> None:
+        self._state = state
         self._cache = state.cache
         self.limit = limit
         self.lease_s = lease_s
-        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._clock = clock
+        self._pid = os.getpid()
+        self._prefix = f"{self._pid}-{uuid.uuid4().hex[:8]}-"
+        self._held: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
 
-    def _try_acquire(self, priority: Priority, lease_s: float) -> str | None:
+    def _live(self, now: float) -> dict[str, tuple[str, int, float]]:
+        """The stored leases that still count: unexpired, of a process that is alive.
+
+        Leases stored by older versions (``{lease id: expires at}``, the id starting with
+        the pid) are read as this host's.
+        """
+        live = {}
+        for lease, value in (self._cache.get("inflight") or {}).items():
+            if isinstance(value, tuple):
+                host, pid, expires = value
+            else:
+                host, pid, expires = HOST, int(str(lease).split("-", 1)[0] or 0), value
+            if expires <= now:
+                continue
+            if host == HOST and pid != self._pid and not pid_alive(pid):
+                continue
+            live[lease] = (host, pid, expires)
+        return live
+
+    def try_acquire(self, priority: Priority) -> str | None:
+        """A lease now, or None when every slot ``priority`` may use is taken (blocking:
+        run it in the state's I/O thread). Call :meth:`keep_renewed` on the event loop
+        once it is held."""
         allowed = self.limit if priority is Priority.INTERACTIVE else max(1, self.limit * 3 // 4)
         with self._cache.transact(retry=True):
-            now = time.time()
-            leases = {k: v for k, v in (self._cache.get("inflight") or {}).items() if v > now}
+            now = self._clock()
+            leases = self._live(now)
             if len(leases) >= allowed:
                 self._cache.set("inflight", leases)
                 return None
             lease = self._prefix + uuid.uuid4().hex[:8]
-            leases[lease] = now + lease_s
+            leases[lease] = (HOST, self._pid, now + self.lease_s)
             self._cache.set("inflight", leases)
-            return lease
+        self._held.add(lease)
+        return lease
 
-    async def acquire(
-        self, max_wait_s: float, priority: Priority, lease_s: float | None = None
-    ) -> str:
-        """Wait for a slot; returns the lease to :meth:`release`.
-
-        ``lease_s`` overrides how long the lease lasts if never released (long transfers).
+    async def acquire(self, max_wait_s: float, priority: Priority) -> str:
+        """Wait for a slot; returns the lease to :meth:`release` (in the state's I/O thread:
+        ``state.submit(cap.release, lease)``). The lease is renewed for as long as it is held.
 
         Raises:
             LimitExceeded: no slot within ``max_wait_s`` seconds (scope ``concurrency``).
         """
         deadline = time.monotonic() + max_wait_s
         while True:
-            lease = self._try_acquire(priority, lease_s or self.lease_s)
+            lease = await self._state.run_or_undo(
+                self.try_acquire, priority, undo=self._release_if_taken
+            )
             if lease is not None:
+                self.keep_renewed()
                 return lease
             if time.monotonic() >= deadline:
                 raise LimitExceeded(
@@ -200,17 +355,57 @@ class ConcurrencyCap:
                 )
             await asyncio.sleep(self.POLL_S)
 
+    def keep_renewed(self) -> None:
+        """Make sure the task renewing this process's leases runs (on the event loop)."""
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew_while_held())
+
+    async def _renew_while_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.lease_s / 4)
+            self._state.submit(self.renew)  # a failure is reported; tried again next round
+
+    def renew(self) -> None:
+        """Extend this process's leases to ``lease_s`` from now (one transaction). A lease
+        that lapsed meanwhile (the process stalled longer than ``lease_s``) is not taken
+        back: its slot may be another's by now."""
+        if not self._held:
+            return
+        with self._cache.transact(retry=True):
+            now = self._clock()
+            leases = self._live(now)
+            for lease in self._held & leases.keys():
+                leases[lease] = (HOST, self._pid, now + self.lease_s)
+            self._cache.set("inflight", leases)
+
+    def _release_if_taken(self, lease: str | None) -> None:
+        if lease is not None:
+            self.release(lease)
+
     def release(self, lease: str) -> None:
         """Give the slot back (idempotent)."""
+        self._held.discard(lease)
         with self._cache.transact(retry=True):
             leases = self._cache.get("inflight") or {}
             if leases.pop(lease, None) is not None:
                 self._cache.set("inflight", leases)
 
     def in_flight(self) -> int:
-        """Leases currently held on this host."""
-        now = time.time()
-        return sum(1 for v in (self._cache.get("inflight") or {}).values() if v > now)
+        """Leases currently held on this host (by live processes)."""
+        return len(self._live(self._clock()))
+
+    async def aclose(self) -> None:
+        """Stop renewing and give back every lease this process still holds (shutdown)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        with contextlib.suppress(*STORE_ERRORS):
+            await self._state.run(self._release_all)
+
+    def _release_all(self) -> None:
+        for lease in list(self._held):
+            self.release(lease)
 
 
 class EgressBudget:
@@ -225,8 +420,8 @@ class EgressBudget:
         self.daily_bytes = daily_bytes
 
     @staticmethod
-    def _key() -> tuple[str, str]:
-        return ("egress", time.strftime("%Y-%m-%d", time.gmtime()))
+    def _key() -> str:
+        return "egress/" + time.strftime("%Y-%m-%d", time.gmtime())
 
     def spent(self) -> int:
         """Bytes received today (UTC)."""
@@ -247,7 +442,13 @@ class EgressBudget:
             raise LimitExceeded("budget", retry, "the daily upstream egress budget is spent")
 
     def add(self, nbytes: int) -> None:
-        """Count ``nbytes`` received (atomic across processes; kept 2 days)."""
-        if nbytes > 0:
-            self._cache.incr(self._key(), nbytes, default=0)
-            self._cache.touch(self._key(), expire=2 * 86400)
+        """Count ``nbytes`` received (atomic across processes; kept 2 days). One
+        transaction except on the first bytes of a day."""
+        if nbytes <= 0:
+            return
+        key = self._key()
+        try:
+            self._cache.incr(key, nbytes, default=None)
+        except KeyError:  # a new day: create it with its expiry, then count
+            self._cache.add(key, 0, expire=2 * 86400)
+            self._cache.incr(key, nbytes, default=0)

@@ -20,7 +20,10 @@ call, never per waiting request):
 - other 4xx (404, 400, a 403 on another organisation's job): the upstream is up and
   answering; they count as a success for the breakers (a half-open probe closes).
 
-A success closes the call's breakers and resolves the alerts it disproves.
+A success closes the call's breakers and resolves the alerts it disproves. A half-open probe
+that never reaches the upstream is given back (see :mod:`gateway.upstream.breakers`). Every
+shared-state transaction runs in the state's own I/O thread, never on the event loop; a 429's
+``Retry-After`` is capped at ``max_retry_after_s``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import stamina
 
 from gateway import metrics
 from gateway.config.settings import LimitSettings
+from gateway.storage.diskcaches import STORE_ERRORS
 from gateway.upstream.alerts import KEY_REFUSED, PAYMENT_REQUIRED, SCOPE_MISSING, Alerts
 from gateway.upstream.breakers import ORGANISATION, Breakers, Scope
 from gateway.upstream.buckets import (
@@ -71,11 +75,12 @@ STREAM_CHUNK_BYTES = 1 << 20
 CHARGE_EVERY_BYTES = 8 << 20
 """Streamed bytes are charged to the bytes bucket and budget in batches of this many."""
 
-STREAM_LEASE_S = 6 * 3600.0
-"""A streamed transfer's concurrency lease, seconds (a crashed worker's slot returns after)."""
-
 RETRYABLE = (UpstreamServerError, UpstreamTimeout, UpstreamUnavailable)
 """Failures worth another attempt for an idempotent read."""
+
+STATE_RETRY_S = 5.0
+"""Retry-After when the host's limiter state cannot be read or written, seconds."""
+
 
 ANSWERED = (UpstreamNotFound, UpstreamRejected, UpstreamForbidden)
 """Failures that are the upstream's considered answer: it is up (a success for breakers)."""
@@ -93,28 +98,26 @@ class UpstreamGuard:
         client: the Geopera client.
         state: the host's shared limiter state.
         settings: the limits.
-        read_timeout_s: the client's read timeout; concurrency leases outlive it.
 
     Attributes:
         alerts: the host's operator alerts (:class:`~gateway.upstream.alerts.Alerts`).
     """
 
-    def __init__(
-        self,
-        client: GeoperaClient,
-        state: SharedState,
-        settings: LimitSettings,
-        read_timeout_s: float,
-    ) -> None:
+    def __init__(self, client: GeoperaClient, state: SharedState, settings: LimitSettings) -> None:
         self.client = client
         self.settings = settings
+        self.state = state
         self.alerts = Alerts(state)
         self.buckets = TokenBuckets(state)
         self.breakers = Breakers(
-            state, settings.failure_threshold, settings.failure_window_s, settings.open_s
+            state,
+            settings.failure_threshold,
+            settings.failure_window_s,
+            settings.open_s,
+            max_open_s=settings.max_retry_after_s,
         )
         self.budget = EgressBudget(state, settings.daily_egress_bytes)
-        self.concurrency = ConcurrencyCap(state, settings.max_concurrent, read_timeout_s + 30)
+        self.concurrency = ConcurrencyCap(state, settings.max_concurrent)
         self._local_slots = asyncio.Semaphore(settings.max_concurrent)
         self._bytes = (
             Bucket("bytes", "bytes", settings.bytes_per_s, max(settings.bytes_burst, 1.0))
@@ -126,7 +129,7 @@ class UpstreamGuard:
         """The buckets one call draws from, and what it takes from each up front.
 
         The bytes bucket takes nothing up front (the size is unknown): a call waits while it
-        is in deficit, and :meth:`_charge_bytes` takes the bytes received afterwards.
+        is in deficit, and :meth:`_account` takes the bytes received afterwards.
         """
         op = self.settings.rate_for(operation)
         asset_rate = self.settings.asset
@@ -146,27 +149,129 @@ class UpstreamGuard:
         asset: str,
         priority: Priority,
         deadline: float,
-        lease_s: float | None = None,
-    ) -> str:
-        """Budget, breakers, buckets and a concurrency lease; returns the lease."""
-        scopes = _scopes(operation, asset)
-        self.budget.check()
-        self.breakers.check(scopes)
+    ) -> tuple[str, list[Scope]]:
+        """Budget, breakers, buckets and a concurrency lease; returns the lease and the
+        breaker scopes this call probes (half-open), whose outcome the caller reports.
+
+        The shared-state work runs in the state's I/O thread (:meth:`SharedState.run`), so
+        the event loop keeps serving cache hits meanwhile.
+
+        Raises:
+            LimitExceeded: as for :meth:`call`; scope ``state`` when the shared state cannot
+                be read or written (fail closed: no call goes upstream unaccounted).
+            BreakerOpen: a breaker refuses the call.
+        """
         started = time.monotonic()
+        # a local slot free now: ask for the lease in the same trip to the state's thread
+        slot = not self._local_slots.locked()
+        if slot:
+            await self._local_slots.acquire()  # free: returns at once
+        try:
+            probes, wait, lease = await self.state.run_or_undo(
+                self._check_and_reserve,
+                operation,
+                asset,
+                priority,
+                deadline - started,
+                slot,
+                undo=self._undo_admission,
+            )
+        except BaseException as exc:
+            if slot:
+                self._local_slots.release()
+            if isinstance(exc, LimitExceeded):
+                metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+            elif isinstance(exc, STORE_ERRORS):
+                raise self._state_failed(exc) from None
+            raise
+        if lease is not None:
+            self.concurrency.keep_renewed()
+        else:
+            if slot:
+                self._local_slots.release()  # not while waiting for tokens: others may go
+            try:
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                lease = await self._acquire_slot(deadline, priority)
+            except LimitExceeded as exc:
+                self._abandon(probes)
+                metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+                raise
+            except STORE_ERRORS as exc:
+                self._abandon(probes)
+                raise self._state_failed(exc) from None
+            except BaseException:
+                self._abandon(probes)
+                raise
+        self.state.health.succeeded()
+        metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
+        return lease, probes
+
+    def _check_and_reserve(
+        self, operation: str, asset: str, priority: Priority, max_wait_s: float, lease: bool
+    ) -> tuple[list[Scope], float, str | None]:
+        """In the state's I/O thread: the budget, the breakers (returns the scopes probed),
+        the token buckets (returns the wait for the tokens reserved, seconds) and, when
+        ``lease`` and no wait is needed, a concurrency lease (else None)."""
+        self.budget.check()
+        probes = self.breakers.check(_scopes(operation, asset))
         try:
             buckets, costs = self._buckets(operation, asset)
-            wait = self.buckets.reserve(buckets, costs, max(0.0, deadline - started), priority)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            async with self._local_slots:
-                lease = await self.concurrency.acquire(
-                    max(0.0, deadline - time.monotonic()), priority, lease_s
-                )
-        except LimitExceeded as exc:
-            metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
+            wait = self.buckets.reserve(buckets, costs, max(0.0, max_wait_s), priority)
+            held = self.concurrency.try_acquire(priority) if lease and wait <= 0 else None
+        except BaseException:
+            self.breakers.abandon(probes)
             raise
-        metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
-        return lease
+        return probes, wait, held
+
+    def _undo_admission(self, admitted: tuple[list[Scope], float, str | None]) -> None:
+        """In the state's I/O thread: give back what an admission took for a caller that
+        was cancelled meanwhile (its probes, its lease)."""
+        probes, _, lease = admitted
+        self.breakers.abandon(probes)
+        if lease is not None:
+            self.concurrency.release(lease)
+
+    async def _acquire_slot(self, deadline: float, priority: Priority) -> str:
+        """A slot of this process (held until :meth:`_release`), then a host-wide lease.
+
+        This process's callers queue on a local semaphore of ``max_concurrent`` slots, so
+        with one worker nobody polls the shared state for a lease; only leases held by other
+        worker processes make a caller poll.
+
+        Raises:
+            LimitExceeded: no slot before ``deadline`` (monotonic seconds).
+        """
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._local_slots.acquire()
+        except TimeoutError:
+            raise LimitExceeded(
+                "concurrency", 1.0, "concurrency limit: every upstream slot is busy"
+            ) from None
+        try:
+            return await self.concurrency.acquire(max(0.0, deadline - time.monotonic()), priority)
+        except BaseException:
+            self._local_slots.release()
+            raise
+
+    def _state_failed(self, exc: BaseException) -> LimitExceeded:
+        """The refusal for a call whose limits cannot be checked (reported once per change)."""
+        self.state.health.failed(exc, "refusing upstream calls")
+        metrics.LIMITER_REJECTIONS.labels("state").inc()
+        return LimitExceeded(
+            "state", STATE_RETRY_S, "the host's limiter state cannot be read or written"
+        )
+
+    def _abandon(self, probes: list[Scope]) -> None:
+        if probes:
+            self.state.submit(self.breakers.abandon, probes)
+
+    def _release(self, lease: str) -> None:
+        """Give back this call's slot: the local one now, the lease in the state's thread
+        (queued before any later acquisition, so the host-wide count never runs ahead)."""
+        self._local_slots.release()
+        self.state.submit(self.concurrency.release, lease)
 
     async def call(
         self,
@@ -205,34 +310,60 @@ class UpstreamGuard:
     async def _attempt(
         self, operation: str, body: dict[str, Any], asset: str, priority: Priority, deadline: float
     ) -> UpstreamResponse:
-        lease = await self._admit(operation, asset, priority, deadline)
+        lease, probes = await self._admit(operation, asset, priority, deadline)
         try:
             response = await self.client.call(operation, body)
         except UpstreamError as exc:
-            self._failed(operation, asset, exc)
+            await self._failed(operation, asset, exc)
+            raise
+        except BaseException:  # cancelled: the probe, if any, learnt nothing
+            self._abandon(probes)
             raise
         finally:
-            self.concurrency.release(lease)
-        self._succeeded(operation, asset)
-        await self._received(operation, len(response.content))
+            self._release(lease)
+        nbytes = len(response.content)
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
+        if nbytes > 0:
+            metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
+        self.state.submit(self._succeeded, operation, asset, nbytes)
         return response
 
-    def _succeeded(self, operation: str, asset: str) -> None:
-        """Close the call's breakers and resolve the alerts a success disproves."""
+    def _succeeded(self, operation: str, asset: str, nbytes: int) -> None:
+        """In the state's I/O thread: close the call's breakers, resolve the alerts a
+        success disproves, count its bytes."""
         self.breakers.record_success(_scopes(operation, asset))
         self.alerts.resolve_after_success(OPERATION_SCOPES.get(operation))
+        self._account(nbytes)
 
-    def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
-        """Breakers, alerts, metrics and one log line for a failed call."""
+    async def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
+        """Metrics, and the failure's bookkeeping in the state's I/O thread
+        (:meth:`_record_outcome`), waited for: the breakers are open and the operator alert
+        is logged before any client hears of the failure (failures are the rare path; a
+        success's bookkeeping is queued without waiting).
+
+        The exception is updated first, so the client is told what the breakers enforce: a
+        429's Retry-After capped at ``max_retry_after_s``, a 402's pause of ``open_s``.
+        """
         metrics.UPSTREAM_REQUESTS.labels(operation, str(exc.status or "error")).inc()
         if isinstance(exc, UpstreamRateLimited):
-            scope = {
-                "asset": Scope(operation, asset),
-                "organisation": ORGANISATION,
-            }.get(exc.scope, Scope(operation))
-            self.breakers.open_for(scope, exc.retry_after_s)
+            exc.retry_after_s = min(exc.retry_after_s, self.settings.max_retry_after_s)
+        elif isinstance(exc, UpstreamPaymentRequired):
+            exc.retry_after_s = self.settings.open_s
+        try:  # stamped now: a Retry-After counts from the answer, not from the bookkeeping
+            await self.state.run(self._record_outcome, operation, asset, exc, time.time())
+        except STORE_ERRORS as exc_state:
+            self.state.health.failed(exc_state, "refusing upstream calls")
+
+    def _record_outcome(self, operation: str, asset: str, exc: UpstreamError, at: float) -> None:
+        """In the state's I/O thread: what a failed call does to the host's breakers and
+        alerts (the module docstring lists the rules), and one log line."""
+        scopes = _scopes(operation, asset)
+        if isinstance(exc, UpstreamRateLimited):
+            scope = {"asset": scopes[2], "organisation": ORGANISATION}.get(exc.scope, scopes[1])
+            self.breakers.open_for(scope, exc.retry_after_s, at)
+            if scope is scopes[2]:
+                self.breakers.record_success(scopes[:2])  # the operation itself answered
             log.warning(
                 "upstream throttled %s (problem type %s): %s paused for %.0f s",
                 operation,
@@ -241,8 +372,7 @@ class UpstreamGuard:
                 exc.retry_after_s,
             )
         elif isinstance(exc, UpstreamPaymentRequired):
-            exc.retry_after_s = self.settings.open_s
-            self.breakers.open_for(ORGANISATION, self.settings.open_s)
+            self.breakers.open_for(ORGANISATION, self.settings.open_s, at)
             self.alerts.raise_alert(
                 PAYMENT_REQUIRED,
                 "",
@@ -251,14 +381,15 @@ class UpstreamGuard:
                 f"is paused, {self.settings.open_s:g} s at a time, until it is settled",
             )
         elif isinstance(exc, UpstreamAuthError):
+            self.breakers.record_success(scopes)  # the upstream is up: the key is the fault
             self._key_alert(operation, exc)
         elif isinstance(exc, RETRYABLE):
-            self.breakers.record_failure(Scope(operation))
+            self.breakers.record_failure(scopes[1:], at)
             log.warning("upstream call failed: %s", exc)
-        elif isinstance(exc, ANSWERED):
-            self.breakers.record_success(_scopes(operation, asset))
-        else:
-            log.warning("upstream sent an unusable answer: %s", exc)
+        else:  # a considered 4xx answer, or an unusable 2xx: the upstream is up
+            if not isinstance(exc, ANSWERED):
+                log.warning("upstream sent an unusable answer: %s", exc)
+            self.breakers.record_success(scopes)
 
     def _key_alert(self, operation: str, exc: UpstreamAuthError) -> None:
         """The alert for a refused key (401) or a missing scope (403)."""
@@ -278,16 +409,31 @@ class UpstreamGuard:
             f"grant the key {scope}, or set GEOPERA_API_KEY to a key that has it",
         )
 
-    async def _received(self, operation: str, nbytes: int) -> float:
-        """Count ``nbytes`` of egress (budget, bytes bucket, metrics); returns how long the
-        bytes bucket asks the caller to pause, seconds."""
+    def _account(self, nbytes: int) -> float:
+        """In the state's I/O thread: count ``nbytes`` of egress against the budget and the
+        bytes bucket (one transaction); returns the bucket's level after."""
         if nbytes <= 0:
             return 0.0
-        self.budget.add(nbytes)
+        with self.state.cache.transact(retry=True):
+            self.budget.add(nbytes)
+            if self._bytes is not None:
+                return self.buckets.charge(self._bytes, float(nbytes))
+        return 0.0
+
+    async def _received(self, operation: str, nbytes: int) -> float:
+        """Count ``nbytes`` of streamed egress (budget, bytes bucket, metrics); returns how
+        long the bytes bucket asks the reader to pause, seconds (0 when the state cannot
+        be written: that is reported, and the transfer goes on)."""
+        if nbytes <= 0:
+            return 0.0
         metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
+        try:
+            level = await self.state.run(self._account, nbytes)
+        except STORE_ERRORS as exc:
+            self.state.health.failed(exc, "refusing upstream calls")
+            return 0.0
         if self._bytes is None:
             return 0.0
-        level = self.buckets.charge(self._bytes, float(nbytes))
         return max(0.0, -level / self._bytes.rate)
 
     @contextlib.asynccontextmanager
@@ -312,7 +458,7 @@ class UpstreamGuard:
             UpstreamError: the upstream refused the call, or the transfer broke.
         """
         deadline = time.monotonic() + self.settings.max_wait_s
-        lease = await self._admit(operation, asset, priority, deadline, lease_s=STREAM_LEASE_S)
+        lease, probes = await self._admit(operation, asset, priority, deadline)
         started = time.perf_counter()
         try:
             async with self.client.stream(operation, body) as (headers, body_chunks):
@@ -331,10 +477,13 @@ class UpstreamGuard:
 
                 yield headers, chunks()
         except UpstreamError as exc:
-            self._failed(operation, asset, exc)
+            await self._failed(operation, asset, exc)
+            raise
+        except BaseException:  # the reader gave up or was cancelled: no verdict on the upstream
+            self._abandon(probes)
             raise
         finally:
-            self.concurrency.release(lease)
-        self._succeeded(operation, asset)
+            self._release(lease)
+        self.state.submit(self._succeeded, operation, asset, 0)
         metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)
