@@ -18,7 +18,14 @@ import mercantile
 
 from gateway import __version__
 from gateway.auth import new_token
-from gateway.config import SCOPES, ConfigError, Settings, TokenSettings, load_settings
+from gateway.config import (
+    PROJECT_ID,
+    SCOPES,
+    ConfigError,
+    Settings,
+    TokenSettings,
+    load_settings,
+)
 from gateway.logs import access_log_options, configure_logging
 
 log = logging.getLogger("gateway.cli")
@@ -79,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scopes", required=True, help="comma-separated: tiles, downloads, admin")
     create.add_argument("--layers", help="comma-separated private layers it may read")
     create.add_argument("--rate-limit", help="its own request limit, e.g. '500/second'")
+    create.add_argument(
+        "--projects", help="comma-separated Geopera projects whose clip jobs it may reach"
+    )
 
     _add_seed_parser(sub)
     _add_purge_parser(sub)
@@ -321,6 +331,16 @@ def _token_create(args: argparse.Namespace) -> int:
     if not args.name.isprintable() or not args.name.strip():
         print("geopera-gateway: the token name must be printable text", file=sys.stderr)
         return 2
+    projects = None
+    if args.projects is not None:
+        projects = sorted({p.strip() for p in args.projects.split(",") if p.strip()})
+        if not projects or not all(PROJECT_ID.fullmatch(p) for p in projects):
+            print(
+                "geopera-gateway: --projects takes comma-separated project ids "
+                "(printable, no spaces)",
+                file=sys.stderr,
+            )
+            return 2
     token, digest = new_token()
     lines = [
         "",
@@ -333,6 +353,8 @@ def _token_create(args: argparse.Namespace) -> int:
         lines.append(f"layers = {json.dumps([x.strip() for x in args.layers.split(',')])}")
     if args.rate_limit:
         lines.append(f"rate_limit = {json.dumps(args.rate_limit)}")
+    if projects is not None:
+        lines.append(f"projects = {json.dumps(projects)}")
     print(
         f"New token for {args.name} (store it now; it is not shown again):\n  {token}\n"
         "Only its SHA-256 goes in the config (the TOML printed on stdout).",
