@@ -21,15 +21,19 @@ from gateway.guard import UpstreamGuard
 from gateway.limits import SharedState
 from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
 from gateway.problem import Problem, problem_for
-from gateway.routes import admin, discovery, downloads, health, tiles, viewer
+from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
+from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
+from gateway.services.listing import JobListing
 from gateway.services.sources import SourceCheck
 from gateway.services.tiles import TileService
 from gateway.state import (
     AUTH,
     CLIENT_LIMIT,
+    CLIP_LAYERS,
     DOWNLOAD_SERVICE,
     GUARD,
+    JOB_LISTING,
     LAYERS,
     SETTINGS,
     SHARED_STATE,
@@ -45,7 +49,18 @@ log = logging.getLogger("gateway.app")
 
 SERVER = f"geopera-gateway/{__version__}"
 
-LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
+LIMITED_ROUTES = frozenset(
+    {
+        "tile",
+        "default_tile",
+        "download_list",
+        "download_job",
+        "download",
+        "download_checksum",
+        "clip_tile",
+        "clip_tilejson",
+    }
+)
 """Routes that count against the per-client rate limit (those that can spend upstream)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -155,8 +170,10 @@ def create_app(settings: Settings) -> web.Application:
     app[CLIENT_LIMIT] = limits
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_stop_transfers)
+    clips.add_routes(app)  # before tiles: /tiles/clips/{job}/{mosaic}/tilejson.json
     discovery.add_routes(app)  # before tiles: /tiles/{layer}/tilejson.json
     tiles.add_routes(app)
+    listing.add_routes(app)
     downloads.add_routes(app)
     viewer.add_routes(app)
     admin.add_routes(app)
@@ -228,6 +245,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[DOWNLOAD_SERVICE] = DownloadService(
         store, stack.guard, content_types=settings.downloads.content_types
     )
+    app[CLIP_LAYERS] = ClipLayers(app[DOWNLOAD_SERVICE])
+    if settings.downloads.organization_id is not None:
+        app[JOB_LISTING] = JobListing(
+            stack.guard,
+            store,
+            settings.downloads.organization_id,
+            settings.downloads.list_ttl_s,
+        )
     checking = None
     if settings.upstream.check_sources:
         sources = SourceCheck(stack.guard, stack.state, settings.layers.values())

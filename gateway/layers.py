@@ -34,6 +34,14 @@ WEB_MERCATOR_MAX_LAT = 85.0511287798066
 
 _RASTER_PARAMS = {"bands": str, "expression": str, "rescale": str, "colormap": str, "quality": int}
 _TERRAIN_PARAMS = {"invert": bool}
+RENDER_PARAMS: Mapping[str, Mapping[str, type]] = MappingProxyType(
+    {"raster": MappingProxyType(_RASTER_PARAMS), "terrain": MappingProxyType(_TERRAIN_PARAMS)}
+)
+"""The render parameters each layer kind sends upstream, with their types (COG & tiles
+operations, seeds ``003``)."""
+
+RESERVED_NAMES = frozenset({"clips"})
+"""Layer names the gateway keeps for itself: ``/tiles/clips/...`` serves clip layers."""
 _COMMON_KEYS = {
     "name",
     "title",
@@ -141,6 +149,10 @@ def parse_layers(source: str, tables: Sequence[Any]) -> tuple[dict[str, Layer], 
             raise ConfigError(f"{source}: {prefix}: expected a table ([[layers]])")
         reader = TableReader(source, prefix, table)
         layer = _parse_layer(reader)
+        if layer.name in RESERVED_NAMES:
+            raise reader.error(
+                "name", f"{layer.name!r} is reserved (/tiles/{layer.name}/ serves clip layers)"
+            )
         if layer.name in layers:
             raise reader.error("name", f"duplicate layer name {layer.name!r}")
         layers[layer.name] = layer
@@ -197,11 +209,7 @@ def _parse_layer(r: TableReader) -> Layer:
 
     formats = _formats(r, kind)
     ttl_s = r.positive("ttl_s", int, 86400)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {"kind": kind, "url": url, "render": render}, sort_keys=True, separators=(",", ":")
-        ).encode()
-    ).hexdigest()[:16]
+    fingerprint = layer_fingerprint(kind, url, render)
     return Layer(
         name=name,
         title=r.get("title", str, name),
@@ -219,6 +227,15 @@ def _parse_layer(r: TableReader) -> Layer:
         public=r.get("public", bool, True),
         fingerprint=fingerprint,
     )
+
+
+def layer_fingerprint(kind: str, url: str, render: Mapping[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of ``{"kind", "url", "render"}`` as canonical JSON: what
+    a layer's cache keys carry, so that new render parameters never hit old renders."""
+    text = json.dumps(
+        {"kind": kind, "url": url, "render": dict(render)}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _non_negative(r: TableReader, key: str, default: int) -> int:

@@ -11,7 +11,9 @@ from gateway.config import Settings
 from gateway.guard import UpstreamGuard
 from gateway.layers import Layer
 from gateway.limits import SharedState
+from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
+from gateway.services.listing import JobListing
 from gateway.services.tiles import TileService
 from gateway.upstream import GeoperaClient
 
@@ -27,3 +29,6 @@ UPSTREAM = web.AppKey("upstream", GeoperaClient)
 GUARD = web.AppKey("guard", UpstreamGuard)
 TILE_SERVICE = web.AppKey("tile_service", TileService)
 DOWNLOAD_SERVICE = web.AppKey("download_service", DownloadService)
+CLIP_LAYERS = web.AppKey("clip_layers", ClipLayers)
+JOB_LISTING = web.AppKey("job_listing", JobListing)
+"""Present only when ``downloads.organization_id`` is configured."""

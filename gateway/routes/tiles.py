@@ -61,13 +61,16 @@ def parse_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
     return TileAddress(layer, zoom, col, row, scale, fmt)
 
 
-def _respond(request: web.Request, result: TileResult) -> web.Response:
+def tile_response(request: web.Request, result: TileResult, private: bool = False) -> web.Response:
+    """The answer for a tile: its body with ``ETag``, ``Cache-Control`` (``public``, or
+    ``private`` for tiles that need a token of their own, ``max-age`` = freshness left) and
+    ``X-Cache``; 304 when ``If-None-Match`` matches."""
     tile = result.tile
     if result.upstream_s is not None:
         request[UPSTREAM_TIME_KEY] = result.upstream_s
     headers = {
         "ETag": tile.etag,
-        "Cache-Control": f"public, max-age={tile.max_age()}",
+        "Cache-Control": f"{'private' if private else 'public'}, max-age={tile.max_age()}",
         "X-Cache": result.status,
     }
     if _etag_matches(request.headers.get("If-None-Match"), tile.etag):
@@ -95,7 +98,7 @@ async def layer_tile(request: web.Request) -> web.Response:
         )
     request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return _respond(request, await request.app[TILE_SERVICE].get(address))
+    return tile_response(request, await request.app[TILE_SERVICE].get(address))
 
 
 async def default_tile(request: web.Request) -> web.Response:
@@ -110,7 +113,7 @@ async def default_tile(request: web.Request) -> web.Response:
     layer = request.app[LAYERS][name]
     request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return _respond(request, await request.app[TILE_SERVICE].get(address))
+    return tile_response(request, await request.app[TILE_SERVICE].get(address))
 
 
 def add_routes(app: web.Application) -> None:

@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gateway.cache import TileCache
 from gateway.config import Settings, load_settings
+from gateway.humanize import human_bytes
 from gateway.layers import Layer
 from gateway.seed.area import AreaError, parse_bbox, parse_formats, parse_zoom
 from gateway.seed.estimate import dry_run
@@ -119,7 +120,7 @@ async def _seed(
         bar.update(1)
         bar.set_postfix_str(
             f"fetched {s.fetched}, skipped {s.skipped}, empty {s.empty}, failed {s.failed}, "
-            f"{_size(s.bytes)}",
+            f"{human_bytes(s.bytes)}",
             refresh=False,
         )
 
@@ -180,7 +181,7 @@ def _dry_run(settings: Settings, plan: SeedPlan) -> int:
         for fmt, (nbytes, source) in result.tile_bytes.items()
     )
     egress = result.egress_bytes
-    print(f"  est. egress:    {egress:,} bytes ({_size(egress)}); {basis}")
+    print(f"  est. egress:    {egress:,} bytes ({human_bytes(egress)}); {basis}")
     return 0
 
 
@@ -199,7 +200,7 @@ def _print_summary(plan: SeedPlan, s: SeedSummary, state_path: Path) -> None:
     print(f"  skipped:  {s.skipped} (fresh)")
     print(f"  empty:    {s.empty}")
     print(f"  failed:   {s.failed}")
-    print(f"  bytes:    {s.bytes:,} ({_size(s.bytes)})")
+    print(f"  bytes:    {s.bytes:,} ({human_bytes(s.bytes)})")
     print(f"  elapsed:  {s.elapsed_s:.1f} s")
     print(f"  rate:     {s.rate:.1f} tiles/s")
     if not s.complete:
@@ -249,12 +250,3 @@ def _layer(settings: Settings, name: str) -> Layer:
 def _usage_error(command: str, message: str) -> int:
     print(f"geopera-gateway {command}: {message}", file=sys.stderr)
     return 2
-
-
-def _size(nbytes: float) -> str:
-    """``nbytes`` for people: ``391.8 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} B" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
