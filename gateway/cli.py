@@ -1,5 +1,7 @@
-"""The ``geopera-gateway`` command: ``serve``, ``demo``, ``token``, ``seed``, ``purge`` and
-``emulator``."""
+"""The ``geopera-gateway`` command: ``serve``, ``demo``, ``token``, ``seed``, ``export``,
+``purge`` and ``emulator``.
+
+Bad arguments are one line on stderr and exit code 2 (:class:`OneLineParser`)."""
 
 from __future__ import annotations
 
@@ -34,9 +36,17 @@ DEMO_API_KEY = "gpra_demo_local_emulator_only"
 """Key the demo uses with its bundled emulator when GEOPERA_API_KEY is not set."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (``prog: message``, with a
+    pointer to ``--help``) and exit code 2, instead of argparse's usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="geopera-gateway",
         description="Caching XYZ tile and download proxy for the Geopera imagery API.",
     )
@@ -91,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_seed_parser(sub)
+    _add_export_parser(sub)
     _add_purge_parser(sub)
 
     emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
@@ -181,6 +192,33 @@ def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
     _config_argument(seed)
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a layer's tiles over an area and zoom range to an MBTiles file",
+        description="Write an MBTiles 1.3 file for offline use: tiles from the cache, what is "
+        "missing fetched through the gateway's upstream limits at seeding priority. The file "
+        "appears only when complete. Exit 0 written, 1 some tiles failed (nothing written), "
+        "2 bad arguments, 130 interrupted.",
+    )
+    export.add_argument("--layer", required=True, help="layer name")
+    export.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
+    export.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 12-15")
+    export.add_argument("--mbtiles", required=True, metavar="OUT.mbtiles", help="file to write")
+    export.add_argument(
+        "--format", metavar="FMT", help="png, jpg or webp (default: the layer's first)"
+    )
+    export.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the tile count and estimated egress; fetch and write nothing",
+    )
+    export.add_argument(
+        "--concurrency", type=int, default=4, help="tiles in flight at once (default 4)"
+    )
+    _config_argument(export)
+
+
 def _add_purge_parser(sub: argparse._SubParsersAction) -> None:
     purge = sub.add_parser(
         "purge",
@@ -217,10 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "token":
             return _token_create(args)
-        if args.command in ("seed", "purge"):
+        if args.command in ("seed", "export", "purge"):
             from gateway.seed import commands
 
-            return commands.run_seed(args) if args.command == "seed" else commands.run_purge(args)
+            run = {
+                "seed": commands.run_seed,
+                "export": commands.run_export,
+                "purge": commands.run_purge,
+            }[args.command]
+            return run(args)
         return _emulator(args)
     except ConfigError as exc:
         print(f"geopera-gateway: configuration error: {exc}", file=sys.stderr)

@@ -117,12 +117,13 @@ class Fault:
             ``retry_after`` is set), ``garbage`` (200 ``image/png`` that is not an image),
             ``wrong-type`` (200 ``text/html``), ``json`` (200 ``application/json``, a signed
             URL descriptor like ``items.asset.download``'s), ``no-filename`` (streaming
-            downloads only: no Content-Disposition), ``hang`` (sleep ``seconds``, then answer
-            normally), ``echo-key`` (500 whose detail repeats the Authorization header, as a
-            careless upstream might), ``truncate`` (streaming downloads only: headers with
-            the full ``Content-Length``, then ``bytes`` bytes of body, then the connection is
-            closed), ``stall`` (streaming downloads only: ``bytes`` bytes of body, then
-            nothing until released or ``seconds`` have passed, then the rest).
+            downloads only: no Content-Disposition), ``hang`` (sleep ``seconds``, or until
+            released like a stall, then answer normally), ``echo-key`` (500 whose detail
+            repeats the Authorization header, as a careless upstream might), ``truncate``
+            (streaming downloads only: headers with the full ``Content-Length``, then
+            ``bytes`` bytes of body, then the connection is closed), ``stall`` (streaming
+            downloads only: ``bytes`` bytes of body, then nothing until released or
+            ``seconds`` have passed, then the rest).
         operation: operation id it applies to, or ``*`` for any.
         status: HTTP status for ``status`` faults.
         retry_after: ``Retry-After`` header value for ``status`` faults, or None.
@@ -180,8 +181,14 @@ class FaultPlan:
         self._stalls.append(event)
         return event
 
+    @property
+    def held(self) -> int:
+        """Stalled downloads and hanging calls started since the last release."""
+        return len(self._stalls)
+
     def release(self) -> int:
-        """Let every stalled download go on; returns how many were held."""
+        """Let every stalled download (and hanging call) go on; returns how many were
+        held."""
         stalls, self._stalls = self._stalls, []
         for event in stalls:
             event.set()
@@ -229,7 +236,8 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
             }
         )
     if fault.kind == "hang":
-        await asyncio.sleep(fault.seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(request.app[FAULTS_KEY].stall().wait(), fault.seconds)
         return None
     if fault.kind == "garbage":
         return web.Response(body=b"this is not a PNG", content_type="image/png")
