@@ -200,3 +200,19 @@ async def test_token_create_prints_the_token_once_and_toml_to_append(tmp_path):
     (configured,) = settings.tokens
     assert configured.name == "qgis-team" and configured.sha256 == token_digest(token)
     assert configured.scopes == {"tiles", "downloads"}
+
+
+def test_token_create_with_projects_limits_the_token(tmp_path, capsys):
+    from gateway.cli import main
+    from gateway.config import load_settings
+
+    assert main(["token", "create", "survey-team", "--scopes", "downloads",
+                 "--projects", "survey, demo"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert 'projects = ["demo", "survey"]' in out
+    config = tmp_path / "gateway.toml"
+    config.write_text(DEFAULT_CONFIG.read_text() + out)
+    (token,) = load_settings(config, environ={"GEOPERA_API_KEY": "gpra_x12345678"}).tokens
+    assert token.projects == {"demo", "survey"}
+    assert main(["token", "create", "x", "--scopes", "downloads", "--projects", " , "]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
