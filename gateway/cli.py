@@ -168,21 +168,11 @@ def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
         "seeding priority (map users go first). Interrupt with Ctrl+C; the same command "
         "resumes. Exit 0 done, 1 some tiles failed, 2 bad arguments, 130 interrupted.",
     )
-    seed.add_argument("--layer", required=True, help="layer name")
-    seed.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
-    seed.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 8-12")
+    _walk_arguments(seed, "fetch nothing")
     seed.add_argument(
         "--formats", metavar="FMT[,FMT]", help="e.g. png,webp (default: the layer's first)"
     )
     seed.add_argument("--scale", type=int, choices=(1, 2), default=1, help="2 for @2x tiles")
-    seed.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the tile count and estimated egress; fetch nothing",
-    )
-    seed.add_argument(
-        "--concurrency", type=int, default=4, help="tiles in flight at once (default 4)"
-    )
     seed.add_argument(
         "--state",
         type=Path,
@@ -201,22 +191,28 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         "appears only when complete. Exit 0 written, 1 some tiles failed (nothing written), "
         "2 bad arguments, 130 interrupted.",
     )
-    export.add_argument("--layer", required=True, help="layer name")
-    export.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
-    export.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 12-15")
+    _walk_arguments(export, "fetch and write nothing")
     export.add_argument("--mbtiles", required=True, metavar="OUT.mbtiles", help="file to write")
     export.add_argument(
         "--format", metavar="FMT", help="png, jpg or webp (default: the layer's first)"
     )
-    export.add_argument(
+    _config_argument(export)
+
+
+def _walk_arguments(parser: argparse.ArgumentParser, dry_run: str) -> None:
+    """The options of commands that walk a layer's tiles: ``--layer``, ``--bbox``,
+    ``--zoom``, ``--dry-run`` (which does ``dry_run``) and ``--concurrency``."""
+    parser.add_argument("--layer", required=True, help="layer name")
+    parser.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
+    parser.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 8-12")
+    parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the tile count and estimated egress; fetch and write nothing",
+        help=f"print the tile count and estimated egress; {dry_run}",
     )
-    export.add_argument(
+    parser.add_argument(
         "--concurrency", type=int, default=4, help="tiles in flight at once (default 4)"
     )
-    _config_argument(export)
 
 
 def _add_purge_parser(sub: argparse._SubParsersAction) -> None:

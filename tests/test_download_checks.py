@@ -21,7 +21,9 @@ import pytest
 from gateway.emulator import FAULTS_KEY, Fault, synthetic_range, synthetic_sha256
 from gateway.state import DOWNLOAD_SERVICE
 from tests.conftest import TOKENS, config_with
-from tests.test_downloads import completed, create_job, downloads
+from tests.test_downloads import client, clip_emulator, completed, create_job, downloads
+
+__all__ = ["client", "clip_emulator"]  # the fixtures of tests/test_downloads.py, used here
 
 AUTH_HEADER = f"Authorization: Bearer {TOKENS['downloads']}"
 
@@ -39,16 +41,6 @@ async def run(*args: str, cwd=None, timeout: float = 120) -> tuple[int, str]:
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout)
     return process.returncode, out.decode(errors="replace")
-
-
-@pytest.fixture
-async def clip_emulator(start_upstream):
-    return await start_upstream(clip_delay_s=0.1)
-
-
-@pytest.fixture
-async def client(gateway_for, clip_emulator):
-    return await gateway_for(clip_emulator, token="downloads")
 
 
 async def test_sha256sum_checks_the_file_against_the_sha256_url(client, clip_emulator, tmp_path):

@@ -267,7 +267,10 @@ def _map_area(png: bytes):
     return image.crop((width // 3, height // 10, width - 60, height - 60))
 
 
-async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tmp_path, caplog):
+def require_browser(caplog: pytest.LogCaptureFixture) -> None:
+    """Skip (fail in CI) without Chromium, chromedriver, MapLibre's files or Selenium; keep
+    Selenium's DEBUG log of every WebDriver exchange (screenshots included) out of the
+    captured log."""
     _require(CHROMIUM is not None, "chromium (Debian package chromium)")
     _require(CHROMEDRIVER is not None, "chromedriver (Debian package chromium-driver)")
     _require((MAPLIBRE_DIST / "maplibre-gl.js").is_file(), f"MapLibre GL JS in {MAPLIBRE_DIST}")
@@ -275,11 +278,14 @@ async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tm
         import selenium  # noqa: F401
     except ImportError:
         _require(False, "selenium (pip, in the dev extras)")
-    from PIL import ImageStat
-
-    # Selenium logs every WebDriver exchange (screenshots included) at DEBUG
     caplog.set_level(logging.INFO, logger="selenium")
     caplog.set_level(logging.INFO, logger="urllib3")
+
+
+async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tmp_path, caplog):
+    require_browser(caplog)
+    from PIL import ImageStat
+
     config = viewer_config(tmp_path, MAPLIBRE_DIST, extra=PRIVATE_LAYER)
     # no aiohttp access log: it would record the page URL with its ?token=
     server = await aiohttp_server(

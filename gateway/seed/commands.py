@@ -60,12 +60,7 @@ def run_seed(args: argparse.Namespace) -> int:
         return _usage_error("seed", str(exc))
     if args.concurrency < 1:
         return _usage_error("seed", "--concurrency must be 1 or more")
-    if plan.zooms != zooms:
-        print(
-            f"note: zoom {zooms[0]}-{zooms[1]} clipped to the zoom range of layer {layer.name!r}: "
-            f"{plan.zooms[0]}-{plan.zooms[1]}",
-            file=sys.stderr,
-        )
+    _note_clipped(plan, zooms)
     if args.dry_run:
         return _dry_run(settings, plan)
 
@@ -252,12 +247,7 @@ def run_export(args: argparse.Namespace) -> int:
         return _usage_error(
             "export", f"--mbtiles {str(output)[:200]!r} must be a file in an existing directory"
         )
-    if plan.zooms != zooms:
-        print(
-            f"note: zoom {zooms[0]}-{zooms[1]} clipped to the zoom range of layer {layer.name!r}: "
-            f"{plan.zooms[0]}-{plan.zooms[1]}",
-            file=sys.stderr,
-        )
+    _note_clipped(plan, zooms)
     if args.dry_run:
         return _dry_run(settings, plan)
     try:
@@ -337,6 +327,16 @@ def run_purge(args: argparse.Namespace) -> int:
     where = f" ({', '.join(scope)})" if scope else " (all zooms and places)"
     print(f"removed {removed} cached tiles of layer {layer.name}{where}")
     return 0
+
+
+def _note_clipped(plan: SeedPlan, zooms: tuple[int, int]) -> None:
+    """Say on stderr when the asked zoom range was clipped to the layer's."""
+    if plan.zooms != zooms:
+        print(
+            f"note: zoom {zooms[0]}-{zooms[1]} clipped to the zoom range of layer "
+            f"{plan.layer.name!r}: {plan.zooms[0]}-{plan.zooms[1]}",
+            file=sys.stderr,
+        )
 
 
 def _layer(settings: Settings, name: str) -> Layer:
