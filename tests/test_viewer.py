@@ -122,6 +122,20 @@ attribution = "<img src=x onerror=alert(2)> \u2028 & co"
     assert script_json({"a": "</script>\u2029"}) == '{"a":"\\u003c/script\\u003e\\u2029"}'
 
 
+async def test_page_takes_a_clip_only_as_a_job_id_and_a_mosaic_type(gateway):
+    job = "0b7c6a52-1111-4222-8333-444455556666"
+    base = f"http://127.0.0.1:{gateway.server.port}"
+    config = page_config(await (await gateway.get("/", params={"clip": f"{job}/rgb"})).text())
+    assert config["clip"] == {
+        "name": f"clips/{job}/rgb",
+        "tilejson": f"{base}/tiles/clips/{job}/rgb/tilejson.json",
+    }
+    for bad in (f"{job}/../x", f"{job}/RGB", "not-a-job/rgb", f"{job}", "</script>/rgb"):
+        text = await (await gateway.get("/", params={"clip": bad})).text()
+        assert page_config(text)["clip"] is None, bad
+        assert "</script>/rgb" not in text
+
+
 async def test_page_does_not_reflect_the_token(gateway):
     token = TOKENS["tiles"]
     text = await (await gateway.get("/", params={"token": token})).text()
