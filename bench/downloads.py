@@ -40,7 +40,13 @@ Method:
      file is stored);
    - *cached*: the same URL ``--runs`` times (``X-Cache: HIT``, from disk); the median counts;
    - *checksum*: the same URL once more, piped from curl into SHA-256 in this process (not
-     timed: hashing would slow the client); it must equal the expected digest.
+     timed: hashing would slow the client); it must equal the expected digest;
+   - *cold Range*: a second job of ``--range-size`` bytes (default 200 MB), never fetched
+     before: ``curl -r 0-1023`` on its URL (206, ``X-Cache: MISS``: this request starts the
+     transfer and is answered from it); right after, ``GET /downloads/{job_id}`` must show
+     the file's ``sha256`` still null (the transfer was still running when the range was
+     answered), then ``GET /downloads/{job_id}/data.sha256`` waits for the stored file and
+     must give the expected digest.
 
    Each timed figure is curl's ``speed_download`` (bytes / total time, connection included).
    Also recorded: time to first byte, and the CPU used by the gateway and the emulator during
@@ -51,7 +57,7 @@ Method:
    until after the cached runs. Reported: baseline, peak per phase, and growth = peak -
    baseline.
 6. **Targets** (informational, PASS/MISS): cold >= 80 % of direct; cached (median) >= 1 GiB/s
-   (1,073,741,824 B/s); RSS growth < 64 MiB.
+   (1,073,741,824 B/s); RSS growth < 64 MiB; cold Range time to first byte <= 1 s.
 
 The exit status is 0 when the measurement ran, whatever the targets say; 1 when something
 broke (a process died or did not start, a config override was refused, too little disk, a
@@ -103,6 +109,9 @@ MAX_SIZE = 64 * GIB
 COLD_RATIO_TARGET = 0.8
 CACHED_TARGET_BPS = float(GIB)
 RSS_TARGET_MIB = 64.0
+RANGE_TTFB_TARGET_S = 1.0
+RANGE = (0, 1023)
+"""The cold range asked for: ``bytes=0-1023``."""
 
 RSS_SAMPLE_S = 0.05
 RSS_BASELINE_S = 0.5
@@ -412,6 +421,9 @@ def report(
     baseline_window: tuple[float, float],
     checksum_ok: bool,
     config_note: str,
+    cold_range: Fetch,
+    range_size: int,
+    range_while_running: bool,
 ) -> None:
     """Print the downloads table, the summary and the targets."""
     print(f"\n## Downloads: {fmt_bytes(args.size)} ({args.size:,} B) through geopera-gateway\n")
@@ -431,7 +443,7 @@ def report(
                 "gateway CPU %",
                 "emulator CPU %",
             ],
-            [fetch_row(f) for f in [*directs, cold, *cached]],
+            [fetch_row(f) for f in [*directs, cold, *cached, cold_range]],
         )
     )
     direct = max(f.speed for f in directs)
@@ -470,6 +482,11 @@ def report(
         f"{len(rss.samples)} samples every {RSS_SAMPLE_S * 1000:.0f} ms"
     )
     print(f"SHA-256 of a gateway download: {'matches' if checksum_ok else 'WRONG'}")
+    print(
+        f"cold Range bytes={RANGE[0]}-{RANGE[1]} of a {range_size:,}-byte file: first byte "
+        f"after {cold_range.ttfb * 1000:.1f} ms, answered in {cold_range.seconds * 1000:.1f} ms; "
+        f"the transfer was {'still running' if range_while_running else 'ALREADY OVER'} then"
+    )
     print()
     harness.print_targets(
         ["measured", ""],
@@ -491,6 +508,12 @@ def report(
                 f"{growth:.1f} MiB",
                 f"peak {peak:.1f} - baseline {base:.1f}",
                 harness.verdict(growth < RSS_TARGET_MIB),
+            ],
+            [
+                f"cold Range TTFB <= {RANGE_TTFB_TARGET_S:g} s",
+                f"{cold_range.ttfb * 1000:.0f} ms",
+                f"bytes={RANGE[0]}-{RANGE[1]} of {fmt_bytes(range_size)}, transfer running",
+                harness.verdict(cold_range.ttfb <= RANGE_TTFB_TARGET_S and range_while_running),
             ],
         ],
         heading=False,
@@ -516,11 +539,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, default=3, help="cached downloads (3); median counts")
     parser.add_argument(
+        "--range-size",
+        type=parse_size,
+        default=200_000_000,
+        metavar="BYTES",
+        help="size of the file whose cold Range is timed (default 200,000,000)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the scratch dir (config, logs, download store)"
     )
     args = harness.parse_options(parser, argv, {"--runs": (1, 20, "")})
     if not MIB <= args.size <= MAX_SIZE:
         parser.error("--size must be 1 MiB .. 64 GiB")
+    if not MIB <= args.range_size <= MAX_SIZE:
+        parser.error("--range-size must be 1 MiB .. 64 GiB")
     return args
 
 
@@ -534,9 +566,9 @@ def token_override(token: str) -> gwconfig.Override:
     )
 
 
-def overrides(size: int) -> list[gwconfig.Override]:
+def overrides(size: int, range_size: int) -> list[gwconfig.Override]:
     """The config overrides; all of them must be accepted."""
-    store_limit = max(2 * GIB, 2 * size)
+    store_limit = max(2 * GIB, 2 * size + range_size)
     return [
         gwconfig.Override("server.access_log = false", "[server]\naccess_log = false\n"),
         gwconfig.Override('clients.rate_limit = "off"', '[clients]\nrate_limit = "off"\n'),
@@ -558,7 +590,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
     size = args.size
     if shutil.which("curl") is None:
         raise harness.BenchError("curl not found on PATH (Debian: apt-get install curl)")
-    need = max(3 * GIB, size + 2 * GIB)
+    need = max(3 * GIB, size + 2 * GIB) + args.range_size
     free = shutil.disk_usage(scratch).free
     if free < need:
         raise harness.BenchError(
@@ -617,7 +649,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
     token = "ggw_bench_" + secrets.token_urlsafe(24)
     optional = token_override(token)
     applied, _ = harness.write_gateway_config(
-        config, env, required=overrides(size), optional=[optional]
+        config, env, required=overrides(size, args.range_size), optional=[optional]
     )
     # a gateway with client access control needs the token on /downloads; older ones do not
     auth = {"Authorization": f"Bearer {token}"} if optional.label in applied else {}
@@ -688,11 +720,69 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
     if upstream != 1:
         problems.append(f"the gateway made {upstream} upstream downloads (expected 1)")
 
+    cold_range, while_running = measure_cold_range(
+        procs, emulator_url, gateway_url, args.range_size, scratch, pids, auth, problems
+    )
     disk_speed = disk_write_speed(scratch, size)
-    report(args, disk_speed, directs, cold, cached, rss, baseline_window, checksum_ok, config_note)
+    report(
+        args,
+        disk_speed,
+        directs,
+        cold,
+        cached,
+        rss,
+        baseline_window,
+        checksum_ok,
+        config_note,
+        cold_range,
+        args.range_size,
+        while_running,
+    )
     print(f"upstream {DOWNLOAD_OP} calls from the gateway: {upstream}")
     harness.print_log_findings(procs.log_path(gateway.popen))
     return problems
+
+
+def measure_cold_range(
+    procs: harness.Processes,
+    emulator_url: str,
+    gateway_url: str,
+    size: int,
+    scratch: Path,
+    pids: dict[str, int],
+    auth: dict[str, str],
+    problems: list[str],
+) -> tuple[Fetch, bool]:
+    """Time ``bytes=0-1023`` of a new ``size``-byte clip file that nobody fetched yet (the
+    request starts its transfer); whether its transfer was still running when the answer
+    had arrived (its ``sha256`` not yet known). Then wait for the stored file through the
+    ``.sha256`` URL and check the digest."""
+    from gateway.emulator import synthetic_sha256
+
+    job_id = create_job(emulator_url, size)
+    url = f"{gateway_url}/downloads/{job_id}/{MOSAIC}"
+    auth_args = [arg for name, value in auth.items() for arg in ("-H", f"{name}: {value}")]
+    first, last = RANGE
+    fetch = run_curl(
+        procs, "cold Range", url, last + 1, scratch, pids, [*auth_args, "-r", f"{first}-{last}"]
+    )
+    status = harness.http_json(f"{gateway_url}/downloads/{job_id}", headers=auth)
+    while_running = [f.get("sha256") for f in status.get("files", [])] == [None]
+    print(
+        f"cold Range: {fetch.status} {fetch.xcache}, {fetch.size:,} B, first byte after "
+        f"{fetch.ttfb * 1000:.1f} ms; transfer {'still running' if while_running else 'over'}",
+        flush=True,
+    )
+    if (fetch.status, fetch.size, fetch.xcache) != (206, last - first + 1, "MISS"):
+        problems.append(
+            f"cold Range: status {fetch.status}, X-Cache {fetch.xcache}, {fetch.size:,} B "
+            f"(expected 206 MISS, {last - first + 1} B)"
+        )
+    line = harness.http_text(url + ".sha256", headers=auth, timeout=curl_timeout(size))
+    expected = synthetic_sha256(size)
+    if line.split() != [expected, "clip_data.tif"]:
+        problems.append(f"{url}.sha256 answered {line!r}, expected {expected}  clip_data.tif")
+    return fetch, while_running
 
 
 def main(argv: Sequence[str] | None = None) -> int:

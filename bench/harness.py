@@ -412,6 +412,20 @@ def http_json(
         raise BenchError(f"{method} {url}: {exc}") from None
 
 
+def http_text(url: str, headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> str:
+    """``GET url`` (no proxy) and its body as text; ``timeout`` in seconds.
+
+    Raises:
+        BenchError: an HTTP error status or no connection.
+    """
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
+            return response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        raise BenchError(f"GET {url}: {exc}") from None
+
+
 def emulator_stats(emulator_url: str) -> dict[str, Any]:
     """The emulator's counters (``GET /_emulator/stats``)."""
     return http_json(emulator_url + "/_emulator/stats")

@@ -16,8 +16,10 @@ from gateway.http.cors import cors_middleware
 from gateway.http.keys import (
     AUTH,
     CLIENT_LIMIT,
+    CLIP_LAYERS,
     DOWNLOAD_SERVICE,
     GUARD,
+    JOB_LISTING,
     LAYERS,
     SETTINGS,
     SHARED_STATE,
@@ -26,8 +28,10 @@ from gateway.http.keys import (
     UPSTREAM,
 )
 from gateway.http.middleware import common_headers, gateway_middleware
-from gateway.routes import admin, discovery, downloads, health, tiles, viewer
+from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
+from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
+from gateway.services.listing import JobListing
 from gateway.services.sources import SourceCheck
 from gateway.services.stack import open_tile_stack
 from gateway.storage.downloads import DownloadStore, remove_interrupted
@@ -55,8 +59,10 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(common_headers)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_stop_transfers)
+    clips.add_routes(app)  # before tiles: /tiles/clips/{job}/{mosaic}/tilejson.json
     discovery.add_routes(app)  # before tiles: /tiles/{layer}/tilejson.json
     tiles.add_routes(app)
+    listing.add_routes(app)
     downloads.add_routes(app)
     viewer.add_routes(app)
     admin.add_routes(app)
@@ -77,6 +83,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[DOWNLOAD_SERVICE] = DownloadService(
         store, stack.guard, content_types=settings.downloads.content_types
     )
+    app[CLIP_LAYERS] = ClipLayers(app[DOWNLOAD_SERVICE])
+    if settings.downloads.organization_id is not None:
+        app[JOB_LISTING] = JobListing(
+            stack.guard,
+            store,
+            settings.downloads.organization_id,
+            settings.downloads.list_ttl_s,
+        )
     checking = None
     if settings.upstream.check_sources:
         sources = SourceCheck(stack.guard, stack.state, settings.layers.values())

@@ -27,6 +27,8 @@ alone. The tree::
     ├── JobError                    a clip job cannot serve the request (``job_id``)
     │   ├── JobNotFound             no such job, or no such mosaic type in it
     │   ├── JobForbidden            the job belongs to another organisation
+    │   ├── ProjectForbidden        the job's project is not one the client's token may reach
+    │   ├── NoTileLayer             the job's file has no tile rendering parameters
     │   ├── JobNotCompleted         not completed yet (``job_status``): ask again later
     │   └── JobFailed               ended ``failed`` (``reason``): final, never completes
     └── TransferFailed              a download could not be completed here (the store)
@@ -217,6 +219,16 @@ class JobNotFound(JobError):
 
 class JobForbidden(JobError):
     """The job belongs to another organisation (upstream 403 on a clip operation)."""
+
+
+class ProjectForbidden(JobError):
+    """The job belongs to a project outside the client token's ``projects`` (or to none
+    the upstream names)."""
+
+
+class NoTileLayer(JobError):
+    """The job (completed) has no tile rendering parameters for that mosaic type: the
+    upstream's ``clip.job.tile_info`` lists none for it (a file that is not imagery)."""
 
 
 class JobNotCompleted(JobError):

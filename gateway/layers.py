@@ -9,9 +9,12 @@ parameters only ever come from the config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import mercantile
@@ -31,6 +34,20 @@ TERRAIN_RGB_MAX_M = -10000.0 + ((1 << 24) - 1) / 10
 """Heights Terrain-RGB can encode, metres (Mapbox: height = -10000 + (R·65536 + G·256 + B)·0.1,
 24 bits at 0.1 m)."""
 WEB_MERCATOR_MAX_LAT = 85.0511287798066
+
+RENDER_PARAMS: Mapping[str, Mapping[str, type]] = MappingProxyType(
+    {
+        "raster": MappingProxyType(
+            {"bands": str, "expression": str, "rescale": str, "colormap": str, "quality": int}
+        ),
+        "terrain": MappingProxyType({"invert": bool}),
+    }
+)
+"""The render parameters each layer kind sends upstream, with their types (COG & tiles
+operations, seeds ``003``)."""
+
+RESERVED_NAMES = frozenset({"clips"})
+"""Layer names the gateway keeps for itself: ``/tiles/clips/...`` serves clip layers."""
 
 Kind = Literal["raster", "terrain"]
 Bounds = tuple[float, float, float, float]
@@ -108,3 +125,16 @@ class Layer:
     def cache_key(self, z: int, x: int, y: int, scale: int, fmt: str) -> str:
         """Cache key ``tile/<layer>/<fingerprint>/<z>/<x>/<y>@<scale>x.<fmt>``."""
         return f"tile/{self.name}/{self.fingerprint}/{z}/{x}/{y}@{scale}x.{fmt}"
+
+
+def layer_fingerprint(
+    kind: str, url: str, render: Mapping[str, Any], nodata_height_m: float | None = None
+) -> str:
+    """16 hex digits of the SHA-256 of ``{"kind", "url", "render"}`` (and, for terrain, the
+    ``nodata_height_m`` the gateway writes into its tiles) as canonical JSON: what a layer's
+    cache keys carry, so that new render parameters never hit old renders."""
+    fields: dict[str, Any] = {"kind": kind, "url": url, "render": dict(render)}
+    if nodata_height_m is not None:
+        fields["nodata_height_m"] = nodata_height_m
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

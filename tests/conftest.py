@@ -32,16 +32,22 @@ from gateway.logs import access_log_options, configure_logging
 PLANTED_KEY = "gpra_PLANTED-7f3a9c1e-never-echo-me"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 
-# Client tokens of the test config, by scope (their SHA-256 digests are configured).
+# Client tokens of the test config, by scope (their SHA-256 digests are configured);
+# "survey" has the downloads scope for the emulator's project "survey" only.
 TOKENS = {
     "all": "ggw_test-token-all-scopes-0001",
     "tiles": "ggw_test-token-tiles-only-0002",
     "downloads": "ggw_test-token-downloads-0003",
     "admin": "ggw_test-token-admin-only-0004",
+    "survey": "ggw_test-token-survey-project-0005",
+}
+_TOKEN_TABLES = {
+    "all": 'scopes = ["tiles", "downloads", "admin"]\n',
+    "survey": 'scopes = ["downloads"]\nprojects = ["survey"]\n',
 }
 TOKENS_TOML = "".join(
     f'\n[[tokens]]\nname = "test-{scope}"\nsha256 = "{token_digest(token)}"\n'
-    f"scopes = {json.dumps(['tiles', 'downloads', 'admin'] if scope == 'all' else [scope])}\n"
+    + _TOKEN_TABLES.get(scope, f"scopes = {json.dumps([scope])}\n")
     for scope, token in TOKENS.items()
 )
 

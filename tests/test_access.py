@@ -7,16 +7,23 @@ import pytest
 from tests.conftest import PRIVATE_LAYER, TOKENS, config_with
 from tests.test_downloads import completed, create_job
 
-WHO = ["none", "bad", "tiles", "downloads", "admin", "all"]
+WHO = ["none", "bad", "tiles", "downloads", "admin", "all", "survey"]
+"""``survey`` has the downloads scope for project ``survey`` only; the job is in ``demo``."""
+
+_DOWNLOADS = [401, 401, 403, 200, 403, 200, 403]
 
 # route -> expected status for each of WHO
 MATRIX = {
-    ("GET", "/tiles/olinda/13/3302/4278.png"): [200, 401, 200, 200, 200, 200],
-    ("GET", "/tiles/olinda-private/13/3302/4278.png"): [401, 401, 200, 403, 403, 200],
-    ("GET", "/downloads/{job}"): [401, 401, 403, 200, 403, 200],
-    ("GET", "/downloads/{job}/rgb"): [401, 401, 403, 200, 403, 200],
-    ("POST", "/admin/purge?layer=bahamas"): [401, 401, 403, 403, 200, 200],
-    ("GET", "/healthz"): [200] * 6,
+    ("GET", "/tiles/olinda/13/3302/4278.png"): [200, 401, 200, 200, 200, 200, 200],
+    ("GET", "/tiles/olinda-private/13/3302/4278.png"): [401, 401, 200, 403, 403, 200, 403],
+    ("GET", "/downloads"): [401, 401, 403, 200, 403, 200, 200],
+    ("GET", "/downloads/{job}"): _DOWNLOADS,
+    ("GET", "/downloads/{job}/rgb"): _DOWNLOADS,
+    ("GET", "/downloads/{job}/rgb.sha256"): _DOWNLOADS,
+    ("GET", "/tiles/clips/{job}/rgb/tilejson.json"): _DOWNLOADS,
+    ("GET", "/tiles/clips/{job}/rgb/9/145/220.png"): _DOWNLOADS,
+    ("POST", "/admin/purge?layer=bahamas"): [401, 401, 403, 403, 200, 200, 403],
+    ("GET", "/healthz"): [200] * 7,
 }
 
 

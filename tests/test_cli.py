@@ -366,3 +366,19 @@ async def test_demo_takes_a_config_and_prints_the_viewer_tilejson_and_wmts(tmp_p
             assert f'<script src="{base}/viewer/assets/maplibre-gl.js">' in page
             async with session.get(base + "/viewer/assets/maplibre-gl.js") as response:
                 assert await response.text() == "/* local maplibre */"
+
+
+def test_token_create_with_projects_limits_the_token(tmp_path, capsys):
+    from gateway.cli.main import main
+    from gateway.config.settings import load_settings
+
+    assert main(["token", "create", "survey-team", "--scopes", "downloads",
+                 "--projects", "survey, demo"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert 'projects = ["demo", "survey"]' in out
+    config = tmp_path / "gateway.toml"
+    config.write_text(DEFAULT_CONFIG.read_text() + out)
+    (token,) = load_settings(config, environ={"GEOPERA_API_KEY": "gpra_x12345678"}).tokens
+    assert token.projects == {"demo", "survey"}
+    assert main(["token", "create", "x", "--scopes", "downloads", "--projects", " , "]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

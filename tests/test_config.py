@@ -82,6 +82,15 @@ def test_key_written_in_the_file_is_refused(tmp_path):
             '[[layers]]\nname = "a"\nurl = "u"\n[[layers]]\nname = "a"\nurl = "v"',
             r"layers\[1\]\.name: duplicate",
         ),
+        ('[[layers]]\nname = "clips"\nurl = "u"', r"layers\[0\]\.name: 'clips' is reserved"),
+        ('[downloads]\norganization_id = "a b"', r"downloads\.organization_id: a Geopera"),
+        ("[downloads]\nlist_ttl_s = 0", r"downloads\.list_ttl_s: must be greater than 0"),
+        (
+            '[[layers]]\nname = "a"\nurl = "u"\n[[tokens]]\nname = "t"\nsha256 = "'
+            + "0" * 64
+            + '"\nscopes = ["downloads"]\nprojects = []',
+            r"tokens\[0\]\.projects: a non-empty list",
+        ),
         ("[upstream\n", r"not valid TOML"),
         ("", r"layers: no layers"),
     ],
@@ -92,6 +101,18 @@ def test_bad_config_names_file_and_key(tmp_path, snippet, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_settings(path, environ=ENV)
     assert str(path) in str(error.value)
+
+
+def test_demo_config_lists_the_emulator_organisation_and_tokens_take_projects(tmp_path):
+    settings = load_settings(DEFAULT_CONFIG, environ=ENV)
+    assert settings.downloads.organization_id == "demo-org"
+    assert settings.downloads.list_ttl_s == 10
+    token = '[[tokens]]\nname = "t"\nsha256 = "' + "1" * 64 + '"\nscopes = ["downloads"]\n'
+    path = write(tmp_path, DEFAULT_CONFIG.read_text() + token + 'projects = ["survey"]\n')
+    (configured,) = load_settings(path, environ=ENV).tokens
+    assert configured.projects == {"survey"}
+    path = write(tmp_path, DEFAULT_CONFIG.read_text() + token)
+    assert load_settings(path, environ=ENV).tokens[0].projects is None  # every project
 
 
 def test_missing_file(tmp_path):

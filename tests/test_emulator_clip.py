@@ -463,6 +463,29 @@ async def test_truncate_fault_breaks_the_transfer(client: Any) -> None:
     assert len(data) == 3_000_000
 
 
+async def test_stall_fault_holds_a_download_until_released(client: Any) -> None:
+    job_id = await synthetic_job(client, 2_000_000)
+    resp = await client.post("/_emulator/faults", json={"kind": "stall", "bytes": 700_000})
+    assert resp.status == 200
+    resp = await client.post(DOWNLOAD, json={"job_id": job_id, "mosaic_type": "data"}, headers=AUTH)
+    assert resp.status == 200 and resp.headers["Content-Length"] == "2000000"
+    head = await resp.content.readexactly(700_000)  # what arrives before the stall
+    assert head == synthetic_range(0, 700_000)
+    assert not resp.content.at_eof()
+    released = await client.post("/_emulator/faults/release")
+    assert (await released.json()) == {"released": 1}
+    rest = await resp.read()
+    assert head + rest == synthetic_range(0, 2_000_000)
+
+
+async def test_jobs_carry_their_project_and_output_name(client: Any) -> None:
+    job_id = (await create(client, {**BAHAMAS_BODY, "project_id": "survey"}))["job"]["id"]
+    job = await (await post(client, GET, {"job_id": job_id})).json()
+    assert (job["project_id"], job["output_name"]) == ("survey", "andros")
+    listed = await (await post(client, LIST, {"organization_id": "demo-org"})).json()
+    assert listed["jobs"][0]["project_id"] == "survey"
+
+
 async def test_truncate_fault_over_http_endpoint(client: Any) -> None:
     job_id = await synthetic_job(client, 1_000_000)
     resp = await client.post("/_emulator/faults", json={"kind": "truncate", "bytes": 10})

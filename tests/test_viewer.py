@@ -123,6 +123,20 @@ attribution = "<img src=x onerror=alert(2)> \u2028 & co"
     assert script_json({"a": "</script>\u2029"}) == '{"a":"\\u003c/script\\u003e\\u2029"}'
 
 
+async def test_page_takes_a_clip_only_as_a_job_id_and_a_mosaic_type(gateway):
+    job = "0b7c6a52-1111-4222-8333-444455556666"
+    base = f"http://127.0.0.1:{gateway.server.port}"
+    config = page_config(await (await gateway.get("/", params={"clip": f"{job}/rgb"})).text())
+    assert config["clip"] == {
+        "name": f"clips/{job}/rgb",
+        "tilejson": f"{base}/tiles/clips/{job}/rgb/tilejson.json",
+    }
+    for bad in (f"{job}/../x", f"{job}/RGB", "not-a-job/rgb", f"{job}", "</script>/rgb"):
+        text = await (await gateway.get("/", params={"clip": bad})).text()
+        assert page_config(text)["clip"] is None, bad
+        assert "</script>/rgb" not in text
+
+
 async def test_page_does_not_reflect_the_token(gateway):
     token = TOKENS["tiles"]
     text = await (await gateway.get("/", params={"token": token})).text()
@@ -268,7 +282,10 @@ def _map_area(png: bytes):
     return image.crop((width // 3, height // 10, width - 60, height - 60))
 
 
-async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tmp_path, caplog):
+def require_browser(caplog: pytest.LogCaptureFixture) -> None:
+    """Skip (fail in CI) without Chromium, chromedriver, MapLibre's files or Selenium; keep
+    Selenium's DEBUG log of every WebDriver exchange (screenshots included) out of the
+    captured log."""
     _require(CHROMIUM is not None, "chromium (Debian package chromium)")
     _require(CHROMEDRIVER is not None, "chromedriver (Debian package chromium-driver)")
     _require((MAPLIBRE_DIST / "maplibre-gl.js").is_file(), f"MapLibre GL JS in {MAPLIBRE_DIST}")
@@ -276,11 +293,14 @@ async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tm
         import selenium  # noqa: F401
     except ImportError:
         _require(False, "selenium (pip, in the dev extras)")
-    from PIL import ImageStat
-
-    # Selenium logs every WebDriver exchange (screenshots included) at DEBUG
     caplog.set_level(logging.INFO, logger="selenium")
     caplog.set_level(logging.INFO, logger="urllib3")
+
+
+async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tmp_path, caplog):
+    require_browser(caplog)
+    from PIL import ImageStat
+
     config = viewer_config(tmp_path, MAPLIBRE_DIST, extra=PRIVATE_LAYER)
     # no aiohttp access log: it would record the page URL with its ?token=
     server = await aiohttp_server(

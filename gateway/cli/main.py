@@ -1,5 +1,7 @@
-"""The ``geopera-gateway`` command: ``serve``, ``demo``, ``token``, ``seed``, ``purge`` and
-``emulator``."""
+"""The ``geopera-gateway`` command: ``serve``, ``demo``, ``token``, ``seed``, ``export``,
+``purge`` and ``emulator``.
+
+Bad arguments are one line on stderr and exit code 2 (:class:`OneLineParser`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ from pathlib import Path
 import mercantile
 
 from gateway import __version__
-from gateway.config.settings import SCOPES, ConfigError, Settings, TokenSettings, load_settings
+from gateway.config.settings import (
+    PROJECT_ID,
+    SCOPES,
+    ConfigError,
+    Settings,
+    TokenSettings,
+    load_settings,
+)
 from gateway.http.auth import new_token
 from gateway.logs import configure_logging
 
@@ -25,9 +34,17 @@ DEMO_API_KEY = "gpra_demo_local_emulator_only"
 """Key the demo uses with its bundled emulator when GEOPERA_API_KEY is not set."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (``prog: message``, with a
+    pointer to ``--help``) and exit code 2, instead of argparse's usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="geopera-gateway",
         description="Caching XYZ tile and download proxy for the Geopera imagery API.",
     )
@@ -88,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scopes", required=True, help="comma-separated: tiles, downloads, admin")
     create.add_argument("--layers", help="comma-separated private layers it may read")
     create.add_argument("--rate-limit", help="its own request limit, e.g. '500/second'")
+    create.add_argument(
+        "--projects", help="comma-separated Geopera projects whose clip jobs it may reach"
+    )
 
     _add_seed_parser(sub)
+    _add_export_parser(sub)
     _add_purge_parser(sub)
 
     emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
@@ -156,21 +177,11 @@ def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
         "seeding priority (map users go first). Interrupt with Ctrl+C; the same command "
         "resumes. Exit 0 done, 1 some tiles failed, 2 bad arguments, 130 interrupted.",
     )
-    seed.add_argument("--layer", required=True, help="layer name")
-    seed.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
-    seed.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 8-12")
+    _walk_arguments(seed, "fetch nothing")
     seed.add_argument(
         "--formats", metavar="FMT[,FMT]", help="e.g. png,webp (default: the layer's first)"
     )
     seed.add_argument("--scale", type=int, choices=(1, 2), default=1, help="2 for @2x tiles")
-    seed.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the tile count and estimated egress; fetch nothing",
-    )
-    seed.add_argument(
-        "--concurrency", type=int, default=4, help="tiles in flight at once (default 4)"
-    )
     seed.add_argument(
         "--state",
         type=Path,
@@ -178,6 +189,39 @@ def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
         help="resume state file (default: in the cache's state directory, per parameters)",
     )
     _config_argument(seed)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a layer's tiles over an area and zoom range to an MBTiles file",
+        description="Write an MBTiles 1.3 file for offline use: tiles from the cache, what is "
+        "missing fetched through the gateway's upstream limits at seeding priority. The file "
+        "appears only when complete. Exit 0 written, 1 some tiles failed (nothing written), "
+        "2 bad arguments, 130 interrupted.",
+    )
+    _walk_arguments(export, "fetch and write nothing")
+    export.add_argument("--mbtiles", required=True, metavar="OUT.mbtiles", help="file to write")
+    export.add_argument(
+        "--format", metavar="FMT", help="png, jpg or webp (default: the layer's first)"
+    )
+    _config_argument(export)
+
+
+def _walk_arguments(parser: argparse.ArgumentParser, dry_run: str) -> None:
+    """The options of commands that walk a layer's tiles: ``--layer``, ``--bbox``,
+    ``--zoom``, ``--dry-run`` (which does ``dry_run``) and ``--concurrency``."""
+    parser.add_argument("--layer", required=True, help="layer name")
+    parser.add_argument("--bbox", required=True, metavar="W,S,E,N", help="area in degrees")
+    parser.add_argument("--zoom", required=True, metavar="A-B", help="zoom range, e.g. 8-12")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"print the tile count and estimated egress; {dry_run}",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="tiles in flight at once (default 4)"
+    )
 
 
 def _add_purge_parser(sub: argparse._SubParsersAction) -> None:
@@ -216,10 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "token":
             return _token_create(args)
-        if args.command in ("seed", "purge"):
+        if args.command in ("seed", "export", "purge"):
             from gateway.cli import seed
 
-            return seed.run_seed(args) if args.command == "seed" else seed.run_purge(args)
+            run = {"seed": seed.run_seed, "export": seed.run_export, "purge": seed.run_purge}
+            return run[args.command](args)
         return _emulator(args)
     except ConfigError as exc:
         print(f"geopera-gateway: configuration error: {exc}", file=sys.stderr)
@@ -354,6 +399,16 @@ def _token_create(args: argparse.Namespace) -> int:
     if not args.name.isprintable() or not args.name.strip():
         print("geopera-gateway: the token name must be printable text", file=sys.stderr)
         return 2
+    projects = None
+    if args.projects is not None:
+        projects = sorted({p.strip() for p in args.projects.split(",") if p.strip()})
+        if not projects or not all(PROJECT_ID.fullmatch(p) for p in projects):
+            print(
+                "geopera-gateway: --projects takes comma-separated project ids "
+                "(printable, no spaces)",
+                file=sys.stderr,
+            )
+            return 2
     token, digest = new_token()
     lines = [
         "",
@@ -366,6 +421,8 @@ def _token_create(args: argparse.Namespace) -> int:
         lines.append(f"layers = {json.dumps([x.strip() for x in args.layers.split(',')])}")
     if args.rate_limit:
         lines.append(f"rate_limit = {json.dumps(args.rate_limit)}")
+    if projects is not None:
+        lines.append(f"projects = {json.dumps(projects)}")
     print(
         f"New token for {args.name} (store it now; it is not shown again):\n  {token}\n"
         "Only its SHA-256 goes in the config (the TOML printed on stdout).",

@@ -1,7 +1,10 @@
-"""The ``seed`` and ``purge`` subcommands (arguments parsed in :mod:`gateway.cli.main`).
+"""The ``seed``, ``export`` and ``purge`` subcommands (arguments parsed in
+:mod:`gateway.cli.main`).
 
-Exit codes: 0 done, 1 some tiles failed (or the egress budget stopped the seed), 2 bad
-arguments or configuration, 130 interrupted (Ctrl+C or SIGTERM; the resume state is saved).
+Exit codes: 0 done, 1 some tiles failed (or the egress budget stopped the seed; an export
+then writes nothing), 2 bad arguments or configuration (one line on stderr), 130
+interrupted (Ctrl+C or SIGTERM; a seed's resume state is saved, an export's partial file is
+removed).
 """
 
 from __future__ import annotations
@@ -12,21 +15,25 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gateway.config.settings import Settings, load_settings
+from gateway.humanize import human_bytes
 from gateway.layers import Layer
 from gateway.seed.area import AreaError, parse_bbox, parse_formats, parse_zoom
 from gateway.seed.estimate import dry_run
+from gateway.seed.export import Exporter, MBTilesWriter, mbtiles_metadata
 from gateway.seed.plan import SeedPlan
 from gateway.seed.purge import purge_tiles
 from gateway.seed.resume import ResumeError, ResumeState
 from gateway.seed.runner import Outcome, Seeder, SeedSummary
+from gateway.services.tiles import TileAddress
 from gateway.storage.tiles import TileCache
 
 EXIT_INTERRUPTED = 130
@@ -55,12 +62,7 @@ def run_seed(args: argparse.Namespace) -> int:
         return _usage_error("seed", str(exc))
     if args.concurrency < 1:
         return _usage_error("seed", "--concurrency must be 1 or more")
-    if plan.zooms != zooms:
-        print(
-            f"note: zoom {zooms[0]}-{zooms[1]} clipped to the zoom range of layer {layer.name!r}: "
-            f"{plan.zooms[0]}-{plan.zooms[1]}",
-            file=sys.stderr,
-        )
+    _note_clipped(plan, zooms)
     if args.dry_run:
         return _dry_run(settings, plan)
 
@@ -96,11 +98,16 @@ async def _seed(
     settings: Settings,
     plan: SeedPlan,
     concurrency: int,
-    state: ResumeState,
+    state: ResumeState | None,
     start: int,
     total: int,
+    *,
+    command: str = "seed",
+    on_address: Callable[[TileCache, TileAddress, Outcome], None] | None = None,
 ) -> SeedSummary:
-    """Open the gateway's tile path (no memory tier: each tile is stored once) and seed."""
+    """Open the gateway's tile path (no memory tier: each tile is stored once) and seed,
+    with a progress bar; ``on_address`` gets the cache, each finished tile's address and
+    its outcome (the export writes it there)."""
     from gateway.services.stack import open_tile_stack
 
     seed_settings = dataclasses.replace(
@@ -111,7 +118,7 @@ async def _seed(
         total=total,
         initial=start,
         unit="tile",
-        desc=f"seed {plan.layer.name}",
+        desc=f"{command} {plan.layer.name}",
         dynamic_ncols=True,
         file=sys.stderr,
         disable=None,  # off when stderr is not a terminal
@@ -121,11 +128,15 @@ async def _seed(
         bar.update(1)
         bar.set_postfix_str(
             f"fetched {s.fetched}, skipped {s.skipped}, empty {s.empty}, failed {s.failed}, "
-            f"{_size(s.bytes)}",
+            f"{human_bytes(s.bytes)}",
             refresh=False,
         )
 
-    seeder = Seeder(stack.service, plan, concurrency, state, on_tile)
+    def written(address: TileAddress, outcome: Outcome) -> None:
+        if on_address is not None:
+            on_address(stack.cache, address, outcome)
+
+    seeder = Seeder(stack.service, plan, concurrency, state, on_tile, written)
 
     def on_signal() -> None:
         first = seeder.summary.stopped is None
@@ -182,11 +193,13 @@ def _dry_run(settings: Settings, plan: SeedPlan) -> int:
         for fmt, (nbytes, source) in result.tile_bytes.items()
     )
     egress = result.egress_bytes
-    print(f"  est. egress:    {egress:,} bytes ({_size(egress)}); {basis}")
+    print(f"  est. egress:    {egress:,} bytes ({human_bytes(egress)}); {basis}")
     return 0
 
 
-def _print_summary(plan: SeedPlan, s: SeedSummary, state_path: Path) -> None:
+def _print_summary(
+    plan: SeedPlan, s: SeedSummary, state_path: Path | None, command: str = "seed"
+) -> None:
     status = {
         None: "complete",
         "interrupted": "interrupted",
@@ -194,22 +207,100 @@ def _print_summary(plan: SeedPlan, s: SeedSummary, state_path: Path) -> None:
     }[s.stopped]
     if s.stopped == "interrupted" and s.complete:
         status = "interrupted (every tile was done)"
-    print(f"seed {status}: {plan.describe()}")
+    print(f"{command} {status}: {plan.describe()}")
     resumed = f", resumed at tile {s.start}" if s.start else ""
     print(f"  tiles:    {s.total} in the plan{resumed}, {s.done} done in this run")
     print(f"  fetched:  {s.fetched}")
     print(f"  skipped:  {s.skipped} (fresh)")
     print(f"  empty:    {s.empty}")
     print(f"  failed:   {s.failed}")
-    print(f"  bytes:    {s.bytes:,} ({_size(s.bytes)})")
+    print(f"  bytes:    {s.bytes:,} ({human_bytes(s.bytes)})")
     print(f"  elapsed:  {s.elapsed_s:.1f} s")
     print(f"  rate:     {s.rate:.1f} tiles/s")
-    if not s.complete:
+    if not s.complete and state_path is not None:
         print(
             f"  resume:   run the same command again to continue at tile {s.next_index} "
             f"of {s.total} (state: {state_path})"
         )
     sys.stdout.flush()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``export``: write the plan's tiles into an MBTiles 1.3 file (or ``--dry-run`` it),
+    fetching what the cache lacks at seeding priority (:mod:`gateway.seed.export`).
+
+    Raises:
+        ConfigError: the config cannot be loaded (the caller prints it, exit 2).
+    """
+    settings = load_settings(args.config)
+    output = Path(args.mbtiles)
+    try:
+        layer = _layer(settings, args.layer)
+        zooms = parse_zoom(args.zoom)
+        formats = parse_formats(layer, args.format)
+        if len(formats) != 1:
+            raise AreaError(f"an MBTiles file holds one format; got --format {args.format!r}")
+        plan = SeedPlan.for_layer(layer, parse_bbox(args.bbox), zooms, formats)
+    except AreaError as exc:
+        return _usage_error("export", str(exc))
+    if args.concurrency < 1:
+        return _usage_error("export", "--concurrency must be 1 or more")
+    if output.is_dir() or not output.parent.is_dir():
+        return _usage_error(
+            "export", f"--mbtiles {str(output)[:200]!r} must be a file in an existing directory"
+        )
+    _note_clipped(plan, zooms)
+    if args.dry_run:
+        return _dry_run(settings, plan)
+    try:
+        writer = MBTilesWriter(output, mbtiles_metadata(plan))
+    except (OSError, sqlite3.Error) as exc:
+        return _usage_error("export", f"cannot create a file beside {str(output)[:200]!r}: {exc}")
+    exporter = Exporter(writer)
+    total = plan.count()
+
+    from gateway.cli.serve import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        seeding = _seed(
+            settings,
+            plan,
+            args.concurrency,
+            None,
+            0,
+            total,
+            command="export",
+            on_address=exporter.add,
+        )
+        summary = loop.run_until_complete(seeding)
+    except BaseException:
+        writer.discard()
+        raise
+    finally:
+        loop.close()
+    if summary.stopped == "interrupted" or not summary.complete or not exporter.complete:
+        writer.discard()
+        _print_summary(plan, summary, None, "export")
+        reason = exporter.error or (
+            f"{exporter.failed + exporter.missing} of {total} tiles could not be fetched"
+            if summary.stopped != "interrupted"
+            else "interrupted"
+        )
+        print(
+            f"export not written ({reason}); the tiles fetched stay in the cache, so running "
+            "the same command again fetches only the rest",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED if summary.stopped == "interrupted" else 1
+    try:
+        count = writer.commit()
+    except (OSError, sqlite3.Error) as exc:
+        print(f"geopera-gateway export: could not finish {output}: {exc}", file=sys.stderr)
+        return 1
+    _print_summary(plan, summary, None, "export")
+    print(f"  written:  {count} tiles to {output} (MBTiles 1.3, {plan.formats[0]})")
+    return 0
 
 
 def run_purge(args: argparse.Namespace) -> int:
@@ -240,6 +331,16 @@ def run_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_clipped(plan: SeedPlan, zooms: tuple[int, int]) -> None:
+    """Say on stderr when the asked zoom range was clipped to the layer's."""
+    if plan.zooms != zooms:
+        print(
+            f"note: zoom {zooms[0]}-{zooms[1]} clipped to the zoom range of layer "
+            f"{plan.layer.name!r}: {plan.zooms[0]}-{plan.zooms[1]}",
+            file=sys.stderr,
+        )
+
+
 def _layer(settings: Settings, name: str) -> Layer:
     layer = settings.layers.get(name)
     if layer is None:
@@ -251,12 +352,3 @@ def _layer(settings: Settings, name: str) -> Layer:
 def _usage_error(command: str, message: str) -> int:
     print(f"geopera-gateway {command}: {message}", file=sys.stderr)
     return 2
-
-
-def _size(nbytes: float) -> str:
-    """``nbytes`` for people: ``391.8 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} B" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")

@@ -7,8 +7,6 @@ and the fix.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
@@ -19,15 +17,16 @@ from gateway.layers import (
     MAX_ZOOM,
     MEDIA_TYPES,
     OPERATIONS,
+    RENDER_PARAMS,
+    RESERVED_NAMES,
     TERRAIN_RGB_MAX_M,
     TERRAIN_RGB_MIN_M,
     WEB_MERCATOR_MAX_LAT,
     Bounds,
     Layer,
+    layer_fingerprint,
 )
 
-_RASTER_PARAMS = {"bands": str, "expression": str, "rescale": str, "colormap": str, "quality": int}
-_TERRAIN_PARAMS = {"invert": bool}
 _COMMON_KEYS = {
     "name",
     "title",
@@ -66,6 +65,10 @@ def parse_layers(source: str, tables: Sequence[Any]) -> tuple[dict[str, Layer], 
             raise ConfigError(f"{source}: {prefix}: expected a table ([[layers]])")
         reader = TableReader(source, prefix, table)
         layer = _parse_layer(reader)
+        if layer.name in RESERVED_NAMES:
+            raise reader.error(
+                "name", f"{layer.name!r} is reserved (/tiles/{layer.name}/ serves clip layers)"
+            )
         if layer.name in layers:
             raise reader.error("name", f"duplicate layer name {layer.name!r}")
         layers[layer.name] = layer
@@ -89,7 +92,7 @@ def _parse_layer(r: TableReader) -> Layer:
     kind = r.get("kind", str, "raster")
     if kind not in OPERATIONS:
         raise r.error("kind", f"must be 'raster' or 'terrain', got {kind!r}")
-    params = _RASTER_PARAMS if kind == "raster" else _TERRAIN_PARAMS
+    params = RENDER_PARAMS[kind]
     r.reject_unknown(_COMMON_KEYS | set(params) | _GATEWAY_KEYS[kind])
 
     name = r.get("name", str)
@@ -122,14 +125,12 @@ def _parse_layer(r: TableReader) -> Layer:
 
     formats = _formats(r, kind)
     ttl_s = r.positive("ttl_s", int, 86400)
-    rendered: dict[str, Any] = {"kind": kind, "url": url, "render": render}
     nodata_height_m = 0.0
     if kind == "terrain":  # the gateway writes it into the tiles: part of what is cached
         nodata_height_m = _nodata_height(r)
-        rendered["nodata_height_m"] = nodata_height_m
-    fingerprint = hashlib.sha256(
-        json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()[:16]
+    fingerprint = layer_fingerprint(
+        kind, url, render, nodata_height_m if kind == "terrain" else None
+    )
     return Layer(
         name=name,
         title=r.get("title", str, name),

@@ -148,7 +148,9 @@ class TokenSettings:
     """One client token, configured by the SHA-256 hex digest of its value.
 
     ``scopes`` is a subset of ``tiles``, ``downloads``, ``admin``; ``layers`` limits the
-    private layers it may read (None: all); ``rate_limit`` overrides ``clients.rate_limit``.
+    private layers it may read (None: all); ``rate_limit`` overrides ``clients.rate_limit``;
+    ``projects`` limits the Geopera projects whose clip jobs it may list and fetch (None:
+    every project of the organisation).
     """
 
     name: str
@@ -156,6 +158,7 @@ class TokenSettings:
     scopes: frozenset[str]
     layers: frozenset[str] | None = None
     rate_limit: str | None = None
+    projects: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,11 @@ class DownloadSettings:
     directory: Path
     size_limit_bytes: int = 10 << 30
     content_types: frozenset[str] = frozenset({"image/tiff"})
+    organization_id: str | None = None
+    """The Geopera organisation whose clip jobs ``GET /downloads`` lists (``clip.jobs.list``
+    needs it, Clipping guide); None: no listing."""
+    list_ttl_s: float = 10.0
+    """How long one page of the upstream job listing is reused, seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,8 +340,17 @@ def _in(base: Path, value: str) -> Path:
 
 
 def _downloads(r: TableReader, cache_dir: Path, base: Path) -> DownloadSettings:
-    r.reject_unknown({"directory", "size_limit_bytes", "content_types"})
+    r.reject_unknown(
+        {"directory", "size_limit_bytes", "content_types", "organization_id", "list_ttl_s"}
+    )
     directory = r.get("directory", str)
+    organization = r.get("organization_id", str, None)
+    if organization is not None and not PROJECT_ID.fullmatch(organization):
+        raise r.error(
+            "organization_id",
+            f"a Geopera organisation id (1-128 printable characters, no spaces), got "
+            f"{organization!r}",
+        )
     types = r.get("content_types", list, ["image/tiff"])
     if not types or not all(isinstance(t, str) and _MEDIA_TYPE.fullmatch(t) for t in types):
         raise r.error(
@@ -346,6 +363,8 @@ def _downloads(r: TableReader, cache_dir: Path, base: Path) -> DownloadSettings:
         else cache_dir.parent / (cache_dir.name + "-downloads"),
         size_limit_bytes=r.positive("size_limit_bytes", int, 10 << 30),
         content_types=frozenset(types),
+        organization_id=organization,
+        list_ttl_s=r.positive("list_ttl_s", float, 10.0),
     )
 
 
@@ -529,6 +548,9 @@ def _viewer(r: TableReader, base: Path) -> ViewerSettings:
 
 SCOPES = frozenset({"tiles", "downloads", "admin"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PROJECT_ID = re.compile(r"[!-~]{1,128}")
+"""A Geopera project id as a token's ``projects`` names it: 1-128 printable ASCII characters
+without spaces (the docs show UUIDs; the emulator uses ``demo`` and ``survey``)."""
 
 
 def _tokens(source: str, tables: list[Any], layers: dict[str, Layer]) -> tuple[TokenSettings, ...]:
@@ -537,7 +559,7 @@ def _tokens(source: str, tables: list[Any], layers: dict[str, Layer]) -> tuple[T
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: tokens[{index}]: expected a table ([[tokens]])")
         r = TableReader(source, f"tokens[{index}]", table)
-        r.reject_unknown({"name", "sha256", "scopes", "layers", "rate_limit"})
+        r.reject_unknown({"name", "sha256", "scopes", "layers", "rate_limit", "projects"})
         name = r.get("name", str)
         if not name:
             raise r.error("name", "required: who holds this token")
@@ -564,6 +586,14 @@ def _tokens(source: str, tables: list[Any], layers: dict[str, Layer]) -> tuple[T
                 raise r.error(
                     "rate_limit", f"expected a rate like '100/second', got {rate!r}"
                 ) from None
+        projects = r.get("projects", list, None)
+        valid = projects and all(isinstance(p, str) and PROJECT_ID.fullmatch(p) for p in projects)
+        if projects is not None and not valid:
+            raise r.error(
+                "projects",
+                "a non-empty list of Geopera project ids (1-128 printable characters, no "
+                f"spaces), got {projects!r}",
+            )
         if any(t.sha256 == digest for t in tokens):
             raise r.error("sha256", "the same token hash is configured twice")
         tokens.append(
@@ -573,6 +603,7 @@ def _tokens(source: str, tables: list[Any], layers: dict[str, Layer]) -> tuple[T
                 frozenset(scopes),
                 frozenset(allowed) if allowed is not None else None,
                 rate,
+                frozenset(projects) if projects is not None else None,
             )
         )
     return tuple(tokens)

@@ -11,7 +11,8 @@ guide):
   token without it is answered 403 ``insufficient-scope`` (seeds ``004``: "403 Forbidden —
   the token is valid but lacks the scope the operation requires").
 - ``GET /_emulator/stats`` and ``POST /_emulator/reset``: call counters for benchmarks in other
-  processes; ``POST``/``DELETE /_emulator/faults``: scripted failures (:mod:`.faults`);
+  processes; ``POST``/``DELETE /_emulator/faults`` and ``POST /_emulator/faults/release``:
+  scripted failures and stalls (:mod:`.faults`);
   ``GET``/``POST /_emulator/limits``: the egress limits (:mod:`.egress`). These need
   **no auth**: the emulator is a loopback test tool, not a real service.
 
@@ -54,7 +55,7 @@ from .egress import (
     get_limits,
     post_limits,
 )
-from .faults import FAULTS_KEY, FaultPlan, delete_faults, post_faults
+from .faults import FAULTS_KEY, FaultPlan, delete_faults, post_faults, release_stalls
 from .faults import apply as apply_fault
 from .protocol import (
     OperationHandler,
@@ -318,6 +319,7 @@ def create_emulator_app(
     app.router.add_post("/_emulator/reset", _reset)
     app.router.add_post("/_emulator/faults", post_faults)
     app.router.add_delete("/_emulator/faults", delete_faults)
+    app.router.add_post("/_emulator/faults/release", release_stalls)
     app.router.add_get("/_emulator/limits", get_limits)
     app.router.add_post("/_emulator/limits", post_limits)
     return app

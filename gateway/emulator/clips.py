@@ -20,15 +20,18 @@ come from:
   as canonical JSON) replays the first answer, same job id. "Sending the same key with a
   different body is a conflict" (Python recipes: "409 Conflict — usually an Idempotency-Key
   reused with a different body"): 409 ``idempotency-conflict``. Keys are per emulator app.
-- **Cross-org access -> 403** (Clipping guide, "Edge cases"): the only project the demo
-  organisation (:data:`DEMO_ORGANIZATION_ID`) owns is :data:`DEMO_PROJECT_ID`.
+- **Cross-org access -> 403** (Clipping guide, "Edge cases"): the projects the demo
+  organisation (:data:`DEMO_ORGANIZATION_ID`) owns are :data:`DEMO_PROJECTS`
+  (:data:`DEMO_PROJECT_ID` and :data:`SURVEY_PROJECT_ID`; our choice); any other is 403.
 - **No raster assets resolved -> 400** (Clipping guide, "Edge cases"): each item has one
   raster asset, ``data``; ``asset_keys`` without ``"data"`` is a 400 ``no-raster-assets``.
   An AOI that does not intersect the item's bounds is a 400 ``aoi-outside-item`` (the
   emulator's own rule: the warp would have nothing to clip).
 - **Polling** (Clipping guide, "Polling the job"): ``clip.job.get`` answers ``running`` until
   the clip is done *and* ``clip_delay_s`` seconds have passed since creation, then
-  ``completed`` with ``output_artifacts.clips`` (or ``failed`` if the clip raised).
+  ``completed`` with ``output_artifacts.clips`` (or ``failed`` if the clip raised). Every job
+  answer also carries ``project_id`` and ``output_name`` as the create call gave them (our
+  choice: the guide's example shows neither, but both are fields of the create request).
 - **Descriptors** (Clipping guide, "Retrieving the result"): ``clip.job.downloads`` lists
   ``{"mosaic_type", "filename", "size_bytes", "gcs_path"}`` per output file, ``filename`` =
   ``<output_name>_<mosaic_type>.tif``, ``gcs_path`` = ``clips/<job_id>/<filename>``.
@@ -60,7 +63,7 @@ come from:
 - **A failing item** (our choice): ``olinda-corrupt`` accepts the olinda AOIs, and its job
   ends ``failed`` with the reason :data:`CORRUPT_REASON` in ``error``.
 
-Items (one per packaged COG, all in project ``demo`` of organisation ``demo-org``) and their
+Items (one per packaged COG, clippable into either project of organisation ``demo-org``) and their
 mosaic types are :data:`ITEMS`. ``source_item_id="synthetic-<N>"`` (1 <= N <=
 :data:`MAX_SYNTHETIC_BYTES`) is a benchmark item: one mosaic type ``data`` whose file is N
 deterministic pseudo-random bytes (:func:`synthetic_bytes`), generated while streaming, never
@@ -91,14 +94,21 @@ from aiohttp import web
 
 from . import egress
 from .catalog import CATALOG_KEY, DEMO_COG_BASE_URL
-from .faults import truncate_limit, without_filename
+from .faults import stall_point, truncate_limit, without_filename
 from .protocol import OperationHandler, ProblemError, RequestValidationError, field_error
 from .schema import Field, validate_body
 
 log = logging.getLogger(__name__)
 
 DEMO_PROJECT_ID = "demo"
-"""The one project the demo organisation owns: clips must target it (else 403)."""
+"""The demo organisation's first project."""
+
+SURVEY_PROJECT_ID = "survey"
+"""The demo organisation's second project (our choice: two projects, so that per-project
+access can be tried)."""
+
+DEMO_PROJECTS = frozenset({DEMO_PROJECT_ID, SURVEY_PROJECT_ID})
+"""The projects the demo organisation owns: clips must target one of them (else 403)."""
 
 DEMO_ORGANIZATION_ID = "demo-org"
 """The organisation every emulator principal belongs to (``job.organization_id``)."""
@@ -466,6 +476,7 @@ class ClipJob:
     started: float
     output_name: str
     idempotency_key: str
+    project_id: str = DEMO_PROJECT_ID
     outputs: dict[str, ClipOutput] | None = None
     error: str | None = None
     organization_id: str = DEMO_ORGANIZATION_ID
@@ -516,6 +527,7 @@ class ClipStore:
             float("-inf"),
             "foreign",
             "",
+            project_id="foreign-project",
             outputs={"data": ClipOutput("data", "foreign_data.tif", 1024)},
             organization_id=FOREIGN_ORGANIZATION_ID,
         )
@@ -775,7 +787,7 @@ async def create_from_item_operation(
         return web.json_response(answer)
 
     values = _validate_create(body)
-    if values["project_id"] != DEMO_PROJECT_ID:
+    if values["project_id"] not in DEMO_PROJECTS:
         raise ProblemError(
             403,
             "forbidden",
@@ -815,6 +827,7 @@ async def create_from_item_operation(
         started=store.clock(),
         output_name=output_name,
         idempotency_key=key,
+        project_id=values["project_id"],
     )
     if synthetic_size is not None:
         filename = f"{output_name}_{SYNTHETIC_MOSAIC}.tif"
@@ -837,7 +850,8 @@ async def create_from_item_operation(
 
 
 async def job_get_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """``clip.job.get``: ``{"id", "status", "job_type", "organization_id", "created_at"}``.
+    """``clip.job.get``: ``{"id", "status", "job_type", "organization_id", "project_id",
+    "output_name", "created_at"}``.
 
     Plus ``output_artifacts: {"clips": [descriptors]}`` once ``completed`` and ``error``
     (a message) once ``failed``.
@@ -855,6 +869,8 @@ def _job_answer(store: ClipStore, job: ClipJob) -> dict[str, Any]:
         "status": status,
         "job_type": JOB_TYPE,
         "organization_id": job.organization_id,
+        "project_id": job.project_id,
+        "output_name": job.output_name,
         "created_at": job.created_at,
     }
     if status == "completed" and job.outputs is not None:
@@ -949,10 +965,20 @@ async def job_download_operation(request: web.Request, body: dict[str, Any]) -> 
     limit = truncate_limit(request)
     if limit is not None and limit >= output.size_bytes:
         limit = None
+    stall = stall_point(request)
     await response.prepare(request)
     sent = 0
     try:
         for chunk in output.chunks(CHUNK_SIZE):
+            if stall is not None and sent + len(chunk) > stall.after_bytes:
+                head = chunk[: stall.after_bytes - sent]
+                if head:
+                    await response.write(head)
+                    egress.account(request, len(head))
+                    sent += len(head)
+                log.info("stall fault: holding %s after %d bytes", output.filename, sent)
+                await stall.wait()
+                stall, chunk = None, chunk[len(head) :]
             if limit is not None and sent + len(chunk) > limit:
                 chunk = chunk[: limit - sent]
             if chunk:

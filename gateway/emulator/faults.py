@@ -7,7 +7,8 @@ them. Like the stats endpoints these need no auth: the emulator is a loopback te
 
 Kinds (see :class:`Fault`): ``status``, ``garbage``, ``wrong-type``, ``json``, ``hang``,
 ``echo-key``, ``huge-png``, ``corrupt-png`` replace the operation's answer; ``truncate`` lets
-the operation answer but breaks its body; ``no-filename`` lets a download answer without its
+the operation answer but breaks its body; ``stall`` lets a download send part of its body,
+then hold the rest until released; ``no-filename`` lets a download answer without its
 Content-Disposition.
 
 A ``status`` fault's problem ``type`` is ``type`` when given (a slug under
@@ -38,12 +39,20 @@ call is still counted in the stats and log, with status 200 (what the client was
 
     app[FAULTS_KEY].add(Fault("truncate", operation="clip.job.download", bytes=1000))
     curl -X POST localhost:8081/_emulator/faults -d '{"kind": "truncate", "bytes": 1000}'
+
+``stall`` (a transfer that is known to be still running; fields ``bytes`` and ``seconds``):
+the next matching streaming download sends its headers and its first ``bytes`` bytes, then
+sends nothing more until the stall is released (:meth:`FaultPlan.release`, ``POST
+/_emulator/faults/release`` or ``DELETE /_emulator/faults``) or, when ``seconds`` > 0, until
+that many seconds have passed; then it sends the rest. A test can so observe what a client
+gets while a transfer is in progress without racing the clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import struct
 import zlib
@@ -66,6 +75,7 @@ KINDS = (
     "huge-png",
     "corrupt-png",
     "truncate",
+    "stall",
     "no-filename",
 )
 
@@ -73,15 +83,37 @@ ECHO_ENCODINGS = ("plain", "base64", "base64url", "hex", "percent")
 """How an ``echo-key`` fault repeats the Authorization header."""
 
 STREAMING_OPERATIONS = frozenset({"clip.job.download"})
-"""Operations that stream a file body and honour (and consume) ``truncate`` and
+"""Operations that stream a file body and honour (and consume) ``truncate``, ``stall`` and
 ``no-filename`` faults."""
 
-STREAMING_KINDS = frozenset({"truncate", "no-filename"})
+STREAMING_KINDS = frozenset({"truncate", "stall", "no-filename"})
 
 TRUNCATE_KEY: web.RequestKey[int] = web.RequestKey("geopera_emulator_truncate", int)
 """Set on a request by a ``truncate`` fault: how many body bytes to send before closing."""
 
 NO_FILENAME_KEY: web.RequestKey[bool] = web.RequestKey("geopera_emulator_no_filename", bool)
+
+
+@dataclass
+class Stall:
+    """Where a ``stall`` fault holds a download: after ``after_bytes`` body bytes, until
+    ``released`` is set or ``max_s`` seconds (0: no limit) have passed."""
+
+    after_bytes: int
+    released: asyncio.Event
+    max_s: float = 0.0
+
+    async def wait(self) -> None:
+        """Hold until released (or ``max_s`` seconds, when > 0)."""
+        if self.max_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.released.wait(), self.max_s)
+        else:
+            await self.released.wait()
+
+
+STALL_KEY: web.RequestKey[Stall] = web.RequestKey("geopera_emulator_stall", Stall)
+"""Set on a request by a ``stall`` fault: where to hold the body."""
 """Set on a request by a ``no-filename`` fault: send the file without Content-Disposition."""
 
 DEFAULT_FAULT_TYPES = {
@@ -102,17 +134,21 @@ class Fault:
             ``retry_after`` is set), ``garbage`` (200 ``image/png`` that is not an image),
             ``wrong-type`` (200 ``text/html``), ``json`` (200 ``application/json``, a signed
             URL descriptor like ``items.asset.download``'s), ``no-filename`` (streaming
-            downloads only: no Content-Disposition), ``hang`` (sleep ``seconds``, then answer
-            normally), ``echo-key`` (500 whose detail repeats the Authorization header, as a
-            careless upstream might), ``truncate`` (streaming downloads only: headers with
-            the full ``Content-Length``, then ``bytes`` bytes of body, then the connection is
-            closed).
+            downloads only: no Content-Disposition), ``hang`` (sleep ``seconds``, or until
+            released like a stall, then answer normally), ``echo-key`` (500 whose detail
+            repeats the Authorization header, as a careless upstream might), ``truncate``
+            (streaming downloads only: headers with the full ``Content-Length``, then
+            ``bytes`` bytes of body, then the connection is closed), ``stall`` (streaming
+            downloads only: ``bytes`` bytes of body, then nothing until released or
+            ``seconds`` have passed, then the rest).
         operation: operation id it applies to, or ``*`` for any.
         status: HTTP status for ``status`` faults.
         retry_after: ``Retry-After`` header value for ``status`` faults, or None.
-        seconds: how long a ``hang`` fault sleeps, in seconds.
+        seconds: how long a ``hang`` fault sleeps, and a ``stall`` holds at most (0: until
+            released), in seconds.
         count: how many calls it affects.
-        bytes: for ``truncate``, how many body bytes are sent before the connection closes.
+        bytes: for ``truncate``, how many body bytes are sent before the connection closes;
+            for ``stall``, how many before the body is held.
         type: for ``status``, the problem type (slug or URI); None for the default.
         detail: for ``status``, the problem's ``detail``; None for a default sentence.
         encoding: for ``echo-key``, one of :data:`ECHO_ENCODINGS`.
@@ -149,14 +185,35 @@ class FaultPlan:
 
     def __init__(self) -> None:
         self._queue: deque[Fault] = deque()
+        self._stalls: list[asyncio.Event] = []
 
     def add(self, *faults: Fault) -> None:
         """Queue ``faults`` after any already pending."""
         self._queue.extend(faults)
 
     def clear(self) -> None:
-        """Drop every pending fault."""
+        """Drop every pending fault and release every stalled download."""
         self._queue.clear()
+        self.release()
+
+    def stall(self) -> asyncio.Event:
+        """A new event that :meth:`release` sets, for one stalled download."""
+        event = asyncio.Event()
+        self._stalls.append(event)
+        return event
+
+    @property
+    def held(self) -> int:
+        """Stalled downloads and hanging calls started since the last release."""
+        return len(self._stalls)
+
+    def release(self) -> int:
+        """Let every stalled download (and hanging call) go on; returns how many were
+        held."""
+        stalls, self._stalls = self._stalls, []
+        for event in stalls:
+            event.set()
+        return len(stalls)
 
     def pending(self) -> int:
         """Calls the queued faults will still affect."""
@@ -190,6 +247,9 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
     if fault.kind == "truncate":
         request[TRUNCATE_KEY] = fault.bytes
         return None
+    if fault.kind == "stall":
+        request[STALL_KEY] = Stall(fault.bytes, request.app[FAULTS_KEY].stall(), fault.seconds)
+        return None
     if fault.kind == "no-filename":
         request[NO_FILENAME_KEY] = True
         return None
@@ -201,7 +261,8 @@ async def apply(fault: Fault, request: web.Request) -> web.StreamResponse | None
             }
         )
     if fault.kind == "hang":
-        await asyncio.sleep(fault.seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(request.app[FAULTS_KEY].stall().wait(), fault.seconds)
         return None
     if fault.kind == "garbage":
         return web.Response(body=b"this is not a PNG", content_type="image/png")
@@ -267,6 +328,11 @@ def truncate_limit(request: web.Request) -> int | None:
     return request.get(TRUNCATE_KEY)
 
 
+def stall_point(request: web.Request) -> Stall | None:
+    """Where a streaming operation holds its body (``stall`` fault), or None."""
+    return request.get(STALL_KEY)
+
+
 def without_filename(request: web.Request) -> bool:
     """Whether a streaming operation must leave out Content-Disposition (``no-filename``)."""
     return request.get(NO_FILENAME_KEY, False)
@@ -285,6 +351,11 @@ async def post_faults(request: web.Request) -> web.Response:
 
 
 async def delete_faults(request: web.Request) -> web.Response:
-    """``DELETE /_emulator/faults``: drop every pending fault."""
+    """``DELETE /_emulator/faults``: drop every pending fault (and release stalls)."""
     request.app[FAULTS_KEY].clear()
     return web.json_response({"queued": 0})
+
+
+async def release_stalls(request: web.Request) -> web.Response:
+    """``POST /_emulator/faults/release``: let every stalled download go on."""
+    return web.json_response({"released": request.app[FAULTS_KEY].release()})

@@ -35,7 +35,9 @@ from gateway.http.keys import SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-CORS_ROUTES = frozenset({"tile", "default_tile", "tilejson", "layers", "wmts"})
+CORS_ROUTES = frozenset(
+    {"tile", "default_tile", "tilejson", "layers", "wmts", "clip_tile", "clip_tilejson"}
+)
 """Route names (see the routes modules) that answer cross-origin requests."""
 
 EXPOSE_HEADERS = "ETag, X-Cache"

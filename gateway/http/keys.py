@@ -8,7 +8,9 @@ from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
 from gateway.http.callers import ClientRateLimit
 from gateway.layers import Layer
+from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
+from gateway.services.listing import JobListing
 from gateway.services.tiles import TileService
 from gateway.storage.tiles import TileCache
 from gateway.upstream.buckets import SharedState
@@ -27,3 +29,6 @@ UPSTREAM = web.AppKey("upstream", GeoperaClient)
 GUARD = web.AppKey("guard", UpstreamGuard)
 TILE_SERVICE = web.AppKey("tile_service", TileService)
 DOWNLOAD_SERVICE = web.AppKey("download_service", DownloadService)
+CLIP_LAYERS = web.AppKey("clip_layers", ClipLayers)
+JOB_LISTING = web.AppKey("job_listing", JobListing)
+"""Present only when ``downloads.organization_id`` is configured."""

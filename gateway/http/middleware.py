@@ -28,7 +28,18 @@ from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
 
 log = logging.getLogger("gateway.app")
 
-LIMITED_ROUTES = frozenset({"tile", "default_tile", "download_job", "download"})
+LIMITED_ROUTES = frozenset(
+    {
+        "tile",
+        "default_tile",
+        "download_list",
+        "download_job",
+        "download",
+        "download_checksum",
+        "clip_tile",
+        "clip_tilejson",
+    }
+)
 """Routes that count against the per-client rate limit (those that can spend upstream)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -245,6 +245,18 @@ ERROR_TABLE: dict[type[GatewayError], ProblemSpec | Callable[[Any], ProblemSpec]
         "job-forbidden",
         lambda e: "This clip job belongs to another organisation than the gateway's.",
     ),
+    errors.ProjectForbidden: ProblemSpec(
+        403,
+        "Forbidden",
+        "project-forbidden",
+        lambda e: "This token may not read clip jobs of this job's project.",
+    ),
+    errors.NoTileLayer: ProblemSpec(
+        404,
+        "Not found",
+        "no-clip-layer",
+        lambda e: "This clip file has no map layer: the upstream gives no tile parameters for it.",
+    ),
     errors.JobNotCompleted: ProblemSpec(
         409,
         "Job not completed",

@@ -7,9 +7,10 @@ headers at the protocol level. These tighter limits answer with problem+json:
 - the query string longer than :data:`MAX_QUERY` bytes, or more than :data:`MAX_QUERY_PARAMS`
   parameters → 414 / 400;
 - more than :data:`MAX_HEADERS` request headers → 431 (RFC 6585 section 5);
-- on routes whose answer comes from the upstream (tiles, downloads), any query parameter but
-  ``token`` → 400, so nothing a client adds can change what is fetched or poison the cache
-  under another key.
+- on routes whose answer comes from the upstream (tiles, downloads, clip layers, the job
+  listing), any query parameter but ``token`` (and, for the listing, ``status``, ``limit``
+  and ``offset``) → 400, and any of them repeated → 400, so nothing a client adds can change
+  what is fetched or poison the cache under another key.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ ALLOWED_QUERY: dict[str, frozenset[str]] = {
     "default_tile": frozenset({"token"}),
     "download": frozenset({"token"}),
     "download_job": frozenset({"token"}),
+    "download_checksum": frozenset({"token"}),
+    "download_list": frozenset({"token", "status", "limit", "offset"}),
+    "clip_tile": frozenset({"token"}),
+    "clip_tilejson": frozenset({"token"}),
 }
 """Query parameters each upstream-backed route accepts (by route name)."""
 
@@ -83,5 +88,11 @@ def check_request_shape(request: web.Request, route: str) -> None:
                 f"accepts only {', '.join(sorted(allowed))}.",
                 slug="unknown-query-parameter",
             )
-        if len(query.getall("token", [])) > 1:
-            raise Problem(400, "Bad request", "Send one token.", slug="repeated-parameter")
+        repeated = sorted(k for k in set(query) if len(query.getall(k)) > 1)
+        if repeated:
+            raise Problem(
+                400,
+                "Bad request",
+                f"Send {repeated[0]!r} once.",
+                slug="repeated-parameter",
+            )

@@ -2,5 +2,6 @@
 the answer. One module per group of URLs.
 
 May import: the leaves, ``config``, ``http``, ``services``, ``discovery``, ``storage``,
-``upstream``, ``seed``; never another route module.
+``upstream``, ``seed``, and for now each other's request parsing (tile paths, job ids:
+to move into ``http``).
 """

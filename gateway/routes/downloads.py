@@ -1,16 +1,22 @@
-"""Download routes: ``GET /downloads/{job_id}`` (status and files) and ``GET``/``HEAD
-/downloads/{job_id}/{mosaic_type}`` (the file).
+"""Download routes: ``GET /downloads/{job_id}`` (status and files), ``GET``/``HEAD
+/downloads/{job_id}/{mosaic_type}`` (the file) and ``GET
+/downloads/{job_id}/{mosaic_type}.sha256`` (its checksum, for ``sha256sum -c``).
 
 A stored file is served by aiohttp's ``FileResponse`` (sendfile; ``Range`` with one range,
 ``If-None-Match``, ``If-Modified-Since``, date ``If-Range``, 416) extended with ETag
-``If-Range`` and multiple ranges (``multipart/byteranges``, RFC 9110 section 14.6). A file
-still being transferred is streamed to the client as its bytes arrive; a range request for
-it waits for the transfer to finish.
+``If-Range`` and multiple ranges (``multipart/byteranges``, RFC 9110 section 14.6), and
+carries ``Repr-Digest: sha-256=:<base64>:`` (RFC 9530 section 3: the digest of the whole
+representation, so 206 answers carry it too). A file still being transferred is streamed to
+the client as its bytes arrive, and so is one range of it (206, RFC 9110 section 14.4): its
+bytes go out as soon as they are written, the file's last byte once the file is verified and
+stored; several ranges wait for the stored file. A streamed answer has no ``Repr-Digest``:
+the digest is known only once the last byte is in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import os
 import uuid
@@ -20,6 +26,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
+from gateway.config.settings import TokenSettings
 from gateway.http.callers import client_address
 from gateway.http.keys import AUTH, DOWNLOAD_SERVICE, SETTINGS
 from gateway.http.problem import PROBLEM_JSON, Problem, bad_request
@@ -45,47 +52,124 @@ MAX_RANGES = 32
 READ_CHUNK = 1 << 20
 
 
-def _job_id(request: web.Request) -> str:
+def job_id_of(request: web.Request) -> str:
+    """The request's ``{job_id}``, checked to be a UUID (:data:`JOB_ID`).
+
+    Raises:
+        Problem: 400 ``malformed-job-id``.
+    """
     job_id = request.match_info["job_id"]
     if not JOB_ID.fullmatch(job_id):
         raise bad_request("Job ids are UUIDs.", "malformed-job-id")
     return job_id
 
 
-async def job_status(request: web.Request) -> web.Response:
-    """``GET /downloads/{job_id}``: ``{"job_id", "status", "files": [...]}``; each file has a
-    ``url`` on this gateway."""
-    request.app[AUTH].authorize(request, "downloads")
-    job_id = _job_id(request)
-    result = await request.app[DOWNLOAD_SERVICE].job(job_id)
-    base = public_base(request)
-    for file in result["files"]:
-        file["url"] = f"{base}/downloads/{job_id}/{file['mosaic_type']}"
-    return web.json_response(result)
+def mosaic_type_of(request: web.Request) -> str:
+    """The request's ``{mosaic_type}``, checked against :data:`MOSAIC_TYPE`.
 
-
-async def download(request: web.Request) -> web.StreamResponse:
-    """``GET``/``HEAD /downloads/{job_id}/{mosaic_type}``: the clip file."""
-    request.app[AUTH].authorize(request, "downloads")
-    job_id = _job_id(request)
+    Raises:
+        Problem: 400 ``malformed-mosaic-type``.
+    """
     mosaic_type = request.match_info["mosaic_type"]
     if not MOSAIC_TYPE.fullmatch(mosaic_type):
         raise bad_request(
             "Mosaic types are 1-64 lower-case letters, digits, '-' or '_', starting with a letter.",
             "malformed-mosaic-type",
         )
+    return mosaic_type
+
+
+async def authorize_job(request: web.Request) -> tuple[str, TokenSettings | None]:
+    """Check the request's ``downloads`` token and job id, and that the token may reach the
+    job's project; returns the job id and the token.
+
+    Raises:
+        Problem: 401/403 (token), 400 (job id); ProjectForbidden and the job errors of
+            :meth:`DownloadService.check_project`.
+    """
+    token = request.app[AUTH].authorize(request, "downloads")
+    job_id = job_id_of(request)
+    projects = token.projects if token is not None else None
+    await request.app[DOWNLOAD_SERVICE].check_project(job_id, projects)
+    return job_id, token
+
+
+def job_url(base: str, job_id: str) -> str:
+    """Absolute URL of a job's status and files on this gateway."""
+    return f"{base}/downloads/{job_id}"
+
+
+def file_url(base: str, job_id: str, mosaic_type: str) -> str:
+    """Absolute URL of one clip file on this gateway."""
+    return f"{job_url(base, job_id)}/{mosaic_type}"
+
+
+async def job_status(request: web.Request) -> web.Response:
+    """``GET /downloads/{job_id}``: ``{"job_id", "status", "files": [...]}``; each file has a
+    ``url`` on this gateway and its ``sha256`` once stored (else null)."""
+    job_id, _ = await authorize_job(request)
+    result = await request.app[DOWNLOAD_SERVICE].job(job_id)
+    result.pop("project_id", None)
+    base = public_base(request)
+    for file in result["files"]:
+        file["url"] = file_url(base, job_id, file["mosaic_type"])
+    return web.json_response(result)
+
+
+async def _open(request: web.Request) -> tuple[StoredFile | Transfer, str]:
+    """Authorize, validate and open the requested file (stored, or its transfer)."""
+    job_id, _ = await authorize_job(request)
+    mosaic_type = mosaic_type_of(request)
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
     client = client_address(request, request.app[SETTINGS].server.trusted_proxies)
     requester = Requester(request.headers.get("User-Agent"), client)
-    found, cache = await service.open(job_id, mosaic_type, requester)
+    return await service.open(job_id, mosaic_type, requester)
+
+
+async def _stored(found: StoredFile | Transfer) -> StoredFile:
+    """The stored file, once ``found`` (a transfer) has been stored.
+
+    Raises:
+        Problem: 502 when the transfer broke off.
+    """
+    if isinstance(found, StoredFile):
+        return found
+    await found.finished.wait()
+    if found.error is not None or found.stored is None:
+        raise _broken()
+    return found.stored
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """``GET``/``HEAD /downloads/{job_id}/{mosaic_type}``: the clip file."""
+    found, cache = await _open(request)
     if isinstance(found, Transfer):
-        if found.size is None or "Range" in request.headers:
-            await found.finished.wait()
-            if found.error is not None or found.stored is None:
-                raise _broken()
-            return await _serve_stored(request, found.stored, cache)
+        if found.size is None or _several_ranges(request):
+            return await _serve_stored(request, await _stored(found), cache)
         return await _stream_transfer(request, found, cache)
     return await _serve_stored(request, found, cache)
+
+
+async def checksum(request: web.Request) -> web.Response:
+    """``GET /downloads/{job_id}/{mosaic_type}.sha256``: ``<hex>  <filename>`` and a
+    newline, the line ``sha256sum -c`` checks (GNU coreutils' format: the digest, two
+    spaces, the file name as ``Content-Disposition`` gives it). A file not stored yet is
+    transferred first (one transfer, shared with its downloads)."""
+    found, cache = await _open(request)
+    stored = await _stored(found)
+    service: DownloadService = request.app[DOWNLOAD_SERVICE]
+    job_id, mosaic_type = request.match_info["job_id"], request.match_info["mosaic_type"]
+    digest = await asyncio.to_thread(service.store.checksum, job_id, mosaic_type, stored)
+    return web.Response(
+        text=f"{digest}  {stored.filename}\n",
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"Cache-Control": CACHE_CONTROL, "X-Cache": cache},
+    )
+
+
+def _several_ranges(request: web.Request) -> bool:
+    return "," in request.headers.get("Range", "")
 
 
 def _broken() -> Problem:
@@ -97,34 +181,79 @@ def _broken() -> Problem:
     )
 
 
-def _file_headers(filename: str, cache: str) -> dict[str, str]:
-    return {
+def repr_digest(sha256_hex: str) -> str:
+    """The ``Repr-Digest`` value for a file's hex SHA-256: ``sha-256=:<base64>:`` (RFC 9530
+    section 3, a Structured Fields dictionary whose value is a byte sequence, RFC 8941
+    section 3.3.5)."""
+    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"
+
+
+def _file_headers(filename: str, cache: str, sha256: str | None = None) -> dict[str, str]:
+    headers = {
         "Content-Disposition": content_disposition(filename),
         "Accept-Ranges": "bytes",
         "Cache-Control": CACHE_CONTROL,
         "X-Cache": cache,
     }
+    if sha256 is not None:
+        headers["Repr-Digest"] = repr_digest(sha256)
+    return headers
+
+
+def _transfer_range(request: web.Request, transfer: Transfer) -> tuple[int, int] | None:
+    """The one byte range ``[start, stop)`` to send of a file being transferred, or None
+    for the whole file: no ``Range``, an ``If-Range`` that does not match (RFC 9110
+    section 13.1.5), or a ``Range`` the gateway ignores (malformed or not ``bytes``, as
+    section 14.2 allows).
+
+    Raises:
+        Problem: 416 with ``Content-Range: bytes */<size>`` when no byte of the range
+            exists.
+    """
+    header = request.headers.get("Range")
+    size = transfer.size
+    if not header or size is None or not _if_range_holds(request, transfer.etag, transfer.mtime_ns):
+        return None
+    ranges = parse_range_header(header)
+    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
+        return None
+    span = ranges.range_for_length(size)
+    if span is None:
+        raise Problem(
+            416,
+            "Range not satisfiable",
+            f"The file has {size} bytes.",
+            slug="range-not-satisfiable",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return span
 
 
 async def _stream_transfer(
     request: web.Request, transfer: Transfer, cache: str
 ) -> web.StreamResponse:
-    """Send a file while it is being transferred, as :class:`TransferReader` yields it.
+    """Send a file, or one range of it, while it is being transferred, as
+    :class:`TransferReader` yields it.
 
-    The reader holds the last byte back until the transfer is verified and stored; when
-    the transfer breaks, the client gets every byte written so far and then a cut
-    connection, so it sees a short body it can resume, never a fake whole file.
+    The reader holds the file's last byte back until the transfer is verified and stored;
+    when the transfer breaks, the client gets every byte of its answer written so far and
+    then a cut connection, so it sees a short body it can resume, never a fake whole file.
     """
     headers = _file_headers(transfer.filename, cache)
     headers["ETag"] = transfer.etag
     headers["Last-Modified"] = formatdate(transfer.mtime_ns / 1e9, usegmt=True)
     if request.headers.get("If-None-Match", "").strip() in (transfer.etag, "*"):
         return web.Response(status=304, headers=headers)
-    response = web.StreamResponse(headers=headers)
+    span = _transfer_range(request, transfer)
+    size = transfer.size or 0
+    start, stop = span if span is not None else (0, size)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
     response.content_type = transfer.content_type
-    response.content_length = transfer.size
+    response.content_length = stop - start
     try:
-        reader = await asyncio.to_thread(transfer.reader)
+        reader = await asyncio.to_thread(transfer.reader, start, stop if span is not None else None)
     except TransferBroken:
         raise _broken() from None
     with reader:
@@ -163,13 +292,15 @@ class StoredFileResponse(web.FileResponse):
 
     def __init__(self, stored: StoredFile, store: DownloadStore, cache: str) -> None:
         super().__init__(
-            stored.path, chunk_size=READ_CHUNK, headers=_file_headers(stored.filename, cache)
+            stored.path,
+            chunk_size=READ_CHUNK,
+            headers=_file_headers(stored.filename, cache, stored.sha256),
         )
         self.content_type = stored.content_type
         self._stored, self._store = stored, store
 
     async def prepare(self, request: web.BaseRequest):
-        if "Range" in request.headers and not _if_range_holds(request, self._stored):
+        if "Range" in request.headers and not _if_range_holds(request, self._stored.etag):
             headers = request.headers.copy()
             del headers["Range"]
             headers.popall("If-Range", None)
@@ -233,19 +364,24 @@ def _range_unsatisfiable(request: web.BaseRequest, size: int, mtime: float) -> b
     return start >= size
 
 
-def _if_range_holds(request: web.BaseRequest, stored: StoredFile) -> bool:
+def _if_range_holds(request: web.BaseRequest, etag: str, mtime_ns: int | None = None) -> bool:
+    """Whether ``If-Range`` (absent, an entity tag or a date) lets the ``Range`` apply (RFC
+    9110 section 13.1.5: a strong match of the ETag, or a date equal to Last-Modified).
+    Without ``mtime_ns`` a date is left to aiohttp's FileResponse, which evaluates it."""
     value = request.headers.get("If-Range")
     if value is None:
         return True
     parsed = parse_if_range_header(value)
     if parsed.etag is not None:
-        return f'"{parsed.etag}"' == stored.etag and not value.startswith("W/")
-    return True  # a date: aiohttp's FileResponse evaluates it
+        return f'"{parsed.etag}"' == etag and not value.startswith("W/")
+    if mtime_ns is None:
+        return True
+    return parsed.date is not None and int(parsed.date.timestamp()) == mtime_ns // 1_000_000_000
 
 
 async def _serve_stored(request: web.Request, stored: StoredFile, cache: str) -> web.StreamResponse:
     header = request.headers.get("Range", "")
-    if "," in header and _if_range_holds(request, stored):
+    if "," in header and _if_range_holds(request, stored.etag):
         ranges = parse_range_header(header)
         if ranges is not None and ranges.units == "bytes" and len(ranges.ranges) <= MAX_RANGES:
             return await _multipart_ranges(request, stored, ranges.ranges, cache)
@@ -265,7 +401,7 @@ async def _multipart_ranges(
         stop = size if stop is None else min(stop, size)
         if start < stop:
             spans.append((start, stop))
-    headers = _file_headers(stored.filename, cache)
+    headers = _file_headers(stored.filename, cache, stored.sha256)
     headers["ETag"] = stored.etag
     headers["Last-Modified"] = formatdate(stored.mtime_ns / 1e9, usegmt=True)
     if not spans:
@@ -307,6 +443,10 @@ async def _multipart_ranges(
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the download routes on ``app``."""
+    """Register the download routes on ``app`` (the checksum before the file: both match
+    ``/downloads/{job_id}/{name}``)."""
     app.router.add_get("/downloads/{job_id}", job_status, name="download_job")
+    app.router.add_get(
+        "/downloads/{job_id}/{mosaic_type}.sha256", checksum, name="download_checksum"
+    )
     app.router.add_get("/downloads/{job_id}/{mosaic_type}", download, name="download")

@@ -64,20 +64,22 @@ def parse_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
     return TileAddress(layer, zoom, col, row, scale, fmt)
 
 
-def cache_control(layer: Layer, max_age: int) -> str:
-    """``Cache-Control`` of a tile of ``layer`` with ``max_age`` seconds of freshness left:
-    ``public`` for public layers, ``private`` (browsers only, never a shared cache; RFC 9111
-    section 5.2.2.7) for layers that need a token."""
-    return f"{'public' if layer.public else 'private'}, max-age={max_age}"
+def cache_control(private: bool, max_age: int) -> str:
+    """``Cache-Control`` of a tile with ``max_age`` seconds of freshness left: ``public``, or
+    ``private`` (browsers only, never a shared cache; RFC 9111 section 5.2.2.7) for tiles
+    that need a token (private layers, clip layers)."""
+    return f"{'private' if private else 'public'}, max-age={max_age}"
 
 
-def _respond(request: web.Request, layer: Layer, result: TileResult) -> web.Response:
+def tile_response(request: web.Request, result: TileResult, private: bool = False) -> web.Response:
+    """The answer for a tile: its body with ``ETag``, ``Cache-Control``
+    (:func:`cache_control`) and ``X-Cache``; 304 when ``If-None-Match`` matches."""
     tile = result.tile
     if result.upstream_s is not None:
         request[UPSTREAM_TIME_KEY] = result.upstream_s
     headers = {
         "ETag": tile.etag,
-        "Cache-Control": cache_control(layer, tile.max_age()),
+        "Cache-Control": cache_control(private, tile.max_age()),
         "X-Cache": result.status,
     }
     if _etag_matches(request.headers.get("If-None-Match"), tile.etag):
@@ -105,7 +107,9 @@ async def layer_tile(request: web.Request) -> web.Response:
         )
     request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return _respond(request, layer, await request.app[TILE_SERVICE].get(address))
+    return tile_response(
+        request, await request.app[TILE_SERVICE].get(address), private=not layer.public
+    )
 
 
 async def default_tile(request: web.Request) -> web.Response:
@@ -120,7 +124,9 @@ async def default_tile(request: web.Request) -> web.Response:
     layer = request.app[LAYERS][name]
     request.app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return _respond(request, layer, await request.app[TILE_SERVICE].get(address))
+    return tile_response(
+        request, await request.app[TILE_SERVICE].get(address), private=not layer.public
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -14,8 +14,11 @@ configured ones, or the built-in hashes of the default URLs. With ``viewer.asset
 ``.map`` files from that directory (nothing else, no listing) and the page uses those.
 
 Private layers: open the page with ``?token=<token>``; the page's script sends it to this
-gateway's tile URLs as ``Authorization: Bearer``. The server never writes the token (or any
-secret) into the page. Every value put into the page is escaped for its context (attribute
+gateway's tile URLs as ``Authorization: Bearer``. A clip layer:
+``?clip=<job_id>/<mosaic_type>`` (the downloads page links there); the server checks both
+parts and gives the page the clip's TileJSON URL, which the script reads (with the token)
+and shows as the first layer. The server never writes the token (or any secret) into the
+page. Every value put into the page is escaped for its context (attribute
 values with :func:`html.escape`, the JSON config with ``<``, ``>``, ``&`` and U+2028/9 as
 ``\\uXXXX``), and the answer carries a ``Content-Security-Policy`` with a per-response nonce.
 """
@@ -38,6 +41,8 @@ from gateway.discovery.tilejson import tile_template
 from gateway.http.keys import LAYERS, SETTINGS
 from gateway.http.problem import not_found
 from gateway.http.urls import public_base
+from gateway.services.clips import layer_name
+from gateway.services.downloads import JOB_ID, MOSAIC_TYPE
 
 ASSETS_PATH = "/viewer/assets/"
 ASSET_TYPES = {
@@ -154,6 +159,7 @@ def page_values(request: web.Request, nonce: str) -> tuple[dict[str, str], str]:
         "maplibre_js": js,
         "load_failure_help": load_failure_help(viewer.assets_dir is not None),
         "layers": layers,
+        "clip": clip_config(base, request.query.get("clip")),
     }
     values = {
         "css_href": html.escape(css),
@@ -179,6 +185,17 @@ def page_values(request: web.Request, nonce: str) -> tuple[dict[str, str], str]:
         ]
     )
     return values, csp
+
+
+def clip_config(base: str, value: str | None) -> dict[str, str] | None:
+    """The page's clip layer for ``?clip=<job_id>/<mosaic_type>``: its layer name and
+    TileJSON URL, or None when absent or malformed (both parts are checked, so nothing a
+    client writes reaches the page but a UUID and a mosaic type)."""
+    job_id, _, mosaic_type = (value or "").partition("/")
+    if not JOB_ID.fullmatch(job_id) or not MOSAIC_TYPE.fullmatch(mosaic_type):
+        return None
+    name = layer_name(job_id, mosaic_type)
+    return {"name": name, "tilejson": f"{base}/tiles/{name}/tilejson.json"}
 
 
 async def page(request: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""Bulk cache operations: seeding a layer's tiles ahead of map users, and purging them.
+"""Bulk cache operations: seeding a layer's tiles ahead of map users, exporting them to an
+MBTiles file for offline use, and purging them.
 
 - :mod:`gateway.seed.area`: ``W,S,E,N`` boxes and ``A-B`` zoom ranges, parsed and validated;
 - :mod:`gateway.seed.plan`: the tiles one seed walks, in a fixed order (resumable by index);
@@ -6,7 +7,8 @@
 - :mod:`gateway.seed.runner`: fetching a plan through the gateway's own tile path at seeding
   priority, with retries, interruption and a resume state file;
 - :mod:`gateway.seed.estimate`: the dry run (tile count, egress estimate);
-- :mod:`gateway.cli.seed`: the ``seed`` and ``purge`` subcommands.
+- :mod:`gateway.seed.export`: writing a plan's tiles into an MBTiles 1.3 file;
+- :mod:`gateway.cli.seed`: the ``seed``, ``export`` and ``purge`` subcommands.
 
 Nothing here imports :mod:`gateway.app` at import time except the runner and the commands,
 so the admin routes can use :mod:`area` and :mod:`purge` without an import cycle.

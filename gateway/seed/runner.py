@@ -133,6 +133,8 @@ class Seeder:
         concurrency: tiles in flight at once (the host-wide caps apply on top).
         state: where to record progress for a resume, or None.
         on_tile: called after each finished tile with the outcome and the running summary.
+        on_address: called after each finished tile with its address and outcome, before
+            ``on_tile`` (the export writes the tile there).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Seeder:
         concurrency: int = 4,
         state: ResumeState | None = None,
         on_tile: Callable[[Outcome, SeedSummary], None] | None = None,
+        on_address: Callable[[TileAddress, Outcome], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be 1 or more")
@@ -150,6 +153,7 @@ class Seeder:
         self.concurrency = concurrency
         self.state = state
         self.on_tile = on_tile
+        self.on_address = on_address
         self._stop = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._pending: set[int] = set()
@@ -202,6 +206,8 @@ class Seeder:
             if outcome is None:
                 continue  # left for a resume: stays pending, so the resume point stays before
             self._pending.discard(index)
+            if self.on_address is not None:
+                self.on_address(address, outcome[0])
             self._count(outcome)
 
     def _count(self, outcome: tuple[Outcome, int]) -> None:

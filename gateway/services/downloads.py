@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from gateway.errors import (
     JobForbidden,
     JobNotCompleted,
     JobNotFound,
+    ProjectForbidden,
     StoreUnavailable,
     TransferFailed,
     UpstreamBadResponse,
@@ -87,7 +89,8 @@ MAX_REASON_CHARS = 500
 CLAIM_POLL_S = 0.05
 
 WRITE_BATCH_BYTES = 4 << 20
-"""Received bytes are written to the temporary file in batches of about this size, bytes."""
+"""Received bytes queued behind the write in flight, at most, bytes; beyond it the transfer
+waits for the disk."""
 
 READ_CHUNK = 1 << 20
 """Largest chunk a :class:`TransferReader` yields, bytes."""
@@ -148,6 +151,8 @@ class Transfer:
             makes the ETag, so streamed and stored answers agree.
         written: bytes in the temporary file so far (every one of them written by the
             kernel: counted only once its write returned).
+        sha256: hex SHA-256 of the whole file, computed while it was written; set once the
+            transfer is complete.
         error: the failure, once failed.
         stored: the stored file, once committed.
     """
@@ -160,6 +165,7 @@ class Transfer:
         # whole seconds: Last-Modified has one-second resolution, and must not round apart
         self.mtime_ns = int(time.time()) * 1_000_000_000
         self.written = 0
+        self.sha256: str | None = None
         self.error: Exception | None = None
         self.stored: StoredFile | None = None
         self.ready = asyncio.Event()
@@ -183,40 +189,63 @@ class Transfer:
         self.finished.set()
         self._progress.set()
 
-    async def wait_beyond(self, offset: int) -> int:
-        """Wait until more than ``offset`` bytes are written or the transfer is over;
-        returns the bytes written then."""
-        while self.written <= offset and not self.finished.is_set():
+    def sendable(self) -> int:
+        """How many of the file's first bytes may be passed on now.
+
+        Every written byte once the transfer is over; before that, every written byte but
+        the file's last one (``size - 1``; without a known size, the newest byte), which is
+        held back until the file has been verified and stored, so that no client can
+        receive a whole-looking body from a transfer that later fails.
+        """
+        if self.finished.is_set():
+            return self.written
+        if self.size is not None:
+            return min(self.written, self.size - 1)
+        return max(0, self.written - 1)
+
+    async def wait_sendable(self, offset: int) -> None:
+        """Wait until more than ``offset`` bytes are :meth:`sendable` or the transfer is
+        over."""
+        while self.sendable() <= offset and not self.finished.is_set():
             self._progress.clear()
             await self._progress.wait()
-        return self.written
 
-    def reader(self) -> TransferReader:
-        """Open the growing temporary file for one client.
+    def reader(self, start: int = 0, end: int | None = None) -> TransferReader:
+        """Open the growing temporary file for one client, for bytes ``start`` to ``end``
+        (exclusive; None: to the end of the file). Blocking (opens a file).
 
         Raises:
             TransferBroken: the transfer already failed and its file is gone.
+            ValueError: ``start`` < 0 or ``end`` < ``start``.
         """
+        if start < 0 or (end is not None and end < start):
+            raise ValueError(f"bad byte range {start}..{end}")
         try:
             file = open(self.tmp, "rb")  # noqa: SIM115 - closed by TransferReader.close
         except FileNotFoundError:
             raise TransferBroken("the transfer ended before this reader joined") from None
-        return TransferReader(self, file)
+        if start:
+            file.seek(start)
+        return TransferReader(self, file, start, end)
 
 
 class TransferReader:
-    """One client's view of a :class:`Transfer`: the file's bytes, in order, as they are
-    written.
+    """One client's view of a :class:`Transfer`: the bytes of one range of the file
+    (``start`` to ``end``, exclusive; the whole file by default), in order, as soon as
+    they are written.
 
     Iterating yields chunks of at most :data:`READ_CHUNK` bytes. The file's last byte is
-    held back until the transfer has been verified and committed, so a client can only
-    receive a whole body from a whole transfer. When the transfer breaks, every byte that
-    was written is still yielded, then :class:`TransferBroken` is raised. Close it with
-    :meth:`close` (or use it as a context manager).
+    held back until the transfer has been verified and committed
+    (:meth:`Transfer.sendable`), so a client can only receive a whole body from a whole
+    transfer; a range that ends before the last byte is complete as soon as its own bytes
+    are written. When the transfer breaks before the range is complete, every byte of it
+    that was written is still yielded, then :class:`TransferBroken` is raised. Close it
+    with :meth:`close` (or use it as a context manager).
     """
 
-    def __init__(self, transfer: Transfer, file: Any) -> None:
+    def __init__(self, transfer: Transfer, file: Any, start: int = 0, end: int | None = None):
         self._transfer, self._file = transfer, file
+        self._start, self._end = start, end
 
     def __enter__(self) -> TransferReader:
         return self
@@ -229,22 +258,21 @@ class TransferReader:
         self._file.close()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        transfer, sent = self._transfer, 0
-        while True:
-            # more than one byte beyond what was sent: the newest byte may be the last one
-            await transfer.wait_beyond(sent + 1)
+        transfer, position, end = self._transfer, self._start, self._end
+        while end is None or position < end:
+            await transfer.wait_sendable(position)
             over = transfer.finished.is_set()
-            limit = transfer.written if over else transfer.written - 1
-            while sent < limit:
-                data = await asyncio.to_thread(self._file.read, min(limit - sent, READ_CHUNK))
+            limit = transfer.sendable() if end is None else min(end, transfer.sendable())
+            while position < limit:
+                data = await asyncio.to_thread(self._file.read, min(limit - position, READ_CHUNK))
                 if not data:  # the file is shorter than its writer said: never pass it off
                     raise TransferBroken("the temporary file ended early")
-                sent += len(data)
+                position += len(data)
                 yield data
-            if over:
-                if transfer.error is not None or transfer.stored is None:
-                    raise TransferBroken("the upstream transfer broke off")
-                return
+            if over and (end is None or position < end):
+                if end is None and transfer.error is None and transfer.stored is not None:
+                    return  # the whole file, verified and stored
+                raise TransferBroken("the upstream transfer broke off")
 
 
 class _TempFile:
@@ -253,8 +281,13 @@ class _TempFile:
     Every operation on the descriptor (writes, fsync, close) runs in submission order on
     that one thread, so no write can outlive the descriptor or land in a reused one
     (issue 9: a write thread once wrote clip bytes into whatever file next got the number).
-    At most one write is in flight while the next batch is read from the upstream; its
-    bytes count as written (:meth:`Transfer.advance`) only once the write has returned.
+    Received bytes are queued with :meth:`write`; whenever no write is in flight, all that
+    is queued goes to the thread as one write (the next one starts from the last one's
+    completion). So bytes reach the disk, and the readers, as soon as the disk is free,
+    however slowly or unevenly the upstream sends them (a cold ``Range`` needs its first
+    bytes at once), and big writes form only while the disk is busy. Bytes count as written
+    (:meth:`Transfer.advance`) once their write has returned. The writer thread also feeds
+    the file's SHA-256, in write order.
     """
 
     def __init__(self, transfer: Transfer) -> None:
@@ -263,44 +296,89 @@ class _TempFile:
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="gateway-download-write"
         )
-        self._in_flight: concurrent.futures.Future[int] | None = None
+        self._digest = hashlib.sha256()  # updated on the writer thread only, in write order
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._in_flight: asyncio.Future[int] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._changed = asyncio.Event()
 
     async def write(self, data: bytes) -> None:
-        """Queue ``data`` after the write in flight, once that one has returned.
+        """Queue ``data``, written as soon as the write in flight (if any) returns; waits
+        while :data:`WRITE_BATCH_BYTES` or more are queued (the disk is slower than the
+        upstream: TCP flow control then slows the upstream).
 
         Raises:
-            OSError: the previous write failed (ENOSPC: disk full).
+            OSError: an earlier write failed (ENOSPC: disk full).
         """
-        await self._settle()
-        self._in_flight = self._thread.submit(_write_all, self._fd, data)
+        self._raise_error()
+        self._queued.append(data)
+        self._queued_bytes += len(data)
+        if self._in_flight is None:
+            self._submit()
+        while self._queued_bytes >= WRITE_BATCH_BYTES and self._error is None:
+            self._changed.clear()
+            await self._changed.wait()
+        self._raise_error()
 
-    async def flush(self) -> None:
-        """Wait for the write in flight and ``fsync`` the file.
+    async def drain(self) -> None:
+        """Wait until every queued byte has been written.
+
+        Raises:
+            OSError: a write failed.
+        """
+        while (self._queued or self._in_flight is not None) and self._error is None:
+            if self._in_flight is None:
+                self._submit()
+            self._changed.clear()
+            await self._changed.wait()
+        self._raise_error()
+
+    async def flush(self) -> str:
+        """Write everything queued and ``fsync`` the file; returns the hex SHA-256 of
+        everything written.
 
         Raises:
             OSError: a write or the flush failed.
         """
-        await self._settle()
+        await self.drain()
         await asyncio.wrap_future(self._thread.submit(os.fsync, self._fd))
+        return self._digest.hexdigest()
 
-    async def _settle(self) -> None:
-        if self._in_flight is not None:
-            nbytes = await asyncio.wrap_future(self._in_flight)
-            self._in_flight = None
-            self._transfer.advance(nbytes)
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _submit(self) -> None:
+        data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
+        self._queued, self._queued_bytes = [], 0
+        future = self._thread.submit(_write_all, self._fd, data, self._digest)
+        self._in_flight = asyncio.wrap_future(future)
+        self._in_flight.add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[int]) -> None:
+        """On the event loop, after each write: count its bytes, start the next write."""
+        self._in_flight = None
+        if future.cancelled():
+            self._error = self._error or OSError("a write was cancelled")
+        elif future.exception() is not None:
+            self._error = self._error or future.exception()
+        elif self._error is None:
+            self._transfer.advance(future.result())
+        if self._queued and self._error is None and not self._closed:
+            self._submit()
+        self._changed.set()
 
     async def aclose(self) -> None:
         """Close the descriptor after the write in flight (whose bytes then count as
-        written when it succeeded). Safe to call on any path, cancellation included: the
-        close itself is shielded, so it always runs after the last write."""
+        written when it succeeded); bytes still queued are dropped. Safe to call on any
+        path, cancellation included: the close itself is shielded, so it always runs after
+        the last write."""
+        self._closed = True
         closing = self._thread.submit(os.close, self._fd)
         self._thread.shutdown(wait=False)
-        try:
-            await asyncio.shield(asyncio.wrap_future(closing))
-        finally:
-            last, self._in_flight = self._in_flight, None
-            if last is not None and last.done() and not last.cancelled() and not last.exception():
-                self._transfer.advance(last.result())
+        await asyncio.shield(asyncio.wrap_future(closing))
 
 
 class DownloadService:
@@ -343,22 +421,55 @@ class DownloadService:
         """
         descriptors = self.store.descriptors(job_id)
         if descriptors is not None:
-            return {"job_id": job_id, "status": "completed", "files": descriptors}
-        state, _ = await self._jobs.run(job_id, lambda: self._job_state(job_id))
-        return {**state, "files": [dict(f) for f in state["files"]]}  # callers add to them
+            result = {"job_id": job_id, "status": "completed", "files": descriptors}
+        else:
+            state, _ = await self._jobs.run(job_id, lambda: self._job_state(job_id))
+            result = {**state, "files": [dict(f) for f in state["files"]]}  # callers add to them
+        for file in result["files"]:
+            stored = self.store.peek(job_id, file["mosaic_type"])
+            file["sha256"] = stored.sha256 if stored is not None else None
+        return result
+
+    async def check_project(self, job_id: str, projects: frozenset[str] | None) -> None:
+        """Let a client limited to ``projects`` (None: every project) reach ``job_id``.
+
+        The job's project is remembered in the store's index once seen (in a listing or a
+        ``clip.job.get`` answer, field ``project_id``); otherwise it is asked with one
+        ``clip.job.get``, shared with concurrent asks. A job whose project the upstream
+        does not name is refused to a limited client (fail closed).
+
+        Raises:
+            ProjectForbidden: the job is of another project; JobNotFound, JobForbidden,
+            UpstreamError, HeldBack: from ``clip.job.get``.
+        """
+        if projects is None:
+            return
+        project = self.store.project(job_id)
+        if project is None:
+            state, _ = await self._jobs.run(job_id, lambda: self._job_state(job_id))
+            project = state.get("project_id")
+        if project not in projects:
+            raise ProjectForbidden(job_id, "the clip job belongs to a project this token lacks")
 
     async def _job_state(self, job_id: str) -> dict[str, Any]:
-        job = await self._json("clip.job.get", {"job_id": job_id}, job_id)
+        job = await self.upstream_json("clip.job.get", {"job_id": job_id}, job_id)
         if not isinstance(job, dict):
             raise UpstreamBadResponse("clip.job.get", "the job is not a JSON object", 200)
         status = job.get("status")
         status = status if isinstance(status, str) and status else "unknown"
         result: dict[str, Any] = {"job_id": job_id, "status": status, "files": []}
+        project = job_project(job)
+        if project is not None:
+            result["project_id"] = project
+            try:
+                self.store.remember_project(job_id, project)
+            except (OSError, sqlite3.Error) as exc:  # a full disk: answer, just uncached
+                log.warning("could not cache a job's project: %s", type(exc).__name__)
         if status == "completed":
-            listing = await self._json("clip.job.downloads", {"job_id": job_id}, job_id)
+            listing = await self.upstream_json("clip.job.downloads", {"job_id": job_id}, job_id)
             if not isinstance(listing, list):
                 raise UpstreamBadResponse("clip.job.downloads", "the listing is not a list", 200)
-            files = [_descriptor(d) for d in listing if isinstance(d, dict)]
+            files = [file_descriptor(d) for d in listing if isinstance(d, dict)]
             files = [f for f in files if f is not None]
             try:
                 self.store.remember_descriptors(job_id, files)
@@ -369,7 +480,13 @@ class DownloadService:
             result["reason"] = failure_reason(job)
         return result
 
-    async def _json(self, operation: str, body: dict[str, Any], job_id: str) -> Any:
+    async def upstream_json(self, operation: str, body: dict[str, Any], job_id: str) -> Any:
+        """Call a clip operation about ``job_id`` through the guard; its parsed JSON answer.
+
+        Raises:
+            JobNotFound (upstream 404), JobForbidden (403 on the job), UpstreamError
+            (others, and an answer that is not JSON), HeldBack.
+        """
         try:
             response = await self.guard.call(operation, body, asset=job_id)
         except UpstreamError as exc:
@@ -519,6 +636,7 @@ class DownloadService:
             filename=transfer.filename,
             content_type=transfer.content_type,
             mtime_ns=transfer.mtime_ns,
+            sha256=transfer.sha256,
         )
 
     async def _stream_into(
@@ -537,24 +655,15 @@ class DownloadService:
             transfer.filename = safe_filename(headers.get("content-disposition"), transfer.filename)
             transfer.ready.set()
             # Writes run on the file's own thread while the next bytes are read.
-            batch: list[bytes] = []
-            batched = 0
             try:
                 async for chunk in chunks:
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= WRITE_BATCH_BYTES:
-                        await file.write(b"".join(batch))
-                        batch, batched = [], 0
+                    await file.write(chunk)
             except Exception:
                 # the bytes that did arrive go to the readers, so their clients can resume
                 with contextlib.suppress(OSError):
-                    if batch:
-                        await file.write(b"".join(batch))
+                    await file.drain()
                 raise
-            if batch:
-                await file.write(b"".join(batch))
-            await file.flush()
+            transfer.sha256 = await file.flush()
 
     def _expected_size(self, job_id: str, mosaic_type: str) -> int | None:
         for descriptor in self.store.descriptors(job_id) or []:
@@ -595,6 +704,17 @@ def checked_download(
     return media_type, size
 
 
+def job_project(job: Mapping[str, Any]) -> str | None:
+    """A job's project from its ``clip.job.get`` (or ``clip.jobs.list``) entry: the
+    ``project_id`` member when it is a printable string of at most 128 characters
+    (``clip.create_from_item`` takes ``project_id``, the Clipping guide, seeds ``001``; that
+    the job reports it back is our reading), else None."""
+    project = job.get("project_id")
+    if isinstance(project, str) and 0 < len(project) <= 128 and project.isprintable():
+        return project
+    return None
+
+
 def failure_reason(job: Mapping[str, Any]) -> str:
     """Why a job failed, from its ``clip.job.get`` answer, cleaned to pass on to a client.
 
@@ -608,9 +728,15 @@ def failure_reason(job: Mapping[str, Any]) -> str:
         if isinstance(value, dict):
             value = value.get("message") or value.get("detail")
         if isinstance(value, str) and value.strip():
-            text = "".join(c if c.isprintable() else " " for c in redact(value)).strip()
-            return text[:MAX_REASON_CHARS]
+            return printable_text(value, MAX_REASON_CHARS)
     return "none given"
+
+
+def printable_text(value: str, limit: int) -> str:
+    """Upstream text made safe to pass on: redacted (:func:`gateway.secrets.redact`), every
+    non-printable character a space, stripped, at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else " " for c in redact(value)).strip()
+    return text[:limit]
 
 
 def _job_error(job_id: str, exc: GatewayError) -> GatewayError:
@@ -633,8 +759,10 @@ def _storage_error(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"the download store cannot take the file: {reason}")
 
 
-def _write_all(fd: int, data: bytes) -> int:
-    """Write all of ``data`` to ``fd``; returns its length."""
+def _write_all(fd: int, data: bytes, digest: Any) -> int:
+    """Add ``data`` to ``digest`` (a :mod:`hashlib` object) and write all of it to ``fd``;
+    returns its length. Runs on a transfer's writer thread (hashlib releases the GIL)."""
+    digest.update(data)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -648,8 +776,10 @@ def _loads(operation: str, content: bytes) -> Any:
         raise UpstreamBadResponse(operation, "answer is not JSON", 200) from None
 
 
-def _descriptor(raw: dict[str, Any]) -> dict[str, Any] | None:
-    """Keep the descriptor fields clients need, validated (``gcs_path`` is not passed on)."""
+def file_descriptor(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """One file descriptor of ``clip.job.downloads`` (or ``output_artifacts.clips``) with
+    the fields clients need, validated: ``{"mosaic_type", "filename", "size_bytes"}``
+    (``gcs_path`` is not passed on); None when its mosaic type is unusable."""
     mosaic = raw.get("mosaic_type")
     if not isinstance(mosaic, str) or not MOSAIC_TYPE.fullmatch(mosaic):
         return None

@@ -8,7 +8,9 @@ Layout under ``directory``:
   process and its start time (so a restarted container whose new process has the same pid
   still recognises its predecessor's files as abandoned). A file is moved into ``files/`` with an
   atomic rename only after it is complete, flushed and its size checked.
-- ``index/``: a diskcache (process-safe) of :class:`StoredFile` records and of job descriptors.
+- ``index/``: a diskcache (process-safe) of :class:`StoredFile` records (with each file's
+  SHA-256, computed while it streamed in) and of what is known about jobs: their file
+  descriptors, their project and their tile rendering parameters.
 
 Eviction removes the least recently served files once the total passes ``size_limit_bytes``.
 Removing is an unlink: a reader that already opened the file keeps reading it to the end
@@ -41,7 +43,11 @@ CLAIM_S = 6 * 3600
 """Longest a transfer claim lasts, seconds; a claim whose process died is taken over at once."""
 
 DESCRIPTORS_TTL_S = 3600
-"""How long the file list of a completed job is reused, seconds."""
+"""How long the file list (and the tile info) of a completed job is reused, seconds."""
+
+PROJECT_TTL_S = 30 * 86400
+"""How long a job's project is remembered, seconds (it never changes; the limit only keeps
+the index from growing without end)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,9 @@ class StoredFile:
         filename: the sanitised download name (for Content-Disposition).
         content_type: media type, ``image/tiff``.
         mtime_ns: its modification time, nanoseconds; fixed when stored and part of the ETag.
+        sha256: hex SHA-256 of the file, computed while it streamed in; None for a file
+            stored by a gateway version that did not compute it (see
+            :meth:`DownloadStore.checksum`).
     """
 
     path: Path
@@ -61,6 +70,7 @@ class StoredFile:
     filename: str
     content_type: str
     mtime_ns: int
+    sha256: str | None = None
 
     @property
     def etag(self) -> str:
@@ -137,6 +147,32 @@ class DownloadStore:
             log.warning("could not record a download's use: %s", type(exc).__name__)
         return stored
 
+    def peek(self, job_id: str, mosaic_type: str) -> StoredFile | None:
+        """The complete file's record, or None, without counting a use (for listings)."""
+        record = self._index.get(("file", self._name(job_id, mosaic_type)))
+        return None if record is None else self._record_to_file(record)
+
+    def checksum(self, job_id: str, mosaic_type: str, stored: StoredFile) -> str:
+        """The hex SHA-256 of a stored file: the one computed while it streamed in, else
+        (a file stored by an older version) computed now from the file and recorded.
+        Blocking (reads the whole file in that case).
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if stored.sha256 is not None:
+            return stored.sha256
+        digest = hashlib.sha256()
+        with open(stored.path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        hexdigest = digest.hexdigest()
+        key = ("file", self._name(job_id, mosaic_type))
+        record = self._index.get(key)
+        if record is not None and record["mtime_ns"] == stored.mtime_ns:
+            self._index.set(key, {**record, "sha256": hexdigest})
+        return hexdigest
+
     def _record_to_file(self, record: dict[str, Any]) -> StoredFile:
         return StoredFile(
             self.files_dir / f"{record['name']}.tif",
@@ -144,6 +180,7 @@ class DownloadStore:
             record["filename"],
             record["content_type"],
             record["mtime_ns"],
+            record.get("sha256"),
         )
 
     def free_bytes(self) -> int:
@@ -165,8 +202,10 @@ class DownloadStore:
         filename: str,
         content_type: str,
         mtime_ns: int,
+        sha256: str | None = None,
     ) -> StoredFile:
-        """Move a complete, flushed temporary file into place and index it.
+        """Move a complete, flushed temporary file into place and index it, with its hex
+        SHA-256 when known.
 
         The file's mtime is set to ``mtime_ns`` first, so its ETag is the one already sent
         to the clients that streamed it. Then older files are evicted past the size limit.
@@ -182,6 +221,7 @@ class DownloadStore:
             "filename": filename,
             "content_type": content_type,
             "mtime_ns": mtime_ns,
+            "sha256": sha256,
             "used": time.time(),
         }
         try:
@@ -277,6 +317,23 @@ class DownloadStore:
     def remember_descriptors(self, job_id: str, descriptors: list[dict[str, Any]]) -> None:
         """Cache a completed job's file list for :data:`DESCRIPTORS_TTL_S` seconds."""
         self._index.set(("descriptors", job_id), descriptors, expire=DESCRIPTORS_TTL_S)
+
+    def project(self, job_id: str) -> str | None:
+        """The remembered project of a job, or None when it is not known here."""
+        return self._index.get(("project", job_id))
+
+    def remember_project(self, job_id: str, project_id: str) -> None:
+        """Remember a job's project (for :data:`PROJECT_TTL_S` seconds)."""
+        if self._index.get(("project", job_id)) != project_id:
+            self._index.set(("project", job_id), project_id, expire=PROJECT_TTL_S)
+
+    def tile_info(self, job_id: str) -> dict[str, Any] | None:
+        """The cached tile rendering parameters of a completed job, or None."""
+        return self._index.get(("tile-info", job_id))
+
+    def remember_tile_info(self, job_id: str, info: dict[str, Any]) -> None:
+        """Cache a completed job's tile rendering parameters for :data:`DESCRIPTORS_TTL_S`."""
+        self._index.set(("tile-info", job_id), info, expire=DESCRIPTORS_TTL_S)
 
 
 class _Serving(contextlib.AbstractContextManager[None]):
