@@ -64,27 +64,10 @@ except ImportError:  # pragma: no cover - a helpful message instead of a traceba
 
 # bench/*.py: this script's directory is first on sys.path
 import gwconfig
+import harness
 from egress_limits import load_paths
-from tiles import (
-    HOST,
-    RENDER_OP,
-    BenchError,
-    Processes,
-    check_alive,
-    fetch_all,
-    fmt_counter,
-    free_port,
-    gateway_env,
-    gateway_log_findings,
-    hit_tiles,
-    http_json,
-    run_main,
-    start_gateway,
-    table,
-    tile_path,
-    verdict,
-    wait_ready,
-)
+from harness import HOST, RENDER_OP, BenchError, Processes, fmt_counter, table, verdict
+from tiles import fetch_all, hit_tiles, tile_path
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "tiles.toml"
@@ -268,13 +251,13 @@ def miss_paths(count: int) -> list[str]:
 
 def start_fake_upstream(procs: Processes, delay_ms: float) -> tuple[str, object]:
     """Start ``bench/fake_upstream.py`` on a free port; returns its URL and process."""
-    port = free_port()
+    port = harness.free_port()
     popen = procs.start(
         "fake-upstream",
         [sys.executable, str(FAKE_UPSTREAM), "--port", str(port), "--delay-ms", f"{delay_ms:g}"],
     )
     url = f"http://{HOST}:{port}"
-    wait_ready(url + "/_emulator/stats", popen, procs)
+    procs.wait_ready(url + "/_emulator/stats", popen)
     return url, popen
 
 
@@ -286,7 +269,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     """
     problems: list[str] = []
     upstream_url, upstream = start_fake_upstream(procs, args.delay_ms)
-    env = gateway_env(upstream_url, scratch / "cache")
+    env = harness.gateway_env(upstream_url, scratch / "cache")
     config = scratch / "gateway.toml"
     try:
         applied, skipped = gwconfig.write_config(CONFIG.read_text(), config, env, overrides())
@@ -295,7 +278,8 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     if skipped:
         raise BenchError("the gateway refused config overrides: " + "; ".join(skipped))
     print(f"config: {CONFIG.name} + {'; '.join(applied)}", flush=True)
-    gateway_url, _, gateway = start_gateway(procs, config, env, args.workers)
+    server = harness.start_gateway(procs, config, env, args.workers)
+    gateway_url, gateway = server.url, server.popen
     print(
         f"fake upstream pid {upstream.pid} on {upstream_url} (delay {args.delay_ms:g} ms); "
         f"gateway pid {gateway.pid} on {gateway_url} (workers {args.workers}); "
@@ -306,7 +290,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     hit_paths = [tile_path(t) for t in hit_tiles()[:HIT_TILES]]
     warm = asyncio.run(fetch_all(gateway_url, hit_paths, 16))
     warm.upstream_calls = int(
-        http_json(upstream_url + "/_emulator/stats")["calls"].get(RENDER_OP, 0)
+        harness.http_json(upstream_url + "/_emulator/stats")["calls"].get(RENDER_OP, 0)
     )
     print(f"warm: {warm.describe()}", flush=True)
     if warm.statuses != Counter({200: len(hit_paths)}):
@@ -318,14 +302,14 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     idle = asyncio.run(
         stream(gateway_url, "hit", hit_paths, args.hit_rate, hits_n, start_at, HIT_CONNECTIONS)
     )
-    check_alive(gateway, "gateway", procs)
+    procs.check_alive(server)
 
     print(
         f"flood: {args.hit_rate:g} hits/s + {args.miss_rate:g} cold tiles/s for "
         f"{args.duration:g} s...",
         flush=True,
     )
-    http_json(upstream_url + "/_emulator/reset", method="POST")
+    harness.http_json(upstream_url + "/_emulator/reset", method="POST")
     out = scratch / "misses.json"
     start_at = time.time() + START_DELAY_S
     generator = procs.start(
@@ -353,8 +337,8 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     if generator.returncode != 0 or not out.exists():
         raise BenchError(f"the miss generator failed:\n{procs.log_tail(generator)}")
     misses = [Answer(**a) for a in json.loads(out.read_text())]
-    check_alive(gateway, "gateway", procs)
-    calls = int(http_json(upstream_url + "/_emulator/stats")["calls"].get(RENDER_OP, 0))
+    procs.check_alive(server)
+    calls = int(harness.http_json(upstream_url + "/_emulator/stats")["calls"].get(RENDER_OP, 0))
 
     print()
     headers = ["phase", "requests", "statuses", "p50 ms", "p90 ms", "p99 ms", "max ms"]
@@ -387,11 +371,7 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
             problems.append(f"hits ({label}) not all 200 HIT: {fmt_counter(bad)}")
     if lag > MAX_LAG_S:
         problems.append(f"a generator fell {lag:.2f} s behind its schedule")
-    gateway_log = next((c.log for c in procs.children if c.popen is gateway), None)
-    findings = gateway_log_findings(gateway_log)
-    print("gateway log (WARNING and above): " + ("none" if not findings else ""))
-    for line in findings:
-        print("  " + line)
+    harness.print_log_findings(procs.log_path(gateway))
     return problems
 
 
@@ -400,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.miss_generator:
         return miss_generator(args)
-    return run_main("bench/miss_flood.py", "geopera-bench-flood-", args, benchmark)
+    return harness.run_main("bench/miss_flood.py", "geopera-bench-flood-", args, benchmark)
 
 
 if __name__ == "__main__":
