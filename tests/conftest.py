@@ -7,6 +7,7 @@ autouse fixture :func:`no_planted_key_in_logs` fails any test whose log records 
 from __future__ import annotations
 
 import ast
+import contextlib
 import gc
 import json
 import logging
@@ -313,3 +314,21 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     yield mount
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(directory: Path, leave_bytes: int = 0) -> Path:
+    """Fill the file system of ``directory`` (a :func:`small_disk`) with one file until about
+    ``leave_bytes`` are free, or, with 0, until a write fails (ENOSPC); returns the file
+    (delete it to make room again)."""
+    filler = directory / "filler"
+    if leave_bytes > 0:
+        stats = os.statvfs(directory)
+        free = stats.f_bavail * stats.f_frsize
+        filler.write_bytes(b"\0" * max(0, free - leave_bytes))
+        return filler
+    with filler.open("wb", buffering=0) as file:
+        for size in (65536, 1):  # big writes first, then the last bytes one at a time
+            with contextlib.suppress(OSError):
+                while True:
+                    file.write(b"\0" * size)
+    return filler

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import os
 import signal
 import sqlite3
 import subprocess
@@ -26,7 +25,7 @@ from PIL import Image
 
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.storage.downloads import DownloadStore
-from tests.conftest import TOKENS, config_with
+from tests.conftest import TOKENS, config_with, fill_disk
 from tests.test_cli import serving_workers
 from tests.test_downloads import completed, create_job, downloads, upstream_bytes
 
@@ -151,17 +150,6 @@ async def client_and_upstream(gateway_for, start_upstream):
     return await gateway_for(upstream, token="downloads"), upstream
 
 
-def fill(directory: Path, leave_bytes: int) -> Path:
-    """Fill the file system of ``directory`` until about ``leave_bytes`` are free."""
-    stats = os.statvfs(directory)
-    free = stats.f_bavail * stats.f_frsize
-    filler = directory / "filler"
-    with open(filler, "wb") as file:
-        file.truncate(0)
-        file.write(b"\0" * max(0, free - leave_bytes))
-    return filler
-
-
 async def test_a_full_download_disk_is_a_clean_503_and_leaves_nothing(
     gateway_for, start_upstream, small_disk
 ):
@@ -171,7 +159,7 @@ async def test_a_full_download_disk_is_a_clean_503_and_leaves_nothing(
     store = disk / "cache-downloads"
     big = await create_job(upstream, "synthetic-6000000")
     await completed(client, big)
-    filler = fill(disk, 3 << 20)
+    filler = fill_disk(disk, 3 << 20)
 
     async with asyncio.timeout(30):  # never a client left waiting
         response = await client.get(f"/downloads/{big}/data")
@@ -199,7 +187,7 @@ async def test_a_disk_that_fills_during_transfers_cuts_them_and_keeps_only_whole
     jobs = [await create_job(upstream, "synthetic-9000000") for _ in range(3)]
     for job_id in jobs:
         await completed(client, job_id)
-    fill(disk, 14 << 20)  # room for one file and a half: each alone would fit
+    fill_disk(disk, 14 << 20)  # room for one file and a half: each alone would fit
 
     async def fetch(job_id: str) -> tuple[int, bytes, bool]:
         response = await client.get(f"/downloads/{job_id}/data")
@@ -232,7 +220,7 @@ async def test_restart_on_a_disk_full_of_abandoned_transfers(
     tmp = disk / "cache-downloads" / "tmp"
     tmp.mkdir(parents=True)
     abandoned = tmp / f"{dead.stdout.strip()}-{round(time.time() * 100)}-0123abcd.part"
-    fill(disk, 0).rename(abandoned)  # a crashed transfer took the whole disk
+    fill_disk(disk, 0).rename(abandoned)  # a crashed transfer took the whole disk
     upstream = await start_upstream()
     client = await gateway_for(upstream, token="all", cache_dir=disk / "cache")
     response = await client.get("/tiles/olinda/13/3302/4278.png")

@@ -210,29 +210,6 @@ async def test_a_broken_transfer_is_never_stored(client, clip_emulator, tmp_path
     assert downloads(clip_emulator) == 2
 
 
-async def test_curl_resumes_a_broken_download(client, clip_emulator, tmp_path):
-    job_id = await create_job(clip_emulator, "synthetic-12000000")
-    await completed(client, job_id)
-    clip_emulator.app[FAULTS_KEY].add(
-        Fault("truncate", operation="clip.job.download", bytes=9_000_000)
-    )
-    url = str(client.make_url(f"/downloads/{job_id}/data"))
-    out = tmp_path / "clip.tif"
-    auth = f"Authorization: Bearer {TOKENS['downloads']}"
-    first = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-H", auth, "-o", str(out), url, stderr=asyncio.subprocess.PIPE
-    )
-    await first.communicate()
-    assert first.returncode != 0 and 0 < out.stat().st_size < 12_000_000
-    resumed = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-H", auth, "-C", "-", "-o", str(out), url, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await resumed.communicate()
-    assert resumed.returncode == 0, err.decode()
-    expected = await upstream_bytes(clip_emulator, job_id, "data")
-    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(expected).digest()
-
-
 @pytest.mark.skipif(
     shutil.which("gdalinfo") is None and not os.environ.get("CI"),
     reason="GDAL command-line tools not installed (CI installs gdal-bin)",

@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
-import shutil
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -29,7 +26,7 @@ from gateway.http.keys import LAYERS, TILE_SERVICE
 from gateway.routes.tiles import parse_tile
 from gateway.upstream.breakers import BreakerOpen, Breakers, Scope
 from gateway.upstream.buckets import ConcurrencyCap, LimitExceeded, Priority, SharedState
-from tests.conftest import PLANTED_KEY, config_with
+from tests.conftest import PLANTED_KEY, config_with, fill_disk
 from tests.test_cli import serving_workers
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"  # an 82 kB PNG
@@ -363,36 +360,9 @@ async def test_a_truncated_tile_value_is_a_miss_and_is_replaced(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs: a real disk that fills up (skips when it cannot be mounted)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file on ``disk`` until it is full; returns it (delete it to make room)."""
-    filler = disk / "filler"
-    with filler.open("wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0")
-    return filler
+def tile_disk(small_disk: Callable[[int], Path]) -> Path:
+    """A 4 MiB tmpfs (:func:`tests.conftest.small_disk`): a real disk that fills up."""
+    return small_disk(4 << 20)
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -404,7 +374,7 @@ def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 
 async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
-    gateway_for, emulator, tmp_path, small_disk, caplog
+    gateway_for, emulator, tmp_path, tile_disk, caplog
 ):
     config = config_with(
         tmp_path,
@@ -414,9 +384,9 @@ async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
             f'size_limit_bytes = 10_737_418_240\ndirectory = "{tmp_path / "downloads"}"',
         ),
     )
-    client = await gateway_for(emulator, config=config, cache_dir=small_disk / "tiles")
+    client = await gateway_for(emulator, config=config, cache_dir=tile_disk / "tiles")
     assert (await client.get("/readyz")).status == 200
-    filler = fill(small_disk)
+    filler = fill_disk(tile_disk)
 
     for path in (OLINDA, OLINDA_Z14):
         fresh = await client.get(path)
@@ -442,11 +412,11 @@ async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
 
 
 async def test_a_full_disk_under_everything_answers_no_500(
-    gateway_for, emulator, small_disk, caplog
+    gateway_for, emulator, tile_disk, caplog
 ):
-    client = await gateway_for(emulator, cache_dir=small_disk / "tiles")  # state, downloads too
+    client = await gateway_for(emulator, cache_dir=tile_disk / "tiles")  # state, downloads too
     assert (await client.get(OLINDA)).status == 200
-    fill(small_disk)
+    fill_disk(tile_disk)
     hit = await client.get(OLINDA)  # in memory
     assert hit.status == 200 and hit.headers["X-Cache"] == "HIT"
     miss = await client.get(OLINDA_Z14)  # the limiter cannot record the call: fail closed
