@@ -12,6 +12,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.emulator import FAULTS_KEY, LIMITS_KEY, Fault
+from gateway.http.keys import LAYERS, TILE_CACHE
 from gateway.logs import access_log_options
 from gateway.upstream.buckets import Bucket, LimitExceeded, Priority, SharedState, TokenBuckets
 from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, TOKENS, config_with
@@ -254,3 +255,43 @@ def test_bytes_received_hold_back_later_calls(tmp_path):
     with pytest.raises(LimitExceeded) as refused:
         buckets.reserve([egress], [0], 1.0)
     assert refused.value.scope == "bytes"
+
+
+async def test_misses_beyond_the_tile_creators_queue_without_claims_and_hits_go_first(
+    gateway_for, start_upstream, tmp_path
+):
+    """With ``max_concurrent = 1`` one miss is worked on at a time; the others wait in the
+    tile-creator queue holding nothing (no cross-worker claim, so another worker is never
+    held up by a miss this one has not started), one that waits past ``max_wait_s`` is a
+    503 with Retry-After, and a cache hit is answered at once meanwhile."""
+    slow = await start_upstream(delay_ms=700)
+    config = config_with(
+        tmp_path,
+        ("max_concurrent = 16", "max_concurrent = 1"),
+        ("max_wait_s = 10.0", "max_wait_s = 1.0"),
+    )
+    client = await gateway_for(slow, config=config)
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
+    misses = [asyncio.ensure_future(client.get(p)) for p in OLINDA_TILES[:3]]
+    await asyncio.sleep(0.3)  # the first miss is upstream, the other two queue
+    cache, layer = client.app[TILE_CACHE], client.app[LAYERS]["olinda"]
+    keys = [layer.cache_key(*_zxy(p), 1, "png") for p in OLINDA_TILES]
+    claimed = await cache.run(lambda: [k for k in keys if cache.claimed(k)])
+    assert len(claimed) == 1
+    started = time.monotonic()
+    hit = await client.get(OLINDA)
+    assert hit.headers["X-Cache"] == "HIT" and time.monotonic() - started < 0.3
+    responses = await asyncio.gather(*misses)
+    assert sorted(r.status for r in responses) == [200, 200, 503]
+    refused = next(r for r in responses if r.status == 503)
+    assert int(refused.headers["Retry-After"]) >= 1
+    problem = await refused.json(content_type=None)
+    assert problem["type"].endswith("upstream-limit")
+    assert "concurrency" in problem["detail"]
+    assert slow.renders() == 3  # the refused miss never reached the upstream
+
+
+def _zxy(path: str) -> tuple[int, int, int]:
+    """``(z, x, y)`` of an XYZ tile ``path`` such as :data:`OLINDA`."""
+    z, x, y = (int(part) for part in path.removesuffix(".png").split("/")[-3:])
+    return z, x, y

@@ -26,14 +26,22 @@ source check (:mod:`gateway.services.sources`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import mercantile
 
 from gateway import imaging, metrics
-from gateway.errors import HeldBack, UpstreamBadResponse, UpstreamError, UpstreamNotFound
+from gateway.errors import (
+    HeldBack,
+    LimitExceeded,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamNotFound,
+)
 from gateway.layers import MEDIA_TYPES, Layer
 from gateway.storage.coalesce import SingleFlight
 from gateway.storage.tiles import CachedTile, TileCache, make_tile
@@ -120,6 +128,9 @@ class TileService:
         self.empty_ttl_s = empty_ttl_s
         self._flights: SingleFlight[tuple[CachedTile, str]] = SingleFlight()
         self._refreshes: set[asyncio.Task[None]] = set()
+        # tile creators (MapProxy's ``concurrent_tile_creators``): misses that may be past
+        # the queue at once in this process; see :meth:`_creator_slot`
+        self._creators = asyncio.Semaphore(guard.settings.max_concurrent)
 
     async def get(
         self, address: TileAddress, priority: Priority = Priority.INTERACTIVE
@@ -240,6 +251,46 @@ class TileService:
         process fetched it), ``HIT`` (another worker had stored it), ``COALESCED`` (this
         process waited on another worker's fetch).
         """
+        if address.scale == 1:
+            async with self._creator_slot(address):
+                return await self._fetch_claimed(address, priority)
+        return await self._fetch_claimed(address, priority)  # its children take the slots
+
+    @contextlib.asynccontextmanager
+    async def _creator_slot(self, address: TileAddress) -> AsyncIterator[None]:
+        """Hold one of this process's tile-creator slots (``limits.max_concurrent``) for a
+        miss's whole work: claim, upstream call, check and store.
+
+        Misses beyond that queue here, first come first served, before they do anything: a
+        queued miss costs the event loop nothing, so a flood of cold tiles cannot fill the
+        loop with half-done misses that every cache hit would wait behind. More would not
+        reach the upstream sooner anyway (the host's calls in flight are capped at the same
+        number). Hits, and requests joining a fetch in flight, never queue.
+
+        Raises:
+            LimitExceeded: no slot within ``limits.max_wait_s`` (scope ``concurrency``).
+        """
+        wait_s = self.guard.settings.max_wait_s
+        try:
+            await asyncio.wait_for(self._creators.acquire(), wait_s)
+        except TimeoutError:
+            metrics.LIMITER_REJECTIONS.labels("concurrency").inc()
+            raise LimitExceeded(
+                "concurrency",
+                1.0,
+                f"every tile creator slot stayed busy for {wait_s:g} s "
+                f"(tiles of layer {address.layer.name!r})",
+            ) from None
+        try:
+            yield
+        finally:
+            self._creators.release()
+
+    async def _fetch_claimed(
+        self, address: TileAddress, priority: Priority
+    ) -> tuple[CachedTile, str]:
+        """:meth:`_fetch` past the tile-creator queue: the cross-process claim, the fetch
+        and the store."""
         key, cache = address.key, self.cache
         loaded_at = time.time()
         stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
