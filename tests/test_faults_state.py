@@ -15,15 +15,24 @@ import sqlite3
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import diskcache
 import pytest
 
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.http.keys import LAYERS, TILE_SERVICE
 from gateway.routes.tiles import parse_tile
+from gateway.storage.tiles import (
+    ENTRY_FORMAT,
+    EntryFormatError,
+    decode_entry,
+    encode_entry,
+    make_tile,
+)
 from gateway.upstream.breakers import BreakerOpen, Breakers, Scope
 from gateway.upstream.buckets import ConcurrencyCap, LimitExceeded, Priority, SharedState
 from tests.conftest import PLANTED_KEY, config_with, fill_disk
@@ -354,6 +363,56 @@ async def test_a_truncated_tile_value_is_a_miss_and_is_replaced(
     assert (await client.get(path)).headers["X-Cache"] == "HIT"  # stored intact again
     assert emulator.renders() == 2
     assert (await client.get("/readyz")).status == 200
+
+
+class _RenamedTile:
+    """Stands in for a tile class that has since moved: pickled as ``gateway.cache.CachedTile``,
+    where the first releases kept it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+
+@pytest.mark.parametrize("old", ["pickled-class", "moved-module"])
+async def test_an_entry_in_an_old_format_is_a_miss_and_is_replaced(
+    gateway_for, emulator, tmp_path, old, caplog
+):
+    """Releases before the versioned entry format pickled the tile class into the cache; such
+    entries (and ones whose class has moved since) read as a miss, never as an error."""
+    config = config_with(tmp_path, ("memory_bytes = 67_108_864", "memory_bytes = 0"))
+    client = await gateway_for(emulator, config=config)
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
+    key = tile_key(client, OLINDA)
+    with diskcache.Cache(tmp_path / "cache") as disk:
+        current = decode_entry(disk.get(key))
+        if old == "pickled-class":
+            disk.set(key, current)  # the old way: the CachedTile object itself, pickled
+        else:
+            _RenamedTile.__module__, _RenamedTile.__qualname__ = "gateway.cache", "CachedTile"
+            fake = types.ModuleType("gateway.cache")
+            fake.CachedTile = _RenamedTile  # type: ignore[attr-defined]
+            sys.modules["gateway.cache"] = fake
+            try:
+                disk.set(key, _RenamedTile(current.body))
+            finally:
+                del sys.modules["gateway.cache"]
+    before = await metric(client, "gateway_cache_damaged_entries_total")
+    again = await client.get(OLINDA)
+    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+    assert await metric(client, "gateway_cache_damaged_entries_total") == before + 1
+    assert (await client.get(OLINDA)).headers["X-Cache"] == "HIT"  # stored in the new format
+    assert emulator.renders() == 2
+    assert "Traceback" not in log_text(caplog)
+
+
+def test_the_entry_format_round_trips_and_refuses_a_short_body():
+    tile = make_tile(b"\x89PNG body", "image/png", 60, fetch_s=0.25)
+    entry = encode_entry(tile)
+    assert entry.startswith(ENTRY_FORMAT) and decode_entry(entry) == tile
+    with pytest.raises(EntryFormatError):
+        decode_entry(entry[:-1])
+    with pytest.raises(EntryFormatError):
+        decode_entry(entry.replace(b" 1\n", b" 2\n", 1))  # a later version
 
 
 # --------------------------------------------------------------------------- a full disk

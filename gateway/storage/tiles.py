@@ -27,7 +27,8 @@ fetched tile is still served (and kept in the memory tier) but not stored: the f
 logs one WARNING line, ``gateway_cache_write_failures_total`` counts each, the
 ``gateway_cache_writable`` gauge shows 0 and ``/readyz`` answers 503 until a write works
 again. A read that fails, or an entry that no longer reads back intact (a truncated or
-damaged value), is a cache miss; a damaged entry is deleted and counted in
+damaged value, or one in an older format: :data:`ENTRY_FORMAT`), is a cache miss; such an
+entry is deleted and counted in
 ``gateway_cache_damaged_entries_total``. A damaged database is rebuilt when the cache opens
 (:func:`gateway.storage.diskcaches.open_diskcache`).
 """
@@ -38,6 +39,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import sqlite3
 import time
@@ -118,6 +120,63 @@ def make_tile(
     """A :class:`CachedTile` fresh for ``ttl_s`` seconds from ``now``."""
     start = time.time() if now is None else now
     return CachedTile(body, media_type, strong_etag(body), start + ttl_s, empty, fetch_s)
+
+
+ENTRY_FORMAT = b"geopera-gateway tile 1\n"
+"""First bytes of every stored tile entry: the format's name and version, one line.
+
+An entry is plain bytes, never a pickled class, so renaming a module cannot make stored
+tiles unreadable: this line, one line of JSON metadata (``media_type``, ``etag``,
+``fresh_until`` in Unix seconds, ``empty``, ``fetch_s`` in seconds and ``size``, the body's
+length in bytes), then the body. An entry in any other format, of another version, or whose
+body is not ``size`` bytes long (truncated) does not decode and is a cache miss."""
+
+
+class EntryFormatError(ValueError):
+    """A stored value is not a tile entry of :data:`ENTRY_FORMAT` (old format, damaged or
+    truncated)."""
+
+
+def encode_entry(tile: CachedTile) -> bytes:
+    """``tile`` as a stored entry (:data:`ENTRY_FORMAT`): format line, metadata, body."""
+    meta = {
+        "media_type": tile.media_type,
+        "etag": tile.etag,
+        "fresh_until": tile.fresh_until,
+        "empty": tile.empty,
+        "fetch_s": tile.fetch_s,
+        "size": len(tile.body),
+    }
+    return b"".join((ENTRY_FORMAT, json.dumps(meta).encode(), b"\n", tile.body))
+
+
+def decode_entry(value: object) -> CachedTile:
+    """The tile in a stored entry made by :func:`encode_entry`.
+
+    Raises:
+        EntryFormatError: ``value`` is not such an entry (another format or version, bad
+            metadata, or a body of the wrong length).
+    """
+    if not isinstance(value, bytes) or not value.startswith(ENTRY_FORMAT):
+        raise EntryFormatError(f"not a {ENTRY_FORMAT.strip().decode()!r} entry")
+    end = value.find(b"\n", len(ENTRY_FORMAT))
+    try:
+        meta = json.loads(value[len(ENTRY_FORMAT) : end])
+        body = value[end + 1 :]
+        tile = CachedTile(
+            body,
+            str(meta["media_type"]),
+            str(meta["etag"]),
+            float(meta["fresh_until"]),
+            bool(meta["empty"]),
+            float(meta["fetch_s"]),
+        )
+        size = int(meta["size"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EntryFormatError(f"unreadable metadata ({type(exc).__name__})") from None
+    if end < 0 or size != len(body):
+        raise EntryFormatError(f"body of {len(body)} bytes, expected {size}")
+    return tile
 
 
 def _layer_of(key: str) -> str:
@@ -425,18 +484,20 @@ class TileCache:
         """The disk tier's entry for ``key``, or None (also when the disk fails, or the entry
         does not read back intact: then it is deleted). Disk only: safe in any thread."""
         try:
-            tile = self._disk.get(key)
+            value = self._disk.get(key)
         except STORE_ERRORS as exc:
             self._read_failed(key, exc)
             return None
-        except Exception as exc:  # the value no longer unpickles: truncated or damaged
+        except Exception as exc:  # a value diskcache cannot read back (an old pickle)
             self._damaged(key, exc)
             return None
-        if not isinstance(tile, CachedTile):
-            if tile is not None:
-                self._damaged(key, TypeError(type(tile).__name__))
+        if value is None:
             return None
-        return tile
+        try:
+            return decode_entry(value)
+        except EntryFormatError as exc:  # old format, damaged or truncated: a miss
+            self._damaged(key, exc)
+            return None
 
     def _damaged(self, key: str, exc: BaseException) -> None:
         """Drop an entry that does not read back intact, and say so."""
@@ -471,7 +532,7 @@ class TileCache:
     def write_disk(self, key: str, tile: CachedTile, keep_s: float) -> bool:
         """The disk half of :meth:`set` (safe in any thread); returns whether it stored."""
         try:
-            self._disk.set(key, tile, expire=keep_s)
+            self._disk.set(key, encode_entry(tile), expire=keep_s)
         except STORE_ERRORS as exc:
             reason = self.health.failed(exc, "serving tiles uncached")
             metrics.CACHE_WRITE_FAILURES.labels(reason).inc()
