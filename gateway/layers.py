@@ -120,7 +120,7 @@ class Layer:
         """Whether ``tile`` overlaps the layer's bounds by more than an edge."""
         w, s, e, n = mercantile.bounds(tile)
         west, south, east, north = self.bounds
-        return w < east and e > west and s < north and n > south
+        return bool(w < east and e > west and s < north and n > south)
 
     def cache_key(self, z: int, x: int, y: int, scale: int, fmt: str) -> str:
         """Cache key ``tile/<layer>/<fingerprint>/<z>/<x>/<y>@<scale>x.<fmt>``."""

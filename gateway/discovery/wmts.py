@@ -136,7 +136,8 @@ def wmts_document(base: str, layers: Iterable[Layer], query: str = "") -> bytes:
     _tile_matrix_set(contents, max((layer.maxzoom for layer in layers), default=0))
     _el(root, WMTS_NS, "ServiceMetadataURL", **{f"{{{XLINK_NS}}}href": base + CAPABILITIES_PATH})
     ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    document: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return document
 
 
 # --- HTTP ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,7 +238,9 @@ async def _reset(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _problem_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _problem_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Turn aiohttp's own HTTP errors (unknown route 404, wrong method 405, ...) into problems."""
     try:
         return await handler(request)

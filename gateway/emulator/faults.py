@@ -335,7 +335,7 @@ def stall_point(request: web.Request) -> Stall | None:
 
 def without_filename(request: web.Request) -> bool:
     """Whether a streaming operation must leave out Content-Disposition (``no-filename``)."""
-    return request.get(NO_FILENAME_KEY, False)
+    return bool(request.get(NO_FILENAME_KEY, False))
 
 
 async def post_faults(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rio_tiler.colormap import apply_cmap, cmap
@@ -42,7 +43,8 @@ def _valid_pixels(array: np.ma.MaskedArray) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(data_float64, valid)``: ``valid`` is (H, W), True where any band is usable."""
     data = np.asarray(array.data, dtype=np.float64)
     band_ok = ~np.ma.getmaskarray(array) & np.isfinite(data)
-    return np.where(band_ok, data, 0.0), band_ok.any(axis=0)
+    valid = np.asarray(band_ok.any(axis=0))
+    return np.where(band_ok, data, 0.0), valid
 
 
 def _default_range(
@@ -65,7 +67,8 @@ def _stretch(data: np.ndarray, ranges: Sequence[tuple[float, float]]) -> np.ndar
     low = np.array([r[0] for r in ranges], dtype=np.float64)[:, None, None]
     high = np.array([r[1] for r in ranges], dtype=np.float64)[:, None, None]
     scaled = (np.clip(data, low, high) - low) / (high - low) * 255.0
-    return scaled.astype(np.uint8)
+    stretched: np.ndarray = scaled.astype(np.uint8)
+    return stretched
 
 
 def _check_band_refs(count: int, bands: Sequence[int] | None, expression: str | None) -> None:
@@ -144,7 +147,7 @@ def render_tile(
         alpha = np.where(valid, cmap_alpha, 0).astype(np.uint8)
 
     driver = IMAGE_FORMATS[img_format]
-    options: dict[str, str] = {}
+    options: dict[str, Any] = {}
     if quality is not None and driver != "PNG":
         options["quality"] = str(quality)
     if driver == "JPEG":

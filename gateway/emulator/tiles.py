@@ -146,7 +146,7 @@ async def _run(
         raise RequestValidationError.single(exc.field, f"Value error, {exc}") from None
     if image is not None:
         egress.account(request, len(image))
-    return image
+    return image if image is None else bytes(image)
 
 
 async def render_operation(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:

@@ -73,7 +73,7 @@ def tile_overlaps(tile: mercantile.Tile, bbox: Bounds) -> bool:
     """Whether ``tile`` overlaps ``bbox`` by more than an edge (as :meth:`Layer.covers`)."""
     w, s, e, n = mercantile.bounds(tile)
     west, south, east, north = bbox
-    return w < east and e > west and s < north and n > south
+    return bool(w < east and e > west and s < north and n > south)
 
 
 def clip_to_layer(

@@ -148,7 +148,7 @@ class MBTilesWriter:
                 "INSERT INTO metadata (name, value) VALUES (?, ?)", self.metadata.items()
             )
             self._db.commit()
-            count = self._db.execute("SELECT count(*) FROM tiles").fetchone()[0]
+            count = int(self._db.execute("SELECT count(*) FROM tiles").fetchone()[0])
             self._db.close()
             with open(self.partial, "rb+") as file:
                 os.fsync(file.fileno())

@@ -36,7 +36,9 @@ class ResumeState:
         self.params = params
 
     @classmethod
-    def for_plan(cls, plan: SeedPlan, state_directory: Path, path: Path | None = None):
+    def for_plan(
+        cls, plan: SeedPlan, state_directory: Path, path: Path | None = None
+    ) -> ResumeState:
         """The state of ``plan``: at ``path`` if given, else in ``state_directory``."""
         if path is None:
             path = state_directory / f"seed-{plan.layer.name}-{plan.digest()}.json"

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -185,8 +185,9 @@ class Seeder:
         try:
             await asyncio.wait(self._workers)
             for task in self._workers:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # a bug, not a tile failure
+                failure = None if task.cancelled() else task.exception()
+                if failure is not None:
+                    raise failure  # a bug, not a tile failure
         finally:
             summary.elapsed_s = time.monotonic() - started
             summary.next_index = self._watermark()
@@ -194,7 +195,7 @@ class Seeder:
             self._checkpoint(force=True)
         return summary
 
-    async def _work(self, addresses) -> None:
+    async def _work(self, addresses: Iterator[tuple[int, TileAddress]]) -> None:
         while not self._stop.is_set():
             try:
                 index, address = next(addresses)

@@ -96,7 +96,7 @@ class SourceCheck:
         key = ("source-check", url)
         shared = self._cache.get(key)
         if shared is not None:
-            return shared
+            return str(shared)  # diskcache values are untyped: a verdict string
         body = {"url": url, "width": PROBE_SIZE_PX, "height": PROBE_SIZE_PX}
         try:
             await self.guard.call(PROBE_OPERATION, body, asset=url, priority=Priority.SEEDING)
