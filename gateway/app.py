@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
 from gateway.http.callers import ClientRateLimit
@@ -17,6 +18,7 @@ from gateway.http.keys import (
     AUTH,
     CLIENT_LIMIT,
     CLIP_LAYERS,
+    CLOCK,
     DOWNLOAD_SERVICE,
     GUARD,
     JOB_LISTING,
@@ -39,8 +41,9 @@ from gateway.storage.downloads import DownloadStore, remove_interrupted
 log = logging.getLogger("gateway.app")
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the gateway app for ``settings``.
+def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Application:
+    """Build the gateway app for ``settings``; tile freshness is measured with ``clock``
+    (Unix seconds, :mod:`gateway.clock`: tests pass one they move forward).
 
     The Geopera client, the tile cache and the shared limiter state are created on startup
     and closed on cleanup (aiohttp cleanup context), so one app owns one connection pool and
@@ -50,6 +53,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[cors_middleware, gateway_middleware], client_max_size=1 << 20
     )
     app[SETTINGS] = settings
+    app[CLOCK] = clock
     app[LAYERS] = settings.layers
     app[AUTH] = Authenticator(settings.tokens)
     limits = {t.rate_limit: ClientRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
@@ -75,7 +79,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Interrupted transfers first: on a full disk they are what fills it, and every store
     # below needs room to open.
     await asyncio.to_thread(remove_interrupted, settings.downloads.directory)
-    stack = open_tile_stack(settings)
+    stack = open_tile_stack(settings, app[CLOCK])
     app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = stack.cache, stack.state, stack.client
     app[GUARD], app[TILE_SERVICE] = stack.guard, stack.service
     store = DownloadStore(settings.downloads.directory, settings.downloads.size_limit_bytes)

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 
 LEAVES = frozenset(
     {
+        "clock",
         "errors",
         "humanize",
         "imaging",

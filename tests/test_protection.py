@@ -54,14 +54,14 @@ async def test_repeated_failures_open_the_operation_breaker(gateway_for, emulato
     assert emulator.stats.calls["cog.tile.render"] == 2
 
 
-async def test_stale_if_error_serves_the_expired_tile(gateway_for, emulator, tmp_path):
+async def test_stale_if_error_serves_the_expired_tile(gateway_for, emulator, tmp_path, clock):
     config = config_with(
         tmp_path, *SHORT_TTL, ("stale_while_revalidate_s = 3600", "stale_while_revalidate_s = 0")
     )
-    client = await gateway_for(emulator, config=config)
+    client = await gateway_for(emulator, config=config, clock=clock)
     first = await client.get(OLINDA)
     body = await first.read()
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     emulator.app[FAULTS_KEY].add(Fault("status", status=503, count=3))
     stale = await client.get(OLINDA)
     assert stale.status == 200 and stale.headers["X-Cache"] == "STALE"
@@ -72,12 +72,12 @@ async def test_stale_if_error_serves_the_expired_tile(gateway_for, emulator, tmp
 
 
 async def test_stale_while_revalidate_serves_at_once_and_refreshes_once(
-    gateway_for, start_upstream, tmp_path
+    gateway_for, start_upstream, tmp_path, clock
 ):
     slow = await start_upstream(delay_ms=300)
-    client = await gateway_for(slow, config=config_with(tmp_path, *SHORT_TTL))
+    client = await gateway_for(slow, config=config_with(tmp_path, *SHORT_TTL), clock=clock)
     await client.get(OLINDA)
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     started = time.monotonic()
     responses = await asyncio.gather(*(client.get(OLINDA) for _ in range(20)))
     assert time.monotonic() - started < 0.3  # did not wait for the 300 ms upstream

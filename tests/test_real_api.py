@@ -176,7 +176,7 @@ async def test_words_in_the_detail_do_not_classify_a_429(gateway, emulator):
 
 
 async def test_402_pauses_the_organisation_serves_stale_and_alerts_once(
-    gateway_for, emulator, tmp_path, caplog
+    gateway_for, emulator, tmp_path, caplog, clock
 ):
     config = config_with(
         tmp_path,
@@ -184,9 +184,9 @@ async def test_402_pauses_the_organisation_serves_stale_and_alerts_once(
         ("stale_while_revalidate_s = 3600", "stale_while_revalidate_s = 0"),
         ("breaker_open_s = 30.0", "breaker_open_s = 2.0"),
     )
-    client = await gateway_for(emulator, config=config)
+    client = await gateway_for(emulator, config=config, clock=clock)
     assert (await client.get(OLINDA)).status == 200
-    await asyncio.sleep(1.1)  # the tile expires; a stale copy stays
+    clock.advance(1.1)  # the tile expires; a stale copy stays
     emulator.app[FAULTS_KEY].add(Fault("status", status=402))
     refused = await client.get(OLINDA_OTHER)
     body = await problem(refused, 503, "upstream-payment-required")

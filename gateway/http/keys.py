@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from gateway.config.settings import Settings
@@ -18,6 +20,8 @@ from gateway.upstream.client import GeoperaClient
 from gateway.upstream.guard import UpstreamGuard
 
 SETTINGS = web.AppKey("settings", Settings)
+CLOCK = web.AppKey("clock", Callable[[], float])
+"""The app's :data:`gateway.clock.Clock` (Unix seconds)."""
 LAYERS = web.AppKey("layers", dict[str, Layer])
 CLIENT_LIMIT = web.AppKey("client_limit", dict[str, ClientRateLimit])
 """Client rate limits by rate: ``"default"`` (``clients.rate_limit``, absent when off) and one

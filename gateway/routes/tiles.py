@@ -16,7 +16,7 @@ import re
 
 from aiohttp import web
 
-from gateway.http.keys import AUTH, LAYERS, SETTINGS, TILE_SERVICE
+from gateway.http.keys import AUTH, CLOCK, LAYERS, SETTINGS, TILE_SERVICE
 from gateway.http.problem import bad_request, not_found
 from gateway.layers import Layer
 from gateway.logs import UPSTREAM_TIME_KEY
@@ -79,7 +79,7 @@ def tile_response(request: web.Request, result: TileResult, private: bool = Fals
         request[UPSTREAM_TIME_KEY] = result.upstream_s
     headers = {
         "ETag": tile.etag,
-        "Cache-Control": cache_control(private, tile.max_age()),
+        "Cache-Control": cache_control(private, tile.max_age(request.app[CLOCK]())),
         "X-Cache": result.status,
     }
     if _etag_matches(request.headers.get("If-None-Match"), tile.etag):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway import __version__
+from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.services.tiles import TileService
 from gateway.storage.tiles import TileCache
@@ -46,15 +47,19 @@ class TileStack:
         self.cache.close()
 
 
-def open_tile_stack(settings: Settings) -> TileStack:
+def open_tile_stack(settings: Settings, clock: Clock = system_clock) -> TileStack:
     """Build the tile path for ``settings`` (cache, shared state, client, guard, tile
     service), as the gateway and the seeder use it; close it with :meth:`TileStack.aclose`.
+    ``clock`` (Unix seconds, :mod:`gateway.clock`) is what tile freshness is measured with.
 
     Raises:
         OSError: the cache or state directory cannot be created or opened.
     """
     cache = TileCache(
-        settings.cache.directory, settings.cache.size_limit_bytes, settings.cache.memory_bytes
+        settings.cache.directory,
+        settings.cache.size_limit_bytes,
+        settings.cache.memory_bytes,
+        clock=clock,
     )
     state = SharedState(settings.cache.state_directory)
     up = settings.upstream
@@ -70,5 +75,7 @@ def open_tile_stack(settings: Settings) -> TileStack:
     guard = UpstreamGuard(client, state, settings.limits)
     lim = settings.limits
     longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
-    service = TileService(cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5)
+    service = TileService(
+        cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5, clock=clock
+    )
     return TileStack(cache, state, client, guard, service)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import mercantile
 
 from gateway import imaging, metrics
+from gateway.clock import Clock, system_clock
 from gateway.errors import (
     HeldBack,
     LimitExceeded,
@@ -62,7 +63,12 @@ FETCH_ERRORS = (UpstreamError, HeldBack)
 
 
 def _checked_tile(
-    body: bytes, fmt: str, ttl_s: float, fetch_s: float, nodata_height_m: float | None = None
+    body: bytes,
+    fmt: str,
+    ttl_s: float,
+    fetch_s: float,
+    now: float,
+    nodata_height_m: float | None = None,
 ) -> CachedTile:
     """``body`` checked (:func:`gateway.imaging.check_tile`) and made a cache entry; for a
     terrain tile (``nodata_height_m`` given) its nodata pixels first get that height.
@@ -73,7 +79,7 @@ def _checked_tile(
     imaging.check_tile(body, fmt)
     if nodata_height_m is not None:
         body = imaging.fill_terrain_nodata(body, nodata_height_m)
-    return make_tile(body, MEDIA_TYPES[fmt], ttl_s, fetch_s=fetch_s)
+    return make_tile(body, MEDIA_TYPES[fmt], ttl_s, fetch_s=fetch_s, now=now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +125,17 @@ class TileService:
     """
 
     def __init__(
-        self, cache: TileCache, guard: UpstreamGuard, empty_ttl_s: float, claim_s: float = 120.0
+        self,
+        cache: TileCache,
+        guard: UpstreamGuard,
+        empty_ttl_s: float,
+        claim_s: float = 120.0,
+        clock: Clock = system_clock,
     ) -> None:
         self.cache = cache
         self.claim_s = claim_s
+        self.clock = clock
+        """Unix time, seconds: what tile freshness is measured with (:mod:`gateway.clock`)."""
 
         self.guard = guard
         self.empty_ttl_s = empty_ttl_s
@@ -152,7 +165,7 @@ class TileService:
         layer = address.layer
         key = address.key
         tile = self.cache.get_memory(key)
-        now = time.time()
+        now = self.clock()
         if tile is not None and tile.is_fresh(now):  # the hot path: only covered tiles are cached
             return TileResult(tile, "EMPTY" if tile.empty else "HIT")
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
@@ -170,7 +183,7 @@ class TileService:
                 key, lambda: self._fetch(address, priority)
             )
         except FETCH_ERRORS as exc:
-            if tile is not None and time.time() < tile.fresh_until + layer.stale_if_error_s:
+            if tile is not None and self.clock() < tile.fresh_until + layer.stale_if_error_s:
                 log.warning(
                     "serving stale %s %d/%d/%d: %s",
                     layer.name,
@@ -242,7 +255,7 @@ class TileService:
             layer.kind == "terrain",
             layer.nodata_height_m,
         )
-        return make_tile(body, MEDIA_TYPES[address.fmt], ttl_s, empty=True)
+        return make_tile(body, MEDIA_TYPES[address.fmt], ttl_s, empty=True, now=self.clock())
 
     async def _fetch(self, address: TileAddress, priority: Priority) -> tuple[CachedTile, str]:
         """Fetch, check and store one tile; runs once per key however many wait on it.
@@ -292,9 +305,9 @@ class TileService:
         """:meth:`_fetch` past the tile-creator queue: the cross-process claim, the fetch
         and the store."""
         key, cache = address.key, self.cache
-        loaded_at = time.time()
+        loaded_at = self.clock()
         stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
-        if stored is not None and stored.is_fresh():
+        if stored is not None and stored.is_fresh(self.clock()):
             cache.remember(key, stored, loaded_at)
             return stored, "HIT"  # another worker process stored it meanwhile
         if not claimed:
@@ -323,7 +336,7 @@ class TileService:
         while time.monotonic() < deadline:
             await asyncio.sleep(CLAIM_POLL_S)
             stored = await self.cache.load(key)
-            if stored is not None and stored.is_fresh():
+            if stored is not None and stored.is_fresh(self.clock()):
                 return stored
             if not await self.cache.run(self.cache.claimed, key):
                 return None
@@ -364,6 +377,7 @@ class TileService:
                 address.fmt,
                 layer.ttl_s,
                 response.elapsed_s,
+                self.clock(),
                 layer.nodata_height_m if layer.kind == "terrain" else None,
             )
         except imaging.ImageCheckError as exc:
@@ -395,7 +409,7 @@ class TileService:
         ]
         results = await asyncio.gather(*(self._get(child, priority) for child in children))
         tiles = [r.tile for r in results]
-        now = time.time()
+        now = self.clock()
         if all(t.empty for t in tiles):
             return self._blank(address, self.empty_ttl_s)
         bodies = [None if t.empty else t.body for t in tiles]
@@ -412,4 +426,4 @@ class TileService:
             raise UpstreamBadResponse(layer.operation, str(exc), 200) from None
         # as fresh as its stalest child, so a stale child is refreshed into the composite
         ttl = min(layer.ttl_s, *(t.fresh_until - now for t in tiles if not t.empty))
-        return make_tile(composite, MEDIA_TYPES[address.fmt], max(0.0, ttl))
+        return make_tile(composite, MEDIA_TYPES[address.fmt], max(0.0, ttl), now=self.clock())

@@ -53,6 +53,7 @@ from typing import TypeVar
 import diskcache
 
 from gateway import metrics
+from gateway.clock import Clock, system_clock
 from gateway.storage.claims import Claims
 from gateway.storage.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
 
@@ -237,6 +238,8 @@ class TileCache:
         directory: diskcache directory, created if missing.
         size_limit_bytes: disk size limit; least-recently-used entries are evicted past it.
         memory_bytes: capacity of the per-process memory tier; 0 disables it.
+        clock: Unix time, seconds, for purge marks and memory-tier load times
+            (:mod:`gateway.clock`).
 
     Raises:
         OSError: the directory cannot be created or opened.
@@ -244,8 +247,15 @@ class TileCache:
             damaged one is rebuilt).
     """
 
-    def __init__(self, directory: Path, size_limit_bytes: int, memory_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size_limit_bytes: int,
+        memory_bytes: int = 0,
+        clock: Clock = system_clock,
+    ) -> None:
         self.directory = directory
+        self._clock = clock
         self._disk = open_diskcache(
             directory,
             "tiles",
@@ -373,7 +383,7 @@ class TileCache:
                 for key in doomed[start : start + PURGE_BATCH]:
                     removed += bool(self._disk.delete(key))
         # stamped after the deletions: a memory entry loaded before this may be stale
-        purged_at = time.time()
+        purged_at = self._clock()
         self._write_purges({layer: purged_at})
         return removed, purged_at
 
@@ -431,7 +441,7 @@ class TileCache:
             tile = self.get_memory(key)
             if tile is not None:
                 return tile
-        loaded_at = time.time()
+        loaded_at = self._clock()
         tile = self.read_disk(key)
         if tile is not None and self._memory is not None:
             self._memory.put(key, tile, loaded_at)
@@ -441,7 +451,7 @@ class TileCache:
         """Like ``get(key, from_disk=True)``, with the disk read in this cache's I/O thread,
         so the event loop never waits on SQLite or the file system."""
         self._keep_purges_fresh()
-        loaded_at = time.time()
+        loaded_at = self._clock()
         tile = await self.run(self.read_disk, key)
         if tile is not None and self._memory is not None:
             self._memory.put(key, tile, loaded_at)
@@ -451,7 +461,7 @@ class TileCache:
         """Like :meth:`set`, with the disk write in this cache's I/O thread."""
         self._keep_purges_fresh()
         if self._memory is not None:
-            self._memory.put(key, tile, time.time())
+            self._memory.put(key, tile, self._clock())
         return await self.run(self.write_disk, key, tile, keep_s)
 
     async def run(self, method: Callable[..., T], *args: object) -> T:
@@ -470,7 +480,7 @@ class TileCache:
         ``seconds``: ``(entry or None, claimed)``. One trip for a miss's two first steps;
         disk only (run it with :meth:`run`, then :meth:`remember` a fresh entry)."""
         tile = self.read_disk(key)
-        if tile is not None and tile.is_fresh():
+        if tile is not None and tile.is_fresh(self._clock()):
             return tile, False
         return tile, self.claim(key, seconds)
 
@@ -526,7 +536,7 @@ class TileCache:
             (see the module docstring); nothing is raised.
         """
         if self._memory is not None:
-            self._memory.put(key, tile, time.time())
+            self._memory.put(key, tile, self._clock())
         return self.write_disk(key, tile, keep_s)
 
     def write_disk(self, key: str, tile: CachedTile, keep_s: float) -> bool:
@@ -557,7 +567,7 @@ class TileCache:
 
         A probe that works also ends a spell of failed writes (the disk has room again).
         """
-        value = f"probe-{time.time()}".encode().ljust(PROBE_BYTES, b".")
+        value = f"probe-{time.monotonic()}".encode().ljust(PROBE_BYTES, b".")
         try:
             self._disk.set("readyz-probe", value, expire=60)
             ok = self._disk.get("readyz-probe") == value
