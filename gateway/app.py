@@ -11,11 +11,11 @@ from aiohttp import web
 
 from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
-from gateway.http.callers import ClientRateLimit
+from gateway.http.callers import CallerRateLimit
 from gateway.http.cors import cors_middleware
 from gateway.http.keys import (
     AUTH,
-    CLIENT_LIMIT,
+    CALLER_LIMITS,
     CLIP_LAYERS,
     DOWNLOAD_SERVICE,
     GUARD,
@@ -28,6 +28,7 @@ from gateway.http.keys import (
     UPSTREAM,
 )
 from gateway.http.middleware import common_headers, gateway_middleware
+from gateway.http.policy import ROUTE_POLICIES
 from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
 from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
@@ -52,10 +53,11 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LAYERS] = settings.layers
     app[AUTH] = Authenticator(settings.tokens)
-    limits = {t.rate_limit: ClientRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
+    limits = {t.rate_limit: CallerRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
     if settings.clients.rate_limit:
-        limits["default"] = ClientRateLimit(settings.clients.rate_limit)
-    app[CLIENT_LIMIT] = limits
+        limits["default"] = CallerRateLimit(settings.clients.rate_limit)
+    app[CALLER_LIMITS] = limits
+    app[ROUTE_POLICIES] = {}  # each route module declares its routes' policies
     app.on_response_prepare.append(common_headers)
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_stop_transfers)

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
-from gateway.http.callers import ClientRateLimit
+from gateway.http.callers import CallerRateLimit
 from gateway.layers import Layer
 from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
@@ -19,9 +19,9 @@ from gateway.upstream.guard import UpstreamGuard
 
 SETTINGS = web.AppKey("settings", Settings)
 LAYERS = web.AppKey("layers", dict[str, Layer])
-CLIENT_LIMIT = web.AppKey("client_limit", dict[str, ClientRateLimit])
-"""Client rate limits by rate: ``"default"`` (``clients.rate_limit``, absent when off) and one
-per distinct token ``rate_limit``."""
+CALLER_LIMITS = web.AppKey("caller_limits", dict[str, CallerRateLimit])
+"""The callers' (downstream clients') rate limits by rate: ``"default"``
+(``clients.rate_limit``, absent when off) and one per distinct token ``rate_limit``."""
 AUTH = web.AppKey("auth", Authenticator)
 TILE_CACHE = web.AppKey("tile_cache", TileCache)
 SHARED_STATE = web.AppKey("shared_state", SharedState)

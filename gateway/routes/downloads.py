@@ -27,8 +27,9 @@ from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
 from gateway.config.settings import TokenSettings
-from gateway.http.callers import client_address
+from gateway.http.callers import caller_address
 from gateway.http.keys import AUTH, DOWNLOAD_SERVICE, SETTINGS
+from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import PROBLEM_JSON, Problem, bad_request
 from gateway.http.urls import public_base
 from gateway.logs import CLIENT_GONE_KEY
@@ -121,7 +122,7 @@ async def _open(request: web.Request) -> tuple[StoredFile | Transfer, str]:
     job_id, _ = await authorize_job(request)
     mosaic_type = mosaic_type_of(request)
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
-    client = client_address(request, request.app[SETTINGS].server.trusted_proxies)
+    client = caller_address(request, request.app[SETTINGS].server.trusted_proxies)
     requester = Requester(request.headers.get("User-Agent"), client)
     return await service.open(job_id, mosaic_type, requester)
 
@@ -442,11 +443,20 @@ async def _multipart_ranges(
     return response
 
 
+POLICY = RoutePolicy(caller_limit=True, query=frozenset({"token"}))
+"""Job status, files and checksums: counted against the caller's limit (each can ask the
+upstream), ``?token=`` the only query parameter; not for other origins."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the download routes on ``app`` (the checksum before the file: both match
     ``/downloads/{job_id}/{name}``)."""
-    app.router.add_get("/downloads/{job_id}", job_status, name="download_job")
-    app.router.add_get(
-        "/downloads/{job_id}/{mosaic_type}.sha256", checksum, name="download_checksum"
+    add_get(app, "/downloads/{job_id}", job_status, name="download_job", policy=POLICY)
+    add_get(
+        app,
+        "/downloads/{job_id}/{mosaic_type}.sha256",
+        checksum,
+        name="download_checksum",
+        policy=POLICY,
     )
-    app.router.add_get("/downloads/{job_id}/{mosaic_type}", download, name="download")
+    add_get(app, "/downloads/{job_id}/{mosaic_type}", download, name="download", policy=POLICY)

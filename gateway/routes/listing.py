@@ -38,6 +38,7 @@ from werkzeug.http import parse_accept_header
 
 from gateway.errors import GatewayError
 from gateway.http.keys import AUTH, CLIP_LAYERS, DOWNLOAD_SERVICE, JOB_LISTING
+from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import bad_request, not_found
 from gateway.http.urls import public_base
 from gateway.humanize import human_bytes
@@ -251,6 +252,11 @@ async def _page(
     )
 
 
+POLICY = RoutePolicy(caller_limit=True, query=frozenset({"token", "status", "limit", "offset"}))
+"""The listing: counted against the caller's limit (a page can ask ``clip.jobs.list``), and
+only the query parameters above."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register ``GET /downloads`` on ``app``."""
-    app.router.add_get("/downloads", list_jobs, name="download_list")
+    add_get(app, "/downloads", list_jobs, name="download_list", policy=POLICY)

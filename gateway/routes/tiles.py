@@ -17,6 +17,7 @@ import re
 from aiohttp import web
 
 from gateway.http.keys import AUTH, LAYERS, SETTINGS, TILE_SERVICE
+from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import bad_request, not_found
 from gateway.layers import Layer
 from gateway.logs import UPSTREAM_TIME_KEY
@@ -80,7 +81,7 @@ def tile_response(request: web.Request, result: TileResult, private: bool = Fals
     headers = {
         "ETag": tile.etag,
         "Cache-Control": cache_control(private, tile.max_age()),
-        "X-Cache": result.status,
+        "X-Cache": result.cache_status,
     }
     if _etag_matches(request.headers.get("If-None-Match"), tile.etag):
         return web.Response(status=304, headers=headers)
@@ -129,7 +130,12 @@ async def default_tile(request: web.Request) -> web.Response:
     )
 
 
+POLICY = RoutePolicy(cors=True, caller_limit=True, query=frozenset({"token"}))
+"""Tiles: read by map clients across origins, counted against the caller's limit (a miss
+spends upstream), ``?token=`` the only query parameter."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the tile routes on ``app``."""
-    app.router.add_get("/tiles/{layer}/{z}/{x}/{tail}", layer_tile, name="tile")
-    app.router.add_get("/tiles/{z}/{x}/{tail}", default_tile, name="default_tile")
+    add_get(app, "/tiles/{layer}/{z}/{x}/{tail}", layer_tile, name="tile", policy=POLICY)
+    add_get(app, "/tiles/{z}/{x}/{tail}", default_tile, name="default_tile", policy=POLICY)

@@ -39,6 +39,7 @@ from aiohttp import web
 from gateway.config.settings import MAPLIBRE_VERSION, ViewerSettings
 from gateway.discovery.tilejson import tile_template
 from gateway.http.keys import LAYERS, SETTINGS
+from gateway.http.policy import add_get
 from gateway.http.problem import not_found
 from gateway.http.urls import public_base
 from gateway.services.clips import layer_name
@@ -237,6 +238,6 @@ async def asset(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     """Register the viewer routes on ``app``."""
-    app.router.add_get("/", page, name="viewer")
-    app.router.add_get("/map", page, name="viewer_map")
-    app.router.add_get(ASSETS_PATH + "{name}", asset, name="viewer_asset")
+    add_get(app, "/", page, name="viewer")
+    add_get(app, "/map", page, name="viewer_map")
+    add_get(app, ASSETS_PATH + "{name}", asset, name="viewer_asset")
