@@ -12,6 +12,7 @@ from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
 from gateway.services.listing import JobListing
 from gateway.services.tiles import TileService
+from gateway.storage.downloads import DownloadStore
 from gateway.storage.tiles import TileCache
 from gateway.upstream.buckets import SharedState
 from gateway.upstream.client import GeoperaClient
@@ -28,6 +29,8 @@ SHARED_STATE = web.AppKey("shared_state", SharedState)
 UPSTREAM = web.AppKey("upstream", GeoperaClient)
 GUARD = web.AppKey("guard", UpstreamGuard)
 TILE_SERVICE = web.AppKey("tile_service", TileService)
+DOWNLOAD_STORE = web.AppKey("download_store", DownloadStore)
+"""For the app factory's contexts; routes reach files through :data:`DOWNLOAD_SERVICE`."""
 DOWNLOAD_SERVICE = web.AppKey("download_service", DownloadService)
 CLIP_LAYERS = web.AppKey("clip_layers", ClipLayers)
 JOB_LISTING = web.AppKey("job_listing", JobListing)
