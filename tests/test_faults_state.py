@@ -23,7 +23,7 @@ import pytest
 
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.http.keys import LAYERS, TILE_SERVICE
-from gateway.routes.tiles import parse_tile
+from gateway.http.params import parse_tile
 from gateway.upstream.breakers import BreakerOpen, Breakers, Scope
 from gateway.upstream.buckets import ConcurrencyCap, LimitExceeded, Priority, SharedState
 from tests.conftest import PLANTED_KEY, config_with, fill_disk

@@ -100,3 +100,13 @@ def token_query(request: web.BaseRequest) -> str:
     if request.app[AUTH].identify(request) is None or "Authorization" in request.headers:
         return ""
     return "?token=" + quote(request.query["token"], safe="")
+
+
+def job_url(base: str, job_id: str) -> str:
+    """Absolute URL of a job's status and files on this gateway."""
+    return f"{base}/downloads/{job_id}"
+
+
+def file_url(base: str, job_id: str, mosaic_type: str) -> str:
+    """Absolute URL of one clip file on this gateway."""
+    return f"{job_url(base, job_id)}/{mosaic_type}"

@@ -18,11 +18,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.discovery.tilejson import tilejson
+from gateway.http.answers import tile_response
 from gateway.http.keys import CLIP_LAYERS, TILE_SERVICE
+from gateway.http.params import authorize_job, mosaic_type_of, parse_tile
 from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.urls import public_base, token_query
-from gateway.routes.downloads import authorize_job, mosaic_type_of
-from gateway.routes.tiles import parse_tile, tile_response
 
 
 async def clip_tile(request: web.Request) -> web.Response:

@@ -39,6 +39,7 @@ from aiohttp import web
 from gateway.config.settings import MAPLIBRE_VERSION, ViewerSettings
 from gateway.discovery.tilejson import tile_template
 from gateway.http.keys import LAYERS, SETTINGS
+from gateway.http.pages import fill
 from gateway.http.policy import add_get
 from gateway.http.problem import not_found
 from gateway.http.urls import public_base
@@ -57,7 +58,6 @@ ASSET_TYPES = {
 BACKGROUND = "#dfe6ea"
 """The base style's only layer: a plain background colour (no external sources)."""
 
-_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028"}
 _JSON_ESCAPES["\u2029"] = "\\u2029"
 
@@ -73,15 +73,6 @@ def script_json(value: Any) -> str:
     ``<!--``, no JS line terminators)."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return re.sub("[<>&\u2028\u2029]", lambda m: _JSON_ESCAPES[m[0]], text)
-
-
-def fill(text: str, values: dict[str, str]) -> str:
-    """Replace each ``{{name}}`` in ``text`` once (replacements are not scanned again).
-
-    Raises:
-        KeyError: a placeholder without a value.
-    """
-    return _PLACEHOLDER.sub(lambda m: values[m[1]], text)
 
 
 def integrity(url: str, configured: str | None, default_url: str, default: str | None) -> str:
