@@ -79,17 +79,17 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not await _preflight_allowed(request):
             return await handler(request)
-        response = web.Response(status=204)
+        preflight = web.Response(status=204)
         allow = allowed_origin(origin, origins)
         if allow is not None:
-            headers = response.headers
+            headers = preflight.headers
             headers["Access-Control-Allow-Origin"] = allow
             headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
             headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
             headers["Access-Control-Max-Age"] = str(MAX_AGE_S)
         if allow != "*":
-            _add_vary(response, "Origin")
-        return response
+            _add_vary(preflight, "Origin")
+        return preflight
     response = await handler(request)
     if not policy_of(request.app, request.match_info).cors or response.prepared:
         return response

@@ -20,7 +20,9 @@ import base64
 import io
 import os
 import uuid
+from collections.abc import Sequence
 from email.utils import formatdate
+from typing import cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -217,7 +219,7 @@ class StoredFileResponse(web.FileResponse):
         self.content_type = stored.content_type
         self._stored, self._service = stored, service
 
-    async def prepare(self, request: web.BaseRequest):
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if "Range" in request.headers and not _if_range_holds(request, self._stored.etag):
             headers = request.headers.copy()
             del headers["Range"]
@@ -238,14 +240,15 @@ class StoredFileResponse(web.FileResponse):
         if not _range_unsatisfiable(request, st.st_size, st.st_mtime):
             return await super()._prepare_open_file(request, fobj, st, file_encoding)
         answer = range_not_satisfiable(st.st_size).response(request.path)
+        body = cast(bytes, answer.body)  # a problem+json document, serialised
         self.set_status(416)
         self.headers.pop("Content-Disposition", None)
         self.headers.update(answer.headers)
         self.content_type = PROBLEM_JSON
-        self.content_length = len(answer.body)
+        self.content_length = len(body)
         writer = await web.StreamResponse.prepare(self, request)
         if request.method != "HEAD":
-            await self.write(answer.body)
+            await self.write(body)
         return writer
 
 
@@ -274,7 +277,7 @@ def _range_unsatisfiable(request: web.BaseRequest, size: int, mtime: float) -> b
         wanted = request.http_range
     except ValueError:
         return True
-    start = wanted.start
+    start: int | None = wanted.start
     if start is None:
         return False
     if start < 0 and wanted.stop is None:  # a suffix: the last -start bytes
@@ -312,7 +315,10 @@ async def _serve_stored(request: web.Request, stored: StoredFile, cache: str) ->
 
 
 async def _multipart_ranges(
-    request: web.Request, stored: StoredFile, ranges: list[tuple[int, int | None]], cache: str
+    request: web.Request,
+    stored: StoredFile,
+    ranges: Sequence[tuple[int, int | None]],
+    cache: str,
 ) -> web.StreamResponse:
     """206 ``multipart/byteranges`` for several ranges (RFC 9110 section 14.6), or 416 when
     none is satisfiable."""

@@ -215,8 +215,8 @@ async def asset(request: web.Request) -> web.StreamResponse:
     assets_dir = request.app[SETTINGS].viewer.assets_dir
     name = request.match_info["name"]
     media_type = ASSET_TYPES.get(name)
-    path = assets_dir / name if assets_dir is not None and media_type else None
-    if path is None or not path.is_file():
+    path = assets_dir / name if assets_dir is not None else None
+    if path is None or media_type is None or not path.is_file():
         raise not_found(
             "The viewer serves only maplibre-gl.js, maplibre-gl.css and their source maps, "
             "and only when viewer.assets_dir is configured.",

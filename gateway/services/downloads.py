@@ -178,6 +178,7 @@ class DownloadService:
             HeldBack.
         """
         descriptors = self.store.descriptors(job_id)
+        result: dict[str, Any]
         if descriptors is not None:
             result = {"job_id": job_id, "status": "completed", "files": descriptors}
         else:
@@ -225,8 +226,8 @@ class DownloadService:
             listing = await self.upstream_json("clip.job.downloads", {"job_id": job_id}, job_id)
             if not isinstance(listing, list):
                 raise UpstreamBadResponse("clip.job.downloads", "the listing is not a list", 200)
-            files = [file_descriptor(d) for d in listing if isinstance(d, dict)]
-            files = [f for f in files if f is not None]
+            described = [file_descriptor(d) for d in listing if isinstance(d, dict)]
+            files = [f for f in described if f is not None]
             try:
                 self.store.remember_descriptors(job_id, files)
             except (OSError, sqlite3.Error) as exc:  # a full disk: answer, just uncached
@@ -262,7 +263,8 @@ class DownloadService:
             raise JobFailed(job_id, status, state.get("reason") or "none given")
         if status != "completed":
             raise JobNotCompleted(job_id, status)
-        for descriptor in state["files"]:
+        files: list[dict[str, Any]] = state["files"]
+        for descriptor in files:
             if descriptor["mosaic_type"] == mosaic_type:
                 return descriptor
         raise JobNotFound(job_id, "the job has no file of this mosaic type")
