@@ -25,8 +25,8 @@ from aiohttp import web
 from PIL import Image
 
 from gateway.emulator import FAULTS_KEY, Fault
-from gateway.errors import UpstreamBadResponse
-from gateway.services.transfers import Transfer, TransferBroken
+from gateway.errors import TransferBroken, UpstreamBadResponse
+from gateway.services.transfers import Transfer
 from gateway.storage.downloads import DownloadStore
 from tests.conftest import TOKENS, config_with, fill_disk
 from tests.test_cli import serving_workers

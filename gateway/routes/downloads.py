@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
+from gateway.errors import TransferBroken
 from gateway.http.callers import caller_address
 from gateway.http.conditional import none_match
 from gateway.http.keys import DOWNLOAD_SERVICE, SETTINGS
@@ -37,7 +38,7 @@ from gateway.http.problem import PROBLEM_JSON, Problem
 from gateway.http.urls import file_url, public_base
 from gateway.logs import CLIENT_GONE_KEY
 from gateway.services.downloads import DownloadService, Requester, content_disposition
-from gateway.services.transfers import READ_CHUNK, Transfer, TransferBroken
+from gateway.services.transfers import READ_CHUNK, Transfer
 from gateway.storage.downloads import StoredFile
 
 CACHE_CONTROL = "private, max-age=86400"

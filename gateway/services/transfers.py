@@ -36,7 +36,7 @@ from typing import Any
 
 from werkzeug.http import parse_options_header
 
-from gateway.errors import StoreUnavailable, TransferFailed, UpstreamBadResponse
+from gateway.errors import StoreUnavailable, TransferBroken, UpstreamBadResponse
 from gateway.storage.downloads import DownloadStore, StoredFile, file_etag
 
 Stream = AbstractAsyncContextManager[tuple[Mapping[str, str], AsyncIterator[bytes]]]
@@ -67,17 +67,6 @@ def safe_filename(header: str | None, fallback: str) -> str:
         _, options = parse_options_header(header)
         name = options.get("filename*") or options.get("filename") or ""
     return clean_filename(name, fallback)
-
-
-class TransferBroken(TransferFailed):
-    """The transfer of a file broke off or failed before the file was stored.
-
-    Raised by :class:`TransferReader` after it has yielded every byte it may (never the
-    file's last one); the HTTP edge then cuts the connection, so the client sees a short
-    body it can resume (``curl -C -``), never a whole-looking file. Raised by
-    :meth:`Transfer.stored_file` before anything was sent: a
-    :class:`~gateway.errors.TransferFailed`, answered 502 ``upstream-error``.
-    """
 
 
 class Transfer:
