@@ -12,14 +12,15 @@ from aiohttp import web
 from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
-from gateway.http.callers import ClientRateLimit
+from gateway.http.callers import CallerRateLimit
 from gateway.http.cors import cors_middleware
 from gateway.http.keys import (
     AUTH,
-    CLIENT_LIMIT,
+    CALLER_LIMITS,
     CLIP_LAYERS,
     CLOCK,
     DOWNLOAD_SERVICE,
+    DOWNLOAD_STORE,
     GUARD,
     JOB_LISTING,
     LAYERS,
@@ -30,6 +31,7 @@ from gateway.http.keys import (
     UPSTREAM,
 )
 from gateway.http.middleware import common_headers, gateway_middleware
+from gateway.http.policy import ROUTE_POLICIES
 from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
 from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
@@ -45,9 +47,10 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     """Build the gateway app for ``settings``; tile freshness is measured with ``clock``
     (Unix seconds, :mod:`gateway.clock`: tests pass one they move forward).
 
-    The Geopera client, the tile cache and the shared limiter state are created on startup
-    and closed on cleanup (aiohttp cleanup context), so one app owns one connection pool and
-    one handle on each store.
+    The Geopera client, the tile cache, the shared limiter state, the download store and
+    the download service are created on startup and closed on cleanup, one aiohttp cleanup
+    context each (:data:`RESOURCES`), so one app owns one connection pool and one handle on
+    each store, and a start that fails part-way closes exactly what had started.
     """
     app = web.Application(
         middlewares=[cors_middleware, gateway_middleware], client_max_size=1 << 20
@@ -56,12 +59,13 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     app[CLOCK] = clock
     app[LAYERS] = settings.layers
     app[AUTH] = Authenticator(settings.tokens)
-    limits = {t.rate_limit: ClientRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
+    limits = {t.rate_limit: CallerRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
     if settings.clients.rate_limit:
-        limits["default"] = ClientRateLimit(settings.clients.rate_limit)
-    app[CLIENT_LIMIT] = limits
+        limits["default"] = CallerRateLimit(settings.clients.rate_limit)
+    app[CALLER_LIMITS] = limits
+    app[ROUTE_POLICIES] = {}  # each route module declares its routes' policies
     app.on_response_prepare.append(common_headers)
-    app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.extend(RESOURCES)
     app.on_shutdown.append(_stop_transfers)
     clips.add_routes(app)  # before tiles: /tiles/clips/{job}/{mosaic}/tilejson.json
     discovery.add_routes(app)  # before tiles: /tiles/{layer}/tilejson.json
@@ -74,40 +78,76 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     return app
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    # Interrupted transfers first: on a full disk they are what fills it, and every store
-    # below needs room to open.
-    await asyncio.to_thread(remove_interrupted, settings.downloads.directory)
-    stack = open_tile_stack(settings, app[CLOCK])
+async def _interrupted_transfers(app: web.Application) -> AsyncIterator[None]:
+    """Delete the temporary files of transfers that stopped with their process; first of all:
+    on a full disk they are what fills it, and every store below needs room to open."""
+    await asyncio.to_thread(remove_interrupted, app[SETTINGS].downloads.directory)
+    yield
+
+
+async def _tile_stack(app: web.Application) -> AsyncIterator[None]:
+    """The tile path: tile cache, shared limiter state, Geopera client, guard, tile service."""
+    stack = open_tile_stack(app[SETTINGS], app[CLOCK])
     app[TILE_CACHE], app[SHARED_STATE], app[UPSTREAM] = stack.cache, stack.state, stack.client
     app[GUARD], app[TILE_SERVICE] = stack.guard, stack.service
-    store = DownloadStore(settings.downloads.directory, settings.downloads.size_limit_bytes)
-    await asyncio.to_thread(store.recover)
-    app[DOWNLOAD_SERVICE] = DownloadService(
-        store, stack.guard, content_types=settings.downloads.content_types
-    )
-    app[CLIP_LAYERS] = ClipLayers(app[DOWNLOAD_SERVICE])
-    if settings.downloads.organization_id is not None:
-        app[JOB_LISTING] = JobListing(
-            stack.guard,
-            store,
-            settings.downloads.organization_id,
-            settings.downloads.list_ttl_s,
-        )
-    checking = None
-    if settings.upstream.check_sources:
-        sources = SourceCheck(stack.guard, stack.state, settings.layers.values())
-        checking = asyncio.ensure_future(sources.run())
     try:
         yield
     finally:
-        if checking is not None:
-            checking.cancel()
-            await asyncio.gather(checking, return_exceptions=True)
-        await app[DOWNLOAD_SERVICE].aclose()
-        store.close()
         await stack.aclose()
+
+
+async def _download_store(app: web.Application) -> AsyncIterator[None]:
+    """The download store, made to agree with its files (crash recovery) before use."""
+    downloads = app[SETTINGS].downloads
+    store = DownloadStore(downloads.directory, downloads.size_limit_bytes)
+    try:
+        await asyncio.to_thread(store.recover)
+    except BaseException:
+        store.close()  # opened, but its start-up failed: nothing else will close it
+        raise
+    app[DOWNLOAD_STORE] = store
+    try:
+        yield
+    finally:
+        store.close()
+
+
+async def _download_service(app: web.Application) -> AsyncIterator[None]:
+    """The download service and what is built on it: clip layers, the job listing."""
+    settings, store, guard = app[SETTINGS], app[DOWNLOAD_STORE], app[GUARD]
+    service = DownloadService(store, guard, content_types=settings.downloads.content_types)
+    app[DOWNLOAD_SERVICE] = service
+    app[CLIP_LAYERS] = ClipLayers(service)
+    if settings.downloads.organization_id is not None:
+        app[JOB_LISTING] = JobListing(
+            guard, store, settings.downloads.organization_id, settings.downloads.list_ttl_s
+        )
+    try:
+        yield
+    finally:
+        await service.aclose()
+
+
+async def _source_check(app: web.Application) -> AsyncIterator[None]:
+    """The background check that the upstream knows every layer's source
+    (``upstream.check_sources``)."""
+    settings = app[SETTINGS]
+    if not settings.upstream.check_sources:
+        yield
+        return
+    sources = SourceCheck(app[GUARD], app[SHARED_STATE], settings.layers.values())
+    checking = asyncio.ensure_future(sources.run())
+    try:
+        yield
+    finally:
+        checking.cancel()
+        await asyncio.gather(checking, return_exceptions=True)
+
+
+RESOURCES = (_interrupted_transfers, _tile_stack, _download_store, _download_service, _source_check)
+"""The app's cleanup contexts, one per resource, in start-up order. aiohttp closes those
+that started, in reverse order, and never one whose start-up failed (web_advanced.rst,
+"Cleanup Context"), so a failed start leaves nothing open."""
 
 
 async def _stop_transfers(app: web.Application) -> None:

@@ -32,8 +32,10 @@ alone. The tree::
     │   ├── JobNotCompleted         not completed yet (``job_status``): ask again later
     │   └── JobFailed               ended ``failed`` (``reason``): final, never completes
     └── TransferFailed              a download could not be completed here (the store)
-        └── StoreUnavailable        the download store has no room or cannot write its index
-                                    (``retry_after_s``)
+        ├── StoreUnavailable        the download store has no room or cannot write its index
+        │                           (``retry_after_s``)
+        └── TransferBroken          a transfer broke off before its file was stored (its
+                                    readers' connections are cut)
 
 Status meanings follow the Geopera docs (seeds ``004`` "Python recipes", error handling: 401
 token missing or expired, 403 missing scope, 409 idempotency conflict, 422 validation, 429
@@ -269,3 +271,15 @@ class StoreUnavailable(TransferFailed):
     """
 
     retry_after_s: float = 60.0
+
+
+class TransferBroken(TransferFailed):
+    """The transfer of a file broke off or failed before the file was stored.
+
+    Raised by :class:`~gateway.services.transfers.TransferReader` after it has yielded
+    every byte it may (never the file's last one); the HTTP edge then cuts the connection,
+    so the client sees a short body it can resume (``curl -C -``), never a whole-looking
+    file. Raised by :meth:`~gateway.services.transfers.Transfer.stored_file` (and when a
+    reader joins a transfer whose file is gone) before anything was sent: answered as a
+    :class:`TransferFailed`, 502 ``upstream-error``.
+    """

@@ -141,6 +141,41 @@ async def test_a_range_of_a_transfer_honours_if_range_and_416(client, clip_emula
     assert downloads(clip_emulator) == 1
 
 
+async def test_if_none_match_lists_and_weak_tags_are_304_streamed_and_stored(client, clip_emulator):
+    """If-None-Match is read one way (aiohttp's parse, weak comparison) on both paths: a
+    list holding the ETag, or the ETag as a weak tag, is 304 while the file streams and once
+    it is stored, before any Range applies (RFC 9110 section 13.2.2)."""
+    size = 6_000_000
+    job_id = await create_job(clip_emulator, f"synthetic-{size}")
+    await completed(client, job_id)
+    clip_emulator.app[FAULTS_KEY].add(Fault("stall", operation="clip.job.download", bytes=10))
+    url = f"/downloads/{job_id}/data"
+    first = await client.get(url, headers={"Range": "bytes=0-4"})
+    assert (first.status, first.headers["X-Cache"]) == (206, "MISS")
+    assert await first.read() == synthetic_range(0, 5)
+    etag = first.headers["ETag"]
+    matching = {"list": f'"another", {etag}', "weak": f"W/{etag}", "any": "*"}
+    other = '"another", W/"yet-another"'
+    for name, value in matching.items():
+        streamed = await client.get(url, headers={"If-None-Match": value, "Range": "bytes=0-4"})
+        assert (streamed.status, streamed.headers["X-Cache"]) == (304, "COALESCED"), name
+        assert streamed.headers["ETag"] == etag
+    unmatched = await client.get(url, headers={"If-None-Match": other, "Range": "bytes=0-4"})
+    assert unmatched.status == 206 and await unmatched.read() == synthetic_range(0, 5)
+    assert client.app[DOWNLOAD_SERVICE].store.lookup(job_id, "data") is None  # still streaming
+
+    clip_emulator.app[FAULTS_KEY].release()
+    assert len(await (await client.get(url)).read()) == size
+    for name, value in matching.items():
+        for ranges in ("bytes=0-4", "bytes=0-4,10-19"):  # FileResponse, multipart/byteranges
+            stored = await client.get(url, headers={"If-None-Match": value, "Range": ranges})
+            assert (stored.status, stored.headers["X-Cache"]) == (304, "HIT"), (name, ranges)
+            assert stored.headers["ETag"] == etag
+    unmatched = await client.get(url, headers={"If-None-Match": other, "Range": "bytes=0-4"})
+    assert unmatched.status == 206 and await unmatched.read() == synthetic_range(0, 5)
+    assert downloads(clip_emulator) == 1
+
+
 async def test_aria2c_with_four_connections_gets_the_exact_file_once(
     gateway_for, clip_emulator, tmp_path
 ):

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +25,8 @@ from aiohttp import web
 from PIL import Image
 
 from gateway.emulator import FAULTS_KEY, Fault
+from gateway.errors import TransferBroken, UpstreamBadResponse
+from gateway.services.transfers import Transfer
 from gateway.storage.downloads import DownloadStore
 from tests.conftest import TOKENS, config_with, fill_disk
 from tests.test_cli import serving_workers
@@ -307,3 +310,52 @@ def _app(routes: dict) -> web.Application:
         else:
             app.router.add_post(path, handler)
     return app
+
+
+async def test_no_reader_gets_the_last_byte_of_a_transfer_that_was_not_stored(tmp_path):
+    """The transfer protocol alone, on a real store: an upstream that sends more than its
+    Content-Length is never stored, and its readers (the whole file, and a range ending at
+    the last byte) get every byte but the file's last one, then TransferBroken: a short
+    body, never a whole-looking one."""
+    store = DownloadStore(tmp_path / "downloads", 1 << 30)
+    transfer = Transfer("job", "rgb", store.temp_path())
+    announced_all = asyncio.Event()
+
+    @asynccontextmanager
+    async def overlong():
+        async def chunks():
+            yield b"0123456789"
+            await announced_all.wait()
+            yield b"AB"  # past the announced Content-Length
+
+        yield {"content-type": "image/tiff", "content-length": "10"}, chunks()
+
+    async def write() -> None:
+        try:
+            await transfer.receive(
+                overlong(), store, expected=None, content_types=frozenset({"image/tiff"})
+            )
+        except UpstreamBadResponse as exc:
+            transfer.finish(exc)
+
+    async def read(start: int, end: int | None) -> tuple[bytes, bool]:
+        received = bytearray()
+        async with transfer.reader(start, end) as chunks:
+            try:
+                async for chunk in chunks:
+                    received += chunk
+                    if start + len(received) == 9:  # all but the last byte is sendable
+                        announced_all.set()
+            except TransferBroken:
+                return bytes(received), True
+        return bytes(received), False
+
+    writing = asyncio.ensure_future(write())
+    await transfer.ready.wait()
+    whole, tail = await asyncio.gather(read(0, None), read(5, 10))
+    await writing
+    assert whole == (b"012345678", True)
+    assert tail == (b"5678", True)
+    assert transfer.stored is None and store.lookup("job", "rgb") is None
+    assert not transfer.tmp.exists()
+    store.close()

@@ -17,7 +17,8 @@ import pytest
 
 from gateway.app import create_app
 from gateway.emulator import FAULTS_KEY, Fault
-from gateway.services.downloads import clean_filename, content_disposition, safe_filename
+from gateway.services.downloads import content_disposition
+from gateway.services.transfers import clean_filename, safe_filename
 from gateway.storage.downloads import DownloadStore
 from tests.conftest import PLANTED_KEY, TOKENS
 

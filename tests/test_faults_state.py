@@ -25,7 +25,7 @@ import pytest
 
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.http.keys import LAYERS, TILE_SERVICE
-from gateway.routes.tiles import parse_tile
+from gateway.http.params import parse_tile
 from gateway.storage.tiles import (
     ENTRY_FORMAT,
     EntryFormatError,

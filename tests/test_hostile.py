@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.http.params import parse_tile
 from gateway.http.problem import Problem
 from gateway.routes.listing import STATUS
-from gateway.routes.tiles import parse_tile
-from gateway.services.downloads import JOB_ID, MOSAIC_TYPE, clean_filename, content_disposition
+from gateway.services.downloads import JOB_ID, MOSAIC_TYPE, content_disposition
+from gateway.services.transfers import clean_filename
 from tests.conftest import TOKENS
 from tests.hostile.corpus import VALUES
 

@@ -18,7 +18,7 @@ from gateway.emulator import CLIPS_KEY, FAULTS_KEY, Fault
 from gateway.emulator.clips import CORRUPT_REASON, FOREIGN_JOB_ID
 from gateway.errors import UpstreamBadResponse
 from gateway.http.keys import DOWNLOAD_SERVICE
-from gateway.services.downloads import checked_download
+from gateway.services.transfers import checked_download
 from gateway.upstream.alerts import KEY_REFUSED, PAYMENT_REQUIRED, SCOPE_MISSING
 from tests.conftest import PLANTED_KEY, TOKENS, config_with
 from tests.test_downloads import create_job, upstream_bytes

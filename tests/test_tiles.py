@@ -52,6 +52,9 @@ async def test_if_none_match_gets_304(gateway, emulator):
     assert again.headers["ETag"] == etag
     other = await gateway.get(OLINDA, headers={"If-None-Match": '"something-else"'})
     assert other.status == 200
+    # a list and a weak tag, compared weakly (RFC 9110 section 13.1.2), as downloads do
+    for value in (f'"something-else", {etag}', f"W/{etag}", "*"):
+        assert (await gateway.get(OLINDA, headers={"If-None-Match": value})).status == 304, value
     assert emulator.renders() == 1
 
 

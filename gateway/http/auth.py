@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import cast
 
 from aiohttp import web
 
@@ -105,7 +106,7 @@ class Authenticator:
         """
         cached = request.get(TOKEN_KEY, _ANONYMOUS)
         if cached is not _ANONYMOUS:
-            return cached
+            return cast("TokenSettings | None", cached)
         value = presented_token(request)
         token = None
         if value is not None:

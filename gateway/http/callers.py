@@ -1,10 +1,11 @@
-"""Who is asking, and the per-client request-rate limit.
+"""Who is asking (the caller: the downstream client of the gateway, never the upstream
+Geopera client), and the per-caller request-rate limit.
 
-The client is the socket's peer address, or the first untrusted address in
+The caller is the socket's peer address, or the first untrusted address in
 ``X-Forwarded-For`` when the peer is one of ``server.trusted_proxies`` (walking the header
 from the right, as RFC 7239 section 5.2 advises for the similar ``Forwarded`` header).
 
-The limit is a moving window per client (the ``limits`` library, in process memory): one
+The limit is a moving window per caller (the ``limits`` library, in process memory): one
 runaway script gets 429 with ``Retry-After`` and ``RateLimit-*`` headers
 (draft-ietf-httpapi-ratelimit-headers) instead of spending everyone's upstream budget. It is
 enforced per worker process.
@@ -32,8 +33,8 @@ def is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
     return any(ip in net for net in networks)
 
 
-def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
-    """The client's IP address as a string ("unknown" when the socket has none)."""
+def caller_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
+    """The caller's IP address as a string ("unknown" when the socket has none)."""
     peer = request.remote or "unknown"
     if not trusted or not is_trusted(peer, trusted):
         return peer
@@ -48,8 +49,8 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     return hops[0] if hops else peer
 
 
-class ClientRateLimit:
-    """A moving-window request limit per client key.
+class CallerRateLimit:
+    """A moving-window request limit per caller key (a caller address or ``token:<name>``).
 
     Args:
         rate: a ``limits`` rate string such as ``"100/second"`` or ``"5000/minute"``.

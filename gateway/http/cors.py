@@ -21,8 +21,9 @@ Credentials (cookies) are never allowed: tokens travel in ``Authorization`` or `
 Why not aiohttp-cors: it must be registered route by route (``cors.add(route, ...)``, plus
 an ``OPTIONS`` resource for each), and it does its work in an ``on_response_prepare``
 signal that runs for every response of the app, tile hits included. This middleware is a
-few lines, covers routes by name (the short tile form and error answers included), and
-costs nothing when there is no ``Origin`` header.
+few lines, covers the routes whose :class:`~gateway.http.policy.RoutePolicy` says ``cors``
+(declared where each route is registered; the short tile form and error answers included),
+and costs nothing when there is no ``Origin`` header.
 """
 
 from __future__ import annotations
@@ -32,13 +33,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.http.keys import SETTINGS
+from gateway.http.policy import policy_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-CORS_ROUTES = frozenset(
-    {"tile", "default_tile", "tilejson", "layers", "wmts", "clip_tile", "clip_tilejson"}
-)
-"""Route names (see the routes modules) that answer cross-origin requests."""
 
 EXPOSE_HEADERS = "ETag, X-Cache"
 ALLOW_METHODS = "GET, HEAD, OPTIONS"
@@ -63,35 +60,38 @@ def _add_vary(headers: web.StreamResponse, value: str) -> None:
         headers.headers["Vary"] = f"{vary}, {value}"
 
 
-async def _preflight_route(request: web.Request) -> str | None:
-    """The name of the route a preflight's actual GET would reach (None when it matches none)."""
+async def _preflight_allowed(request: web.Request) -> bool:
+    """Whether the route a preflight's actual GET would reach answers cross-origin requests."""
     match = await request.app.router.resolve(request.clone(method="GET"))
-    return match.route.name if match.http_exception is None else None
+    if match.http_exception is not None:
+        return False
+    return policy_of(request.app, match).cors
 
 
 @web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Add CORS headers to :data:`CORS_ROUTES` answers and answer their preflights."""
+    """Add CORS headers to the answers of routes whose policy has ``cors`` and answer their
+    preflights."""
     origin = request.headers.get("Origin")
     if origin is None:
         return await handler(request)
     origins = request.app[SETTINGS].server.cors_origins
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        if await _preflight_route(request) not in CORS_ROUTES:
+        if not await _preflight_allowed(request):
             return await handler(request)
-        response = web.Response(status=204)
+        preflight = web.Response(status=204)
         allow = allowed_origin(origin, origins)
         if allow is not None:
-            headers = response.headers
+            headers = preflight.headers
             headers["Access-Control-Allow-Origin"] = allow
             headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
             headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
             headers["Access-Control-Max-Age"] = str(MAX_AGE_S)
         if allow != "*":
-            _add_vary(response, "Origin")
-        return response
+            _add_vary(preflight, "Origin")
+        return preflight
     response = await handler(request)
-    if request.match_info.route.name not in CORS_ROUTES or response.prepared:
+    if not policy_of(request.app, request.match_info).cors or response.prepared:
         return response
     allow = allowed_origin(origin, origins)
     if allow is not None:

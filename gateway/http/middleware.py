@@ -1,7 +1,8 @@
 """The gateway's request middleware and the headers every response carries.
 
-:func:`gateway_middleware` runs around every handler: request-shape checks, the per-client
-rate limit, problem+json for every error (a :class:`~gateway.http.problem.Problem`, a domain
+:func:`gateway_middleware` runs around every handler: request-shape checks and the
+route's :class:`~gateway.http.policy.RoutePolicy` (its query parameters, the per-caller rate
+limit), problem+json for every error (a :class:`~gateway.http.problem.Problem`, a domain
 error through :data:`~gateway.http.problem.ERROR_TABLE`, aiohttp's own 404/405/413, or an
 unexpected exception: logged, 500), the 499 of a client that left, and the HTTP metrics.
 :func:`common_headers` adds ``X-Content-Type-Options``, ``Server`` and the ``RateLimit-*``
@@ -19,8 +20,9 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.errors import GatewayError
-from gateway.http.callers import client_address
-from gateway.http.keys import AUTH, CLIENT_LIMIT, SETTINGS
+from gateway.http.callers import caller_address
+from gateway.http.keys import AUTH, CALLER_LIMITS, SETTINGS
+from gateway.http.policy import OPEN, ROUTE_POLICIES
 from gateway.http.problem import Problem, problem_for
 from gateway.http.server import COMMON_HEADERS
 from gateway.http.validation import check_request_shape
@@ -28,30 +30,17 @@ from gateway.logs import CLIENT_CLOSED, CLIENT_GONE_KEY, CLIENT_KEY
 
 log = logging.getLogger("gateway.app")
 
-LIMITED_ROUTES = frozenset(
-    {
-        "tile",
-        "default_tile",
-        "download_list",
-        "download_job",
-        "download",
-        "download_checksum",
-        "clip_tile",
-        "clip_tilejson",
-    }
-)
-"""Routes that count against the per-client rate limit (those that can spend upstream)."""
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RATE_HEADERS_KEY = web.RequestKey("gateway_rate_headers", dict)
-"""Request key for the ``RateLimit-*`` headers of the client's limit, set by the middleware
+"""Request key for the ``RateLimit-*`` headers of the caller's limit, set by the middleware
 and written by :func:`common_headers`."""
 
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per-client rate limit, problem+json for every error and HTTP metrics.
+    """The route's policy (:mod:`gateway.http.policy`: allowed query parameters, the
+    caller's rate limit), problem+json for every error and HTTP metrics.
 
     :class:`Problem` raised anywhere becomes its response, a domain error
     (:class:`~gateway.errors.GatewayError`) the response :data:`~gateway.http.problem.ERROR_TABLE`
@@ -61,11 +50,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     streamed ones included.
     """
     started = time.perf_counter()
-    route = request.match_info.route.name or "unmatched"
+    matched = request.match_info.route
+    route = matched.name or "unmatched"
+    policy = request.app[ROUTE_POLICIES].get(matched.resource, OPEN)
     try:
-        check_request_shape(request, route)
-        if route in LIMITED_ROUTES:
-            _check_client_limit(request)
+        check_request_shape(request, policy)
+        if policy.caller_limit:
+            _check_caller_limit(request)
         response = await handler(request)
     except Problem as problem:
         if problem.status == 429:
@@ -99,7 +90,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: the headers of every answer, set just before its headers are
     sent, so streamed answers (download transfers, ``multipart/byteranges``, files) carry
-    them too: :data:`~gateway.http.server.COMMON_HEADERS` and, on routes with a client limit,
+    them too: :data:`~gateway.http.server.COMMON_HEADERS` and, on routes with a caller limit,
     the ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)."""
     headers = response.headers
     headers.update(COMMON_HEADERS)
@@ -108,34 +99,34 @@ async def common_headers(request: web.Request, response: web.StreamResponse) -> 
         headers.update(rate_headers)
 
 
-def _check_client_limit(request: web.Request) -> None:
-    """Count the request against its client's limit: per token (with the token's own rate
-    when it has one), else per client address; the RateLimit headers go in
+def _check_caller_limit(request: web.Request) -> None:
+    """Count the request against its caller's limit: per token (with the token's own rate
+    when it has one), else per caller address; the RateLimit headers go in
     :data:`RATE_HEADERS_KEY`.
 
     Raises:
         Problem: 400 for a token sent twice and 401 for a bad one (both counted against the
-            client address first), 429 over the limit.
+            caller address first), 429 over the limit.
     """
     app = request.app
-    limits = app[CLIENT_LIMIT]
+    limits = app[CALLER_LIMITS]
     if not limits:
-        return  # no client limits configured: tokens are still checked by the route
-    client = client_address(request, app[SETTINGS].server.trusted_proxies)
-    request[CLIENT_KEY] = client
+        return  # no caller limits configured: tokens are still checked by the route
+    caller = caller_address(request, app[SETTINGS].server.trusted_proxies)
+    request[CLIENT_KEY] = caller
     try:
         token = app[AUTH].identify(request)
     except Problem:
-        # a refused token costs a request too, from the client's address
+        # a refused token costs a request too, from the caller's address
         default = limits.get("default")
         if default is not None:
-            request[RATE_HEADERS_KEY] = default.check(client)
+            request[RATE_HEADERS_KEY] = default.check(caller)
         raise
     rate = token.rate_limit if token is not None and token.rate_limit else None
-    limit = app[CLIENT_LIMIT].get(rate or "default")
+    limit = limits.get(rate or "default")
     if limit is not None:
         request[RATE_HEADERS_KEY] = limit.check(
-            f"token:{token.name}" if token is not None else client
+            f"token:{token.name}" if token is not None else caller
         )
 
 

@@ -114,7 +114,7 @@ def _subject(exc: GatewayError, default: str = "this request") -> str:
 
 
 def _seconds(exc: Any) -> int:
-    return max(1, round(exc.retry_after_s))
+    return max(1, round(float(exc.retry_after_s)))
 
 
 NOT_READY_RETRY_S = 5

@@ -54,7 +54,7 @@ def _socket_host(request: web.BaseRequest) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def public_base(request: web.BaseRequest) -> str:
+def public_base(request: web.Request) -> str:
     """The gateway's external base URL for ``request``, without a trailing slash.
 
     Returns ``server.public_url`` when set (it may carry a path prefix, e.g.
@@ -63,7 +63,7 @@ def public_base(request: web.BaseRequest) -> str:
     """
     server = request.app[SETTINGS].server
     if server.public_url:
-        return server.public_url
+        return str(server.public_url)
     scheme = request.scheme
     host = request.headers.get("Host", "")
     if server.trusted_proxies and is_trusted(request.remote or "", server.trusted_proxies):
@@ -78,12 +78,12 @@ def public_base(request: web.BaseRequest) -> str:
     return f"{scheme}://{host}"
 
 
-def depends_on_request(request: web.BaseRequest) -> bool:
+def depends_on_request(request: web.Request) -> bool:
     """Whether :func:`public_base` reads request headers (no ``public_url`` configured)."""
     return request.app[SETTINGS].server.public_url is None
 
 
-def token_query(request: web.BaseRequest) -> str:
+def token_query(request: web.Request) -> str:
     """``?token=<token>`` when the request carried a valid token as its ``token`` query
     parameter, ``""`` when it carried none or a valid one in ``Authorization``.
 
@@ -100,3 +100,13 @@ def token_query(request: web.BaseRequest) -> str:
     if request.app[AUTH].identify(request) is None or "Authorization" in request.headers:
         return ""
     return "?token=" + quote(request.query["token"], safe="")
+
+
+def job_url(base: str, job_id: str) -> str:
+    """Absolute URL of a job's status and files on this gateway."""
+    return f"{base}/downloads/{job_id}"
+
+
+def file_url(base: str, job_id: str, mosaic_type: str) -> str:
+    """Absolute URL of one clip file on this gateway."""
+    return f"{job_url(base, job_id)}/{mosaic_type}"

@@ -7,16 +7,17 @@ headers at the protocol level. These tighter limits answer with problem+json:
 - the query string longer than :data:`MAX_QUERY` bytes, or more than :data:`MAX_QUERY_PARAMS`
   parameters → 414 / 400;
 - more than :data:`MAX_HEADERS` request headers → 431 (RFC 6585 section 5);
-- on routes whose answer comes from the upstream (tiles, downloads, clip layers, the job
-  listing), any query parameter but ``token`` (and, for the listing, ``status``, ``limit``
-  and ``offset``) → 400, and any of them repeated → 400, so nothing a client adds can change
-  what is fetched or poison the cache under another key.
+- on routes whose :class:`~gateway.http.policy.RoutePolicy` lists the query parameters it
+  accepts (those whose answer comes from the upstream: tiles, downloads, clip layers, the job
+  listing), any other query parameter → 400, and any of them repeated → 400, so nothing a
+  client adds can change what is fetched or poison the cache under another key.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.http.policy import RoutePolicy
 from gateway.http.problem import Problem
 
 MAX_PATH = 1024
@@ -24,22 +25,11 @@ MAX_QUERY = 1024
 MAX_QUERY_PARAMS = 8
 MAX_HEADERS = 64
 
-ALLOWED_QUERY: dict[str, frozenset[str]] = {
-    "tile": frozenset({"token"}),
-    "default_tile": frozenset({"token"}),
-    "download": frozenset({"token"}),
-    "download_job": frozenset({"token"}),
-    "download_checksum": frozenset({"token"}),
-    "download_list": frozenset({"token", "status", "limit", "offset"}),
-    "clip_tile": frozenset({"token"}),
-    "clip_tilejson": frozenset({"token"}),
-}
-"""Query parameters each upstream-backed route accepts (by route name)."""
 
-
-def check_request_shape(request: web.Request, route: str) -> None:
+def check_request_shape(request: web.Request, policy: RoutePolicy) -> None:
     """Raise a :class:`Problem` when the request is larger or stranger than the gateway
-    serves; cheap enough for every request (length checks, one dict lookup)."""
+    serves, or carries a query parameter its route's ``policy`` does not accept; cheap
+    enough for every request (length checks; the query only when there is one)."""
     if len(request.raw_path) > MAX_PATH + MAX_QUERY:
         raise Problem(
             414,
@@ -76,7 +66,7 @@ def check_request_shape(request: web.Request, route: str) -> None:
             f"At most {MAX_QUERY_PARAMS} query parameters.",
             slug="too-many-query-parameters",
         )
-    allowed = ALLOWED_QUERY.get(route)
+    allowed = policy.query
     if allowed is not None:
         unknown = sorted(k for k in query if k not in allowed)
         if unknown:

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.http.keys import AUTH, LAYERS, TILE_CACHE
+from gateway.http.policy import add_post
 from gateway.http.problem import bad_request
 from gateway.seed.area import AreaError, parse_bbox, parse_zoom
 from gateway.seed.purge import purge_tiles_async
@@ -88,4 +89,4 @@ async def purge(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register the admin routes on ``app``."""
-    app.router.add_post("/admin/purge", purge, name="admin_purge")
+    add_post(app, "/admin/purge", purge, name="admin_purge")

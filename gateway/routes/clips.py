@@ -18,10 +18,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.discovery.tilejson import tilejson
+from gateway.http.answers import tile_response
 from gateway.http.keys import CLIP_LAYERS, TILE_SERVICE
+from gateway.http.params import authorize_job, mosaic_type_of, parse_tile
+from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.urls import public_base, token_query
-from gateway.routes.downloads import authorize_job, mosaic_type_of
-from gateway.routes.tiles import parse_tile, tile_response
 
 
 async def clip_tile(request: web.Request) -> web.Response:
@@ -45,9 +46,14 @@ async def clip_tilejson(request: web.Request) -> web.Response:
     return web.json_response(doc, headers={"Cache-Control": cache})
 
 
+POLICY = RoutePolicy(cors=True, caller_limit=True, query=frozenset({"token"}))
+"""Clip tiles and their TileJSON: read across origins, counted against the caller's limit
+(both can ask the upstream), ``?token=`` the only query parameter."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the clip layer routes on ``app``; before the tile routes, whose
     ``/tiles/{layer}/{z}/{x}/{tail}`` would otherwise take the TileJSON path."""
     base = "/tiles/clips/{job_id}/{mosaic_type}"
-    app.router.add_get(base + "/tilejson.json", clip_tilejson, name="clip_tilejson")
-    app.router.add_get(base + "/{z}/{x}/{tail}", clip_tile, name="clip_tile")
+    add_get(app, base + "/tilejson.json", clip_tilejson, name="clip_tilejson", policy=POLICY)
+    add_get(app, base + "/{z}/{x}/{tail}", clip_tile, name="clip_tile", policy=POLICY)

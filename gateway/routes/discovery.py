@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.discovery.tilejson import layer_summary, tilejson
 from gateway.discovery.wmts import CAPABILITIES_PATH, wmts_document
 from gateway.http.keys import LAYERS, SETTINGS
+from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import not_found
 from gateway.http.urls import depends_on_request, public_base, token_query
 
@@ -75,8 +76,13 @@ async def wmts_capabilities(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
+POLICY = RoutePolicy(cors=True)
+"""Discovery documents: read by map clients across origins; they never call the upstream,
+so no caller limit, and any query parameter is ignored."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the discovery routes on ``app`` (before the tile routes)."""
-    app.router.add_get("/layers", layers, name="layers")
-    app.router.add_get("/tiles/{layer}/tilejson.json", layer_tilejson, name="tilejson")
-    app.router.add_get(CAPABILITIES_PATH, wmts_capabilities, name="wmts")
+    add_get(app, "/layers", layers, name="layers", policy=POLICY)
+    add_get(app, "/tiles/{layer}/tilejson.json", layer_tilejson, name="tilejson", policy=POLICY)
+    add_get(app, CAPABILITIES_PATH, wmts_capabilities, name="wmts", policy=POLICY)

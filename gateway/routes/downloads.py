@@ -20,88 +20,32 @@ import base64
 import io
 import os
 import uuid
+from collections.abc import Sequence
 from email.utils import formatdate
+from typing import cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
-from gateway.config.settings import TokenSettings
-from gateway.http.callers import client_address
-from gateway.http.keys import AUTH, DOWNLOAD_SERVICE, SETTINGS
-from gateway.http.problem import PROBLEM_JSON, Problem, bad_request
-from gateway.http.urls import public_base
+from gateway.errors import TransferBroken
+from gateway.http.callers import caller_address
+from gateway.http.conditional import none_match
+from gateway.http.keys import DOWNLOAD_SERVICE, SETTINGS
+from gateway.http.params import authorize_job, mosaic_type_of
+from gateway.http.policy import RoutePolicy, add_get
+from gateway.http.problem import PROBLEM_JSON, Problem
+from gateway.http.urls import file_url, public_base
 from gateway.logs import CLIENT_GONE_KEY
-from gateway.services.downloads import (
-    JOB_ID,
-    MOSAIC_TYPE,
-    DownloadService,
-    Requester,
-    Transfer,
-    TransferBroken,
-    content_disposition,
-)
-from gateway.storage.downloads import DownloadStore, StoredFile
+from gateway.services.downloads import DownloadService, Requester, content_disposition
+from gateway.services.transfers import READ_CHUNK, Transfer
+from gateway.storage.downloads import StoredFile
 
 CACHE_CONTROL = "private, max-age=86400"
 """Clip files are immutable once completed, but only for the clients allowed to fetch them."""
 
 MAX_RANGES = 32
 """More ranges than this in one request are answered with the whole file."""
-
-READ_CHUNK = 1 << 20
-
-
-def job_id_of(request: web.Request) -> str:
-    """The request's ``{job_id}``, checked to be a UUID (:data:`JOB_ID`).
-
-    Raises:
-        Problem: 400 ``malformed-job-id``.
-    """
-    job_id = request.match_info["job_id"]
-    if not JOB_ID.fullmatch(job_id):
-        raise bad_request("Job ids are UUIDs.", "malformed-job-id")
-    return job_id
-
-
-def mosaic_type_of(request: web.Request) -> str:
-    """The request's ``{mosaic_type}``, checked against :data:`MOSAIC_TYPE`.
-
-    Raises:
-        Problem: 400 ``malformed-mosaic-type``.
-    """
-    mosaic_type = request.match_info["mosaic_type"]
-    if not MOSAIC_TYPE.fullmatch(mosaic_type):
-        raise bad_request(
-            "Mosaic types are 1-64 lower-case letters, digits, '-' or '_', starting with a letter.",
-            "malformed-mosaic-type",
-        )
-    return mosaic_type
-
-
-async def authorize_job(request: web.Request) -> tuple[str, TokenSettings | None]:
-    """Check the request's ``downloads`` token and job id, and that the token may reach the
-    job's project; returns the job id and the token.
-
-    Raises:
-        Problem: 401/403 (token), 400 (job id); ProjectForbidden and the job errors of
-            :meth:`DownloadService.check_project`.
-    """
-    token = request.app[AUTH].authorize(request, "downloads")
-    job_id = job_id_of(request)
-    projects = token.projects if token is not None else None
-    await request.app[DOWNLOAD_SERVICE].check_project(job_id, projects)
-    return job_id, token
-
-
-def job_url(base: str, job_id: str) -> str:
-    """Absolute URL of a job's status and files on this gateway."""
-    return f"{base}/downloads/{job_id}"
-
-
-def file_url(base: str, job_id: str, mosaic_type: str) -> str:
-    """Absolute URL of one clip file on this gateway."""
-    return f"{job_url(base, job_id)}/{mosaic_type}"
 
 
 async def job_status(request: web.Request) -> web.Response:
@@ -121,33 +65,22 @@ async def _open(request: web.Request) -> tuple[StoredFile | Transfer, str]:
     job_id, _ = await authorize_job(request)
     mosaic_type = mosaic_type_of(request)
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
-    client = client_address(request, request.app[SETTINGS].server.trusted_proxies)
-    requester = Requester(request.headers.get("User-Agent"), client)
+    caller = caller_address(request, request.app[SETTINGS].server.trusted_proxies)
+    requester = Requester(request.headers.get("User-Agent"), caller)
     return await service.open(job_id, mosaic_type, requester)
 
 
-async def _stored(found: StoredFile | Transfer) -> StoredFile:
-    """The stored file, once ``found`` (a transfer) has been stored.
+async def download(request: web.Request) -> web.StreamResponse:
+    """``GET``/``HEAD /downloads/{job_id}/{mosaic_type}``: the clip file.
 
     Raises:
-        Problem: 502 when the transfer broke off.
+        TransferBroken: (502) the transfer broke off before anything was sent.
     """
-    if isinstance(found, StoredFile):
-        return found
-    await found.finished.wait()
-    if found.error is not None or found.stored is None:
-        raise _broken()
-    return found.stored
-
-
-async def download(request: web.Request) -> web.StreamResponse:
-    """``GET``/``HEAD /downloads/{job_id}/{mosaic_type}``: the clip file."""
     found, cache = await _open(request)
-    if isinstance(found, Transfer):
-        if found.size is None or _several_ranges(request):
-            return await _serve_stored(request, await _stored(found), cache)
+    if isinstance(found, Transfer) and found.size is not None and not _several_ranges(request):
         return await _stream_transfer(request, found, cache)
-    return await _serve_stored(request, found, cache)
+    stored = await request.app[DOWNLOAD_SERVICE].stored(found)
+    return await _serve_stored(request, stored, cache)
 
 
 async def checksum(request: web.Request) -> web.Response:
@@ -156,10 +89,10 @@ async def checksum(request: web.Request) -> web.Response:
     spaces, the file name as ``Content-Disposition`` gives it). A file not stored yet is
     transferred first (one transfer, shared with its downloads)."""
     found, cache = await _open(request)
-    stored = await _stored(found)
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
+    stored = await service.stored(found)
     job_id, mosaic_type = request.match_info["job_id"], request.match_info["mosaic_type"]
-    digest = await asyncio.to_thread(service.store.checksum, job_id, mosaic_type, stored)
+    digest = await service.checksum(job_id, mosaic_type, stored)
     return web.Response(
         text=f"{digest}  {stored.filename}\n",
         content_type="text/plain",
@@ -170,15 +103,6 @@ async def checksum(request: web.Request) -> web.Response:
 
 def _several_ranges(request: web.Request) -> bool:
     return "," in request.headers.get("Range", "")
-
-
-def _broken() -> Problem:
-    return Problem(
-        502,
-        "Bad gateway",
-        "The transfer of this file from the upstream broke off; try again.",
-        slug="upstream-error",
-    )
 
 
 def repr_digest(sha256_hex: str) -> str:
@@ -232,17 +156,17 @@ def _transfer_range(request: web.Request, transfer: Transfer) -> tuple[int, int]
 async def _stream_transfer(
     request: web.Request, transfer: Transfer, cache: str
 ) -> web.StreamResponse:
-    """Send a file, or one range of it, while it is being transferred, as
-    :class:`TransferReader` yields it.
+    """Send a file, or one range of it, while it is being transferred: the chunks its
+    :class:`~gateway.services.transfers.TransferReader` yields, as they come.
 
     The reader holds the file's last byte back until the transfer is verified and stored;
-    when the transfer breaks, the client gets every byte of its answer written so far and
-    then a cut connection, so it sees a short body it can resume, never a fake whole file.
+    when the transfer breaks, it raises after every byte it may send, and the connection is
+    cut, so the client sees a short body it can resume, never a fake whole file.
     """
     headers = _file_headers(transfer.filename, cache)
     headers["ETag"] = transfer.etag
     headers["Last-Modified"] = formatdate(transfer.mtime_ns / 1e9, usegmt=True)
-    if request.headers.get("If-None-Match", "").strip() in (transfer.etag, "*"):
+    if none_match(request, transfer.etag):
         return web.Response(status=304, headers=headers)
     span = _transfer_range(request, transfer)
     size = transfer.size or 0
@@ -252,16 +176,13 @@ async def _stream_transfer(
     response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
     response.content_type = transfer.content_type
     response.content_length = stop - start
-    try:
-        reader = await asyncio.to_thread(transfer.reader, start, stop if span is not None else None)
-    except TransferBroken:
-        raise _broken() from None
-    with reader:
+    # a transfer already gone raises TransferBroken here, before anything is sent: 502
+    async with transfer.reader(start, stop if span is not None else None) as chunks:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
         try:
-            async for chunk in reader:
+            async for chunk in chunks:
                 await response.write(chunk)
         except TransferBroken:
             _cut_connection(request)
@@ -290,22 +211,22 @@ class StoredFileResponse(web.FileResponse):
     whole file is sent (RFC 9110 section 13.1.5) by hiding ``Range`` from the base class.
     """
 
-    def __init__(self, stored: StoredFile, store: DownloadStore, cache: str) -> None:
+    def __init__(self, stored: StoredFile, service: DownloadService, cache: str) -> None:
         super().__init__(
             stored.path,
             chunk_size=READ_CHUNK,
             headers=_file_headers(stored.filename, cache, stored.sha256),
         )
         self.content_type = stored.content_type
-        self._stored, self._store = stored, store
+        self._stored, self._service = stored, service
 
-    async def prepare(self, request: web.BaseRequest):
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if "Range" in request.headers and not _if_range_holds(request, self._stored.etag):
             headers = request.headers.copy()
             del headers["Range"]
             headers.popall("If-Range", None)
             request = request.clone(headers=headers)
-        with self._store.serving(self._stored):  # not evicted while it is being sent
+        with self._service.serving(self._stored):  # not evicted while it is being sent
             return await super().prepare(request)
 
     async def _prepare_open_file(
@@ -320,14 +241,15 @@ class StoredFileResponse(web.FileResponse):
         if not _range_unsatisfiable(request, st.st_size, st.st_mtime):
             return await super()._prepare_open_file(request, fobj, st, file_encoding)
         answer = range_not_satisfiable(st.st_size).response(request.path)
+        body = cast(bytes, answer.body)  # a problem+json document, serialised
         self.set_status(416)
         self.headers.pop("Content-Disposition", None)
         self.headers.update(answer.headers)
         self.content_type = PROBLEM_JSON
-        self.content_length = len(answer.body)
+        self.content_length = len(body)
         writer = await web.StreamResponse.prepare(self, request)
         if request.method != "HEAD":
-            await self.write(answer.body)
+            await self.write(body)
         return writer
 
 
@@ -356,7 +278,7 @@ def _range_unsatisfiable(request: web.BaseRequest, size: int, mtime: float) -> b
         wanted = request.http_range
     except ValueError:
         return True
-    start = wanted.start
+    start: int | None = wanted.start
     if start is None:
         return False
     if start < 0 and wanted.stop is None:  # a suffix: the last -start bytes
@@ -381,15 +303,23 @@ def _if_range_holds(request: web.BaseRequest, etag: str, mtime_ns: int | None = 
 
 async def _serve_stored(request: web.Request, stored: StoredFile, cache: str) -> web.StreamResponse:
     header = request.headers.get("Range", "")
-    if "," in header and _if_range_holds(request, stored.etag):
+    # several ranges: If-None-Match first (RFC 9110 section 13.2.2), as FileResponse does
+    if (
+        "," in header
+        and not none_match(request, stored.etag)
+        and _if_range_holds(request, stored.etag)
+    ):
         ranges = parse_range_header(header)
         if ranges is not None and ranges.units == "bytes" and len(ranges.ranges) <= MAX_RANGES:
             return await _multipart_ranges(request, stored, ranges.ranges, cache)
-    return StoredFileResponse(stored, request.app[DOWNLOAD_SERVICE].store, cache)
+    return StoredFileResponse(stored, request.app[DOWNLOAD_SERVICE], cache)
 
 
 async def _multipart_ranges(
-    request: web.Request, stored: StoredFile, ranges: list[tuple[int, int | None]], cache: str
+    request: web.Request,
+    stored: StoredFile,
+    ranges: Sequence[tuple[int, int | None]],
+    cache: str,
 ) -> web.StreamResponse:
     """206 ``multipart/byteranges`` for several ranges (RFC 9110 section 14.6), or 416 when
     none is satisfiable."""
@@ -442,11 +372,20 @@ async def _multipart_ranges(
     return response
 
 
+POLICY = RoutePolicy(caller_limit=True, query=frozenset({"token"}))
+"""Job status, files and checksums: counted against the caller's limit (each can ask the
+upstream), ``?token=`` the only query parameter; not for other origins."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the download routes on ``app`` (the checksum before the file: both match
     ``/downloads/{job_id}/{name}``)."""
-    app.router.add_get("/downloads/{job_id}", job_status, name="download_job")
-    app.router.add_get(
-        "/downloads/{job_id}/{mosaic_type}.sha256", checksum, name="download_checksum"
+    add_get(app, "/downloads/{job_id}", job_status, name="download_job", policy=POLICY)
+    add_get(
+        app,
+        "/downloads/{job_id}/{mosaic_type}.sha256",
+        checksum,
+        name="download_checksum",
+        policy=POLICY,
     )
-    app.router.add_get("/downloads/{job_id}/{mosaic_type}", download, name="download")
+    add_get(app, "/downloads/{job_id}/{mosaic_type}", download, name="download", policy=POLICY)

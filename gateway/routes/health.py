@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.http.keys import GUARD, SHARED_STATE, TILE_CACHE, UPSTREAM
+from gateway.http.policy import add_get
 from gateway.storage.diskcaches import STORE_ERRORS
 from gateway.upstream.alerts import SOURCE_UNKNOWN, Alert
 from gateway.upstream.breakers import BreakerStatus
@@ -104,7 +105,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the operations routes on ``app``."""
-    app.router.add_get("/healthz", healthz, name="healthz")
-    app.router.add_get("/readyz", readyz, name="readyz")
-    app.router.add_get("/metrics", metrics_endpoint, name="metrics")
+    """Register the operations routes on ``app`` (policy :data:`~gateway.http.policy.OPEN`:
+    never limited, so a probe or a scrape is never refused)."""
+    add_get(app, "/healthz", healthz, name="healthz")
+    add_get(app, "/readyz", readyz, name="readyz")
+    add_get(app, "/metrics", metrics_endpoint, name="metrics")

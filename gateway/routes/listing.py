@@ -38,11 +38,11 @@ from werkzeug.http import parse_accept_header
 
 from gateway.errors import GatewayError
 from gateway.http.keys import AUTH, CLIP_LAYERS, DOWNLOAD_SERVICE, JOB_LISTING
+from gateway.http.pages import fill
+from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import bad_request, not_found
-from gateway.http.urls import public_base
+from gateway.http.urls import file_url, job_url, public_base
 from gateway.humanize import human_bytes
-from gateway.routes.downloads import file_url, job_url
-from gateway.routes.viewer import fill
 from gateway.services.listing import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -143,10 +143,7 @@ async def _details(request: web.Request, job: ListedJob) -> tuple[list[dict[str,
     service = request.app[DOWNLOAD_SERVICE]
     try:
         if job.files is not None:
-            files = [dict(f) for f in job.files]
-            for file in files:
-                stored = service.store.peek(job.job_id, file["mosaic_type"])
-                file["sha256"] = stored.sha256 if stored is not None else None
+            files = service.with_sha256(job.job_id, job.files)
         else:
             files = (await service.job(job.job_id))["files"]
     except GatewayError:
@@ -251,6 +248,11 @@ async def _page(
     )
 
 
+POLICY = RoutePolicy(caller_limit=True, query=frozenset({"token", "status", "limit", "offset"}))
+"""The listing: counted against the caller's limit (a page can ask ``clip.jobs.list``), and
+only the query parameters above."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register ``GET /downloads`` on ``app``."""
-    app.router.add_get("/downloads", list_jobs, name="download_list")
+    add_get(app, "/downloads", list_jobs, name="download_list", policy=POLICY)

@@ -39,6 +39,8 @@ from aiohttp import web
 from gateway.config.settings import MAPLIBRE_VERSION, ViewerSettings
 from gateway.discovery.tilejson import tile_template
 from gateway.http.keys import LAYERS, SETTINGS
+from gateway.http.pages import fill
+from gateway.http.policy import add_get
 from gateway.http.problem import not_found
 from gateway.http.urls import public_base
 from gateway.services.clips import layer_name
@@ -56,7 +58,6 @@ ASSET_TYPES = {
 BACKGROUND = "#dfe6ea"
 """The base style's only layer: a plain background colour (no external sources)."""
 
-_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028"}
 _JSON_ESCAPES["\u2029"] = "\\u2029"
 
@@ -72,15 +73,6 @@ def script_json(value: Any) -> str:
     ``<!--``, no JS line terminators)."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return re.sub("[<>&\u2028\u2029]", lambda m: _JSON_ESCAPES[m[0]], text)
-
-
-def fill(text: str, values: dict[str, str]) -> str:
-    """Replace each ``{{name}}`` in ``text`` once (replacements are not scanned again).
-
-    Raises:
-        KeyError: a placeholder without a value.
-    """
-    return _PLACEHOLDER.sub(lambda m: values[m[1]], text)
 
 
 def integrity(url: str, configured: str | None, default_url: str, default: str | None) -> str:
@@ -223,8 +215,8 @@ async def asset(request: web.Request) -> web.StreamResponse:
     assets_dir = request.app[SETTINGS].viewer.assets_dir
     name = request.match_info["name"]
     media_type = ASSET_TYPES.get(name)
-    path = assets_dir / name if assets_dir is not None and media_type else None
-    if path is None or not path.is_file():
+    path = assets_dir / name if assets_dir is not None else None
+    if path is None or media_type is None or not path.is_file():
         raise not_found(
             "The viewer serves only maplibre-gl.js, maplibre-gl.css and their source maps, "
             "and only when viewer.assets_dir is configured.",
@@ -237,6 +229,6 @@ async def asset(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     """Register the viewer routes on ``app``."""
-    app.router.add_get("/", page, name="viewer")
-    app.router.add_get("/map", page, name="viewer_map")
-    app.router.add_get(ASSETS_PATH + "{name}", asset, name="viewer_asset")
+    add_get(app, "/", page, name="viewer")
+    add_get(app, "/map", page, name="viewer_map")
+    add_get(app, ASSETS_PATH + "{name}", asset, name="viewer_asset")

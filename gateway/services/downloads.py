@@ -1,14 +1,17 @@
 """The download service: clip files cross the upstream once, then are served from disk.
 
-A request for a file the store does not hold starts one :class:`Transfer` per file and
-process: a task that streams ``clip.job.download`` through the upstream guard into a temporary
-file. Every request for that file meanwhile reads the same temporary file as it grows, so the
-first clients get bytes as they arrive and none causes a second upstream call. A client that
-goes away does not stop the transfer; when the last one has left the transfer still runs to
-the end and stores the file, so the next request is a cache hit. Only a complete transfer
-whose size matches the upstream's ``Content-Length`` (and the job descriptor's ``size_bytes``
-when known) is flushed, renamed into place and indexed. A broken transfer is never stored:
-its readers' connections are cut short, and the temporary file is removed.
+A request for a file the store does not hold starts one
+:class:`~gateway.services.transfers.Transfer` per file and process: a task that streams
+``clip.job.download`` through the upstream guard into a temporary file. Every request for that
+file meanwhile reads the same temporary file as it grows, so the first clients get bytes as
+they arrive and none causes a second upstream call. A client that goes away does not stop the
+transfer; when the last one has left the transfer still runs to the end and stores the file,
+so the next request is a cache hit. The transfer protocol itself (the checks, the writer, the
+commit, and the readers that hold the last byte back) is :mod:`gateway.services.transfers`:
+only a complete transfer whose size matches the upstream's ``Content-Length`` (and the job
+descriptor's ``size_bytes`` when known) is flushed, renamed into place and indexed; a broken
+transfer is never stored, its readers' connections are cut short, and the temporary file is
+removed.
 
 Across worker processes the store's claim makes one worker transfer while the others wait
 for the stored file.
@@ -23,7 +26,8 @@ any other status is "not completed yet" (:class:`~gateway.errors.JobNotCompleted
 on a job is another organisation's job (:class:`~gateway.errors.JobForbidden`), a 404 an
 unknown one.
 
-A download is checked before anything is stored: its media type must be one of
+A download is checked before anything is stored
+(:func:`~gateway.services.transfers.checked_download`): its media type must be one of
 ``downloads.content_types`` (default ``image/tiff``), and its size must equal its
 ``Content-Length`` and the descriptor's ``size_bytes``
 (:class:`~gateway.errors.UpstreamBadResponse` otherwise). Without a Content-Disposition the
@@ -34,22 +38,16 @@ descriptor's ``filename`` names the file. The service raises domain errors only
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
 import sqlite3
-import time
-import unicodedata
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
-
-from werkzeug.http import parse_options_header
 
 from gateway.errors import (
     GatewayError,
@@ -66,8 +64,9 @@ from gateway.errors import (
     UpstreamNotFound,
 )
 from gateway.secrets import redact
+from gateway.services.transfers import Transfer, clean_filename
 from gateway.storage.coalesce import SingleFlight
-from gateway.storage.downloads import DownloadStore, StoredFile, file_etag
+from gateway.storage.downloads import DownloadStore, StoredFile
 from gateway.upstream.guard import UpstreamGuard
 
 log = logging.getLogger("gateway.downloads")
@@ -87,13 +86,8 @@ MAX_REASON_CHARS = 500
 """Longest failure reason passed on to a client, characters."""
 
 CLAIM_POLL_S = 0.05
-
-WRITE_BATCH_BYTES = 4 << 20
-"""Received bytes queued behind the write in flight, at most, bytes; beyond it the transfer
-waits for the disk."""
-
-READ_CHUNK = 1 << 20
-"""Largest chunk a :class:`TransferReader` yields, bytes."""
+"""How often a worker waiting for another worker's transfer looks for the stored file,
+seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,24 +98,6 @@ class Requester:
     ip: str | None
 
 
-def clean_filename(name: str, fallback: str) -> str:
-    """``name`` made safe to send on: the last path component only, no control characters
-    or quotes, Unicode NFC, at most 200 characters; ``fallback`` when nothing is left."""
-    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(c for c in name if c.isprintable() and c not in "\"'")
-    return name.strip(" .")[:200] or fallback
-
-
-def safe_filename(header: str | None, fallback: str) -> str:
-    """The file name from an upstream ``Content-Disposition`` (``filename*`` preferred),
-    cleaned by :func:`clean_filename`."""
-    name = ""
-    if header:
-        _, options = parse_options_header(header)
-        name = options.get("filename*") or options.get("filename") or ""
-    return clean_filename(name, fallback)
-
-
 def content_disposition(filename: str) -> str:
     """``attachment`` with an ASCII ``filename`` and, for non-ASCII names, an RFC 8187
     ``filename*`` (RFC 6266 section 4.3)."""
@@ -130,255 +106,6 @@ def content_disposition(filename: str) -> str:
     if ascii_name != filename:
         header += f"; filename*=UTF-8''{quote(filename, safe='')}"
     return header
-
-
-class TransferBroken(Exception):
-    """The upstream transfer of a file broke off or failed before the file was stored.
-
-    Raised by :class:`TransferReader` after it has yielded every byte that was written;
-    the HTTP edge then cuts the connection, so the client sees a short body it can resume
-    (``curl -C -``), never a whole-looking file.
-    """
-
-
-class Transfer:
-    """One upstream download in progress in this process, shared by all its readers.
-
-    Attributes:
-        size: total bytes (from the upstream's Content-Length or the descriptor), or None.
-        filename, content_type: for the response headers.
-        mtime_ns: when the transfer started; the stored file keeps it, and with ``size`` it
-            makes the ETag, so streamed and stored answers agree.
-        written: bytes in the temporary file so far (every one of them written by the
-            kernel: counted only once its write returned).
-        sha256: hex SHA-256 of the whole file, computed while it was written; set once the
-            transfer is complete.
-        error: the failure, once failed.
-        stored: the stored file, once committed.
-    """
-
-    def __init__(self, job_id: str, mosaic_type: str, tmp: os.PathLike[str]) -> None:
-        self.job_id, self.mosaic_type, self.tmp = job_id, mosaic_type, tmp
-        self.size: int | None = None
-        self.filename = f"{job_id}_{mosaic_type}.tif"
-        self.content_type = "image/tiff"
-        # whole seconds: Last-Modified has one-second resolution, and must not round apart
-        self.mtime_ns = int(time.time()) * 1_000_000_000
-        self.written = 0
-        self.sha256: str | None = None
-        self.error: Exception | None = None
-        self.stored: StoredFile | None = None
-        self.ready = asyncio.Event()
-        self.finished = asyncio.Event()
-        self._progress = asyncio.Event()
-
-    @property
-    def etag(self) -> str:
-        """The ETag the stored file will have (needs ``size``)."""
-        return file_etag(self.mtime_ns, self.size or 0)
-
-    def advance(self, nbytes: int) -> None:
-        """Record ``nbytes`` more written and wake readers."""
-        self.written += nbytes
-        self._progress.set()
-
-    def finish(self, error: Exception | None = None) -> None:
-        """Mark the transfer over (``error`` when it failed) and wake everyone."""
-        self.error = error
-        self.ready.set()
-        self.finished.set()
-        self._progress.set()
-
-    def sendable(self) -> int:
-        """How many of the file's first bytes may be passed on now.
-
-        Every written byte once the transfer is over; before that, every written byte but
-        the file's last one (``size - 1``; without a known size, the newest byte), which is
-        held back until the file has been verified and stored, so that no client can
-        receive a whole-looking body from a transfer that later fails.
-        """
-        if self.finished.is_set():
-            return self.written
-        if self.size is not None:
-            return min(self.written, self.size - 1)
-        return max(0, self.written - 1)
-
-    async def wait_sendable(self, offset: int) -> None:
-        """Wait until more than ``offset`` bytes are :meth:`sendable` or the transfer is
-        over."""
-        while self.sendable() <= offset and not self.finished.is_set():
-            self._progress.clear()
-            await self._progress.wait()
-
-    def reader(self, start: int = 0, end: int | None = None) -> TransferReader:
-        """Open the growing temporary file for one client, for bytes ``start`` to ``end``
-        (exclusive; None: to the end of the file). Blocking (opens a file).
-
-        Raises:
-            TransferBroken: the transfer already failed and its file is gone.
-            ValueError: ``start`` < 0 or ``end`` < ``start``.
-        """
-        if start < 0 or (end is not None and end < start):
-            raise ValueError(f"bad byte range {start}..{end}")
-        try:
-            file = open(self.tmp, "rb")  # noqa: SIM115 - closed by TransferReader.close
-        except FileNotFoundError:
-            raise TransferBroken("the transfer ended before this reader joined") from None
-        if start:
-            file.seek(start)
-        return TransferReader(self, file, start, end)
-
-
-class TransferReader:
-    """One client's view of a :class:`Transfer`: the bytes of one range of the file
-    (``start`` to ``end``, exclusive; the whole file by default), in order, as soon as
-    they are written.
-
-    Iterating yields chunks of at most :data:`READ_CHUNK` bytes. The file's last byte is
-    held back until the transfer has been verified and committed
-    (:meth:`Transfer.sendable`), so a client can only receive a whole body from a whole
-    transfer; a range that ends before the last byte is complete as soon as its own bytes
-    are written. When the transfer breaks before the range is complete, every byte of it
-    that was written is still yielded, then :class:`TransferBroken` is raised. Close it
-    with :meth:`close` (or use it as a context manager).
-    """
-
-    def __init__(self, transfer: Transfer, file: Any, start: int = 0, end: int | None = None):
-        self._transfer, self._file = transfer, file
-        self._start, self._end = start, end
-
-    def __enter__(self) -> TransferReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the temporary file (the transfer goes on)."""
-        self._file.close()
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        transfer, position, end = self._transfer, self._start, self._end
-        while end is None or position < end:
-            await transfer.wait_sendable(position)
-            over = transfer.finished.is_set()
-            limit = transfer.sendable() if end is None else min(end, transfer.sendable())
-            while position < limit:
-                data = await asyncio.to_thread(self._file.read, min(limit - position, READ_CHUNK))
-                if not data:  # the file is shorter than its writer said: never pass it off
-                    raise TransferBroken("the temporary file ended early")
-                position += len(data)
-                yield data
-            if over and (end is None or position < end):
-                if end is None and transfer.error is None and transfer.stored is not None:
-                    return  # the whole file, verified and stored
-                raise TransferBroken("the upstream transfer broke off")
-
-
-class _TempFile:
-    """A transfer's temporary file, written by one worker thread of its own.
-
-    Every operation on the descriptor (writes, fsync, close) runs in submission order on
-    that one thread, so no write can outlive the descriptor or land in a reused one
-    (issue 9: a write thread once wrote clip bytes into whatever file next got the number).
-    Received bytes are queued with :meth:`write`; whenever no write is in flight, all that
-    is queued goes to the thread as one write (the next one starts from the last one's
-    completion). So bytes reach the disk, and the readers, as soon as the disk is free,
-    however slowly or unevenly the upstream sends them (a cold ``Range`` needs its first
-    bytes at once), and big writes form only while the disk is busy. Bytes count as written
-    (:meth:`Transfer.advance`) once their write has returned. The writer thread also feeds
-    the file's SHA-256, in write order.
-    """
-
-    def __init__(self, transfer: Transfer) -> None:
-        self._transfer = transfer
-        self._fd = os.open(transfer.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="gateway-download-write"
-        )
-        self._digest = hashlib.sha256()  # updated on the writer thread only, in write order
-        self._queued: list[bytes] = []
-        self._queued_bytes = 0
-        self._in_flight: asyncio.Future[int] | None = None
-        self._error: BaseException | None = None
-        self._closed = False
-        self._changed = asyncio.Event()
-
-    async def write(self, data: bytes) -> None:
-        """Queue ``data``, written as soon as the write in flight (if any) returns; waits
-        while :data:`WRITE_BATCH_BYTES` or more are queued (the disk is slower than the
-        upstream: TCP flow control then slows the upstream).
-
-        Raises:
-            OSError: an earlier write failed (ENOSPC: disk full).
-        """
-        self._raise_error()
-        self._queued.append(data)
-        self._queued_bytes += len(data)
-        if self._in_flight is None:
-            self._submit()
-        while self._queued_bytes >= WRITE_BATCH_BYTES and self._error is None:
-            self._changed.clear()
-            await self._changed.wait()
-        self._raise_error()
-
-    async def drain(self) -> None:
-        """Wait until every queued byte has been written.
-
-        Raises:
-            OSError: a write failed.
-        """
-        while (self._queued or self._in_flight is not None) and self._error is None:
-            if self._in_flight is None:
-                self._submit()
-            self._changed.clear()
-            await self._changed.wait()
-        self._raise_error()
-
-    async def flush(self) -> str:
-        """Write everything queued and ``fsync`` the file; returns the hex SHA-256 of
-        everything written.
-
-        Raises:
-            OSError: a write or the flush failed.
-        """
-        await self.drain()
-        await asyncio.wrap_future(self._thread.submit(os.fsync, self._fd))
-        return self._digest.hexdigest()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _submit(self) -> None:
-        data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
-        self._queued, self._queued_bytes = [], 0
-        future = self._thread.submit(_write_all, self._fd, data, self._digest)
-        self._in_flight = asyncio.wrap_future(future)
-        self._in_flight.add_done_callback(self._written)
-
-    def _written(self, future: asyncio.Future[int]) -> None:
-        """On the event loop, after each write: count its bytes, start the next write."""
-        self._in_flight = None
-        if future.cancelled():
-            self._error = self._error or OSError("a write was cancelled")
-        elif future.exception() is not None:
-            self._error = self._error or future.exception()
-        elif self._error is None:
-            self._transfer.advance(future.result())
-        if self._queued and self._error is None and not self._closed:
-            self._submit()
-        self._changed.set()
-
-    async def aclose(self) -> None:
-        """Close the descriptor after the write in flight (whose bytes then count as
-        written when it succeeded); bytes still queued are dropped. Safe to call on any
-        path, cancellation included: the close itself is shielded, so it always runs after
-        the last write."""
-        self._closed = True
-        closing = self._thread.submit(os.close, self._fd)
-        self._thread.shutdown(wait=False)
-        await asyncio.shield(asyncio.wrap_future(closing))
 
 
 class DownloadService:
@@ -410,6 +137,37 @@ class DownloadService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def stored(self, found: StoredFile | Transfer) -> StoredFile:
+        """The stored file of an :meth:`open` answer: ``found`` itself, or the file its
+        transfer stores once it has.
+
+        Raises:
+            TransferBroken: the transfer failed; nothing was stored.
+        """
+        return found if isinstance(found, StoredFile) else await found.stored_file()
+
+    async def checksum(self, job_id: str, mosaic_type: str, stored: StoredFile) -> str:
+        """The hex SHA-256 of a stored file (:meth:`DownloadStore.checksum`; read in a thread
+        for a file stored without one).
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        return await asyncio.to_thread(self.store.checksum, job_id, mosaic_type, stored)
+
+    def serving(self, stored: StoredFile) -> contextlib.AbstractContextManager[None]:
+        """Context manager keeping ``stored`` from eviction while it is being sent."""
+        return self.store.serving(stored)
+
+    def with_sha256(self, job_id: str, files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Copies of a job's file descriptors, each with ``sha256``: the stored file's hex
+        SHA-256, or None while it is not stored (no use counted, no upstream call)."""
+        described = [dict(f) for f in files]
+        for file in described:
+            stored = self.store.peek(job_id, file["mosaic_type"])
+            file["sha256"] = stored.sha256 if stored is not None else None
+        return described
+
     async def job(self, job_id: str) -> dict[str, Any]:
         """``{"job_id", "status", "files": [descriptor...]}``, files only when completed, and
         ``reason`` (the upstream's, cleaned) when the job failed. Concurrent asks for one job
@@ -420,14 +178,13 @@ class DownloadService:
             HeldBack.
         """
         descriptors = self.store.descriptors(job_id)
+        result: dict[str, Any]
         if descriptors is not None:
             result = {"job_id": job_id, "status": "completed", "files": descriptors}
         else:
             state, _ = await self._jobs.run(job_id, lambda: self._job_state(job_id))
-            result = {**state, "files": [dict(f) for f in state["files"]]}  # callers add to them
-        for file in result["files"]:
-            stored = self.store.peek(job_id, file["mosaic_type"])
-            file["sha256"] = stored.sha256 if stored is not None else None
+            result = dict(state)
+        result["files"] = self.with_sha256(job_id, result["files"])  # copies: callers add to them
         return result
 
     async def check_project(self, job_id: str, projects: frozenset[str] | None) -> None:
@@ -469,8 +226,8 @@ class DownloadService:
             listing = await self.upstream_json("clip.job.downloads", {"job_id": job_id}, job_id)
             if not isinstance(listing, list):
                 raise UpstreamBadResponse("clip.job.downloads", "the listing is not a list", 200)
-            files = [file_descriptor(d) for d in listing if isinstance(d, dict)]
-            files = [f for f in files if f is not None]
+            described = [file_descriptor(d) for d in listing if isinstance(d, dict)]
+            files = [f for f in described if f is not None]
             try:
                 self.store.remember_descriptors(job_id, files)
             except (OSError, sqlite3.Error) as exc:  # a full disk: answer, just uncached
@@ -506,7 +263,8 @@ class DownloadService:
             raise JobFailed(job_id, status, state.get("reason") or "none given")
         if status != "completed":
             raise JobNotCompleted(job_id, status)
-        for descriptor in state["files"]:
+        files: list[dict[str, Any]] = state["files"]
+        for descriptor in files:
             if descriptor["mosaic_type"] == mosaic_type:
                 return descriptor
         raise JobNotFound(job_id, "the job has no file of this mosaic type")
@@ -529,7 +287,7 @@ class DownloadService:
             return stored, "HIT"
         key = (job_id, mosaic_type)
         transfer = self._transfers.get(key)
-        status = "COALESCED"
+        cache_status = "COALESCED"
         descriptor: dict[str, Any] = {}
         if transfer is None:
             try:
@@ -541,7 +299,7 @@ class DownloadService:
                 return stored, "HIT"
             transfer = self._transfers.get(key)
         if transfer is None:
-            status = "MISS"
+            cache_status = "MISS"
             transfer = Transfer(job_id, mosaic_type, self.store.temp_path())
             transfer.filename = descriptor.get("filename") or transfer.filename
             self._transfers[key] = transfer
@@ -555,13 +313,13 @@ class DownloadService:
                 error = TransferFailed(f"the transfer failed: {type(error).__name__}")
             raise _job_error(job_id, error).about("this clip file") from None
         if transfer.stored is not None:
-            return transfer.stored, status
-        return transfer, status
+            return transfer.stored, cache_status
+        return transfer, cache_status
 
     async def _run(self, transfer: Transfer, requester: Requester) -> None:
         """Fetch one file (or wait for the worker that does) and always finish ``transfer``:
-        whatever fails, every reader and waiter is woken with the error, the claim is
-        released and the temporary file removed."""
+        whatever fails, every reader and waiter is woken with the error and the claim is
+        released (:meth:`Transfer.receive` removes its temporary file)."""
         key = (transfer.job_id, transfer.mosaic_type)
         claimed = False
         try:
@@ -593,9 +351,6 @@ class DownloadService:
                 except (OSError, sqlite3.Error) as exc:  # it expires; other workers then take it
                     log.warning("could not release a download claim: %s", type(exc).__name__)
             self._transfers.pop(key, None)
-            if transfer.stored is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(transfer.tmp)
 
     @staticmethod
     def _store_call(method: Any, *args: Any) -> Any:
@@ -616,54 +371,12 @@ class DownloadService:
             body["user_agent"] = requester.user_agent[:512]
         if requester.ip:
             body["requester_ip"] = requester.ip
-        expected = self._expected_size(transfer.job_id, transfer.mosaic_type)
-        file = _TempFile(transfer)
-        try:
-            await self._stream_into(file, transfer, body, expected)
-        finally:
-            await file.aclose()
-        if transfer.size is not None and transfer.written != transfer.size:
-            raise UpstreamBadResponse(
-                "clip.job.download",
-                f"transfer ended at {transfer.written} of {transfer.size} bytes",
-            )
-        transfer.size = transfer.written
-        transfer.stored = await asyncio.to_thread(
-            self.store.commit,
-            transfer.tmp,
-            transfer.job_id,
-            transfer.mosaic_type,
-            filename=transfer.filename,
-            content_type=transfer.content_type,
-            mtime_ns=transfer.mtime_ns,
-            sha256=transfer.sha256,
+        await transfer.receive(
+            self.guard.stream("clip.job.download", body, asset=transfer.job_id),
+            self.store,
+            expected=self._expected_size(transfer.job_id, transfer.mosaic_type),
+            content_types=self.content_types,
         )
-
-    async def _stream_into(
-        self, file: _TempFile, transfer: Transfer, body: dict[str, Any], expected: int | None
-    ) -> None:
-        stream = self.guard.stream("clip.job.download", body, asset=transfer.job_id)
-        async with stream as (headers, chunks):
-            transfer.content_type, size = checked_download(headers, expected, self.content_types)
-            transfer.size = size if size is not None else expected
-            if transfer.size is not None:
-                free = await asyncio.to_thread(self.store.free_bytes)
-                if free < transfer.size:  # refuse cleanly now, not with a cut body later
-                    raise StoreUnavailable(
-                        f"the download store has {free} bytes free, the file needs {transfer.size}"
-                    )
-            transfer.filename = safe_filename(headers.get("content-disposition"), transfer.filename)
-            transfer.ready.set()
-            # Writes run on the file's own thread while the next bytes are read.
-            try:
-                async for chunk in chunks:
-                    await file.write(chunk)
-            except Exception:
-                # the bytes that did arrive go to the readers, so their clients can resume
-                with contextlib.suppress(OSError):
-                    await file.drain()
-                raise
-            transfer.sha256 = await file.flush()
 
     def _expected_size(self, job_id: str, mosaic_type: str) -> int | None:
         for descriptor in self.store.descriptors(job_id) or []:
@@ -671,37 +384,6 @@ class DownloadService:
                 size = descriptor.get("size_bytes")
                 return size if isinstance(size, int) else None
         return None
-
-
-def checked_download(
-    headers: Mapping[str, str], expected: int | None, content_types: frozenset[str]
-) -> tuple[str, int | None]:
-    """The media type and ``Content-Length`` of a ``clip.job.download`` answer, checked
-    before any byte is stored.
-
-    Args:
-        headers: the upstream answer's headers.
-        expected: the descriptor's ``size_bytes``, or None when it gave none.
-        content_types: the allowed media types (parameters are ignored: ``image/tiff;
-            application=geotiff`` is ``image/tiff``).
-
-    Raises:
-        UpstreamBadResponse: another media type (a JSON or HTML answer), or a
-            ``Content-Length`` other than ``size_bytes``.
-    """
-    media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
-    if media_type not in content_types:
-        allowed = ", ".join(sorted(content_types))
-        raise UpstreamBadResponse(
-            "clip.job.download", f"answered {media_type or 'no type'!r}, not {allowed}", 200
-        )
-    length = headers.get("content-length")
-    size = int(length) if length and length.isdigit() else None
-    if size is not None and expected is not None and size != expected:
-        raise UpstreamBadResponse(
-            "clip.job.download", f"Content-Length {size} differs from size_bytes {expected}", 200
-        )
-    return media_type, size
 
 
 def job_project(job: Mapping[str, Any]) -> str | None:
@@ -757,16 +439,6 @@ def _storage_error(exc: BaseException) -> StoreUnavailable:
     if isinstance(exc, OSError) and exc.errno:
         reason = os.strerror(exc.errno)
     return StoreUnavailable(f"the download store cannot take the file: {reason}")
-
-
-def _write_all(fd: int, data: bytes, digest: Any) -> int:
-    """Add ``data`` to ``digest`` (a :mod:`hashlib` object) and write all of it to ``fd``;
-    returns its length. Runs on a transfer's writer thread (hashlib releases the GIL)."""
-    digest.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return len(data)
 
 
 def _loads(operation: str, content: bytes) -> Any:

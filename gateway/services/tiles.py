@@ -101,18 +101,19 @@ class TileAddress:
 
 @dataclass(frozen=True, slots=True)
 class TileResult:
-    """What the route serves: the tile and ``status`` for ``X-Cache``.
+    """What the route serves: the tile and ``cache_status`` for ``X-Cache`` (named after
+    nginx's ``$upstream_cache_status``; not an HTTP status).
 
-    ``status`` is ``HIT``, ``MISS``, ``COALESCED``, ``STALE`` or ``EMPTY``.
+    ``cache_status`` is ``HIT``, ``MISS``, ``COALESCED``, ``STALE`` or ``EMPTY``.
     """
 
     tile: CachedTile
-    status: str
+    cache_status: str
 
     @property
     def upstream_s(self) -> float | None:
         """Upstream time spent on this request (MISS or COALESCED), seconds, else None."""
-        return self.tile.fetch_s if self.status in ("MISS", "COALESCED") else None
+        return self.tile.fetch_s if self.cache_status in ("MISS", "COALESCED") else None
 
 
 class TileService:
@@ -156,8 +157,8 @@ class TileService:
                 stale entry covers, with ``subject`` naming the layer.
         """
         result = await self._get(address, priority)
-        metrics.CACHE_LOOKUP[result.status].inc()
-        if result.status != "MISS":
+        metrics.CACHE_LOOKUP[result.cache_status].inc()
+        if result.cache_status != "MISS":
             metrics.UPSTREAM_SAVED.inc()
         return result
 

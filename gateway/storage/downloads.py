@@ -312,7 +312,8 @@ class DownloadStore:
 
     def descriptors(self, job_id: str) -> list[dict[str, Any]] | None:
         """The cached file list of a completed job, or None."""
-        return self._index.get(("descriptors", job_id))
+        value = self._index.get(("descriptors", job_id))
+        return value if isinstance(value, list) else None
 
     def remember_descriptors(self, job_id: str, descriptors: list[dict[str, Any]]) -> None:
         """Cache a completed job's file list for :data:`DESCRIPTORS_TTL_S` seconds."""
@@ -320,7 +321,8 @@ class DownloadStore:
 
     def project(self, job_id: str) -> str | None:
         """The remembered project of a job, or None when it is not known here."""
-        return self._index.get(("project", job_id))
+        value = self._index.get(("project", job_id))
+        return value if isinstance(value, str) else None
 
     def remember_project(self, job_id: str, project_id: str) -> None:
         """Remember a job's project (for :data:`PROJECT_TTL_S` seconds)."""
@@ -329,7 +331,8 @@ class DownloadStore:
 
     def tile_info(self, job_id: str) -> dict[str, Any] | None:
         """The cached tile rendering parameters of a completed job, or None."""
-        return self._index.get(("tile-info", job_id))
+        value = self._index.get(("tile-info", job_id))
+        return value if isinstance(value, dict) else None
 
     def remember_tile_info(self, job_id: str, info: dict[str, Any]) -> None:
         """Cache a completed job's tile rendering parameters for :data:`DESCRIPTORS_TTL_S`."""
