@@ -63,7 +63,10 @@ def test_key_written_in_the_file_is_refused(tmp_path):
         ('[upstream]\nbase_url = "ftp://x"', r"upstream\.base_url: must be an http\(s\) URL"),
         ("[cache]\nsize_limit_bytes = -1", r"cache\.size_limit_bytes: must be greater than 0"),
         ("[cache]\nsize = 1", r"cache\.size: unknown key"),
-        ('[[layers]]\nname = "Bad Name"\nurl = "u"', r"layers\[0\]\.name: required; 1-64"),
+        (
+            '[[layers]]\nname = "Bad Name"\nurl = "u"',
+            r"layers\[0\]\.name: 1-64 characters.*, got .Bad Name.",
+        ),
         ('[[layers]]\nname = "a"\nkind = "vector"\nurl = "u"', r"layers\[0\]\.kind"),
         ('[[layers]]\nname = "a"', r"layers\[0\]\.url: required"),
         ('[[layers]]\nname = "a"\nurl = "u"\nminzoom = 9\nmaxzoom = 3', r"layers\[0\]\.maxzoom"),

@@ -6,7 +6,6 @@ Bad arguments are one line on stderr and exit code 2 (:class:`OneLineParser`).""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -361,13 +360,8 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
         settings = load_settings(args.config, environ=env)
         host, port = listen_address(args, settings)
         demo_token, digest = new_token()
-        settings = dataclasses.replace(
-            settings,
-            tokens=(
-                *settings.tokens,
-                TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
-            ),
-        )
+        demo = TokenSettings(name="demo", sha256=digest, scopes=SCOPES)
+        settings = settings.model_copy(update={"tokens": (*settings.tokens, demo)})
         try:
             sockets = listen(host, port)
         except ListenError as exc:
