@@ -832,7 +832,9 @@ async def create_from_item_operation(
         filename = f"{output_name}_{SYNTHETIC_MOSAIC}.tif"
         job.outputs = {SYNTHETIC_MOSAIC: ClipOutput(SYNTHETIC_MOSAIC, filename, synthetic_size)}
     else:
-        assert item is not None and path is not None and native is not None
+        assert item is not None
+        assert path is not None
+        assert native is not None
         job.task = asyncio.get_running_loop().create_task(_run_clip(store, job, item, path, native))
     answer = {
         "job": {
