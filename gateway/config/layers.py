@@ -36,6 +36,7 @@ from gateway.layers import (
     TERRAIN_RGB_MIN_M,
     WEB_MERCATOR_MAX_LAT,
     Bounds,
+    Kind,
     Layer,
     layer_fingerprint,
 )
@@ -103,6 +104,10 @@ class _LayerTable(Table):
     ``bounds`` degrees (EPSG:4326).
     """
 
+    kind: Kind
+    """``raster`` (the default) or ``terrain``: which model, and which upstream operation."""
+    formats: tuple[str, ...]
+    """Extensions served, a subset of :data:`~gateway.layers.MEDIA_TYPES`."""
     name: Annotated[Str, AfterValidator(_layer_name)] = Field(description=_NAME_RULE)
     title: Str | None = None
     """Shown in TileJSON, WMTS and the viewer; default: the name."""
@@ -139,12 +144,12 @@ class _LayerTable(Table):
 
     def render(self) -> dict[str, Any]:
         """The upstream fields this layer adds to every tile request, as set in the file."""
-        values = {key: getattr(self, key) for key in RENDER_PARAMS[self.kind]}  # type: ignore[attr-defined]
+        values = {key: getattr(self, key) for key in RENDER_PARAMS[self.kind]}
         return {key: value for key, value in values.items() if value is not None}
 
     def to_layer(self) -> Layer:
         """The validated :class:`~gateway.layers.Layer` (with its cache-key fingerprint)."""
-        kind: Literal["raster", "terrain"] = self.kind  # type: ignore[attr-defined]
+        kind = self.kind
         render = self.render()
         height = getattr(self, "nodata_height_m", None)
         return Layer(
@@ -156,7 +161,7 @@ class _LayerTable(Table):
             minzoom=self.minzoom,
             maxzoom=self.maxzoom,
             bounds=self.bounds,
-            formats=self.formats,  # type: ignore[attr-defined]
+            formats=self.formats,
             ttl_s=self.ttl_s,
             stale_while_revalidate_s=self.stale_while_revalidate_s,
             stale_if_error_s=self.stale_if_error_s,

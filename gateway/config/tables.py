@@ -121,8 +121,11 @@ def list_of(test: Callable[[str], bool], rule: str, *, empty_ok: bool = False) -
     def check(value: object) -> object:
         if value is None:
             return None
-        ok = isinstance(value, list | tuple | set | frozenset) and (empty_ok or bool(value))
-        if not ok or not all(isinstance(v, str) and v and test(v) for v in value):  # type: ignore[union-attr]
+        if (
+            not isinstance(value, list | tuple | set | frozenset)
+            or not (empty_ok or value)
+            or not all(isinstance(v, str) and v and test(v) for v in value)
+        ):
             raise invalid(f"{rule}, got {value!r}")
         return value
 
