@@ -121,13 +121,6 @@ MAPLIBRE_CSS_INTEGRITY = "sha384-Nq6PQ+9vJPvw7U/VfDELyrWoGQMsy0gi6QShhaSrGzkpF5K
 # --- rules shared by several settings ------------------------------------------------------
 
 
-def _http_url(value: str, example: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise invalid(f"must be an http(s) URL {example}, got {value!r}")
-    return value.rstrip("/")
-
-
 def _rate_string(value: str | None) -> str | None:
     """A ``limits`` rate string (``"100/second"``)."""
     if value is not None:
@@ -178,7 +171,10 @@ class ProblemTypes:
 def _base_url(value: str) -> str:
     if not value:
         raise invalid(f"required: {_BASE_URL_HINT}")
-    return _http_url(value, "with a host")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise invalid(f"must be an http(s) URL with a host, got {value!r}")
+    return value.rstrip("/")
 
 
 _BASE_URL_HINT = (
