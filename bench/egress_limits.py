@@ -220,14 +220,16 @@ def good_renders(stats: dict) -> int:
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, answer: Answer, t0: float, timeout: float
+    session: aiohttp.ClientSession, url: str, answer: Answer, t0: float, request_timeout_s: float
 ) -> None:
     """GET ``url`` once and fill ``answer`` in place (exceptions become statuses)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     answer.lag_s = started - t0 - answer.due_s
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with session.get(
+            url, timeout=aiohttp.ClientTimeout(total=request_timeout_s)
+        ) as response:
             body = await response.read()
             answer.status = str(response.status)
             answer.xcache = response.headers.get("X-Cache", "-")
@@ -267,7 +269,11 @@ async def sample_emulator(emulator_url: str, t0: float, load: Load, stop: asynci
 
 
 async def run_load(
-    gateway_url: str, emulator_url: str, paths: Sequence[str], rate: float, timeout: float
+    gateway_url: str,
+    emulator_url: str,
+    paths: Sequence[str],
+    rate: float,
+    request_timeout_s: float,
 ) -> Load:
     """Start one GET per path at ``rate`` per second on a fixed schedule; wait for all."""
     loop = asyncio.get_running_loop()
@@ -286,11 +292,13 @@ async def run_load(
             answer = Answer(due_s=due)
             load.answers.append(answer)
             tasks.append(
-                asyncio.create_task(one_request(session, gateway_url + path, answer, t0, timeout))
+                asyncio.create_task(
+                    one_request(session, gateway_url + path, answer, t0, request_timeout_s)
+                )
             )
         load.seconds = len(paths) / rate
         # every request ends by its own timeout; the outer bound is a safety net only
-        await asyncio.wait(tasks, timeout=timeout + 30)
+        await asyncio.wait(tasks, timeout=request_timeout_s + 30)
         for task in tasks:
             if not task.done():
                 task.cancel()

@@ -20,11 +20,14 @@ def test_every_route_declares_its_policy(settings_for, tmp_path):
     missing = [r.canonical for r in resources if r not in table]
     assert not missing, f"routes registered without gateway.http.policy.add_get/add_post: {missing}"
     by_name = {route.name: table[route.resource] for route in app.router.routes() if route.name}
-    assert by_name["tile"].cors and by_name["tile"].caller_limit
+    assert by_name["tile"].cors
+    assert by_name["tile"].caller_limit
     assert by_name["tile"].query == {"token"}
     assert by_name["download_list"].query == {"token", "status", "limit", "offset"}
-    assert not by_name["download"].cors and by_name["download"].caller_limit
-    assert not by_name["healthz"].caller_limit and by_name["healthz"].query is None
+    assert not by_name["download"].cors
+    assert by_name["download"].caller_limit
+    assert not by_name["healthz"].caller_limit
+    assert by_name["healthz"].query is None
 
 
 async def test_a_failed_start_closes_what_started_and_nothing_else(settings_for, tmp_path):
@@ -34,11 +37,11 @@ async def test_a_failed_start_closes_what_started_and_nothing_else(settings_for,
     app = create_app(settings_for("http://127.0.0.1:9", config=config))
     runner = web.AppRunner(app)
     # the download store cannot create its directory: its start-up fails
-    with pytest.raises(OSError) as failed:
+    with pytest.raises(NotADirectoryError):
         await runner.setup()
-    assert not isinstance(failed.value, KeyError | AttributeError)
     # the contexts after it never ran, and its own cleanup is not called
-    assert DOWNLOAD_STORE not in app and DOWNLOAD_SERVICE not in app
+    assert DOWNLOAD_STORE not in app
+    assert DOWNLOAD_SERVICE not in app
     await runner.cleanup()  # no error: nothing half-built is closed
     # the tile stack had started, so it is closed: its stores' I/O threads take no more work
     cache, state = app[TILE_CACHE], app[SHARED_STATE]

@@ -28,7 +28,8 @@ def holder(directory: Path, seconds: float) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None and process.stdout.readline() == "held\n"
+    assert process.stdout is not None
+    assert process.stdout.readline() == "held\n"
     return process
 
 
@@ -52,7 +53,8 @@ def test_a_live_holder_keeps_its_claim_and_a_dead_ones_is_taken_over(tmp_path):
 
 def test_process_tags_tell_a_restarted_process_from_its_predecessor():
     tag = process_tag()
-    assert tag is not None and owner_alive(tag)
+    assert tag is not None
+    assert owner_alive(tag)
     pid, started = tag.split("-")
     assert not owner_alive(f"{pid}-{int(started) - 100}")  # same pid, another start
     assert not owner_alive("not-a-tag")

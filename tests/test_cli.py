@@ -204,7 +204,8 @@ async def test_token_create_prints_the_token_once_and_toml_to_append(tmp_path):
 
     settings = load_settings(config, environ={"GEOPERA_API_KEY": "gpra_x12345678"})
     (configured,) = settings.tokens
-    assert configured.name == "qgis-team" and configured.sha256 == token_digest(token)
+    assert configured.name == "qgis-team"
+    assert configured.sha256 == token_digest(token)
     assert configured.scopes == {"tiles", "downloads"}
 
 
@@ -269,7 +270,8 @@ async def test_a_second_gateway_cannot_share_the_port_of_a_running_one(emulator,
         )
         assert code == 2, out + err
         assert out == ""
-        assert len(err.splitlines()) == 1 and "address already in use" in err
+        assert len(err.splitlines()) == 1
+        assert "address already in use" in err
         for _ in range(10):  # new connections: every one reaches the first gateway
             async with aiohttp.ClientSession() as session, session.get(base + "/layers") as r:
                 assert len(await r.json()) == 4
@@ -356,7 +358,8 @@ async def test_demo_takes_a_config_and_prints_the_viewer_tilejson_and_wmts(tmp_p
             for name in ("map viewer:", "WMTS:", "layers:", "TileJSON:", "sample tile:")
         }
         assert printed["map viewer:"] == base + "/"
-        assert "olinda-ndvi" not in output and "bahamas" not in output  # the file's layers
+        assert "olinda-ndvi" not in output
+        assert "bahamas" not in output
         async with aiohttp.ClientSession() as session:
             for name, url in printed.items():
                 async with session.get(url) as response:

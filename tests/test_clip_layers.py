@@ -49,12 +49,15 @@ async def test_a_clip_layer_tile_is_real_imagery_cached_and_coalesced(gateway_fo
     assert response.status == 200
     assert response.headers["Cache-Control"] == "private, max-age=300"
     doc = await response.json()
-    assert doc["tilejson"] == "3.0.0" and doc["scheme"] == "xyz"
+    assert doc["tilejson"] == "3.0.0"
+    assert doc["scheme"] == "xyz"
     assert doc["tiles"] == [f"{base}/tiles/clips/{job_id}/rgb/{{z}}/{{x}}/{{y}}.png"]
     assert doc["name"] == "harbour_rgb.tif"
     west, south, east, north = doc["bounds"]
-    assert -77.95 < west < east < -77.45 and 24.25 < south < north < 24.75  # the clip's AOI
-    assert 0 <= doc["minzoom"] <= doc["maxzoom"] <= 24 and "encoding" not in doc
+    assert -77.95 < west < east < -77.45
+    assert 24.25 < south < north < 24.75
+    assert 0 <= doc["minzoom"] <= doc["maxzoom"] <= 24
+    assert "encoding" not in doc
 
     tile = middle_tile(doc)
     url = f"/tiles/clips/{job_id}/rgb/{tile.z}/{tile.x}/{tile.y}.png"
@@ -69,7 +72,8 @@ async def test_a_clip_layer_tile_is_real_imagery_cached_and_coalesced(gateway_fo
     assert len(np.unique(rgb[alpha > 0].reshape(-1, 3), axis=0)) > 100
     _, body, _ = clip_emulator.stats.log[-1]
     assert body["url"].startswith("https://demo.geopera.invalid/clips/")  # the upstream's COG
-    assert body["bands"] == "1,2,3" and len(body["rescale"].split(";")) == 3
+    assert body["bands"] == "1,2,3"
+    assert len(body["rescale"].split(";")) == 3
 
     again = await client.get(url)
     assert again.headers["X-Cache"] == "HIT"
@@ -94,7 +98,8 @@ async def test_clip_layers_take_a_query_token_and_refuse_bad_requests(gateway_fo
     assert (await tiles_only.get(path)).status == 403
     token = TOKENS["downloads"]
     response = await anonymous.get(path, params={"token": token})
-    assert response.status == 200 and response.headers["Cache-Control"] == "private, no-store"
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "private, no-store"
     doc = await response.json()
     assert doc["tiles"][0].endswith(f"/{{z}}/{{x}}/{{y}}.png?token={token}")
     tile = middle_tile(doc)
@@ -122,7 +127,8 @@ async def test_dem_clips_are_terrain_and_other_files_have_no_layer(gateway_for, 
     waiting = await gateway_for(slow, token="downloads")
     running = await create_job(slow)
     early = await waiting.get(f"/tiles/clips/{running}/rgb/tilejson.json")
-    assert early.status == 409 and early.headers["Retry-After"] == "5"
+    assert early.status == 409
+    assert early.headers["Retry-After"] == "5"
 
     upstream = await start_upstream(clip_delay_s=0.05)
     client = await gateway_for(upstream, token="downloads")
@@ -163,13 +169,18 @@ def test_tile_info_entries_never_carry_unknown_parameters():
         "render": {"bands": "1,2,3", "url": "https://evil.example/", "quality": True},
     }
     layer = clip_layer(job_id, entry)
-    assert layer is not None and dict(layer.render) == {"bands": "1,2,3"}
-    assert layer.name == f"clips/{job_id}/rgb" and layer.formats == ("png", "webp")
+    assert layer is not None
+    assert dict(layer.render) == {"bands": "1,2,3"}
+    assert layer.name == f"clips/{job_id}/rgb"
+    assert layer.formats == ("png", "webp")
     assert (layer.bounds, layer.minzoom, layer.maxzoom) == ((1.0, 2.0, 3.0, 4.0), 5, 12)
     body = layer.upstream_body(12, 1, 2, "png")
-    assert body["url"] == entry["url"] and "evil" not in str(body)
+    assert body["url"] == entry["url"]
+    assert "evil" not in str(body)
     odd = clip_layer(job_id, {**entry, "bounds": [0, 0, float("nan"), 1], "maxzoom": 99})
-    assert odd is not None and odd.bounds[0] == -180.0 and (odd.minzoom, odd.maxzoom) == (0, 18)
+    assert odd is not None
+    assert odd.bounds[0] == -180.0
+    assert (odd.minzoom, odd.maxzoom) == (0, 18)
     assert clip_layer(job_id, {**entry, "operation": "cog.statistics"}) is None
     assert clip_layer(job_id, {**entry, "mosaic_type": "../x"}) is None
     assert clip_layer(job_id, {**entry, "url": 7}) is None

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.settings import ConfigError, default_config_path, load_settings
+from gateway.config.layers import RasterLayerTable, TerrainLayerTable
+from gateway.config.settings import (
+    ConfigError,
+    Rate,
+    ServerSettings,
+    Settings,
+    default_config_path,
+    load_settings,
+)
+from gateway.config.tables import Table
+from gateway.layers import RENDER_PARAMS
 from gateway.secrets import Secret, redact
 from gateway.upstream.client import parse_retry_after
 from tests.conftest import DEFAULT_CONFIG
@@ -63,7 +73,10 @@ def test_key_written_in_the_file_is_refused(tmp_path):
         ('[upstream]\nbase_url = "ftp://x"', r"upstream\.base_url: must be an http\(s\) URL"),
         ("[cache]\nsize_limit_bytes = -1", r"cache\.size_limit_bytes: must be greater than 0"),
         ("[cache]\nsize = 1", r"cache\.size: unknown key"),
-        ('[[layers]]\nname = "Bad Name"\nurl = "u"', r"layers\[0\]\.name: required; 1-64"),
+        (
+            '[[layers]]\nname = "Bad Name"\nurl = "u"',
+            r"layers\[0\]\.name: 1-64 characters.*, got .Bad Name.",
+        ),
         ('[[layers]]\nname = "a"\nkind = "vector"\nurl = "u"', r"layers\[0\]\.kind"),
         ('[[layers]]\nname = "a"', r"layers\[0\]\.url: required"),
         ('[[layers]]\nname = "a"\nurl = "u"\nminzoom = 9\nmaxzoom = 3', r"layers\[0\]\.maxzoom"),
@@ -90,6 +103,25 @@ def test_key_written_in_the_file_is_refused(tmp_path):
             + "0" * 64
             + '"\nscopes = ["downloads"]\nprojects = []',
             r"tokens\[0\]\.projects: a non-empty list",
+        ),
+        (
+            '[[layers]]\nname = "t"\nkind = "terrain"\nurl = "u"\nbands = "1"',
+            r"layers\[0\]\.bands: unknown key; allowed keys are .*nodata_height_m",
+        ),
+        (
+            '[limits.operations."cog.tile.render"]\nrps = 0',
+            r'limits\.operations\."cog\.tile\.render"\.rps: must be greater than 0, got 0',
+        ),
+        ('[server]\nport = "8080"', r"server\.port: expected an integer, got str"),
+        ("[server]\nport = 70000", r"server\.port: must be 0 to 65535, got 70000"),
+        ("[limits]\nmax_wait_s = true", r"limits\.max_wait_s: expected a number, got a boolean"),
+        (
+            "[limits]\nfailure_threshold = 3",  # the attribute's name, not the TOML key
+            r"limits\.failure_threshold: unknown key.*breaker_failures",
+        ),
+        (
+            '[upstream]\nbase_url = "http://x"\nthrottle_scopes = {"u:t" = "all"}',
+            r'upstream\.throttle_scopes\."u:t": must be one of',
         ),
         ("[upstream\n", r"not valid TOML"),
         ("", r"layers: no layers"),
@@ -159,3 +191,60 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, mon
     # the packaged demo config keeps its cache under the working directory
     packaged = load_settings(None, environ=ENV)
     assert packaged.cache.directory == Path(".cache/geopera-gateway/tiles")
+
+
+def test_unset_settings_take_the_declared_defaults(tmp_path):
+    path = write(tmp_path, '[upstream]\nbase_url = "http://x"\n[[layers]]\nname = "a"\nurl = "u"\n')
+    settings = load_settings(path, environ=ENV)
+    assert settings.limits.operation_default == Rate(rps=20.0, burst=40.0)
+    assert settings.limits.rate_for("cog.tile.render") == settings.limits.operation_default
+    assert settings.server == ServerSettings()
+    assert settings.clients.rate_limit == "100/second"
+    assert settings.downloads.directory == tmp_path / ".cache/geopera-gateway/tiles-downloads"
+    (layer,) = settings.layers.values()
+    assert (layer.kind, layer.formats, layer.minzoom, layer.maxzoom) == (
+        "raster",
+        ("png", "jpg", "webp"),
+        0,
+        18,
+    )
+    # a burst left unset follows a higher rate (one second's worth)
+    text = path.read_text() + '[limits]\noperation_rps = 100\n[limits.operations."x"]\nrps = 50\n'
+    limits = load_settings(write(tmp_path, text), environ=ENV).limits
+    assert limits.operation_default == Rate(rps=100.0, burst=100.0)
+    assert limits.rate_for("x") == Rate(rps=50.0, burst=50.0)
+
+
+def test_environment_values_are_checked_like_the_file(tmp_path):
+    env = {**ENV, "GEOPERA_BASE_URL": "ftp://nowhere", "GEOPERA_HOST": " 0.0.0.0 "}
+    with pytest.raises(ConfigError, match=r"upstream\.base_url: must be an http\(s\) URL"):
+        load_settings(DEFAULT_CONFIG, environ=env)
+    env["GEOPERA_BASE_URL"] = ""  # empty: unset, the file's value stands
+    settings = load_settings(DEFAULT_CONFIG, environ=env)
+    assert settings.upstream.base_url == "http://127.0.0.1:8081"
+    assert settings.server.host == "0.0.0.0"
+
+
+def test_every_setting_is_in_the_readme_configuration_reference():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    tables = [Settings, RasterLayerTable, TerrainLayerTable, Rate]
+    tables += [info.annotation for info in Settings.model_fields.values()]
+    missing = set()
+    for table in tables:
+        if not (isinstance(table, type) and issubclass(table, Table)):
+            continue
+        for name, info in table.model_fields.items():
+            key = info.alias or name
+            forms = (f"`{key}`", f"`[{key}]`", f"`[[{key}]]`", f".{key}.")
+            if not any(form in reference for form in forms):
+                missing.add(f"{table.__name__}: {key}")
+    assert not missing, sorted(missing)
+
+
+def test_layer_models_declare_exactly_the_render_parameters_sent_upstream():
+    common = set(RasterLayerTable.model_fields) & set(TerrainLayerTable.model_fields)
+    gateway_only = {"terrain": {"nodata_height_m"}, "raster": set()}
+    for kind, model in (("raster", RasterLayerTable), ("terrain", TerrainLayerTable)):
+        own = set(model.model_fields) - common - gateway_only[kind]
+        assert own == set(RENDER_PARAMS[kind]), kind

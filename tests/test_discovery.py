@@ -110,10 +110,12 @@ async def test_tilejson_is_valid_tilejson_3(gateway):
         assert doc["scheme"] == "xyz"
         west, south, east, north = doc["bounds"]
         lon, lat, zoom = doc["center"]
-        assert west < lon < east and south < lat < north
+        assert west < lon < east
+        assert south < lat < north
         assert doc["minzoom"] <= zoom <= doc["maxzoom"]
         assert isinstance(zoom, int)
-        assert doc["name"] and doc["attribution"]
+        assert doc["name"]
+        assert doc["attribution"]
         if name == "st-helens":
             assert doc["encoding"] == "mapbox"
         else:

@@ -35,11 +35,16 @@ def _require(tool: str, package: str) -> None:
         pytest.skip(f"{tool} is not installed (Debian {package})")
 
 
-async def run(*args: str, cwd=None, timeout: float = 120) -> tuple[int, str]:
+RUN_TIMEOUT_S = 120.0
+"""Longest a download client may run, seconds."""
+
+
+async def run(*args: str, cwd=None) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    async with asyncio.timeout(RUN_TIMEOUT_S):
+        out, _ = await process.communicate()
     return process.returncode, out.decode(errors="replace")
 
 
@@ -57,7 +62,8 @@ async def test_sha256sum_checks_the_file_against_the_sha256_url(client, clip_emu
     )  # fmt: skip
     assert code == 0, out
     code, out = await run("sha256sum", "-c", "harbour_rgb.tif.sha256", cwd=tmp_path)
-    assert code == 0 and out.strip() == "harbour_rgb.tif: OK", out
+    assert code == 0, out
+    assert out.strip() == "harbour_rgb.tif: OK", out
 
     body = (tmp_path / "harbour_rgb.tif").read_bytes()
     digest = hashlib.sha256(body).digest()
@@ -67,12 +73,14 @@ async def test_sha256sum_checks_the_file_against_the_sha256_url(client, clip_emu
     assert stored.headers["X-Cache"] == "HIT"
     assert stored.headers["Repr-Digest"] == f"sha-256=:{base64.b64encode(digest).decode()}:"
     part = await client.get(f"/downloads/{job_id}/rgb", headers={"Range": "bytes=0-99"})
-    assert part.status == 206 and part.headers["Repr-Digest"] == stored.headers["Repr-Digest"]
+    assert part.status == 206
+    assert part.headers["Repr-Digest"] == stored.headers["Repr-Digest"]
     job = await (await client.get(f"/downloads/{job_id}")).json()
     assert job["files"][0]["sha256"] == digest.hex()
     (tmp_path / "harbour_rgb.tif").write_bytes(body[:-1] + bytes([body[-1] ^ 1]))
     code, out = await run("sha256sum", "-c", "harbour_rgb.tif.sha256", cwd=tmp_path)
-    assert code != 0 and "FAILED" in out  # the check really checks
+    assert code != 0
+    assert "FAILED" in out
     assert downloads(clip_emulator) == 1
 
 
@@ -84,7 +92,8 @@ async def test_checksum_of_a_file_not_stored_yet_waits_for_its_transfer(client, 
     assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert await response.text() == f"{synthetic_sha256(3_000_000)}  harbour_data.tif\n"
     hit = await client.get(f"/downloads/{job_id}/data")
-    assert hit.headers["X-Cache"] == "HIT" and len(await hit.read()) == 3_000_000
+    assert hit.headers["X-Cache"] == "HIT"
+    assert len(await hit.read()) == 3_000_000
     assert downloads(clip_emulator) == 1
     for path in (f"/downloads/{job_id}/Data.sha256", f"/downloads/{job_id}/data.sha256x"):
         assert (await client.get(path)).status in (400, 404)
@@ -115,7 +124,8 @@ async def test_a_cold_range_is_answered_while_the_transfer_runs(client, clip_emu
     tail = asyncio.ensure_future(client.get(url, headers={"Range": "bytes=-1000"}))
     assert clip_emulator.app[FAULTS_KEY].release() == 1
     last = await tail
-    assert last.status == 206 and await last.read() == synthetic_range(size - 1000, 1000)
+    assert last.status == 206
+    assert await last.read() == synthetic_range(size - 1000, 1000)
     whole = await client.get(url)
     assert whole.headers["X-Cache"] == "HIT"
     assert hashlib.sha256(await whole.read()).hexdigest() == synthetic_sha256(size)
@@ -129,13 +139,16 @@ async def test_a_range_of_a_transfer_honours_if_range_and_416(client, clip_emula
     clip_emulator.app[FAULTS_KEY].add(Fault("stall", operation="clip.job.download", bytes=10))
     url = f"/downloads/{job_id}/data"
     beyond = await client.get(url, headers={"Range": f"bytes={size}-"})
-    assert beyond.status == 416 and beyond.headers["Content-Range"] == f"bytes */{size}"
+    assert beyond.status == 416
+    assert beyond.headers["Content-Range"] == f"bytes */{size}"
     other = await client.get(url, headers={"Range": "bytes=0-4", "If-Range": '"another"'})
     etag = other.headers["ETag"]
-    assert other.status == 200 and other.headers["Content-Length"] == str(size)
+    assert other.status == 200
+    assert other.headers["Content-Length"] == str(size)
     other.close()  # the whole file would wait for the stall
     same = await client.get(url, headers={"Range": "bytes=2-5", "If-Range": etag})
-    assert same.status == 206 and await same.read() == synthetic_range(2, 4)
+    assert same.status == 206
+    assert await same.read() == synthetic_range(2, 4)
     clip_emulator.app[FAULTS_KEY].release()
     assert len(await (await client.get(url)).read()) == size
     assert downloads(clip_emulator) == 1
@@ -161,7 +174,8 @@ async def test_if_none_match_lists_and_weak_tags_are_304_streamed_and_stored(cli
         assert (streamed.status, streamed.headers["X-Cache"]) == (304, "COALESCED"), name
         assert streamed.headers["ETag"] == etag
     unmatched = await client.get(url, headers={"If-None-Match": other, "Range": "bytes=0-4"})
-    assert unmatched.status == 206 and await unmatched.read() == synthetic_range(0, 5)
+    assert unmatched.status == 206
+    assert await unmatched.read() == synthetic_range(0, 5)
     assert client.app[DOWNLOAD_SERVICE].store.lookup(job_id, "data") is None  # still streaming
 
     clip_emulator.app[FAULTS_KEY].release()
@@ -172,7 +186,8 @@ async def test_if_none_match_lists_and_weak_tags_are_304_streamed_and_stored(cli
             assert (stored.status, stored.headers["X-Cache"]) == (304, "HIT"), (name, ranges)
             assert stored.headers["ETag"] == etag
     unmatched = await client.get(url, headers={"If-None-Match": other, "Range": "bytes=0-4"})
-    assert unmatched.status == 206 and await unmatched.read() == synthetic_range(0, 5)
+    assert unmatched.status == 206
+    assert await unmatched.read() == synthetic_range(0, 5)
     assert downloads(clip_emulator) == 1
 
 
@@ -211,10 +226,12 @@ async def test_wget_c_resumes_a_cut_download(client, clip_emulator, tmp_path):
     wget = ("wget", "--tries=1", "--server-response", f"--header={AUTH_HEADER}")
     code, out = await run(*wget, url, cwd=tmp_path)
     partial = tmp_path / "data"
-    assert code != 0 and 0 < partial.stat().st_size < size, out
+    assert code != 0, out
+    assert 0 < partial.stat().st_size < size, out
     kept = partial.stat().st_size
     code, out = await run(*wget, "--continue", url, cwd=tmp_path)
     assert code == 0, out
-    assert "206 Partial Content" in out and f"bytes {kept}-{size - 1}/{size}" in out
+    assert "206 Partial Content" in out
+    assert f"bytes {kept}-{size - 1}/{size}" in out
     assert hashlib.sha256(partial.read_bytes()).hexdigest() == synthetic_sha256(size)
     assert downloads(clip_emulator) == 2  # the cut transfer, then the resumed one

@@ -13,7 +13,6 @@ import hashlib
 import io
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -119,7 +118,8 @@ async def test_twenty_truncations_among_healthy_transfers_touch_nothing_else(
     try:
         for job_id in kept + healthy:
             stored = index.lookup(job_id, "data")
-            assert stored is not None and sha256(stored.path) == after[stored.path.name]
+            assert stored is not None
+            assert sha256(stored.path) == after[stored.path.name]
         assert all(index.lookup(job_id, "data") is None for job_id in broken)
     finally:
         index.close()
@@ -167,16 +167,19 @@ async def test_a_full_download_disk_is_a_clean_503_and_leaves_nothing(
     async with asyncio.timeout(30):  # never a client left waiting
         response = await client.get(f"/downloads/{big}/data")
         problem = await response.json()
-    assert response.status == 503 and response.headers["Retry-After"] == "60"
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "60"
     assert response.content_type == "application/problem+json"
     assert problem["type"].endswith("download-store-unavailable")
-    assert list((store / "tmp").iterdir()) == [] and list((store / "files").iterdir()) == []
+    assert list((store / "tmp").iterdir()) == []
+    assert list((store / "files").iterdir()) == []
 
     filler.unlink()  # room again: the claim was released, the next request transfers
     async with asyncio.timeout(30):
         again = await client.get(f"/downloads/{big}/data")
         body = await again.read()
-    assert again.status == 200 and body == await upstream_bytes(upstream, big, "data")
+    assert again.status == 200
+    assert body == await upstream_bytes(upstream, big, "data")
     assert downloads(upstream) == 2 + 1  # two through the gateway, one for the comparison
 
 
@@ -214,15 +217,11 @@ async def test_restart_on_a_disk_full_of_abandoned_transfers(
     gateway_for, start_upstream, small_disk
 ):
     disk = small_disk(8 << 20)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    assert await dead.wait() == 0
     tmp = disk / "cache-downloads" / "tmp"
     tmp.mkdir(parents=True)
-    abandoned = tmp / f"{dead.stdout.strip()}-{round(time.time() * 100)}-0123abcd.part"
+    abandoned = tmp / f"{dead.pid}-{round(time.time() * 100)}-0123abcd.part"
     fill_disk(disk, 0).rename(abandoned)  # a crashed transfer took the whole disk
     upstream = await start_upstream()
     client = await gateway_for(upstream, token="all", cache_dir=disk / "cache")
@@ -260,7 +259,8 @@ async def test_a_client_that_leaves_mid_download_is_no_error(start_upstream, tmp
         assert 'status="500"' not in metrics
         process.send_signal(signal.SIGTERM)
         output = (await asyncio.wait_for(process.stdout.read(), 20)).decode()
-    assert " ERROR " not in output and "Traceback" not in output, output
+    assert " ERROR " not in output, output
+    assert "Traceback" not in output, output
 
 
 async def wait_completed(session: aiohttp.ClientSession, url: str) -> None:
@@ -297,7 +297,8 @@ async def test_the_download_client_follows_no_redirect(aiohttp_server, gateway_f
     client = await gateway_for(str(upstream.make_url("")).rstrip("/"), token="downloads")
     assert (await client.get(f"/downloads/{job_id}")).status == 200
     response = await client.get(f"/downloads/{job_id}/rgb")
-    assert response.status == 502 and response.content_type == "application/problem+json"
+    assert response.status == 502
+    assert response.content_type == "application/problem+json"
     assert elsewhere_hits == []
     assert list((tmp_path / "cache-downloads" / "files").iterdir()) == []
 
@@ -356,6 +357,7 @@ async def test_no_reader_gets_the_last_byte_of_a_transfer_that_was_not_stored(tm
     await writing
     assert whole == (b"012345678", True)
     assert tail == (b"5678", True)
-    assert transfer.stored is None and store.lookup("job", "rgb") is None
+    assert transfer.stored is None
+    assert store.lookup("job", "rgb") is None
     assert not transfer.tmp.exists()
     store.close()

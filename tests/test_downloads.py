@@ -100,7 +100,8 @@ async def test_job_status_lists_files_with_gateway_urls(client, clip_emulator):
         },
     )
     running = await (await client.get(f"/downloads/{job_id}")).json()
-    assert running["status"] == "running" and running["files"] == []
+    assert running["status"] == "running"
+    assert running["files"] == []
     job = await completed(client, job_id)
     mosaics = {f["mosaic_type"]: f for f in job["files"]}
     assert set(mosaics) == {"rgb", "multispectral"}
@@ -117,7 +118,8 @@ async def test_download_is_the_upstream_bytes_then_a_hit(client, clip_emulator):
     before = downloads(clip_emulator)
     first = await client.get(f"/downloads/{job_id}/rgb", headers={"User-Agent": "qgis/3.40"})
     body = await first.read()
-    assert first.status == 200 and first.headers["X-Cache"] == "MISS"
+    assert first.status == 200
+    assert first.headers["X-Cache"] == "MISS"
     assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
     assert len(body) == job["files"][0]["size_bytes"]
     assert first.headers["Content-Type"] == "image/tiff"
@@ -125,10 +127,12 @@ async def test_download_is_the_upstream_bytes_then_a_hit(client, clip_emulator):
     assert first.headers["Content-Disposition"] == 'attachment; filename="harbour_rgb.tif"'
     assert first.headers["Accept-Ranges"] == "bytes"
     etag = first.headers["ETag"]
-    assert etag.startswith('"') and "Last-Modified" in first.headers
+    assert etag.startswith('"')
+    assert "Last-Modified" in first.headers
     op, sent, _ = clip_emulator.stats.log[-1]
     assert op == "clip.job.download"
-    assert sent["user_agent"] == "qgis/3.40" and sent["requester_ip"] == "127.0.0.1"
+    assert sent["user_agent"] == "qgis/3.40"
+    assert sent["requester_ip"] == "127.0.0.1"
 
     second = await client.get(f"/downloads/{job_id}/rgb")
     assert second.headers["X-Cache"] == "HIT"
@@ -156,7 +160,8 @@ async def test_ranges_conditionals_and_head(client, clip_emulator):
     assert multi.status == 206
     assert multi.headers["Content-Type"].startswith("multipart/byteranges; boundary=")
     raw = await multi.read()
-    assert whole[0:10] in raw and whole[1000:1020] in raw
+    assert whole[0:10] in raw
+    assert whole[1000:1020] in raw
     assert f"Content-Range: bytes 1000-1019/{len(whole)}".encode() in raw
 
     unsatisfiable = await client.get(url, headers={"Range": f"bytes={len(whole) + 10}-"})
@@ -167,12 +172,14 @@ async def test_ranges_conditionals_and_head(client, clip_emulator):
     stale_validator = await client.get(
         url, headers={"Range": "bytes=0-9", "If-Range": '"not-this-one"'}
     )
-    assert stale_validator.status == 200 and await stale_validator.read() == whole
+    assert stale_validator.status == 200
+    assert await stale_validator.read() == whole
     fresh_validator = await client.get(url, headers={"Range": "bytes=0-9", "If-Range": etag})
     assert fresh_validator.status == 206
 
     head = await client.head(url)
-    assert head.status == 200 and head.headers["Content-Length"] == str(len(whole))
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(whole))
     assert downloads(clip_emulator) == 1
 
 
@@ -201,7 +208,8 @@ async def test_a_broken_transfer_is_never_stored(client, clip_emulator, tmp_path
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
     store = tmp_path / "cache-downloads"
-    assert (store / "files").is_dir() and (store / "tmp").is_dir()
+    assert (store / "files").is_dir()
+    assert (store / "tmp").is_dir()
     await asyncio.sleep(0.1)  # the transfer task notices the break and cleans up
     assert list((store / "files").glob("*")) == []
     assert list((store / "tmp").glob("*")) == []
@@ -237,7 +245,9 @@ async def test_gdalinfo_reads_the_cog_through_the_gateway(
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     text = out.decode()
-    assert "Driver: GTiff" in text and "Band 3" in text and "32618" in text
+    assert "Driver: GTiff" in text
+    assert "Band 3" in text
+    assert "32618" in text
 
 
 async def test_restart_keeps_completed_files(gateway_for, clip_emulator, tmp_path):
@@ -251,7 +261,8 @@ async def test_restart_keeps_completed_files(gateway_for, clip_emulator, tmp_pat
     leftover.write_bytes(b"half a file")
     second = await gateway_for(clip_emulator, token="downloads", cache_dir=cache)
     again = await second.get(f"/downloads/{job_id}/rgb")
-    assert again.headers["X-Cache"] == "HIT" and await again.read() == body
+    assert again.headers["X-Cache"] == "HIT"
+    assert await again.read() == body
     assert not leftover.exists()  # an interrupted transfer's leftovers are cleaned at start
     assert downloads(clip_emulator) == 1
 
@@ -264,7 +275,8 @@ async def test_job_not_completed_unknown_and_malformed(gateway_for, start_upstre
     assert early.status == 409
     assert early.headers["Retry-After"] == "5"
     problem = await early.json(content_type=None)
-    assert problem["job_status"] == "running" and problem["type"].endswith("job-not-completed")
+    assert problem["job_status"] == "running"
+    assert problem["type"].endswith("job-not-completed")
     unknown = await client.get(f"/downloads/{uuid.uuid4()}/rgb")
     assert unknown.status == 404
     assert (await client.get(f"/downloads/{uuid.uuid4()}")).status == 404
@@ -304,5 +316,6 @@ def test_store_eviction_is_least_recently_used(tmp_path):
         if name == "b":
             assert store.lookup("a", "rgb") is not None  # a is now more recent than b
     assert store.lookup("b", "rgb") is None  # evicted
-    assert store.lookup("a", "rgb") is not None and store.lookup("c", "rgb") is not None
+    assert store.lookup("a", "rgb") is not None
+    assert store.lookup("c", "rgb") is not None
     assert store.total_bytes() == 200

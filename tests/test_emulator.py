@@ -190,7 +190,8 @@ async def test_empty_tile_is_404_by_default_or_204(
     client: Any, aiohttp_client: Any, path: str, body: dict[str, Any]
 ) -> None:
     resp = await post(client, body, path=path)
-    assert resp.status == 404 and resp.content_type == "application/problem+json"
+    assert resp.status == 404
+    assert resp.content_type == "application/problem+json"
     assert (await resp.json())["type"] == "https://docs.geopera.com/errors/empty-tile"
     old_style = await aiohttp_client(create_emulator_app(empty_tiles=204))
     resp = await post(old_style, body, path=path)
@@ -202,14 +203,17 @@ async def test_unknown_cog_and_empty_tile_differ_by_problem_type(client: Any) ->
     unknown = await (await post(client, {**TRUE_COLOUR, "url": BASE + "nope.tif"})).json()
     empty = await (await post(client, {**TRUE_COLOUR, "x": 3305})).json()
     assert unknown["status"] == empty["status"] == 404
-    assert unknown["type"].endswith("/cog-not-found") and empty["type"].endswith("/empty-tile")
+    assert unknown["type"].endswith("/cog-not-found")
+    assert empty["type"].endswith("/empty-tile")
 
 
 async def test_thumbnail_is_a_jpeg_of_the_cog(client: Any) -> None:
     resp = await post(client, {"url": OLINDA, "width": 64, "height": 48}, "/v1/op/cog.thumbnail")
-    assert resp.status == 200 and resp.content_type == "image/jpeg"
+    assert resp.status == 200
+    assert resp.content_type == "image/jpeg"
     image = Image.open(io.BytesIO(await resp.read()))
-    assert image.format == "JPEG" and image.size == (64, 48)
+    assert image.format == "JPEG"
+    assert image.size == (64, 48)
     assert np.asarray(image).std() > 5  # imagery, not a flat fill
     dem = await post(client, {"url": DEM}, "/v1/op/cog.thumbnail")
     assert max(Image.open(io.BytesIO(await dem.read())).size) == 256
@@ -227,7 +231,8 @@ async def test_scopes_per_key_and_session_tokens(aiohttp_client: Any) -> None:
     refused = await post(scoped, job, "/v1/op/clip.job.get", headers=tiles_only)
     assert refused.status == 403
     problem = await refused.json()
-    assert problem["type"].endswith("/insufficient-scope") and "clip:read" in problem["detail"]
+    assert problem["type"].endswith("/insufficient-scope")
+    assert "clip:read" in problem["detail"]
     session = {"Authorization": "Bearer sess.abc"}
     assert (await post(scoped, TRUE_COLOUR, headers=session)).status == 403
     everything = {"Authorization": "Bearer gpra_everything_key_2"}

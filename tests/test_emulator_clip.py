@@ -73,6 +73,13 @@ def new_key() -> str:
     return f"test-key-{next(_keys)}-{time.monotonic_ns()}"
 
 
+async def read_into(resp: Any, received: bytearray) -> None:
+    """Append ``resp``'s body to ``received`` chunk by chunk (what arrived stays there when
+    the body breaks off)."""
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        received += chunk
+
+
 async def post(client: Any, path: str, body: Any, headers: Any = None) -> Any:
     resp = await client.post(path, json=body, headers={**AUTH, **(headers or {})})
     await resp.read()
@@ -214,7 +221,8 @@ async def test_bahamas_clip_lifecycle(client: Any) -> None:
     await problem(resp, 400, "job-not-completed")
     resp = await post(client, GET, {"job_id": job_id})
     running = await resp.json()
-    assert running["status"] == "running" and "output_artifacts" not in running
+    assert running["status"] == "running"
+    assert "output_artifacts" not in running
 
     job = await wait_completed(client, job_id)
     assert job["status"] == "completed"
@@ -239,9 +247,12 @@ async def test_bahamas_clip_lifecycle(client: Any) -> None:
     assert int(resp.headers["Content-Length"]) == len(data) == descriptors[0]["size_bytes"]
     assert resp.headers["Content-Disposition"] == 'attachment; filename="andros_rgb.tif"'
     with MemoryFile(data) as memfile, memfile.open() as ds:
-        assert ds.driver == "GTiff" and ds.crs.to_epsg() == 32618
-        assert ds.count == 3 and ds.dtypes[0] == "uint8"
-        assert 0 < ds.width < 791 and 0 < ds.height < 718
+        assert ds.driver == "GTiff"
+        assert ds.crs.to_epsg() == 32618
+        assert ds.count == 3
+        assert ds.dtypes[0] == "uint8"
+        assert 0 < ds.width < 791
+        assert 0 < ds.height < 718
         assert ds.block_shapes[0] == (256, 256) or ds.width < 256
         assert ds.compression.name.lower() == "deflate"
         assert ds.read().any()
@@ -276,11 +287,13 @@ async def test_olinda_mosaics_and_st_helens_dem(client: Any) -> None:
     assert [d["mosaic_type"] for d in dem_files] == ["dem"]
     for (job_id, mosaic), (count, epsg, dtype, source) in expected.items():
         resp, data = await download(client, job_id, mosaic)
-        assert resp.status == 200 and resp.content_type == "image/tiff"
+        assert resp.status == 200
+        assert resp.content_type == "image/tiff"
         with MemoryFile(data) as memfile, memfile.open() as ds:
             assert (ds.count, ds.crs.to_epsg(), ds.dtypes[0]) == (count, epsg, dtype)
             with MemoryFile(source.read_bytes()) as full_file, full_file.open() as full:
-                assert ds.width < full.width and ds.height < full.height
+                assert ds.width < full.width
+                assert ds.height < full.height
                 assert ds.res == pytest.approx(full.res)
             if mosaic == "dem":
                 assert ds.nodata == -32767
@@ -295,7 +308,8 @@ async def test_failed_clip_reports_failed(client: Any, monkeypatch: pytest.Monke
     monkeypatch.setattr(clips_module, "clip_cog", broken)
     job_id = (await create(client, BAHAMAS_BODY))["job"]["id"]
     job = await wait_completed(client, job_id)
-    assert job["status"] == "failed" and "warp exploded" in job["error"]
+    assert job["status"] == "failed"
+    assert "warp exploded" in job["error"]
     data = await problem(
         await post(client, DOWNLOADS, {"job_id": job_id}), 400, "job-not-completed"
     )
@@ -327,18 +341,22 @@ async def test_jobs_list_filters_and_pages(client: Any) -> None:
     ids = [(await create(client, BAHAMAS_BODY))["job"]["id"] for _ in range(3)]
     org = {"organization_id": "demo-org"}
     everything = await (await post(client, LIST, org)).json()
-    assert everything["total"] == 3 and everything["limit"] == 50 and everything["offset"] == 0
+    assert everything["total"] == 3
+    assert everything["limit"] == 50
+    assert everything["offset"] == 0
     assert [j["id"] for j in everything["jobs"]] == ids[::-1]  # newest first
     assert {j["organization_id"] for j in everything["jobs"]} == {"demo-org"}
     page = await (await post(client, LIST, {**org, "limit": 1, "offset": 1})).json()
-    assert [j["id"] for j in page["jobs"]] == [ids[1]] and page["total"] == 3
+    assert [j["id"] for j in page["jobs"]] == [ids[1]]
+    assert page["total"] == 3
     running = await (await post(client, LIST, {**org, "status": "running"})).json()
     assert running["total"] == 3
     store.delay_s = 0.0
     for job_id in ids:
         await wait_completed(client, job_id)
     done = await (await post(client, LIST, {**org, "status": "completed"})).json()
-    assert done["total"] == 3 and all(j["status"] == "completed" for j in done["jobs"])
+    assert done["total"] == 3
+    assert all(j["status"] == "completed" for j in done["jobs"])
     assert (await post(client, LIST, {**org, "limit": 0})).status == 422
     assert (await post(client, LIST, {})).status == 422
 
@@ -350,9 +368,11 @@ async def test_tile_info_renders_the_clip(client: Any) -> None:
     info = await (await post(client, TILE_INFO, {"job_id": job_id})).json()
     assert info["job_id"] == job_id
     (tiles,) = info["tiles"]
-    assert tiles["mosaic_type"] == "rgb" and tiles["operation"] == "cog.tile.render"
+    assert tiles["mosaic_type"] == "rgb"
+    assert tiles["operation"] == "cog.tile.render"
     west, south, east, north = tiles["bounds"]
-    assert -77.95 < west < east < -77.45 and 24.25 < south < north < 24.75  # the AOI
+    assert -77.95 < west < east < -77.45
+    assert 24.25 < south < north < 24.75
     assert 0 <= tiles["minzoom"] <= tiles["maxzoom"] <= 24
     assert tiles["render"]["bands"] == "1,2,3"
     assert len(tiles["render"]["rescale"].split(";")) == 3
@@ -360,7 +380,8 @@ async def test_tile_info_renders_the_clip(client: Any) -> None:
     x, y = _tile_of((west + east) / 2, (south + north) / 2, z)
     body = {"url": tiles["url"], "z": z, "x": x, "y": y, "format": "png", **tiles["render"]}
     rendered = await client.post("/v1/op/cog.tile.render", json=body, headers=AUTH)
-    assert rendered.status == 200 and rendered.content_type == "image/png"
+    assert rendered.status == 200
+    assert rendered.content_type == "image/png"
     synthetic = (await create(client, {**BAHAMAS_BODY, "source_item_id": "synthetic-10"}))["job"]
     await wait_completed(client, synthetic["id"])
     await problem(await post(client, TILE_INFO, {"job_id": synthetic["id"]}), 400, "no-tile-info")
@@ -378,11 +399,14 @@ async def test_download_faults_json_and_no_filename(client: Any) -> None:
     await wait_completed(client, job_id)
     client.app[FAULTS_KEY].add(Fault("json", operation="clip.job.download"), Fault("no-filename"))
     resp, data = await download(client, job_id, "rgb")
-    assert resp.status == 200 and resp.content_type == "application/json"
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
     assert "url" in json.loads(data)
     resp, data = await download(client, job_id, "rgb")
-    assert resp.status == 200 and resp.content_type == "image/tiff"
-    assert "Content-Disposition" not in resp.headers and len(data) > 1000
+    assert resp.status == 200
+    assert resp.content_type == "image/tiff"
+    assert "Content-Disposition" not in resp.headers
+    assert len(data) > 1000
 
 
 async def test_status_faults_carry_a_problem_type(client: Any) -> None:
@@ -433,7 +457,8 @@ async def synthetic_job(client: Any, size: int) -> str:
 async def test_synthetic_download_streams_exact_bytes(client: Any) -> None:
     job_id = await synthetic_job(client, 3_000_000)
     resp = await client.post(DOWNLOAD, json={"job_id": job_id, "mosaic_type": "data"}, headers=AUTH)
-    assert resp.status == 200 and resp.content_type == "image/tiff"
+    assert resp.status == 200
+    assert resp.content_type == "image/tiff"
     assert resp.headers["Content-Length"] == "3000000"
     digest, total = hashlib.sha256(), 0
     async for chunk in resp.content.iter_chunked(64 * 1024):
@@ -449,11 +474,11 @@ async def test_truncate_fault_breaks_the_transfer(client: Any) -> None:
     faults.add(Fault("truncate", operation="*", bytes=300_000))
     await post(client, GET, {"job_id": job_id})  # not a download: fault not consumed
     resp = await client.post(DOWNLOAD, json={"job_id": job_id, "mosaic_type": "data"}, headers=AUTH)
-    assert resp.status == 200 and resp.headers["Content-Length"] == "3000000"
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == "3000000"
     received = bytearray()
     with pytest.raises(aiohttp.ClientPayloadError):
-        async for chunk in resp.content.iter_chunked(64 * 1024):
-            received += chunk
+        await read_into(resp, received)
     assert len(received) == 300_000
     assert bytes(received) == synthetic_range(0, len(received))
     stats = client.app[STATS_KEY]
@@ -468,7 +493,8 @@ async def test_stall_fault_holds_a_download_until_released(client: Any) -> None:
     resp = await client.post("/_emulator/faults", json={"kind": "stall", "bytes": 700_000})
     assert resp.status == 200
     resp = await client.post(DOWNLOAD, json={"job_id": job_id, "mosaic_type": "data"}, headers=AUTH)
-    assert resp.status == 200 and resp.headers["Content-Length"] == "2000000"
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == "2000000"
     head = await resp.content.readexactly(700_000)  # what arrives before the stall
     assert head == synthetic_range(0, 700_000)
     assert not resp.content.at_eof()
@@ -508,10 +534,12 @@ async def test_downloads_are_egress_limited_by_job(client: Any) -> None:
         resp = await post(client, DOWNLOAD, {"job_id": first, "mosaic_type": "rgb"})
         await problem(resp, 404, "mosaic-not-found")
     resp, data = await download(client, first, "data")
-    assert resp.status == 200 and len(data) == 1000
+    assert resp.status == 200
+    assert len(data) == 1000
     resp, _ = await download(client, first, "data")
     data_429 = await problem(resp, 429, "asset-rate-limited")
-    assert "Retry-After" in resp.headers and data_429["status"] == 429
+    assert "Retry-After" in resp.headers
+    assert data_429["status"] == 429
     resp, _ = await download(client, second, "data")  # another job: its own bucket
     assert resp.status == 200
     # job.get / downloads are not egress-limited
@@ -522,7 +550,8 @@ async def test_download_bytes_are_charged_to_the_bandwidth_breaker(client: Any) 
     job_id = await synthetic_job(client, 3_000_000)
     client.app[LIMITS_KEY].bandwidth = 1_000_000
     resp, data = await download(client, job_id, "data")
-    assert resp.status == 200 and len(data) == 3_000_000
+    assert resp.status == 200
+    assert len(data) == 3_000_000
     resp, _ = await download(client, job_id, "data")
     await problem(resp, 429, "bandwidth-circuit-open")
     assert int(resp.headers["Retry-After"]) >= 1
@@ -534,7 +563,7 @@ async def test_download_bytes_are_charged_to_the_bandwidth_breaker(client: Any) 
 def test_clip_delay_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     assert create_emulator_app()[CLIPS_KEY].delay_s == DEFAULT_CLIP_DELAY_S == 2.0
     assert create_emulator_app(clip_delay_s=0)[CLIPS_KEY].delay_s == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="clip_delay_s must be a finite number >= 0"):
         create_emulator_app(clip_delay_s=-1)
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr("gateway.emulator.run_emulator", lambda *a, **kw: calls.append(kw))

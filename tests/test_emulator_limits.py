@@ -72,7 +72,8 @@ def test_asset_bucket_burst_refill_and_retry_after() -> None:
     limits.admit("a")
     with pytest.raises(ProblemError) as exc:
         limits.admit("a")
-    assert exc.value.status == 429 and exc.value.slug == "asset-rate-limited"
+    assert exc.value.status == 429
+    assert exc.value.slug == "asset-rate-limited"
     assert exc.value.headers["Retry-After"] == "1"
     limits.admit("b")  # another asset has its own bucket
     clock.now += 0.5  # one token back at 2 requests/s
@@ -119,9 +120,9 @@ def test_zero_or_none_disables_and_bad_values_are_refused() -> None:
             limits.admit("a")
         assert limits.as_json() == {"asset_rps": None, "bandwidth": None}
     for bad in (-1, float("nan"), float("inf"), "5", True):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^asset_rps must be a"):
             EgressLimits(asset_rps=bad)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"^bandwidth must be a"):
             EgressLimits(bandwidth=bad)
 
 
@@ -253,7 +254,7 @@ async def test_start_emulator_and_cli_pass_the_limits(monkeypatch: pytest.Monkey
         assert runner.app[LIMITS_KEY].as_json() == {"asset_rps": 3.0, "bandwidth": None}
     finally:
         await runner.cleanup()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="asset_rps must be a finite number >= 0"):
         create_emulator_app(asset_rps=-1)
 
     calls: list[dict[str, Any]] = []

@@ -52,8 +52,10 @@ async def test_gdal_opens_the_export_and_its_tile_count_is_the_dry_runs(emulator
     code, dry = await cli(*EXPORT, "--mbtiles", str(out), "--dry-run", "--config", config, env=env)
     assert code == 0, dry
     planned = count(dry, "tiles")
-    assert planned == SEED_TILES and "est. egress" in dry
-    assert emulator.renders() == 0 and not out.exists()  # a dry run fetches and writes nothing
+    assert planned == SEED_TILES
+    assert "est. egress" in dry
+    assert emulator.renders() == 0
+    assert not out.exists()
 
     code, output = await cli(*EXPORT, "--mbtiles", str(out), "--config", config, env=env)
     assert code == 0, output
@@ -68,10 +70,12 @@ async def test_gdal_opens_the_export_and_its_tile_count_is_the_dry_runs(emulator
     assert process.returncode == 0, stderr.decode()
     info = stdout.decode()
     assert "Driver: MBTiles/MBTiles" in info
-    assert re.search(r"^\s+minzoom=12$", info, re.M) and re.search(r"^\s+maxzoom=13$", info, re.M)
+    assert re.search(r"^\s+minzoom=12$", info, re.M)
+    assert re.search(r"^\s+maxzoom=13$", info, re.M)
     assert re.search(r"^\s+ZOOM_LEVEL=13$", info, re.M)  # full resolution: the highest zoom
     assert "Overviews: " in info  # zoom 12 below it
-    assert "name=Olinda, Brazil: Landsat 7 true colour" in info and "format=png" in info
+    assert "name=Olinda, Brazil: Landsat 7 true colour" in info
+    assert "format=png" in info
 
     tiles = tiles_of(out)
     assert len(tiles) == planned  # every tile of the dry run's plan
@@ -79,14 +83,18 @@ async def test_gdal_opens_the_export_and_its_tile_count_is_the_dry_runs(emulator
         assert db.execute("PRAGMA application_id").fetchone()[0] == MBTILES_APPLICATION_ID
     meta = metadata_of(out)
     assert {"name", "format", "bounds", "center", "minzoom", "maxzoom", "attribution"} <= set(meta)
-    assert meta["bounds"] == OLINDA_BBOX and (meta["minzoom"], meta["maxzoom"]) == ("12", "13")
+    assert meta["bounds"] == OLINDA_BBOX
+    assert (meta["minzoom"], meta["maxzoom"]) == ("12", "13")
     lon, lat, zoom = meta["center"].split(",")
-    assert -34.92 < float(lon) < -34.82 and -8.05 < float(lat) < -7.94 and zoom in ("12", "13")
+    assert -34.92 < float(lon) < -34.82
+    assert -8.05 < float(lat) < -7.94
+    assert zoom in ("12", "13")
     assert "U.S. Geological Survey" in meta["attribution"]
     # rows are TMS: XYZ 13/3302/4278 (a tile of Olinda) is stored at row 2^13 - 1 - 4278
     assert tms_row(13, 4278) == 3913
     image = np.asarray(Image.open(io.BytesIO(tiles[(13, 3302, 3913)])).convert("RGBA"))
-    assert image.shape == (256, 256, 4) and image[..., :3][image[..., 3] > 0].std() > 5
+    assert image.shape == (256, 256, 4)
+    assert image[..., :3][image[..., 3] > 0].std() > 5
     assert (13, 3302, 4278) not in tiles
 
     again = tmp_path / "again.mbtiles"
@@ -139,7 +147,8 @@ async def test_an_export_with_failed_tiles_writes_nothing(emulator, tmp_path):
     args = (*EXPORT, "--mbtiles", str(out), "--config", config)
     code, output = await cli(*args, env=env)
     assert code == 1, output
-    assert "export not written" in output and not out.exists()
+    assert "export not written" in output
+    assert not out.exists()
     assert list(tmp_path.glob(".failed.mbtiles*")) == []
 
 
@@ -176,8 +185,10 @@ def test_export_argument_errors_are_one_line_and_exit_2(
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2
-    assert message in err and len(err.strip().splitlines()) == 1, err
-    assert not list(tmp_path.glob("*.mbtiles")) and not list(tmp_path.glob(".*.partial"))
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.glob("*.mbtiles"))
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_the_seed_command_s_argument_errors_are_one_line_too():
@@ -189,4 +200,5 @@ def test_the_seed_command_s_argument_errors_are_one_line_too():
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "required" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "required" in done.stderr

@@ -82,7 +82,8 @@ async def test_an_encoded_echo_of_the_key_never_reaches_the_log(
     assert response.status == 502
     text = log_text(caplog)
     echoes = [line for line in text.splitlines() if "backend failed for" in line]
-    assert echoes and all("***" in line for line in echoes)  # logged, redacted
+    assert echoes
+    assert all("***" in line for line in echoes)
     for form in encoded_forms(PLANTED_KEY):
         assert form not in text
 
@@ -116,7 +117,8 @@ async def test_a_hostile_png_is_502_and_never_cached(gateway, emulator, caplog, 
     assert (await problem(response))["type"].endswith("upstream-bad-response")
     assert "Traceback" not in log_text(caplog)
     again = await gateway.get(OLINDA)  # nothing was cached: the upstream is asked again
-    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+    assert again.status == 200
+    assert again.headers["X-Cache"] == "MISS"
     assert emulator.renders() == 2
 
 
@@ -126,8 +128,7 @@ async def test_a_hostile_png_is_502_and_never_cached(gateway, emulator, caplog, 
 async def wait_for_fault_taken(emulator) -> None:
     """Until the emulator has taken every queued fault (the call reached it)."""
     async with asyncio.timeout(10):
-        while emulator.app[FAULTS_KEY].pending():
-            await asyncio.sleep(0.01)
+        await emulator.app[FAULTS_KEY].drained()
 
 
 async def test_a_probe_answered_4xx_closes_the_breaker(gateway, emulator):
@@ -141,7 +142,8 @@ async def test_a_probe_answered_4xx_closes_the_breaker(gateway, emulator):
     assert probe.status == 502
     assert (await (await gateway.get("/readyz")).json())["checks"]["open_breakers"] == []
     after = await gateway.get(OLINDA)  # so the breaker closed, and the guard agrees
-    assert after.status == 200 and after.headers["X-Cache"] == "MISS"
+    assert after.status == 200
+    assert after.headers["X-Cache"] == "MISS"
     assert emulator.renders() == 3
 
 
@@ -175,7 +177,8 @@ async def test_an_asset_probe_failing_5xx_reopens_it_for_its_retry_after(gateway
     assert int(held.headers["Retry-After"]) == 1  # the upstream's Retry-After, not 30 s
     await asyncio.sleep(1.1)
     again = await gateway.get(OLINDA)
-    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+    assert again.status == 200
+    assert again.headers["X-Cache"] == "MISS"
 
 
 async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulator, tmp_path):
@@ -184,14 +187,17 @@ async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulato
         Fault("status", status=429, retry_after="999999", type="asset-rate-limited")
     )
     throttled = await first.get(OLINDA)
-    assert throttled.status == 503 and int(throttled.headers["Retry-After"]) == 3600
+    assert throttled.status == 503
+    assert int(throttled.headers["Retry-After"]) == 3600
     held = await first.get(OLINDA)
-    assert held.status == 503 and int(held.headers["Retry-After"]) <= 3600
+    assert held.status == 503
+    assert int(held.headers["Retry-After"]) <= 3600
     # a restart with a lower cap: the stored breaker is held to it as well
     config = config_with(tmp_path, ("max_retry_after_s = 3600.0", "max_retry_after_s = 1"))
     second = await gateway_for(emulator, config=config)
     capped = await second.get(OLINDA)
-    assert capped.status == 503 and int(capped.headers["Retry-After"]) == 1
+    assert capped.status == 503
+    assert int(capped.headers["Retry-After"]) == 1
     await asyncio.sleep(1.1)
     recovered = await second.get(OLINDA)
     assert recovered.status == 200, await recovered.text()
@@ -281,7 +287,8 @@ async def test_a_gateway_killed_mid_call_leaves_no_slot_taken(gateway_for, emula
         await asyncio.gather(*calls, return_exceptions=True)
     restarted = await gateway_for(emulator, config=config, cache_dir=tmp_path / "cache")
     response = await restarted.get("/tiles/olinda/14/6605/8555.png")
-    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    assert response.status == 200
+    assert response.headers["X-Cache"] == "MISS"
 
 
 # --------------------------------------------------------------------------- damaged stores
@@ -332,7 +339,8 @@ async def test_a_damaged_store_is_rebuilt_at_start(
     assert (await second.get("/readyz")).status == 200
     assert await metric(second, series) == before + 1
     lines = [r for r in caplog.records if "was damaged" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert len(lines) == 1
+    assert lines[0].levelname == "WARNING"
     assert f"the {store} store" in lines[0].getMessage()
     assert (directory / "cache.db.damaged").is_file()
     assert "Traceback" not in log_text(caplog)
@@ -358,7 +366,8 @@ async def test_a_truncated_tile_value_is_a_miss_and_is_replaced(
         assert changed == 1
     before = await metric(client, "gateway_cache_damaged_entries_total")
     again = await client.get(path)
-    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+    assert again.status == 200
+    assert again.headers["X-Cache"] == "MISS"
     assert await metric(client, "gateway_cache_damaged_entries_total") == before + 1
     assert (await client.get(path)).headers["X-Cache"] == "HIT"  # stored intact again
     assert emulator.renders() == 2
@@ -398,7 +407,8 @@ async def test_an_entry_in_an_old_format_is_a_miss_and_is_replaced(
                 del sys.modules["gateway.cache"]
     before = await metric(client, "gateway_cache_damaged_entries_total")
     again = await client.get(OLINDA)
-    assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+    assert again.status == 200
+    assert again.headers["X-Cache"] == "MISS"
     assert await metric(client, "gateway_cache_damaged_entries_total") == before + 1
     assert (await client.get(OLINDA)).headers["X-Cache"] == "HIT"  # stored in the new format
     assert emulator.renders() == 2
@@ -408,7 +418,8 @@ async def test_an_entry_in_an_old_format_is_a_miss_and_is_replaced(
 def test_the_entry_format_round_trips_and_refuses_a_short_body():
     tile = make_tile(b"\x89PNG body", "image/png", 60, fetch_s=0.25)
     entry = encode_entry(tile)
-    assert entry.startswith(ENTRY_FORMAT) and decode_entry(entry) == tile
+    assert entry.startswith(ENTRY_FORMAT)
+    assert decode_entry(entry) == tile
     with pytest.raises(EntryFormatError):
         decode_entry(entry[:-1])
     with pytest.raises(EntryFormatError):
@@ -449,13 +460,15 @@ async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
 
     for path in (OLINDA, OLINDA_Z14):
         fresh = await client.get(path)
-        assert fresh.status == 200 and fresh.headers["X-Cache"] == "MISS"
+        assert fresh.status == 200
+        assert fresh.headers["X-Cache"] == "MISS"
         assert (await fresh.read()).startswith(b"\x89PNG")
     ready = await client.get("/readyz")
     assert ready.status == 503
     report = await ready.json()
     assert report["checks"]["cache_writable"] is False
-    assert "disk-full" in report["reason"] and "uncached" in report["reason"]
+    assert "disk-full" in report["reason"]
+    assert "uncached" in report["reason"]
     assert await metric(client, "gateway_cache_writable") == 0
     assert await metric(client, 'gateway_cache_write_failures_total{reason="disk-full"}') >= 2
     assert len(warnings_about(caplog, "the tiles store cannot write (disk-full)")) == 1
@@ -464,7 +477,8 @@ async def test_a_full_tile_disk_serves_fresh_tiles_uncached(
     assert (await client.get("/readyz")).status == 200
     assert await metric(client, "gateway_cache_writable") == 1
     stored = await client.get("/tiles/olinda/14/6604/8556.png")
-    assert stored.status == 200 and stored.headers["X-Cache"] == "MISS"
+    assert stored.status == 200
+    assert stored.headers["X-Cache"] == "MISS"
     cache = client.server.app[TILE_SERVICE].cache
     assert cache.get(tile_key(client, "/tiles/olinda/14/6604/8556.png"), from_disk=True)
     assert "Traceback" not in log_text(caplog)
@@ -477,14 +491,17 @@ async def test_a_full_disk_under_everything_answers_no_500(
     assert (await client.get(OLINDA)).status == 200
     fill_disk(tile_disk)
     hit = await client.get(OLINDA)  # in memory
-    assert hit.status == 200 and hit.headers["X-Cache"] == "HIT"
+    assert hit.status == 200
+    assert hit.headers["X-Cache"] == "HIT"
     miss = await client.get(OLINDA_Z14)  # the limiter cannot record the call: fail closed
-    assert miss.status == 503 and int(miss.headers["Retry-After"]) >= 1
+    assert miss.status == 503
+    assert int(miss.headers["Retry-After"]) >= 1
     assert (await problem(miss))["type"].endswith("limiter-unavailable")
     ready = await client.get("/readyz")
     assert ready.status == 503
     checks = (await ready.json())["checks"]
-    assert checks["cache_writable"] is False and checks["state_writable"] is False
+    assert checks["cache_writable"] is False
+    assert checks["state_writable"] is False
     assert (await client.get("/metrics")).status == 200
     assert "Traceback" not in log_text(caplog)
 

@@ -7,6 +7,8 @@ the line and the rule, before it becomes a cycle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
@@ -113,3 +115,20 @@ def test_every_folder_is_a_known_part():
             assert path.name in ALLOWED, f"{path.name}/ has no rule in ALLOWED"
         elif path.suffix == ".py" and path.stem not in LEAVES | {"app", "__main__"}:
             raise AssertionError(f"{path.name}: a top-level module that is no leaf")
+
+
+def test_config_and_the_cli_parser_load_no_heavy_modules():
+    """The config never loads the HTTP edge, and the emulator package and the CLI (which
+    reads the emulator's defaults) load no rio-tiler until an emulator is started."""
+    code = (
+        "import sys\n"
+        "import gateway.config.settings\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('aiohttp.web', 'gateway.http'))))\n"
+        "import gateway.emulator, gateway.cli.main\n"
+        "gateway.cli.main.build_parser()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('rio_tiler', 'rasterio')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.splitlines() == ["[]", "[]"], result.stdout

@@ -78,7 +78,8 @@ async def test_listing_pages_newest_first_and_filters_by_status(gateway_for, cli
     seen, url, pages = [], "/downloads?limit=2", 0
     while url is not None:
         response = await client.get(url)
-        assert response.status == 200 and response.content_type == "application/json"
+        assert response.status == 200
+        assert response.content_type == "application/json"
         page = await response.json()
         assert set(page) == {"jobs", "next"}
         seen += page["jobs"]
@@ -108,7 +109,8 @@ async def test_listing_pages_newest_first_and_filters_by_status(gateway_for, cli
     assert [job["job_id"] for job in window["jobs"]] == [created[0]]
     assert window["next"] is None
     files = await (await client.get(relative(client, first["files"]))).json()
-    assert files["status"] == "failed" and "reason" in files
+    assert files["status"] == "failed"
+    assert "reason" in files
 
 
 async def test_listing_is_cached_for_its_ttl_and_coalesced(gateway_for, clip_emulator):
@@ -150,7 +152,8 @@ async def test_listing_is_cached_for_its_ttl_and_coalesced(gateway_for, clip_emu
 async def test_listing_refuses_bad_parameters(gateway_for, clip_emulator, query, slug):
     client = await gateway_for(clip_emulator, token="downloads")
     response = await client.get(f"/downloads?{query}")
-    assert response.status == 400 and response.content_type == PROBLEM
+    assert response.status == 400
+    assert response.content_type == PROBLEM
     assert (await response.json())["type"].endswith("/" + slug)
     assert list_calls(clip_emulator) == 0
 
@@ -165,7 +168,8 @@ async def test_listing_needs_a_downloads_token_and_a_configured_organisation(
     config = config_with(tmp_path, ('organization_id = "demo-org"', "# no organisation"))
     unconfigured = await gateway_for(clip_emulator, token="downloads", config=config)
     response = await unconfigured.get("/downloads")
-    assert response.status == 404 and response.content_type == PROBLEM
+    assert response.status == 404
+    assert response.content_type == PROBLEM
     assert (await response.json())["type"].endswith("/listing-not-configured")
     assert list_calls(clip_emulator) == 0
 
@@ -197,7 +201,8 @@ async def test_a_project_token_lists_and_fetches_only_its_projects_jobs(gateway_
     for path in (f"/downloads/{demo[0]}", f"/downloads/{demo[0]}/data",
                  f"/downloads/{demo[0]}/data.sha256"):  # fmt: skip
         response = await team.get(path)
-        assert response.status == 403 and response.content_type == PROBLEM, path
+        assert response.status == 403, path
+        assert response.content_type == PROBLEM, path
         assert (await response.json())["type"].endswith("/project-forbidden")
     assert clip_emulator.stats.calls["clip.job.get"] == calls  # projects known from the list
     assert (await team.get(f"/downloads/{survey[0]}/data")).status == 200
@@ -287,7 +292,8 @@ async def test_chromium_shows_the_jobs_page_and_opens_a_clip_on_the_map(
     (tmp_path / "clip-on-map.png").write_bytes(seen["map"]["png"])
     print(f"\ndownloads page and clip map in {time.monotonic() - started:.1f} s ({tmp_path})")
     assert not [line for line in seen["log"] if "Content Security Policy" in line], seen["log"]
-    assert seen["title"].startswith("Clip downloads") and seen["links"] == "set"
+    assert seen["title"].startswith("Clip downloads")
+    assert seen["links"] == "set"
     rows = {row["job"]: row for row in seen["rows"]}
     assert list(rows) == [broken, synthetic, harbour]  # newest first
     assert (rows[broken]["status"], rows[broken]["files"]) == ("failed", [])
@@ -299,9 +305,11 @@ async def test_chromium_shows_the_jobs_page_and_opens_a_clip_on_the_map(
     assert file["checksum"].startswith(f"{base}/downloads/{harbour}/rgb.sha256?token=")
     assert file["map"].startswith(f"{base}/?clip={harbour}%2Frgb")
     (data,) = rows[synthetic]["files"]
-    assert data["map"] is None and "once stored" in data["sha256"]  # no layer, not stored
+    assert data["map"] is None
+    assert "once stored" in data["sha256"]
     async with aiohttp.ClientSession() as session, session.get(file["href"]) as response:
-        assert response.status == 200 and await response.read() == harbour_bytes
+        assert response.status == 200
+        assert await response.read() == harbour_bytes
 
     shown = seen["map"]
     assert (shown["state"], shown["layer"], shown["status"]) == ("idle", f"clips/{harbour}/rgb", "")

@@ -76,7 +76,8 @@ async def test_unparsable_request_is_a_problem_and_the_token_is_never_logged(por
     assert headers["server"].startswith("geopera-gateway/")
     assert TOKEN.encode() not in answer
     problem = json.loads(body)
-    assert problem["status"] == 400 and problem["type"].startswith("https://")
+    assert problem["status"] == 400
+    assert problem["type"].startswith("https://")
     records = caplog.get_records("call")
     for record in records:
         text = record.getMessage() + (record.exc_text or "")

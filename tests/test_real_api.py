@@ -63,7 +63,8 @@ async def test_a_404_empty_storm_costs_one_upstream_call(gateway_for, start_upst
     storm = await asyncio.gather(*(client.get(BAHAMAS_EMPTY) for _ in range(20)))
     repeats = [await client.get(BAHAMAS_EMPTY) for _ in range(5)]
     for response in [*storm, *repeats]:
-        assert response.status == 200 and response.headers["X-Cache"] == "EMPTY"
+        assert response.status == 200
+        assert response.headers["X-Cache"] == "EMPTY"
         assert response.headers["Content-Type"] == "image/png"
     assert slow.stats.statuses[("cog.tile.render", 404)] == 1
     assert slow.renders() == 1
@@ -107,7 +108,8 @@ async def test_an_unknown_source_is_reported_once_not_per_tile(
     assert {r.status for r in tiles} == {200}
     assert {r.headers["X-Cache"] for r in tiles} == {"EMPTY"}
     warnings = [r for r in caplog.records if "'nowhere'" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     text = await (await client.get("/metrics")).text()
     assert metric(text, 'gateway_upstream_alert{kind="source-unknown",subject="nowhere"}') == 1
@@ -121,9 +123,8 @@ async def test_an_unknown_source_is_reported_once_not_per_tile(
 async def test_an_unattributed_429_pauses_the_whole_operation_for_retry_after(gateway, emulator):
     emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="2"))  # unknown type
     throttled = await gateway.get(OLINDA)  # asset A
-    assert (await problem(throttled, 503, "upstream-throttled")) and throttled.headers[
-        "Retry-After"
-    ] == "2"
+    assert await problem(throttled, 503, "upstream-throttled")
+    assert throttled.headers["Retry-After"] == "2"
     cold = await gateway.get(BAHAMAS)  # asset B, never asked before
     await problem(cold, 503, "upstream-circuit-open")
     assert 1 <= int(cold.headers["Retry-After"]) <= 2
@@ -131,7 +132,8 @@ async def test_an_unattributed_429_pauses_the_whole_operation_for_retry_after(ga
     assert (await gateway.get(TERRAIN)).status == 200  # another operation goes on
     await asyncio.sleep(2.2)
     after = await gateway.get(BAHAMAS)
-    assert after.status == 200 and after.headers["X-Cache"] == "MISS"
+    assert after.status == 200
+    assert after.headers["X-Cache"] == "MISS"
     assert emulator.stats.calls["cog.tile.render"] == 2
 
 
@@ -190,12 +192,14 @@ async def test_402_pauses_the_organisation_serves_stale_and_alerts_once(
     emulator.app[FAULTS_KEY].add(Fault("status", status=402))
     refused = await client.get(OLINDA_OTHER)
     body = await problem(refused, 503, "upstream-payment-required")
-    assert refused.headers["Retry-After"] == "2" and "402" in body["detail"]
+    assert refused.headers["Retry-After"] == "2"
+    assert "402" in body["detail"]
     assert (await client.get(OLINDA)).headers["X-Cache"] == "STALE"
     await problem(await client.get(TERRAIN), 503, "upstream-paused")  # another operation
     job = await client.get(f"/downloads/{uuid.uuid4()}", headers=DOWNLOADER)
     await problem(job, 503, "upstream-paused")  # the clip operations too
-    assert emulator.renders() == 2 and emulator.stats.calls["clip.job.get"] == 0
+    assert emulator.renders() == 2
+    assert emulator.stats.calls["clip.job.get"] == 0
     checks = await readyz(client)
     assert checks["open_breakers"] == ["all operations (organisation, open)"]
     assert [a["kind"] for a in checks["alerts"]] == [PAYMENT_REQUIRED]
@@ -204,7 +208,8 @@ async def test_402_pauses_the_organisation_serves_stale_and_alerts_once(
         metric(text, 'gateway_breaker_open{operation="*",scope="organisation",state="open"}') == 1
     )
     assert metric(text, 'gateway_upstream_alert{kind="payment-required",subject=""}') == 1
-    assert len(criticals(caplog)) == 1 and "402" in criticals(caplog)[0]
+    assert len(criticals(caplog)) == 1
+    assert "402" in criticals(caplog)[0]
 
     await asyncio.sleep(2.1)  # paid up: the pause ends, one call probes, the alert resolves
     assert (await client.get(OLINDA_OTHER)).status == 200
@@ -227,7 +232,8 @@ async def test_twenty_coalesced_requests_on_a_refused_key_log_one_critical_line(
     later = [await client.get(p) for p in (OLINDA, BAHAMAS, TERRAIN)]  # new calls, same state
     assert {r.status for r in later} == {502}
     lines = criticals(caplog)
-    assert len(lines) == 1 and "GEOPERA_API_KEY" in lines[0]
+    assert len(lines) == 1
+    assert "GEOPERA_API_KEY" in lines[0]
     assert [a["kind"] for a in (await readyz(client))["alerts"]] == [KEY_REFUSED]
 
 
@@ -237,7 +243,9 @@ async def test_a_403_on_a_tile_operation_is_the_keys_scope(gateway_for, start_up
     for path in (OLINDA, OLINDA_OTHER):
         await problem(await client.get(path), 502, "upstream-auth")
     lines = criticals(caplog)
-    assert len(lines) == 1 and "tiles:read" in lines[0] and "GEOPERA_API_KEY" in lines[0]
+    assert len(lines) == 1
+    assert "tiles:read" in lines[0]
+    assert "GEOPERA_API_KEY" in lines[0]
     alerts = (await readyz(client))["alerts"]
     assert [(a["kind"], a["subject"]) for a in alerts] == [(SCOPE_MISSING, "tiles:read")]
 
@@ -249,7 +257,8 @@ async def test_a_key_without_clip_read_is_alerted_not_blamed_on_the_job(
     client = await gateway_for(tiles_only, token="downloads")
     await problem(await client.get(f"/downloads/{uuid.uuid4()}"), 502, "upstream-auth")
     lines = criticals(caplog)
-    assert len(lines) == 1 and "clip:read" in lines[0]
+    assert len(lines) == 1
+    assert "clip:read" in lines[0]
 
 
 async def test_another_organisations_job_is_403_without_a_key_alert(gateway_for, emulator, caplog):
@@ -288,7 +297,8 @@ async def test_a_failed_job_is_final_with_the_upstreams_reason(gateway_for, star
         file = await client.get(f"/downloads/{job_id}/rgb")
         body = await problem(file, 410, "job-failed")
         assert "Retry-After" not in file.headers
-        assert body["job_status"] == "failed" and CORRUPT_REASON in body["detail"]
+        assert body["job_status"] == "failed"
+        assert CORRUPT_REASON in body["detail"]
     assert upstream.stats.calls["clip.job.download"] == 0
 
 
@@ -338,11 +348,13 @@ async def test_a_json_download_answer_is_refused_and_the_next_request_stores_the
     assert client.app[DOWNLOAD_SERVICE].store.lookup(job_id, "rgb") is None
     real = await client.get(url)
     body = await real.read()
-    assert real.status == 200 and real.headers["X-Cache"] == "MISS"
+    assert real.status == 200
+    assert real.headers["X-Cache"] == "MISS"
     assert real.headers["Content-Type"] == "image/tiff"
     assert body == await upstream_bytes(upstream, job_id)
     hit = await client.get(url)
-    assert hit.headers["X-Cache"] == "HIT" and await hit.read() == body
+    assert hit.headers["X-Cache"] == "HIT"
+    assert await hit.read() == body
     assert upstream.stats.calls["clip.job.download"] == 3  # json, real, and the check above
 
 
@@ -381,7 +393,8 @@ def test_the_seeder_decides_from_domain_errors():
 
     paid = PaymentRequired("cog.tile.render", "HTTP 402", 402)
     paid.retry_after_s = 30.0
-    assert classify(paid).action == "retry" and classify(paid).wait_s == 30.0
+    assert classify(paid).action == "retry"
+    assert classify(paid).wait_s == 30.0
     assert classify(BreakerOpen(ORGANISATION, 4.0)).action == "retry"
     assert classify(LimitExceeded("budget", 60.0, "spent")).action == "stop"
     assert classify(LimitExceeded("asset", 0.5, "wait")).action == "pace"

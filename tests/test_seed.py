@@ -134,21 +134,23 @@ async def test_an_interrupted_seed_resumes_without_fetching_a_tile_twice(start_u
 
     process = await start_cli(*args, env=env)
     async with asyncio.timeout(30):
-        while slow.renders() < 3:
-            await asyncio.sleep(0.02)
+        await slow.stats.wait_until(lambda _: slow.renders() >= 3)
     process.send_signal(signal.SIGINT)
     code, first = await finish(process)
     assert code == 130, first
-    assert "seed interrupted" in first and "resume:" in first
+    assert "seed interrupted" in first
+    assert "resume:" in first
     (state,) = (tmp_path / "cache-state").glob("seed-olinda-*.json")
     assert 0 < json.loads(state.read_text())["next_index"] < SEED_TILES
 
     code, second = await cli(*args, env=env)
     assert code == 0, second
-    assert "resuming at tile" in second and "seed complete" in second
+    assert "resuming at tile" in second
+    assert "seed complete" in second
     assert count(first, "fetched") + count(second, "fetched") == SEED_TILES
     fetched = renders(slow)
-    assert len(fetched) == SEED_TILES and len(set(fetched)) == SEED_TILES  # none twice
+    assert len(fetched) == SEED_TILES
+    assert len(set(fetched)) == SEED_TILES
     assert not state.exists()
 
 
@@ -216,7 +218,8 @@ async def test_seeding_is_paced_by_the_host_limiter_and_map_users_go_first(
     finally:
         await stack.aclose()
     elapsed = time.monotonic() - started
-    assert summary.fetched + summary.empty == SEED_TILES and summary.failed == 0
+    assert summary.fetched + summary.empty == SEED_TILES
+    assert summary.failed == 0
     # one more upstream call (the map user's) went through the same asset bucket
     assert elapsed >= (SEED_TILES + 1 - burst) / rps - 0.25
     assert waited < 1.5  # the map user reserved ahead instead of queueing behind the seed
@@ -262,8 +265,10 @@ async def test_seeding_at_scale_2_fetches_the_four_children(emulator, settings_f
         stored = stack.cache.get(settings.layers["olinda"].cache_key(13, 3302, 4278, 2, "webp"))
     finally:
         await stack.aclose()
-    assert summary.fetched == 1 and emulator.renders() == 4
-    assert stored is not None and stored.media_type == "image/webp"
+    assert summary.fetched == 1
+    assert emulator.renders() == 4
+    assert stored is not None
+    assert stored.media_type == "image/webp"
 
 
 async def test_purge_command_removes_by_zoom_and_box_and_spares_other_layers(
@@ -292,7 +297,8 @@ async def test_purge_command_removes_by_zoom_and_box_and_spares_other_layers(
     code, output = await cli("purge", "--layer", "olinda", "--config", config, env=env)
     assert "removed 8 cached tiles of layer olinda" in output  # the z12 ones
     code, output = await cli("purge", "--layer", "olinda", "--bbox", "1,2,3", env=env)
-    assert code == 2 and "four numbers" in output
+    assert code == 2
+    assert "four numbers" in output
 
     stack = open_tile_stack(settings)
     try:
@@ -398,7 +404,8 @@ async def test_purge_and_dry_run_need_no_key_and_find_the_cache_from_anywhere(em
         )
         runs.append(await finish(process))
     (seeded, seed_out), (dry, dry_out), (purged, purge_out) = runs
-    assert seeded == 0 and count(seed_out, "fetched") == SEED_TILES, seed_out
+    assert seeded == 0, seed_out
+    assert count(seed_out, "fetched") == SEED_TILES, seed_out
     assert dry == 0, dry_out
     assert count(dry_out, "not fresh") == 0  # it read the seeded cache
     assert purged == 0, purge_out

@@ -37,7 +37,8 @@ def with_nodata_height(tmp_path, height: str):
 
 async def test_edge_tile_nodata_is_sea_level_by_default(gateway, emulator):
     response = await gateway.get(EDGE_TILE)
-    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    assert response.status == 200
+    assert response.headers["X-Cache"] == "MISS"
     metres = heights(await response.read())
     nodata = np.isclose(metres, 0.0)
     assert 0.70 < nodata.mean() < 0.75  # the pixels outside the DEM
@@ -55,7 +56,8 @@ async def test_nodata_height_applies_to_partial_blank_and_retina_tiles(
     # outside the layer's bounds: a blank tile, no upstream call
     renders = emulator.renders()
     blank = await client.get("/tiles/st-helens/11/300/700.png")
-    assert blank.headers["X-Cache"] == "EMPTY" and emulator.renders() == renders
+    assert blank.headers["X-Cache"] == "EMPTY"
+    assert emulator.renders() == renders
     assert np.allclose(heights(await blank.read()), 500.5)
     # @2x: children filled, and empty children too
     retina = await client.get("/tiles/st-helens/10/164/363@2x.png")
@@ -68,7 +70,8 @@ async def test_nodata_height_applies_to_partial_blank_and_retina_tiles(
 
 def test_fill_recognises_transparent_and_black_pixels():
     image = Image.new("RGBA", (4, 1), (*terrain_rgb(0), 255))
-    assert terrain_rgb(0) == (1, 134, 160) and terrain_rgb(1000) == (1, 173, 176)
+    assert terrain_rgb(0) == (1, 134, 160)
+    assert terrain_rgb(1000) == (1, 173, 176)
     image.putpixel((1, 0), (7, 8, 9, 0))  # transparent
     image.putpixel((2, 0), (0, 0, 0, 255))  # -10,000 m
     image.putpixel((3, 0), (*terrain_rgb(1000), 255))

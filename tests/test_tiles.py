@@ -38,14 +38,18 @@ async def test_miss_then_hit_crosses_upstream_once(gateway, emulator):
     assert emulator.stats.calls["cog.tile.render"] == 1
     op, sent, status = emulator.stats.log[-1]
     assert (op, status) == ("cog.tile.render", 200)
-    assert sent["z"] == 13 and sent["x"] == 3302 and sent["y"] == 4278
-    assert sent["bands"] == "3,2,1" and sent["format"] == "png"
+    assert sent["z"] == 13
+    assert sent["x"] == 3302
+    assert sent["y"] == 4278
+    assert sent["bands"] == "3,2,1"
+    assert sent["format"] == "png"
 
 
 async def test_if_none_match_gets_304(gateway, emulator):
     first = await gateway.get(OLINDA)
     etag = first.headers["ETag"]
-    assert etag.startswith('"') and not etag.startswith("W/")
+    assert etag.startswith('"')
+    assert not etag.startswith("W/")
     again = await gateway.get(OLINDA, headers={"If-None-Match": etag})
     assert again.status == 304
     assert await again.read() == b""
@@ -115,16 +119,19 @@ async def test_terrain_layer_uses_cog_tile_terrain(gateway, emulator):
     valid = rgb[..., 3] > 0
     heights = -10000 + (rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]) * 0.1
     assert valid.any()
-    assert heights[valid].min() > 600 and heights[valid].max() < 2600  # Mount St. Helens
+    assert heights[valid].min() > 600
+    assert heights[valid].max() < 2600
     assert emulator.stats.calls["cog.tile.terrain"] == 1
     assert "format" not in emulator.stats.log[-1][1]
 
 
 async def test_outside_bounds_is_blank_without_upstream_call(gateway, emulator):
     png = await gateway.get("/tiles/olinda/13/3305/4278.png")
-    assert png.status == 200 and png.headers["X-Cache"] == "EMPTY"
+    assert png.status == 200
+    assert png.headers["X-Cache"] == "EMPTY"
     image = decode(await png.read())
-    assert image.size == (256, 256) and image.mode == "RGBA"
+    assert image.size == (256, 256)
+    assert image.mode == "RGBA"
     assert np.asarray(image)[..., 3].max() == 0  # fully transparent
     jpg = await gateway.get("/tiles/olinda/13/3305/4278.jpg")
     assert jpg.headers["Content-Type"] == "image/jpeg"
@@ -165,7 +172,9 @@ async def test_bad_paths_are_problems_without_upstream_calls(gateway, emulator):
         assert response.status == status, path
         assert response.headers["Content-Type"] == "application/problem+json", path
         problem = await response.json(content_type=None)
-        assert problem["status"] == status and problem["title"] and problem["detail"], path
+        assert problem["status"] == status, path
+        assert problem["title"], path
+        assert problem["detail"], path
     assert emulator.renders() == 0
 
 
@@ -200,7 +209,8 @@ async def test_wrong_key_is_a_502_that_never_shows_a_key(gateway_for, emulator, 
     assert response.status == 502
     assert response.headers["Content-Type"] == "application/problem+json"
     text = await response.text()
-    assert wrong not in text and PLANTED_KEY not in text
+    assert wrong not in text
+    assert PLANTED_KEY not in text
     assert (await response.json(content_type=None))["type"].endswith("upstream-auth")
     assert any(
         r.levelname == "CRITICAL" and "GEOPERA_API_KEY" in r.getMessage() for r in caplog.records

@@ -79,9 +79,11 @@ async def test_page_embeds_the_layers_and_the_cdn_with_sri(gateway):
     csp = response.headers["Content-Security-Policy"]
     nonce = re.search(r"'nonce-([^']+)'", csp)[1]
     assert text.count(f'nonce="{nonce}"') == 2
-    assert "default-src 'none'" in csp and "https://unpkg.com" in csp
+    assert "default-src 'none'" in csp
+    assert "https://unpkg.com" in csp
     assert response.headers["Referrer-Policy"] == "no-referrer"
-    assert "gpra_" not in text and "ggw_" not in text  # no secret of any kind
+    assert "gpra_" not in text
+    assert "ggw_" not in text
     # a fresh nonce per answer
     again = (await gateway.get("/")).headers["Content-Security-Policy"]
     assert again != csp
@@ -319,7 +321,8 @@ async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tm
 
     olinda = seen["olinda"]
     assert (olinda["state"], olinda["layer"], olinda["status"]) == ("idle", "olinda", "")
-    assert olinda["tiles"] > 0 and emulator.renders() > 0
+    assert olinda["tiles"] > 0
+    assert emulator.renders() > 0
     assert 9 <= olinda["zoom"] <= 16
     area = _map_area(olinda["png"])
     colours = len(set(area.getdata()))
@@ -329,18 +332,22 @@ async def test_chromium_shows_imagery(aiohttp_server, settings_for, emulator, tm
 
     helens = seen["st-helens"]
     assert (helens["state"], helens["layer"], helens["status"]) == ("idle", "st-helens", "")
-    assert helens["tiles"] > 0 and not helens["terrain"]
+    assert helens["tiles"] > 0
+    assert not helens["terrain"]
     hillshade = _map_area(helens["png"]).convert("L")
     assert ImageStat.Stat(hillshade).stddev[0] > 8  # relief, not a flat fill
     assert len(set(hillshade.getdata())) > 50
 
     relief = seen["3d"]
-    assert relief["terrain"] and relief["pitch"] > 45
-    assert relief["state"] == "idle" and relief["status"] == ""
+    assert relief["terrain"]
+    assert relief["pitch"] > 45
+    assert relief["state"] == "idle"
+    assert relief["status"] == ""
     assert ImageStat.Stat(_map_area(relief["png"]).convert("L")).stddev[0] > 8
 
     refused = seen["no-token"]
-    assert refused["layer"] == "olinda-private" and refused["tiles"] == 0
+    assert refused["layer"] == "olinda-private"
+    assert refused["tiles"] == 0
     assert "needs a valid token" in refused["status"]
     private = seen["private"]
     assert (private["state"], private["layer"], private["status"]) == ("idle", "olinda-private", "")

@@ -6,7 +6,6 @@ Bad arguments are one line on stderr and exit code 2 (:class:`OneLineParser`).""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from gateway.config.settings import (
     TokenSettings,
     load_settings,
 )
+from gateway.emulator import defaults as emulator
 from gateway.http.auth import new_token
 from gateway.logs import configure_logging
 
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_purge_parser(sub)
 
     emu = sub.add_parser("emulator", help="run the bundled Geopera emulator alone")
-    emu.add_argument("--host", default="127.0.0.1")
-    emu.add_argument("--port", type=int, default=8081)
+    emu.add_argument("--host", default=emulator.DEFAULT_HOST)
+    emu.add_argument("--port", type=int, default=emulator.DEFAULT_PORT)
     emu.add_argument(
         "--api-key",
         action="append",
@@ -126,35 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
         "key and any JWT-shaped session token, with every scope",
     )
     emu.add_argument(
-        "--delay-ms", type=float, default=0.0, help="added latency per upstream call, milliseconds"
+        "--delay-ms",
+        type=float,
+        default=emulator.DEFAULT_DELAY_MS,
+        help="added latency per upstream call, milliseconds",
     )
-    # literal defaults: importing gateway.emulator here would require rio-tiler for `serve`
     emu.add_argument(
         "--asset-rps",
         type=float,
-        default=50.0,
+        default=emulator.DEFAULT_ASSET_RPS,
         metavar="R",
-        help="per-asset request limit, requests/s (default 50; 0 disables)",
+        help="per-asset request limit, requests/s (default %(default)g; 0 disables)",
     )
     emu.add_argument(
         "--bandwidth",
         type=float,
-        default=50_000_000,
+        default=emulator.DEFAULT_BANDWIDTH,
         metavar="BYTES_PER_S",
-        help="response bandwidth limit, bytes/s (default 50,000,000; 0 disables)",
+        help=f"response bandwidth limit, bytes/s (default {emulator.DEFAULT_BANDWIDTH:,}; "
+        "0 disables)",
     )
     emu.add_argument(
         "--clip-delay-s",
         type=float,
-        default=2.0,
+        default=emulator.DEFAULT_CLIP_DELAY_S,
         metavar="S",
-        help="minimum time a clip job stays running, seconds (default 2)",
+        help="minimum time a clip job stays running, seconds (default %(default)g)",
     )
     emu.add_argument(
         "--empty-tiles",
         type=int,
-        choices=(404, 204),
-        default=404,
+        choices=emulator.EMPTY_STATUSES,
+        default=emulator.DEFAULT_EMPTY_STATUS,
         help="status of an empty tile: 404 problem+json (default) or 204 No Content",
     )
     return parser
@@ -361,13 +364,8 @@ async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
         settings = load_settings(args.config, environ=env)
         host, port = listen_address(args, settings)
         demo_token, digest = new_token()
-        settings = dataclasses.replace(
-            settings,
-            tokens=(
-                *settings.tokens,
-                TokenSettings("demo", digest, frozenset({"tiles", "downloads", "admin"})),
-            ),
-        )
+        demo = TokenSettings(name="demo", sha256=digest, scopes=SCOPES)
+        settings = settings.model_copy(update={"tokens": (*settings.tokens, demo)})
         try:
             sockets = listen(host, port)
         except ListenError as exc:

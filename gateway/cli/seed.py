@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import sqlite3
@@ -110,8 +109,8 @@ async def _seed(
     its outcome (the export writes it there)."""
     from gateway.services.stack import open_tile_stack
 
-    seed_settings = dataclasses.replace(
-        settings, cache=dataclasses.replace(settings.cache, memory_bytes=0)
+    seed_settings = settings.model_copy(
+        update={"cache": settings.cache.model_copy(update={"memory_bytes": 0})}
     )
     stack = open_tile_stack(seed_settings)
     bar = tqdm(

@@ -1,196 +1,250 @@
-"""Layers from the ``[[layers]]`` tables of the config file, validated into
-:class:`~gateway.layers.Layer` objects.
+"""The ``[[layers]]`` tables of the config file: one model per layer ``kind`` (a discriminated
+union, :data:`LayerTable`), turned into :class:`~gateway.layers.Layer` objects by
+:func:`layer_map`.
 
-Every mistake raises :class:`~gateway.config.tables.ConfigError` naming ``layers[i].<key>``
-and the fix.
+A table without ``kind`` is a ``raster`` layer. Every mistake is reported as
+``layers[i].<key>`` with the fix (see :func:`gateway.config.tables.config_error`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from gateway.config.tables import ConfigError, TableReader
+import annotated_types
+from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, Tag, field_validator
+from pydantic_core.core_schema import ValidationInfo
+
+from gateway.config.tables import (
+    Bool,
+    Float,
+    Int,
+    NonNegativeInt,
+    PositiveInt,
+    Str,
+    Table,
+    invalid,
+)
 from gateway.layers import (
     LAYER_NAME,
     MAX_ZOOM,
     MEDIA_TYPES,
-    OPERATIONS,
     RENDER_PARAMS,
     RESERVED_NAMES,
     TERRAIN_RGB_MAX_M,
     TERRAIN_RGB_MIN_M,
     WEB_MERCATOR_MAX_LAT,
     Bounds,
+    Kind,
     Layer,
     layer_fingerprint,
 )
 
-_COMMON_KEYS = {
-    "name",
-    "title",
-    "kind",
-    "default",
-    "url",
-    "minzoom",
-    "maxzoom",
-    "bounds",
-    "formats",
-    "ttl_s",
-    "stale_while_revalidate_s",
-    "stale_if_error_s",
-    "attribution",
-    "public",
-}
-
-_GATEWAY_KEYS = {"raster": frozenset(), "terrain": frozenset({"nodata_height_m"})}
-"""Per-kind keys the gateway applies itself (never sent upstream)."""
+_NAME_RULE = "1-64 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
 
 
-def parse_layers(source: str, tables: Sequence[Any]) -> tuple[dict[str, Layer], str | None]:
-    """Validate the ``[[layers]]`` tables of a config file.
+def _layer_name(value: str) -> str:
+    if not LAYER_NAME.fullmatch(value):
+        raise invalid(f"{_NAME_RULE}, got {value!r}")
+    return value
 
-    Returns the layers by name and the default layer's name (the one marked
-    ``default = true``, or the only layer, or None).
+
+def _cog_url(value: str) -> str:
+    if not value:
+        raise invalid("required: the COG URL the upstream renders from")
+    return value
+
+
+def _bounds(value: object) -> Bounds:
+    """``[west, south, east, north]`` in degrees (EPSG:4326), as floats."""
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 4
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise invalid(f"must be [west, south, east, north] in degrees, got {value!r}")
+    west, south, east, north = (float(v) for v in value)
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+        raise invalid(
+            f"need -180 <= west < east <= 180 and -90 <= south < north <= 90, got {value!r}"
+        )
+    return west, south, east, north
+
+
+def _formats(value: object) -> tuple[str, ...]:
+    """A non-empty list of :data:`~gateway.layers.MEDIA_TYPES` extensions, deduplicated."""
+    if not isinstance(value, list | tuple) or not value or any(f not in MEDIA_TYPES for f in value):
+        raise invalid(f"must be a non-empty list of {', '.join(MEDIA_TYPES)}, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _terrain_formats(value: tuple[str, ...]) -> tuple[str, ...]:
+    if value != ("png",):
+        raise invalid('terrain layers serve Terrain-RGB as PNG only: formats = ["png"]')
+    return value
+
+
+def _terrain_height(value: float) -> float:
+    if not TERRAIN_RGB_MIN_M <= value <= TERRAIN_RGB_MAX_M:
+        raise invalid(
+            f"must be {TERRAIN_RGB_MIN_M:g} to {TERRAIN_RGB_MAX_M:g} metres (what Terrain-RGB "
+            f"encodes), got {value}"
+        )
+    return value
+
+
+Formats = Annotated[tuple[str, ...], BeforeValidator(_formats)]
+
+
+class _LayerTable(Table):
+    """The keys every layer kind has (README: configuration reference, ``[[layers]]``).
+
+    Seconds for the TTL and stale windows (RFC 5861 sections 3 and 4); zooms are XYZ levels;
+    ``bounds`` degrees (EPSG:4326).
+    """
+
+    kind: Kind
+    """``raster`` (the default) or ``terrain``: which model, and which upstream operation."""
+    formats: tuple[str, ...]
+    """Extensions served, a subset of :data:`~gateway.layers.MEDIA_TYPES`."""
+    name: Annotated[Str, AfterValidator(_layer_name)] = Field(description=_NAME_RULE)
+    title: Str | None = None
+    """Shown in TileJSON, WMTS and the viewer; default: the name."""
+    default: Bool = False
+    """The layer ``/tiles/{z}/{x}/{y}`` and the viewer show first (at most one)."""
+    url: Annotated[Str, AfterValidator(_cog_url)] = Field(
+        description="the COG URL the upstream renders from"
+    )
+    minzoom: Int = 0
+    maxzoom: Int = Field(18, validate_default=True)
+    bounds: Annotated[Bounds, BeforeValidator(_bounds)] = (
+        -180.0,
+        -WEB_MERCATOR_MAX_LAT,
+        180.0,
+        WEB_MERCATOR_MAX_LAT,
+    )
+    ttl_s: PositiveInt = 86400
+    stale_while_revalidate_s: NonNegativeInt = 3600
+    stale_if_error_s: NonNegativeInt = 86400
+    attribution: Str = ""
+    public: Bool = True
+    """False: only callers with a ``tiles`` token may read it."""
+
+    @field_validator("maxzoom")
+    @classmethod
+    def _zoom_range(cls, maxzoom: int, info: ValidationInfo) -> int:
+        minzoom = info.data.get("minzoom")
+        if minzoom is not None and not 0 <= minzoom <= maxzoom <= MAX_ZOOM:
+            raise invalid(
+                f"need 0 <= minzoom <= maxzoom <= {MAX_ZOOM}, got minzoom={minzoom}, "
+                f"maxzoom={maxzoom}"
+            )
+        return maxzoom
+
+    def render(self) -> dict[str, Any]:
+        """The upstream fields this layer adds to every tile request, as set in the file."""
+        values = {key: getattr(self, key) for key in RENDER_PARAMS[self.kind]}
+        return {key: value for key, value in values.items() if value is not None}
+
+    def to_layer(self) -> Layer:
+        """The validated :class:`~gateway.layers.Layer` (with its cache-key fingerprint)."""
+        kind = self.kind
+        render = self.render()
+        height = getattr(self, "nodata_height_m", None)
+        return Layer(
+            name=self.name,
+            title=self.name if self.title is None else self.title,
+            kind=kind,
+            url=self.url,
+            render=MappingProxyType(render),
+            minzoom=self.minzoom,
+            maxzoom=self.maxzoom,
+            bounds=self.bounds,
+            formats=self.formats,
+            ttl_s=self.ttl_s,
+            stale_while_revalidate_s=self.stale_while_revalidate_s,
+            stale_if_error_s=self.stale_if_error_s,
+            attribution=self.attribution,
+            public=self.public,
+            # the gateway writes the no-data height into terrain tiles: part of what is cached
+            fingerprint=layer_fingerprint(kind, self.url, render, height),
+            nodata_height_m=height or 0.0,
+        )
+
+
+class RasterLayerTable(_LayerTable):
+    """``kind = "raster"`` (the default): ``cog.tile.render`` with the render parameters of
+    the COG & tiles operations (seeds ``003``)."""
+
+    kind: Literal["raster"] = "raster"
+    formats: Formats = ("png", "jpg", "webp")
+    bands: Str | None = None
+    expression: Str | None = None
+    rescale: Str | None = None
+    colormap: Str | None = None
+    quality: Annotated[Int, annotated_types.Ge(1), annotated_types.Le(100)] | None = None
+
+    @field_validator("expression")
+    @classmethod
+    def _bands_or_expression(cls, expression: str | None, info: ValidationInfo) -> str | None:
+        if expression is not None and info.data.get("bands") is not None:
+            raise invalid("set either bands or expression, not both")
+        return expression
+
+
+class TerrainLayerTable(_LayerTable):
+    """``kind = "terrain"``: ``cog.tile.terrain`` (Terrain-RGB PNG tiles, seeds ``003``)."""
+
+    kind: Literal["terrain"]
+    formats: Annotated[Formats, AfterValidator(_terrain_formats)] = ("png",)
+    invert: Bool | None = None
+    nodata_height_m: Annotated[Float, AfterValidator(_terrain_height)] = 0.0
+    """The height, metres, the gateway gives pixels without data (never sent upstream)."""
+
+
+def _kind(table: object) -> object:
+    """The discriminator: a table's ``kind`` (``raster`` when absent)."""
+    return table.get("kind", "raster") if isinstance(table, dict) else None
+
+
+LayerTable = Annotated[
+    Annotated[RasterLayerTable, Tag("raster")] | Annotated[TerrainLayerTable, Tag("terrain")],
+    Discriminator(_kind),
+]
+"""One ``[[layers]]`` table, validated by the model of its ``kind``."""
+
+
+def layer_map(
+    tables: Sequence[RasterLayerTable | TerrainLayerTable],
+) -> tuple[dict[str, Layer], str | None]:
+    """The layers by name, and the default layer's name (the one with ``default = true``, or
+    the only layer, or None).
 
     Raises:
-        ConfigError: naming ``layers[i].<key>`` and what is wrong.
+        PydanticCustomError: (from :func:`~gateway.config.tables.invalid`) no layers, a
+            reserved or duplicate name, or more than one default.
     """
     layers: dict[str, Layer] = {}
     defaults: list[str] = []
     for index, table in enumerate(tables):
-        prefix = f"layers[{index}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: {prefix}: expected a table ([[layers]])")
-        reader = TableReader(source, prefix, table)
-        layer = _parse_layer(reader)
-        if layer.name in RESERVED_NAMES:
-            raise reader.error(
-                "name", f"{layer.name!r} is reserved (/tiles/{layer.name}/ serves clip layers)"
+        key = f"layers[{index}].name"
+        if table.name in RESERVED_NAMES:
+            raise invalid(
+                f"{table.name!r} is reserved (/tiles/{table.name}/ serves clip layers)", key
             )
-        if layer.name in layers:
-            raise reader.error("name", f"duplicate layer name {layer.name!r}")
-        layers[layer.name] = layer
-        if reader.get("default", bool, False):
-            defaults.append(layer.name)
+        if table.name in layers:
+            raise invalid(f"duplicate layer name {table.name!r}", key)
+        layers[table.name] = table.to_layer()
+        if table.default:
+            defaults.append(table.name)
     if not layers:
-        raise ConfigError(
-            f"{source}: layers: no layers; add at least one [[layers]] table "
-            "with name, kind and url"
+        raise invalid(
+            "no layers; add at least one [[layers]] table with name, kind and url", "layers"
         )
     if len(defaults) > 1:
-        raise ConfigError(
-            f"{source}: layers: more than one layer has default = true "
-            f"({', '.join(defaults)}); keep one"
+        raise invalid(
+            f"more than one layer has default = true ({', '.join(defaults)}); keep one", "layers"
         )
     default = defaults[0] if defaults else (next(iter(layers)) if len(layers) == 1 else None)
     return layers, default
-
-
-def _parse_layer(r: TableReader) -> Layer:
-    kind = r.get("kind", str, "raster")
-    if kind not in OPERATIONS:
-        raise r.error("kind", f"must be 'raster' or 'terrain', got {kind!r}")
-    params = RENDER_PARAMS[kind]
-    r.reject_unknown(_COMMON_KEYS | set(params) | _GATEWAY_KEYS[kind])
-
-    name = r.get("name", str)
-    if not name or not LAYER_NAME.fullmatch(name):
-        raise r.error(
-            "name",
-            "required; 1-64 characters of a-z, 0-9, '-' or '_', starting with a letter or digit",
-        )
-    url = r.get("url", str)
-    if not url:
-        raise r.error("url", "required: the COG URL the upstream renders from")
-
-    render: dict[str, Any] = {}
-    for key, kind_of in params.items():
-        value = r.get(key, kind_of)
-        if value is not None:
-            render[key] = value
-    if "bands" in render and "expression" in render:
-        raise r.error("expression", "set either bands or expression, not both")
-    if "quality" in render and not 1 <= render["quality"] <= 100:
-        raise r.error("quality", f"must be 1..100, got {render['quality']}")
-
-    minzoom = r.get("minzoom", int, 0)
-    maxzoom = r.get("maxzoom", int, 18)
-    if not 0 <= minzoom <= maxzoom <= MAX_ZOOM:
-        raise r.error(
-            "maxzoom",
-            f"need 0 <= minzoom <= maxzoom <= {MAX_ZOOM}, got minzoom={minzoom}, maxzoom={maxzoom}",
-        )
-
-    formats = _formats(r, kind)
-    ttl_s = r.positive("ttl_s", int, 86400)
-    nodata_height_m = 0.0
-    if kind == "terrain":  # the gateway writes it into the tiles: part of what is cached
-        nodata_height_m = _nodata_height(r)
-    fingerprint = layer_fingerprint(
-        kind, url, render, nodata_height_m if kind == "terrain" else None
-    )
-    return Layer(
-        name=name,
-        title=r.get("title", str, name),
-        kind=kind,
-        url=url,
-        render=MappingProxyType(render),
-        minzoom=minzoom,
-        maxzoom=maxzoom,
-        bounds=_bounds(r),
-        formats=formats,
-        ttl_s=ttl_s,
-        stale_while_revalidate_s=_non_negative(r, "stale_while_revalidate_s", 3600),
-        stale_if_error_s=_non_negative(r, "stale_if_error_s", 86400),
-        attribution=r.get("attribution", str, ""),
-        public=r.get("public", bool, True),
-        fingerprint=fingerprint,
-        nodata_height_m=nodata_height_m,
-    )
-
-
-def _nodata_height(r: TableReader) -> float:
-    height = r.get("nodata_height_m", float, 0.0)
-    if not TERRAIN_RGB_MIN_M <= height <= TERRAIN_RGB_MAX_M:
-        raise r.error(
-            "nodata_height_m",
-            f"must be {TERRAIN_RGB_MIN_M:g} to {TERRAIN_RGB_MAX_M:g} metres (what Terrain-RGB "
-            f"encodes), got {height}",
-        )
-    return height
-
-
-def _non_negative(r: TableReader, key: str, default: int) -> int:
-    value = r.get(key, int, default)
-    if value < 0:
-        raise r.error(key, f"must be 0 or more seconds, got {value}")
-    return value
-
-
-def _formats(r: TableReader, kind: str) -> tuple[str, ...]:
-    default = ["png", "jpg", "webp"] if kind == "raster" else ["png"]
-    formats = r.get("formats", list, default)
-    if not formats or any(f not in MEDIA_TYPES for f in formats):
-        raise r.error(
-            "formats", f"must be a non-empty list of {', '.join(MEDIA_TYPES)}, got {formats!r}"
-        )
-    if kind == "terrain" and formats != ["png"]:
-        raise r.error("formats", 'terrain layers serve Terrain-RGB as PNG only: formats = ["png"]')
-    return tuple(dict.fromkeys(formats))
-
-
-def _bounds(r: TableReader) -> Bounds:
-    value = r.get("bounds", list, [-180.0, -WEB_MERCATOR_MAX_LAT, 180.0, WEB_MERCATOR_MAX_LAT])
-    if len(value) != 4 or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in value
-    ):
-        raise r.error("bounds", f"must be [west, south, east, north] in degrees, got {value!r}")
-    west, south, east, north = (float(v) for v in value)
-    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
-        raise r.error(
-            "bounds",
-            f"need -180 <= west < east <= 180 and -90 <= south < north <= 90, got {value!r}",
-        )
-    return west, south, east, north

@@ -1,12 +1,15 @@
 """Settings: one TOML file plus environment overrides, validated at start.
 
-The file names the upstream, the cache and the layers (see ``config/gateway.toml`` and the
-README's config reference). The Geopera API key never lives in the file: it comes from
-``GEOPERA_API_KEY`` or from the file named by ``upstream.api_key_file`` /
-``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL`` overrides ``upstream.base_url``,
-``GEOPERA_CACHE_DIR`` overrides ``cache.directory``, and ``GEOPERA_HOST`` / ``GEOPERA_PORT``
-override ``server.host`` / ``server.port`` (a container sets them once; ``--host`` and
-``--port`` still win).
+Every setting is declared once, as a field of a pydantic model below: its TOML name, type,
+default and constraint (and, with an :class:`~gateway.config.tables.Env` marker, the
+environment variable that overrides it). :class:`Settings` is the whole file, one field per
+``[section]``; the README's configuration reference lists them all.
+
+The Geopera API key never lives in the file: it comes from ``GEOPERA_API_KEY`` or from the
+file named by ``upstream.api_key_file`` / ``GEOPERA_API_KEY_FILE``. ``GEOPERA_BASE_URL``
+overrides ``upstream.base_url``, ``GEOPERA_CACHE_DIR`` overrides ``cache.directory``, and
+``GEOPERA_HOST`` / ``GEOPERA_PORT`` override ``server.host`` / ``server.port`` (a container
+sets them once; ``--host`` and ``--port`` still win).
 
 Relative paths in a config file (``cache.directory``, ``cache.state_directory``,
 ``downloads.directory``, ``viewer.assets_dir``, ``upstream.api_key_file``), and the default
@@ -26,15 +29,48 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import annotated_types
 from limits import parse
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from gateway.config.layers import parse_layers
-from gateway.config.tables import ConfigError, TableReader
+from gateway.config.layers import LayerTable, layer_map
+from gateway.config.tables import (
+    Bool,
+    ConfigError,
+    ConfigPath,
+    Env,
+    Float,
+    Int,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OptionalPath,
+    PositiveFloat,
+    PositiveInt,
+    Str,
+    Table,
+    config_error,
+    invalid,
+    list_of,
+    optional_path,
+    section,
+)
 from gateway.layers import Layer
 from gateway.secrets import Secret
 
@@ -50,12 +86,64 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
 DEFAULT_CONFIG_NAME = "gateway.toml"
 DEFAULT_CACHE_DIR = ".cache/geopera-gateway/tiles"
 
-
 EMULATOR_PROBLEM_BASE = "https://docs.geopera.com/errors/"
 """Prefix of the problem ``type`` URIs the bundled emulator sends (our choice: the Geopera
 docs say every error is problem+json but publish no list of types)."""
 
-THROTTLE_SCOPES = ("asset", "operation", "organisation")
+ThrottleScope = Literal["asset", "operation", "organisation"]
+THROTTLE_SCOPES: tuple[ThrottleScope, ...] = ("asset", "operation", "organisation")
+
+DEFAULT_THROTTLE_SCOPES: Mapping[str, ThrottleScope] = MappingProxyType(
+    {
+        EMULATOR_PROBLEM_BASE + "asset-rate-limited": "asset",
+        EMULATOR_PROBLEM_BASE + "bandwidth-circuit-open": "organisation",
+    }
+)
+DEFAULT_SCOPE_MISSING_TYPES = frozenset({EMULATOR_PROBLEM_BASE + "insufficient-scope"})
+DEFAULT_SOURCE_UNKNOWN_TYPES = frozenset({EMULATOR_PROBLEM_BASE + "cog-not-found"})
+
+SCOPES = frozenset({"tiles", "downloads", "admin"})
+"""The scopes a client token may carry."""
+PROJECT_ID = re.compile(r"[!-~]{1,128}")
+"""A Geopera project id as a token's ``projects`` names it: 1-128 printable ASCII characters
+without spaces (the docs show UUIDs; the emulator uses ``demo`` and ``survey``)."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+
+MAPLIBRE_VERSION = "5.6.0"
+"""The MapLibre GL JS release of the viewer's default URLs and built-in SRI hashes."""
+MAPLIBRE_JS = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.js"
+MAPLIBRE_JS_INTEGRITY = "sha384-GfxBM9x46BaAFxtCq39Fxir8fNZ4VDnwgfi6Kzi5/F1tAFsm0amuuV8kd+Pxzuf/"
+MAPLIBRE_CSS = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.css"
+MAPLIBRE_CSS_INTEGRITY = "sha384-Nq6PQ+9vJPvw7U/VfDELyrWoGQMsy0gi6QShhaSrGzkpF5KkM40csg2leky+YMTd"
+
+
+# --- rules shared by several settings ------------------------------------------------------
+
+
+def _rate_string(value: str | None) -> str | None:
+    """A ``limits`` rate string (``"100/second"``)."""
+    if value is not None:
+        try:
+            parse(value)
+        except ValueError:
+            raise invalid(f"expected a rate like '100/second', got {value!r}") from None
+    return value
+
+
+def _env_port(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ConfigError(f"GEOPERA_PORT: must be a port number 0..65535, got {text!r}")
+    return int(text)
+
+
+def _env_path(text: str) -> Path:
+    """A path from the environment: relative to the working directory."""
+    return Path(text).expanduser()
+
+
+# --- [upstream] --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,77 +163,204 @@ class ProblemTypes:
         source_unknown: 404 types meaning "this COG is unknown" rather than "no data here".
     """
 
-    throttle_scopes: Mapping[str, str] = field(
-        default_factory=lambda: {
-            EMULATOR_PROBLEM_BASE + "asset-rate-limited": "asset",
-            EMULATOR_PROBLEM_BASE + "bandwidth-circuit-open": "organisation",
-        }
-    )
-    scope_missing: frozenset[str] = frozenset({EMULATOR_PROBLEM_BASE + "insufficient-scope"})
-    source_unknown: frozenset[str] = frozenset({EMULATOR_PROBLEM_BASE + "cog-not-found"})
+    throttle_scopes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_THROTTLE_SCOPES)
+    scope_missing: frozenset[str] = DEFAULT_SCOPE_MISSING_TYPES
+    source_unknown: frozenset[str] = DEFAULT_SOURCE_UNKNOWN_TYPES
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    """How to reach Geopera: base URL, credentials, HTTP client limits and how its error
-    types are read.
+def _base_url(value: str) -> str:
+    if not value:
+        raise invalid(f"required: {_BASE_URL_HINT}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise invalid(f"must be an http(s) URL with a host, got {value!r}")
+    return value.rstrip("/")
+
+
+_BASE_URL_HINT = (
+    "set it to https://api.geopera.com or the emulator's URL, or export GEOPERA_BASE_URL"
+)
+
+
+def _not_in_file(value: object) -> object:
+    if not isinstance(value, Secret):  # TOML gives a string; only the loader sets a Secret
+        raise invalid(
+            "the API key must not be written in a config file; "
+            "set GEOPERA_API_KEY or upstream.api_key_file instead"
+        )
+    return value
+
+
+_TypeURIs = Annotated[
+    frozenset[str], list_of(bool, "a list of problem type URIs (strings)", empty_ok=True)
+]
+
+
+class UpstreamSettings(Table):
+    """``[upstream]``: how to reach Geopera: base URL, credentials, HTTP client limits and
+    how its error types are read.
 
     Timeouts are in seconds; ``max_connections`` bounds each upstream connection pool.
+    ``api_key`` is never read from the file (:func:`load_settings` sets it).
     """
 
-    base_url: str
-    api_key: Secret
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 30.0
-    max_connections: int = 64
-    problem_types: ProblemTypes = field(default_factory=ProblemTypes)
-    check_sources: bool = True
+    base_url: Annotated[
+        Str,
+        Env("GEOPERA_BASE_URL"),
+        AfterValidator(_base_url),
+    ] = Field(description=_BASE_URL_HINT)
+    api_key_file: Annotated[OptionalPath, Env("GEOPERA_API_KEY_FILE", _env_path)] = None
+    api_key: Annotated[Secret, BeforeValidator(_not_in_file)] = Field(
+        default_factory=lambda: Secret(""), repr=False
+    )
+    connect_timeout_s: PositiveFloat = 5.0
+    read_timeout_s: PositiveFloat = 30.0
+    max_connections: PositiveInt = 64
+    throttle_scopes: Mapping[str, ThrottleScope] = Field(
+        default_factory=lambda: dict(DEFAULT_THROTTLE_SCOPES)
+    )
+    """429 problem type URI -> ``asset``, ``operation`` or ``organisation``."""
+    scope_missing_types: _TypeURIs = DEFAULT_SCOPE_MISSING_TYPES
+    source_unknown_types: _TypeURIs = DEFAULT_SOURCE_UNKNOWN_TYPES
+    check_sources: Bool = True
+    """Ask at start (``cog.thumbnail``) whether each layer's COG exists."""
+
+    @cached_property
+    def problem_types(self) -> ProblemTypes:
+        """The error-type settings as the upstream client takes them."""
+        return ProblemTypes(
+            dict(self.throttle_scopes), self.scope_missing_types, self.source_unknown_types
+        )
 
 
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """Where the gateway listens (``host``, TCP ``port``), whom it trusts for
+# --- [server] ----------------------------------------------------------------------------
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    if not isinstance(value, list | tuple):
+        raise invalid(f"expected a list of IP addresses or CIDRs, got {value!r}")
+    try:
+        return parse_networks(value)
+    except (TypeError, ValueError) as exc:
+        raise invalid(f"must be IP addresses or CIDRs: {exc}") from None
+
+
+def _public_url(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"expected a string, got {type(value).__name__}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise invalid(f"must be an http(s) URL like https://tiles.example.org, got {value!r}")
+    return value.rstrip("/")
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise invalid(f"expected a list of origins, got {value!r}")
+    for origin in value:
+        parts = urlsplit(origin) if isinstance(origin, str) else None
+        if origin != "*" and (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+        ):
+            raise invalid(f"each origin is '*' or like https://app.example.org, got {origin!r}")
+    return tuple(o.rstrip("/") for o in value)
+
+
+class ServerSettings(Table):
+    """``[server]``: where the gateway listens (``host``, TCP ``port``), whom it trusts for
     ``X-Forwarded-For`` (``trusted_proxies``, CIDRs) and whether it writes an access log."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    trusted_proxies: tuple[Network, ...] = ()
-    access_log: bool = True
-    public_url: str | None = None
-    cors_origins: tuple[str, ...] = ("*",)
-    header_timeout_s: float = 10.0
+    host: Annotated[Str, Env("GEOPERA_HOST")] = "127.0.0.1"
+    port: Annotated[
+        Int, annotated_types.Ge(0), annotated_types.Le(65535), Env("GEOPERA_PORT", _env_port)
+    ] = 8080
+    trusted_proxies: Annotated[tuple[Network, ...], BeforeValidator(_networks)] = ()
+    access_log: Bool = True
+    public_url: Annotated[str | None, BeforeValidator(_public_url)] = None
+    """The URL callers reach the gateway at (behind a proxy); None: from each request."""
+    cors_origins: Annotated[tuple[str, ...], BeforeValidator(_origins)] = ("*",)
+    header_timeout_s: PositiveFloat = 10.0
     """Longest a connection may take to deliver a complete request head, from its opening
     or its last response, seconds; then it is closed (slowloris defence, and the keep-alive
     idle timeout)."""
-    shutdown_timeout_s: float = 10.0
+    shutdown_timeout_s: PositiveFloat = 10.0
     """On SIGTERM, longest wait for requests in flight before connections are closed,
     seconds (streamed downloads are cut at once; clients resume with Range)."""
 
 
-MAPLIBRE_VERSION = "5.6.0"
-"""The MapLibre GL JS release of the viewer's default URLs and built-in SRI hashes."""
+# --- [viewer] ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ViewerSettings:
-    """Where the map page loads MapLibre GL JS from: URLs with Subresource Integrity hashes,
-    or ``assets_dir``, a local directory holding ``maplibre-gl.js`` and ``maplibre-gl.css``
-    that the gateway serves itself (for networks without internet access)."""
-
-    maplibre_js: str = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.js"
-    maplibre_js_integrity: str | None = (
-        "sha384-GfxBM9x46BaAFxtCq39Fxir8fNZ4VDnwgfi6Kzi5/F1tAFsm0amuuV8kd+Pxzuf/"
-    )
-    maplibre_css: str = f"https://unpkg.com/maplibre-gl@{MAPLIBRE_VERSION}/dist/maplibre-gl.css"
-    maplibre_css_integrity: str | None = (
-        "sha384-Nq6PQ+9vJPvw7U/VfDELyrWoGQMsy0gi6QShhaSrGzkpF5KkM40csg2leky+YMTd"
-    )
-    assets_dir: Path | None = None
+def _assets_dir(value: object, info: ValidationInfo) -> Path | None:
+    if value is None or value == "":
+        return None
+    directory = optional_path(value, info)
+    if directory is not None and not (directory / "maplibre-gl.js").is_file():
+        raise invalid(
+            f"{str(directory)!r} must hold maplibre-gl.js and maplibre-gl.css "
+            "(for example node_modules/maplibre-gl/dist)"
+        )
+    return directory
 
 
-@dataclass(frozen=True, slots=True)
-class TokenSettings:
-    """One client token, configured by the SHA-256 hex digest of its value.
+class ViewerSettings(Table):
+    """``[viewer]``: where the map page loads MapLibre GL JS from: URLs with Subresource
+    Integrity hashes, or ``assets_dir``, a local directory holding ``maplibre-gl.js`` and
+    ``maplibre-gl.css`` that the gateway serves itself (for networks without internet
+    access).
+
+    An integrity hash left unset is the built-in one for the built-in URL, and none for
+    another URL.
+    """
+
+    maplibre_js: Str = MAPLIBRE_JS
+    maplibre_js_integrity: Str | None = Field(None, validate_default=True)
+    maplibre_css: Str = MAPLIBRE_CSS
+    maplibre_css_integrity: Str | None = Field(None, validate_default=True)
+    assets_dir: Annotated[Path | None, BeforeValidator(_assets_dir)] = None
+
+    @field_validator("maplibre_js_integrity", "maplibre_css_integrity", mode="before")
+    @classmethod
+    def _built_in_integrity(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None:
+            return value
+        if info.field_name == "maplibre_js_integrity":
+            return MAPLIBRE_JS_INTEGRITY if info.data.get("maplibre_js") == MAPLIBRE_JS else None
+        return MAPLIBRE_CSS_INTEGRITY if info.data.get("maplibre_css") == MAPLIBRE_CSS else None
+
+
+# --- [[tokens]], [clients] ---------------------------------------------------------------
+
+
+def _required_text(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not value:
+            raise invalid(f"required: {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _sha256(value: str) -> str:
+    if not _SHA256.fullmatch(value):
+        raise invalid(f"required: {_SHA256_RULE}")
+    return value
+
+
+_SHA256_RULE = (
+    "64 lower-case hex digits, the SHA-256 of the token (geopera-gateway token create prints it)"
+)
+_SCOPES_RULE = f"a non-empty list of {', '.join(sorted(SCOPES))}"
+_PROJECTS_RULE = "a non-empty list of Geopera project ids (1-128 printable characters, no spaces)"
+
+
+class TokenSettings(Table):
+    """One client token (``[[tokens]]``), configured by the SHA-256 hex digest of its value.
 
     ``scopes`` is a subset of ``tiles``, ``downloads``, ``admin``; ``layers`` limits the
     private layers it may read (None: all); ``rate_limit`` overrides ``clients.rate_limit``;
@@ -153,103 +368,242 @@ class TokenSettings:
     every project of the organisation).
     """
 
-    name: str
-    sha256: str
-    scopes: frozenset[str]
-    layers: frozenset[str] | None = None
-    rate_limit: str | None = None
-    projects: frozenset[str] | None = None
+    name: Annotated[Str, _required_text("who holds this token")] = Field(
+        description="who holds this token"
+    )
+    sha256: Annotated[Str, AfterValidator(_sha256)] = Field(description=_SHA256_RULE)
+    scopes: Annotated[frozenset[str], list_of(SCOPES.__contains__, _SCOPES_RULE)] = Field(
+        description=_SCOPES_RULE
+    )
+    layers: Annotated[
+        frozenset[str] | None, list_of(bool, "a list of layer names", empty_ok=True)
+    ] = None
+    rate_limit: Annotated[Str | None, AfterValidator(_rate_string)] = None
+    projects: Annotated[
+        frozenset[str] | None, list_of(lambda p: bool(PROJECT_ID.fullmatch(p)), _PROJECTS_RULE)
+    ] = None
 
 
-@dataclass(frozen=True, slots=True)
-class ClientSettings:
-    """Per-client request limit, a ``limits`` rate string (``"100/second"``); None = off."""
-
-    rate_limit: str | None = "100/second"
+def _client_rate(value: object) -> object:
+    return None if value in ("", "off") else value
 
 
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """Requests per second with a burst size (token bucket capacity)."""
+class ClientSettings(Table):
+    """``[clients]``: the per-caller request limit, a ``limits`` rate string
+    (``"100/second"``); ``"off"`` (None) = no limit."""
 
-    rps: float
-    burst: float
+    rate_limit: Annotated[
+        Str | None, BeforeValidator(_client_rate), AfterValidator(_rate_string)
+    ] = "100/second"
 
 
-@dataclass(frozen=True, slots=True)
-class LimitSettings:
-    """Upstream protection settings (``[limits]`` in the config; see the README).
+# --- [limits] ----------------------------------------------------------------------------
 
-    Rates are requests per second; sizes bytes; times seconds.
+OPERATION_RPS, OPERATION_BURST = 20.0, 40.0
+ASSET_RPS, ASSET_BURST = 10.0, 20.0
+
+
+def _burst(value: object, info: ValidationInfo, rps_key: str, floor: float) -> object:
+    """A burst left unset: the larger of ``floor`` and the rate (one second's worth)."""
+    if value is not None:
+        return value
+    rps = info.data.get(rps_key)
+    return max(floor, rps) if isinstance(rps, float) else floor
+
+
+class Rate(Table):
+    """Requests per second with a burst size (token bucket capacity); a
+    ``[limits.operations."<operation id>"]`` table."""
+
+    rps: PositiveFloat = OPERATION_RPS
+    burst: PositiveFloat = Field(None, validate_default=True)
+    """Default: the larger of 40 and ``rps``."""
+
+    @field_validator("burst", mode="before")
+    @classmethod
+    def _default_burst(cls, value: object, info: ValidationInfo) -> object:
+        return _burst(value, info, "rps", OPERATION_BURST)
+
+
+class LimitSettings(Table):
+    """``[limits]``: upstream protection (see the README).
+
+    Rates are requests per second; sizes bytes; times seconds. A burst left unset is the
+    larger of its default and its rate.
     """
 
-    operation_default: Rate = Rate(20.0, 40.0)
-    operations: dict[str, Rate] = field(default_factory=dict)
-    asset: Rate = Rate(10.0, 20.0)
-    bytes_per_s: float = 25_000_000.0
-    bytes_burst: float = 25_000_000.0
-    max_concurrent: int = 16
-    max_wait_s: float = 10.0
-    daily_egress_bytes: int = 0
-    retry_attempts: int = 3
-    retry_initial_s: float = 0.1
-    retry_max_s: float = 2.0
-    failure_threshold: int = 5
-    failure_window_s: float = 30.0
-    open_s: float = 30.0
-    max_retry_after_s: float = 3600.0
+    operation_rps: PositiveFloat = OPERATION_RPS
+    operation_burst: PositiveFloat = Field(None, validate_default=True)
+    operations: Mapping[str, Rate] = Field(default_factory=dict)
+    """Per-operation rates overriding ``operation_rps`` / ``operation_burst``."""
+    asset_rps: PositiveFloat = ASSET_RPS
+    asset_burst: PositiveFloat = Field(None, validate_default=True)
+    bytes_per_s: NonNegativeFloat = 25_000_000.0
+    """Upstream egress, bytes/s; 0 = off."""
+    bytes_burst: Float = Field(None, validate_default=True)
+    """Default: ``bytes_per_s``."""
+    max_concurrent: PositiveInt = 16
+    max_wait_s: PositiveFloat = 10.0
+    daily_egress_bytes: NonNegativeInt = 0
+    """0 = no daily budget."""
+    retry_attempts: PositiveInt = 3
+    retry_initial_s: PositiveFloat = 0.1
+    retry_max_s: PositiveFloat = 2.0
+    failure_threshold: PositiveInt = Field(5, alias="breaker_failures")
+    failure_window_s: PositiveFloat = Field(30.0, alias="breaker_window_s")
+    open_s: PositiveFloat = Field(30.0, alias="breaker_open_s")
+    max_retry_after_s: PositiveFloat = 3600.0
+
+    @field_validator("operation_burst", "asset_burst", "bytes_burst", mode="before")
+    @classmethod
+    def _default_burst(cls, value: object, info: ValidationInfo) -> object:
+        if info.field_name == "operation_burst":
+            return _burst(value, info, "operation_rps", OPERATION_BURST)
+        if info.field_name == "asset_burst":
+            return _burst(value, info, "asset_rps", ASSET_BURST)
+        return info.data.get("bytes_per_s", 0.0) if value is None else value
+
+    @cached_property
+    def operation_default(self) -> Rate:
+        """The rate of an operation without its own ``[limits.operations]`` table."""
+        return Rate(rps=self.operation_rps, burst=self.operation_burst)
+
+    @cached_property
+    def asset(self) -> Rate:
+        """The rate of one asset (COG URL, clip job)."""
+        return Rate(rps=self.asset_rps, burst=self.asset_burst)
 
     def rate_for(self, operation: str) -> Rate:
         """The configured rate of ``operation`` (or the default)."""
         return self.operations.get(operation, self.operation_default)
 
 
-@dataclass(frozen=True, slots=True)
-class DownloadSettings:
-    """The download store: a directory of complete clip files with an LRU size limit, and
-    the media types a clip file may have (the Clipping guide, seeds ``001``: ``image/tiff``);
-    a download answered with another type is refused and not stored."""
+# --- [downloads], [cache] ----------------------------------------------------------------
 
-    directory: Path
-    size_limit_bytes: int = 10 << 30
-    content_types: frozenset[str] = frozenset({"image/tiff"})
-    organization_id: str | None = None
+
+def _organization(value: str | None) -> str | None:
+    if value is not None and not PROJECT_ID.fullmatch(value):
+        raise invalid(
+            f"a Geopera organisation id (1-128 printable characters, no spaces), got {value!r}"
+        )
+    return value
+
+
+class DownloadSettings(Table):
+    """``[downloads]``: the download store: a directory of complete clip files with an LRU
+    size limit, and the media types a clip file may have (the Clipping guide, seeds ``001``:
+    ``image/tiff``); a download answered with another type is refused and not stored."""
+
+    directory: ConfigPath = Field(description="a directory for the download store")
+    """Default: beside the tile cache, ``<cache.directory>-downloads``."""
+    size_limit_bytes: PositiveInt = 10 << 30
+    content_types: Annotated[
+        frozenset[str],
+        list_of(
+            lambda t: bool(_MEDIA_TYPE.fullmatch(t)),
+            'a non-empty list of lower-case media types like "image/tiff"',
+        ),
+    ] = frozenset({"image/tiff"})
+    organization_id: Annotated[Str | None, AfterValidator(_organization)] = None
     """The Geopera organisation whose clip jobs ``GET /downloads`` lists (``clip.jobs.list``
     needs it, Clipping guide); None: no listing."""
-    list_ttl_s: float = 10.0
+    list_ttl_s: PositiveFloat = 10.0
     """How long one page of the upstream job listing is reused, seconds."""
 
 
-@dataclass(frozen=True, slots=True)
-class CacheSettings:
-    """The tile cache: a diskcache directory with an LRU size limit plus a memory hot tier.
+class CacheSettings(Table):
+    """``[cache]``: the tile cache: a diskcache directory with an LRU size limit plus a
+    memory hot tier, and the shared-state directory (breakers, buckets, budget).
 
     Sizes are bytes; ``empty_ttl_s`` is the negative TTL (seconds) for tiles the upstream
     reported empty.
     """
 
-    directory: Path
-    state_directory: Path
-    size_limit_bytes: int = 1 << 30
-    memory_bytes: int = 64 << 20
-    empty_ttl_s: int = 300
+    directory: Annotated[ConfigPath, Env("GEOPERA_CACHE_DIR", _env_path)] = Field(
+        DEFAULT_CACHE_DIR, validate_default=True
+    )
+    state_directory: ConfigPath = Field("", validate_default=True)
+    """Default: beside the cache, ``<directory>-state``."""
+    size_limit_bytes: PositiveInt = 1 << 30
+    memory_bytes: NonNegativeInt = 64 << 20
+    """0 = no memory tier."""
+    empty_ttl_s: PositiveInt = 300
+
+    @field_validator("state_directory", mode="before")
+    @classmethod
+    def _beside_cache(cls, value: object, info: ValidationInfo) -> object:
+        directory = info.data.get("directory")
+        if value == "" and isinstance(directory, Path):
+            return directory.parent / (directory.name + "-state")
+        return value
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the gateway needs to start, already validated."""
+# --- the file ----------------------------------------------------------------------------
 
-    source: str
-    upstream: UpstreamSettings
-    server: ServerSettings
-    cache: CacheSettings
-    limits: LimitSettings
-    clients: ClientSettings
-    downloads: DownloadSettings
-    viewer: ViewerSettings
-    tokens: tuple[TokenSettings, ...]
-    layers: dict[str, Layer] = field(default_factory=dict)
-    default_layer: str | None = None
+
+class Settings(Table):
+    """Everything the gateway needs to start, already validated: the whole config file.
+
+    One field per ``[section]``; to add a section, declare its :class:`Table` model and add
+    one line here (``name: NameSettings = section()``): its keys, the unknown-key check, the
+    error messages and the README's configuration reference follow from the model.
+
+    ``layers`` (by name), ``default_layer`` and ``source`` (the file read) are derived.
+    """
+
+    upstream: UpstreamSettings = section()
+    server: ServerSettings = section()
+    cache: CacheSettings = section()
+    limits: LimitSettings = section()
+    clients: ClientSettings = section()
+    downloads: DownloadSettings = section()
+    viewer: ViewerSettings = section()
+    tokens: tuple[TokenSettings, ...] = ()
+    layer_tables: tuple[LayerTable, ...] = Field((), alias="layers")
+
+    _source: str = PrivateAttr("")
+    _layers: dict[str, Layer] = PrivateAttr(default_factory=dict)
+    _default_layer: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str:
+        """The config file these settings were read from."""
+        return self._source
+
+    @property
+    def layers(self) -> dict[str, Layer]:
+        """The configured layers by name, in file order."""
+        return self._layers
+
+    @property
+    def default_layer(self) -> str | None:
+        """The layer marked ``default = true``, or the only layer, or None."""
+        return self._default_layer
+
+    @field_validator("downloads", mode="before")
+    @classmethod
+    def _downloads_beside_cache(cls, table: object, info: ValidationInfo) -> object:
+        cache = info.data.get("cache")
+        if isinstance(table, dict) and table.get("directory", "") == "" and cache is not None:
+            directory = cache.directory.parent / (cache.directory.name + "-downloads")
+            return {**table, "directory": directory}
+        return table
+
+    @model_validator(mode="after")
+    def _whole_file(self, info: ValidationInfo) -> Settings:
+        """Rules across tables: the layer map, token hashes, token layer names."""
+        self._layers, self._default_layer = layer_map(self.layer_tables)
+        self._source = str((info.context or {}).get("source", ""))
+        seen: set[str] = set()
+        for index, token in enumerate(self.tokens):
+            if token.sha256 in seen:
+                raise invalid("the same token hash is configured twice", f"tokens[{index}].sha256")
+            seen.add(token.sha256)
+            if token.layers is not None and not token.layers <= self._layers.keys():
+                raise invalid(
+                    f"unknown layer in {sorted(token.layers)!r}", f"tokens[{index}].layers"
+                )
+        return self
 
 
 def default_config_path() -> Path:
@@ -270,8 +624,9 @@ def load_settings(
     ``seed --dry-run``): without a key, ``upstream.api_key`` is empty.
 
     Raises:
-        ConfigError: unreadable file, bad TOML, unknown or wrong-typed key, bad layer, or no
-            API key (the message says how to set ``GEOPERA_API_KEY``).
+        ConfigError: unreadable file, bad TOML, unknown or wrong-typed key, bad layer, bad
+            environment value, or no API key (the message says how to set
+            ``GEOPERA_API_KEY``).
     """
     env = os.environ if environ is None else environ
     file = Path(path) if path is not None else default_config_path()
@@ -287,421 +642,64 @@ def load_settings(
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-
-    top = TableReader(source, "", raw)
-    top.reject_unknown(
-        {
-            "upstream",
-            "server",
-            "cache",
-            "limits",
-            "clients",
-            "downloads",
-            "viewer",
-            "tokens",
-            "layers",
-        }
-    )
-    upstream = _upstream(
-        TableReader(source, "upstream", top.get("upstream", dict, {})), env, base, need_api_key
-    )
-    server = _server(TableReader(source, "server", top.get("server", dict, {})), env)
-    cache = _cache(TableReader(source, "cache", top.get("cache", dict, {})), env, base)
-    limits = _limits(TableReader(source, "limits", top.get("limits", dict, {})))
-    clients = _clients(TableReader(source, "clients", top.get("clients", dict, {})))
-    downloads = _downloads(
-        TableReader(source, "downloads", top.get("downloads", dict, {})), cache.directory, base
-    )
-    layer_tables = top.get("layers", list, [])
-    layers, default_layer = parse_layers(source, layer_tables)
-    viewer = _viewer(TableReader(source, "viewer", top.get("viewer", dict, {})), base)
-    tokens = _tokens(source, top.get("tokens", list, []), layers)
-    return Settings(
-        source,
-        upstream,
-        server,
-        cache,
-        limits,
-        clients,
-        downloads,
-        viewer,
-        tokens,
-        layers,
-        default_layer,
-    )
-
-
-_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
-
-
-def _in(base: Path, value: str) -> Path:
-    """``value`` (``~`` expanded) as a path; a relative one under ``base``."""
-    return base / Path(value).expanduser()
-
-
-def _downloads(r: TableReader, cache_dir: Path, base: Path) -> DownloadSettings:
-    r.reject_unknown(
-        {"directory", "size_limit_bytes", "content_types", "organization_id", "list_ttl_s"}
-    )
-    directory = r.get("directory", str)
-    organization = r.get("organization_id", str, None)
-    if organization is not None and not PROJECT_ID.fullmatch(organization):
-        raise r.error(
-            "organization_id",
-            f"a Geopera organisation id (1-128 printable characters, no spaces), got "
-            f"{organization!r}",
+    try:
+        settings = Settings.model_validate(
+            with_environment(Settings, raw, env), context={"base": base, "source": source}
         )
-    types = r.get("content_types", list, ["image/tiff"])
-    if not types or not all(isinstance(t, str) and _MEDIA_TYPE.fullmatch(t) for t in types):
-        raise r.error(
-            "content_types",
-            f'a non-empty list of lower-case media types like "image/tiff", got {types!r}',
-        )
-    return DownloadSettings(
-        directory=_in(base, directory)
-        if directory
-        else cache_dir.parent / (cache_dir.name + "-downloads"),
-        size_limit_bytes=r.positive("size_limit_bytes", int, 10 << 30),
-        content_types=frozenset(types),
-        organization_id=organization,
-        list_ttl_s=r.positive("list_ttl_s", float, 10.0),
-    )
+    except ValidationError as exc:
+        raise config_error(exc, source, Settings) from None
+    key = _api_key(settings.upstream, env, need_api_key, source)
+    upstream = settings.upstream.model_copy(update={"api_key": key})
+    return settings.model_copy(update={"upstream": upstream})
 
 
-def _upstream(
-    r: TableReader, env: Mapping[str, str], base: Path, need_api_key: bool
-) -> UpstreamSettings:
-    r.reject_unknown(
-        {
-            "base_url",
-            "api_key_file",
-            "connect_timeout_s",
-            "read_timeout_s",
-            "max_connections",
-            "api_key",
-            "throttle_scopes",
-            "scope_missing_types",
-            "source_unknown_types",
-            "check_sources",
-        }
-    )
-    if "api_key" in r.table:
-        raise r.error(
-            "api_key",
-            "the API key must not be written in a config file; "
-            "set GEOPERA_API_KEY or upstream.api_key_file instead",
-        )
-    base_url = env.get("GEOPERA_BASE_URL") or r.get("base_url", str)
-    if not base_url:
-        raise r.error(
-            "base_url",
-            "missing; set it to https://api.geopera.com or the emulator's "
-            "URL, or export GEOPERA_BASE_URL",
-        )
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise r.error("base_url", f"must be an http(s) URL with a host, got {base_url!r}")
-    return UpstreamSettings(
-        base_url=base_url.rstrip("/"),
-        api_key=_api_key(r, env, base, need_api_key),
-        connect_timeout_s=r.positive("connect_timeout_s", float, 5.0),
-        read_timeout_s=r.positive("read_timeout_s", float, 30.0),
-        max_connections=r.positive("max_connections", int, 64),
-        problem_types=_problem_types(r),
-        check_sources=r.get("check_sources", bool, True),
-    )
+def with_environment(
+    model: type[BaseModel], raw: dict[str, Any], env: Mapping[str, str]
+) -> dict[str, Any]:
+    """``raw`` (the parsed TOML) with the settings marked :class:`Env` replaced by the
+    environment variables that are set (non-empty)."""
+    data = dict(raw)
+    for name, info in model.model_fields.items():
+        table_model = info.annotation
+        if not (isinstance(table_model, type) and issubclass(table_model, BaseModel)):
+            continue
+        key = info.alias or name
+        for field_name, field_info in table_model.model_fields.items():
+            for marker in field_info.metadata:
+                if not isinstance(marker, Env) or not env.get(marker.name, "").strip():
+                    continue
+                table = data.get(key, {})
+                if isinstance(table, dict):
+                    table = {
+                        **table,
+                        field_info.alias or field_name: marker.parse(env[marker.name]),
+                    }
+                    data[key] = table
+    return data
 
 
-def _problem_types(r: TableReader) -> ProblemTypes:
-    d = ProblemTypes()
-    scopes = r.get("throttle_scopes", dict, dict(d.throttle_scopes))
-    for uri, scope in scopes.items():
-        if scope not in THROTTLE_SCOPES:
-            raise r.error(
-                f'throttle_scopes."{uri}"',
-                f"must be one of {', '.join(THROTTLE_SCOPES)}, got {scope!r}",
-            )
-    lists = {}
-    for key, default in (
-        ("scope_missing_types", d.scope_missing),
-        ("source_unknown_types", d.source_unknown),
-    ):
-        values = r.get(key, list, sorted(default))
-        if not all(isinstance(v, str) and v for v in values):
-            raise r.error(key, f"a list of problem type URIs (strings), got {values!r}")
-        lists[key] = frozenset(values)
-    return ProblemTypes(scopes, lists["scope_missing_types"], lists["source_unknown_types"])
-
-
-def _api_key(r: TableReader, env: Mapping[str, str], base: Path, need_api_key: bool) -> Secret:
+def _api_key(
+    upstream: UpstreamSettings, env: Mapping[str, str], need_api_key: bool, source: str
+) -> Secret:
     value = env.get("GEOPERA_API_KEY", "").strip()
     if not value and not need_api_key:
         return Secret("")  # not even a key file is read
-    from_env, from_file = env.get("GEOPERA_API_KEY_FILE"), r.get("api_key_file", str)
-    key_file = from_env or from_file
-    if not value and key_file:
-        key_path = Path(from_env) if from_env else _in(base, from_file)
+    key_file = upstream.api_key_file
+    if not value and key_file is not None:
         try:
-            value = key_path.read_text(encoding="utf-8").strip()
+            value = key_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise r.error("api_key_file", f"cannot read {key_file!r}: {exc.strerror}") from None
+            raise ConfigError(
+                f"{source}: upstream.api_key_file: cannot read {str(key_file)!r}: {exc.strerror}"
+            ) from None
     if not value:
         raise ConfigError(
-            f"{r.source}: upstream: no Geopera API key; export GEOPERA_API_KEY=gpra_... "
+            f"{source}: upstream: no Geopera API key; export GEOPERA_API_KEY=gpra_... "
             "or set upstream.api_key_file (or GEOPERA_API_KEY_FILE) to a file holding it"
         )
     if any(c.isspace() for c in value) or not value.isprintable():
         raise ConfigError(
-            f"{r.source}: upstream: the Geopera API key contains whitespace or "
+            f"{source}: upstream: the Geopera API key contains whitespace or "
             "control characters; check GEOPERA_API_KEY or the key file"
         )
     return Secret(value)
-
-
-def _server(r: TableReader, env: Mapping[str, str]) -> ServerSettings:
-    r.reject_unknown(
-        {
-            "host",
-            "port",
-            "trusted_proxies",
-            "access_log",
-            "public_url",
-            "cors_origins",
-            "header_timeout_s",
-            "shutdown_timeout_s",
-        }
-    )
-    port = r.get("port", int, 8080)
-    if not 0 <= port <= 65535:
-        raise r.error("port", f"must be 0..65535, got {port}")
-    env_port = env.get("GEOPERA_PORT", "").strip()
-    if env_port:
-        if not env_port.isdigit() or not 0 <= int(env_port) <= 65535:
-            raise ConfigError(f"GEOPERA_PORT: must be a port number 0..65535, got {env_port!r}")
-        port = int(env_port)
-    proxies = r.get("trusted_proxies", list, [])
-    try:
-        trusted = parse_networks(proxies)
-    except (TypeError, ValueError) as exc:
-        raise r.error("trusted_proxies", f"must be IP addresses or CIDRs: {exc}") from None
-    public_url = r.get("public_url", str, "") or None
-    if public_url is not None:
-        parts = urlsplit(public_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-            raise r.error(
-                "public_url",
-                f"must be an http(s) URL like https://tiles.example.org, got {public_url!r}",
-            )
-        public_url = public_url.rstrip("/")
-    origins = r.get("cors_origins", list, ["*"])
-    for origin in origins:
-        parts = urlsplit(origin) if isinstance(origin, str) else None
-        if origin != "*" and (
-            parts is None
-            or parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or parts.path not in ("", "/")
-        ):
-            raise r.error(
-                "cors_origins",
-                f"each origin is '*' or like https://app.example.org, got {origin!r}",
-            )
-    return ServerSettings(
-        host=env.get("GEOPERA_HOST", "").strip() or r.get("host", str, "127.0.0.1"),
-        port=port,
-        trusted_proxies=trusted,
-        access_log=r.get("access_log", bool, True),
-        public_url=public_url,
-        cors_origins=tuple(o.rstrip("/") for o in origins),
-        header_timeout_s=r.positive("header_timeout_s", float, 10.0),
-        shutdown_timeout_s=r.positive("shutdown_timeout_s", float, 10.0),
-    )
-
-
-def _viewer(r: TableReader, base: Path) -> ViewerSettings:
-    d = ViewerSettings()
-    r.reject_unknown(
-        {
-            "maplibre_js",
-            "maplibre_js_integrity",
-            "maplibre_css",
-            "maplibre_css_integrity",
-            "assets_dir",
-        }
-    )
-    assets = r.get("assets_dir", str, "")
-    assets_dir = _in(base, assets) if assets else None
-    if assets_dir is not None and not (assets_dir / "maplibre-gl.js").is_file():
-        raise r.error(
-            "assets_dir",
-            f"{str(assets_dir)!r} must hold maplibre-gl.js and maplibre-gl.css "
-            "(for example node_modules/maplibre-gl/dist)",
-        )
-    return ViewerSettings(
-        maplibre_js=r.get("maplibre_js", str, d.maplibre_js),
-        maplibre_js_integrity=r.get("maplibre_js_integrity", str, None),
-        maplibre_css=r.get("maplibre_css", str, d.maplibre_css),
-        maplibre_css_integrity=r.get("maplibre_css_integrity", str, None),
-        assets_dir=assets_dir,
-    )
-
-
-SCOPES = frozenset({"tiles", "downloads", "admin"})
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-PROJECT_ID = re.compile(r"[!-~]{1,128}")
-"""A Geopera project id as a token's ``projects`` names it: 1-128 printable ASCII characters
-without spaces (the docs show UUIDs; the emulator uses ``demo`` and ``survey``)."""
-
-
-def _tokens(source: str, tables: list[Any], layers: dict[str, Layer]) -> tuple[TokenSettings, ...]:
-    tokens: list[TokenSettings] = []
-    for index, table in enumerate(tables):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: tokens[{index}]: expected a table ([[tokens]])")
-        r = TableReader(source, f"tokens[{index}]", table)
-        r.reject_unknown({"name", "sha256", "scopes", "layers", "rate_limit", "projects"})
-        name = r.get("name", str)
-        if not name:
-            raise r.error("name", "required: who holds this token")
-        digest = r.get("sha256", str, "")
-        if not _SHA256.fullmatch(digest):
-            raise r.error(
-                "sha256",
-                "required: 64 lower-case hex digits, the SHA-256 of the "
-                "token (geopera-gateway token create prints it)",
-            )
-        scopes = r.get("scopes", list, [])
-        if not scopes or any(s not in SCOPES for s in scopes):
-            raise r.error(
-                "scopes", f"a non-empty list of {', '.join(sorted(SCOPES))}, got {scopes!r}"
-            )
-        allowed = r.get("layers", list, None)
-        if allowed is not None and any(name not in layers for name in allowed):
-            raise r.error("layers", f"unknown layer in {allowed!r}")
-        rate = r.get("rate_limit", str, None)
-        if rate is not None:
-            try:
-                parse(rate)
-            except ValueError:
-                raise r.error(
-                    "rate_limit", f"expected a rate like '100/second', got {rate!r}"
-                ) from None
-        projects = r.get("projects", list, None)
-        valid = projects and all(isinstance(p, str) and PROJECT_ID.fullmatch(p) for p in projects)
-        if projects is not None and not valid:
-            raise r.error(
-                "projects",
-                "a non-empty list of Geopera project ids (1-128 printable characters, no "
-                f"spaces), got {projects!r}",
-            )
-        if any(t.sha256 == digest for t in tokens):
-            raise r.error("sha256", "the same token hash is configured twice")
-        tokens.append(
-            TokenSettings(
-                name,
-                digest,
-                frozenset(scopes),
-                frozenset(allowed) if allowed is not None else None,
-                rate,
-                frozenset(projects) if projects is not None else None,
-            )
-        )
-    return tuple(tokens)
-
-
-def _clients(r: TableReader) -> ClientSettings:
-    r.reject_unknown({"rate_limit"})
-    rate = r.get("rate_limit", str, "100/second")
-    if rate in ("", "off"):
-        return ClientSettings(None)
-    try:
-        parse(rate)
-    except ValueError:
-        msg = f"expected a rate like '100/second' or 'off', got {rate!r}"
-        raise r.error("rate_limit", msg) from None
-    return ClientSettings(rate)
-
-
-def _rate(r: TableReader, prefix: str, default: Rate) -> Rate:
-    rps = r.positive(f"{prefix}rps", float, default.rps)
-    burst = r.positive(f"{prefix}burst", float, max(default.burst, rps))
-    return Rate(rps, burst)
-
-
-def _limits(r: TableReader) -> LimitSettings:
-    d = LimitSettings()
-    r.reject_unknown(
-        {
-            "operation_rps",
-            "operation_burst",
-            "asset_rps",
-            "asset_burst",
-            "bytes_per_s",
-            "bytes_burst",
-            "max_concurrent",
-            "max_wait_s",
-            "daily_egress_bytes",
-            "retry_attempts",
-            "retry_initial_s",
-            "retry_max_s",
-            "breaker_failures",
-            "breaker_window_s",
-            "breaker_open_s",
-            "max_retry_after_s",
-            "operations",
-        }
-    )
-    operations = {}
-    for name, table in r.get("operations", dict, {}).items():
-        if not isinstance(table, dict):
-            raise r.error(f"operations.{name}", "expected a table with rps and burst")
-        sub = TableReader(r.source, f"{r.prefix}.operations.{name}", table)
-        sub.reject_unknown({"rps", "burst"})
-        operations[name] = _rate(sub, "", d.operation_default)
-    bytes_per_s = r.get("bytes_per_s", float, d.bytes_per_s)
-    if bytes_per_s < 0:
-        raise r.error("bytes_per_s", "must be 0 (off) or more")
-    budget = r.get("daily_egress_bytes", int, 0)
-    if budget < 0:
-        raise r.error("daily_egress_bytes", "must be 0 (no budget) or more")
-    return LimitSettings(
-        operation_default=_rate(r, "operation_", d.operation_default),
-        operations=operations,
-        asset=_rate(r, "asset_", d.asset),
-        bytes_per_s=bytes_per_s,
-        bytes_burst=r.get("bytes_burst", float, bytes_per_s),
-        max_concurrent=r.positive("max_concurrent", int, d.max_concurrent),
-        max_wait_s=r.positive("max_wait_s", float, d.max_wait_s),
-        daily_egress_bytes=budget,
-        retry_attempts=r.positive("retry_attempts", int, d.retry_attempts),
-        retry_initial_s=r.positive("retry_initial_s", float, d.retry_initial_s),
-        retry_max_s=r.positive("retry_max_s", float, d.retry_max_s),
-        failure_threshold=r.positive("breaker_failures", int, d.failure_threshold),
-        failure_window_s=r.positive("breaker_window_s", float, d.failure_window_s),
-        open_s=r.positive("breaker_open_s", float, d.open_s),
-        max_retry_after_s=r.positive("max_retry_after_s", float, d.max_retry_after_s),
-    )
-
-
-def _cache(r: TableReader, env: Mapping[str, str], base: Path) -> CacheSettings:
-    r.reject_unknown(
-        {"directory", "state_directory", "size_limit_bytes", "memory_bytes", "empty_ttl_s"}
-    )
-    from_env = env.get("GEOPERA_CACHE_DIR")
-    directory = (
-        Path(from_env).expanduser()
-        if from_env
-        else _in(base, r.get("directory", str, DEFAULT_CACHE_DIR))
-    )
-    state = r.get("state_directory", str)
-    state_directory = _in(base, state) if state else directory.parent / (directory.name + "-state")
-    memory = r.get("memory_bytes", int, 64 << 20)
-    if memory < 0:
-        raise r.error("memory_bytes", f"must be 0 (off) or more, got {memory}")
-    return CacheSettings(
-        directory=directory,
-        state_directory=state_directory,
-        size_limit_bytes=r.positive("size_limit_bytes", int, 1 << 30),
-        memory_bytes=memory,
-        empty_ttl_s=r.positive("empty_ttl_s", int, 300),
-    )

@@ -46,15 +46,16 @@ from typing import Any
 from aiohttp import web
 
 from .catalog import CATALOG_KEY, SAMPLE_COGS
-from .clips import CLIP_OPERATIONS, DEFAULT_CLIP_DELAY_S, setup_clips
-from .egress import (
+from .clips import CLIP_OPERATIONS, setup_clips
+from .defaults import (
     DEFAULT_ASSET_RPS,
     DEFAULT_BANDWIDTH,
-    LIMITS_KEY,
-    EgressLimits,
-    get_limits,
-    post_limits,
+    DEFAULT_CLIP_DELAY_S,
+    DEFAULT_DELAY_MS,
+    DEFAULT_EMPTY_STATUS,
+    EMPTY_STATUSES,
 )
+from .egress import LIMITS_KEY, EgressLimits, get_limits, post_limits
 from .faults import FAULTS_KEY, FaultPlan, delete_faults, post_faults, release_stalls
 from .faults import apply as apply_fault
 from .protocol import (
@@ -65,7 +66,7 @@ from .protocol import (
     problem_response,
 )
 from .stats import STATS_KEY, EmulatorStats
-from .tiles import DEFAULT_EMPTY_STATUS, EMPTY_STATUS_KEY, EMPTY_STATUSES, TILE_OPERATIONS
+from .tiles import EMPTY_STATUS_KEY, TILE_OPERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def create_emulator_app(
     *,
     cogs: Mapping[str, Path] | None = None,
     api_keys: Collection[str] | None = None,
-    delay_ms: float = 0.0,
+    delay_ms: float = DEFAULT_DELAY_MS,
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
     clip_delay_s: float = DEFAULT_CLIP_DELAY_S,

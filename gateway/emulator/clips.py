@@ -94,6 +94,7 @@ from aiohttp import web
 
 from . import egress
 from .catalog import CATALOG_KEY, DEMO_COG_BASE_URL
+from .defaults import DEFAULT_CLIP_DELAY_S
 from .faults import stall_point, truncate_limit, without_filename
 from .protocol import OperationHandler, ProblemError, RequestValidationError, field_error
 from .schema import Field, validate_body
@@ -129,8 +130,6 @@ CLIP_COG_BASE_URL = "https://demo.geopera.invalid/clips/"
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 50
 
-DEFAULT_CLIP_DELAY_S = 2.0
-"""Default minimum time, in seconds, a clip job stays ``running`` after creation."""
 
 CHUNK_SIZE = 256 * 1024
 """Bytes per write when streaming a clip file (256 KiB)."""
@@ -833,7 +832,9 @@ async def create_from_item_operation(
         filename = f"{output_name}_{SYNTHETIC_MOSAIC}.tif"
         job.outputs = {SYNTHETIC_MOSAIC: ClipOutput(SYNTHETIC_MOSAIC, filename, synthetic_size)}
     else:
-        assert item is not None and path is not None and native is not None
+        assert item is not None
+        assert path is not None
+        assert native is not None
         job.task = asyncio.get_running_loop().create_task(_run_clip(store, job, item, path, native))
     answer = {
         "job": {

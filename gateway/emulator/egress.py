@@ -40,13 +40,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .defaults import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
 from .protocol import ProblemError, problem_response
-
-DEFAULT_ASSET_RPS = 50.0
-"""Default per-asset limit: 50 requests per second per asset."""
-
-DEFAULT_BANDWIDTH = 50_000_000
-"""Default bandwidth limit: 50,000,000 bytes (50 MB) of response bodies per second."""
 
 ASSET_FIELDS = ("url", "job_id")
 """Body fields naming the asset a request is limited by, first present wins."""

@@ -186,6 +186,7 @@ class FaultPlan:
     def __init__(self) -> None:
         self._queue: deque[Fault] = deque()
         self._stalls: list[asyncio.Event] = []
+        self._taken = asyncio.Event()
 
     def add(self, *faults: Fault) -> None:
         """Queue ``faults`` after any already pending."""
@@ -231,8 +232,16 @@ class FaultPlan:
                 fault.count -= 1
                 if fault.count <= 0:
                     self._queue.remove(fault)
+                self._taken.set()
+                self._taken = asyncio.Event()
                 return fault
         return None
+
+    async def drained(self) -> None:
+        """Return once every queued fault has been taken (checked after each take, no
+        polling). Bound it with ``asyncio.timeout``."""
+        while self.pending():
+            await self._taken.wait()
 
 
 FAULTS_KEY: web.AppKey[FaultPlan] = web.AppKey("geopera_emulator_faults", FaultPlan)

@@ -9,9 +9,15 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_emulator_app
-from .clips import DEFAULT_CLIP_DELAY_S
-from .egress import DEFAULT_ASSET_RPS, DEFAULT_BANDWIDTH
-from .tiles import DEFAULT_EMPTY_STATUS
+from .defaults import (
+    DEFAULT_ASSET_RPS,
+    DEFAULT_BANDWIDTH,
+    DEFAULT_CLIP_DELAY_S,
+    DEFAULT_DELAY_MS,
+    DEFAULT_EMPTY_STATUS,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+)
 
 
 def _base_url(host: str, port: int) -> str:
@@ -19,11 +25,11 @@ def _base_url(host: str, port: int) -> str:
 
 
 async def start_emulator(
-    host: str = "127.0.0.1",
+    host: str = DEFAULT_HOST,
     port: int = 0,
     *,
     api_keys: Collection[str] | None = None,
-    delay_ms: float = 0.0,
+    delay_ms: float = DEFAULT_DELAY_MS,
     cogs: Mapping[str, Path] | None = None,
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
@@ -58,11 +64,11 @@ async def start_emulator(
 
 
 def run_emulator(
-    host: str = "127.0.0.1",
-    port: int = 8081,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     *,
     api_keys: Collection[str] | None = None,
-    delay_ms: float = 0.0,
+    delay_ms: float = DEFAULT_DELAY_MS,
     asset_rps: float | None = DEFAULT_ASSET_RPS,
     bandwidth: float | None = DEFAULT_BANDWIDTH,
     clip_delay_s: float = DEFAULT_CLIP_DELAY_S,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,12 +27,21 @@ class EmulatorStats:
         self.calls: Counter[str] = Counter()
         self.statuses: Counter[tuple[str, int]] = Counter()
         self.log: deque[tuple[str, dict[str, Any] | None, int]] = deque(maxlen=LOG_SIZE)
+        self._recorded = asyncio.Event()
 
     def record(self, operation_id: str, body: dict[str, Any] | None, status: int) -> None:
-        """Count one answered call."""
+        """Count one answered call (and wake :meth:`wait_until`)."""
         self.calls[operation_id] += 1
         self.statuses[(operation_id, status)] += 1
         self.log.append((operation_id, body, status))
+        self._recorded.set()
+        self._recorded = asyncio.Event()
+
+    async def wait_until(self, done: Callable[[EmulatorStats], bool]) -> None:
+        """Return once ``done(self)`` is true, checked after every recorded call (no
+        polling). Bound it with ``asyncio.timeout``."""
+        while not done(self):
+            await self._recorded.wait()
 
     @property
     def throttled(self) -> int:

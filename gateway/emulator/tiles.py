@@ -28,12 +28,11 @@ from rio_tiler.colormap import cmap
 
 from . import egress
 from .catalog import CATALOG_KEY, resolve_cog
+from .defaults import DEFAULT_EMPTY_STATUS
 from .protocol import OperationHandler, ProblemError, RequestValidationError, field_error
 from .render import IMAGE_FORMATS, RenderInputError, render_tile, terrain_tile, thumbnail
 from .schema import Field, validate_body
 
-DEFAULT_EMPTY_STATUS = 404
-EMPTY_STATUSES = (204, 404)
 EMPTY_STATUS_KEY: web.AppKey[int] = web.AppKey("geopera_emulator_empty_status", int)
 """How the app answers an empty tile: 404 (problem ``empty-tile``) or 204."""
 

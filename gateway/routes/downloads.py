@@ -357,7 +357,7 @@ async def _multipart_ranges(
     await response.prepare(request)
     if request.method == "HEAD":
         return response
-    with open(stored.path, "rb") as file:
+    with await asyncio.to_thread(open, stored.path, "rb") as file:
         for part, (start, stop) in zip(parts, spans, strict=True):
             await response.write(part)
             offset = start
