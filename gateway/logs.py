@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import TypedDict
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -63,7 +64,14 @@ class JsonAccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def access_log_options(enabled: bool) -> dict[str, object]:
+class AccessLogOptions(TypedDict, total=False):
+    """The access-log keyword arguments of ``web.AppRunner`` (and aiohttp's test server)."""
+
+    access_log: logging.Logger | None
+    access_log_class: type[AbstractAccessLogger]
+
+
+def access_log_options(enabled: bool) -> AccessLogOptions:
     """Keyword arguments for ``web.run_app`` / ``web.AppRunner``: the JSON access log on the
     ``gateway.access`` logger, or none."""
     if not enabled:

@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import mercantile
 
@@ -19,14 +20,17 @@ from gateway import __version__
 from gateway.config.settings import (
     PROJECT_ID,
     SCOPES,
-    ConfigError,
     Settings,
     TokenSettings,
     load_settings,
 )
+from gateway.config.tables import ConfigError
 from gateway.emulator import defaults as emulator
 from gateway.http.auth import new_token
 from gateway.logs import configure_logging
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("gateway.cli")
 
@@ -38,7 +42,7 @@ class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (``prog: message``, with a
     pointer to ``--help``) and exit code 2, instead of argparse's usage block."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -172,7 +176,7 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
+def _add_seed_parser(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     seed = sub.add_parser(
         "seed",
         help="fill the tile cache for an area and zoom range ahead of map users",
@@ -194,7 +198,7 @@ def _add_seed_parser(sub: argparse._SubParsersAction) -> None:
     _config_argument(seed)
 
 
-def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+def _add_export_parser(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     export = sub.add_parser(
         "export",
         help="write a layer's tiles over an area and zoom range to an MBTiles file",
@@ -227,7 +231,7 @@ def _walk_arguments(parser: argparse.ArgumentParser, dry_run: str) -> None:
     )
 
 
-def _add_purge_parser(sub: argparse._SubParsersAction) -> None:
+def _add_purge_parser(sub: argparse._SubParsersAction[OneLineParser]) -> None:
     purge = sub.add_parser(
         "purge",
         help="remove a layer's cached tiles (all, or by area and zoom)",
@@ -343,7 +347,9 @@ def _demo(args: argparse.Namespace) -> int:
         loop.close()
 
 
-async def _run_demo(args: argparse.Namespace, start_emulator) -> int:
+async def _run_demo(
+    args: argparse.Namespace, start_emulator: Callable[..., Awaitable[tuple[web.AppRunner, str]]]
+) -> int:
     from gateway.app import create_app
     from gateway.cli.serve import ListenError, bound_port, listen, serve_app
 

@@ -99,7 +99,7 @@ def listen(host: str, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
 
 def bound_port(sockets: Sequence[socket.socket]) -> int:
     """The TCP port the first of ``sockets`` is bound to (the one chosen for port 0)."""
-    return sockets[0].getsockname()[1]
+    return int(sockets[0].getsockname()[1])
 
 
 async def serve_app(

@@ -21,7 +21,7 @@ from gateway.upstream.client import GeoperaClient
 from gateway.upstream.guard import UpstreamGuard
 
 SETTINGS = web.AppKey("settings", Settings)
-CLOCK = web.AppKey("clock", Callable[[], float])
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 """The app's :data:`gateway.clock.Clock` (Unix seconds)."""
 LAYERS = web.AppKey("layers", dict[str, Layer])
 CALLER_LIMITS = web.AppKey("caller_limits", dict[str, CallerRateLimit])
