@@ -99,6 +99,17 @@ CACHE_WRITABLE = Gauge(
     multiprocess_mode="livemin",
 )
 
+# --- the fleet's Redis (issue 13) ---
+STATE_REACHABLE = Gauge(
+    "gateway_state_reachable",
+    "1 while the fleet's Redis answers, 0 while it cannot be reached (cache misses refused)",
+    multiprocess_mode="livemin",
+)
+FLEET_COALESCED = Counter(
+    "gateway_fleet_coalesced_total",
+    "Cache misses answered by another replica's fetch (cross-replica single-flight)",
+)
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _REQUEST_CHILDREN: dict[tuple[str, str, int], Counter] = {}
 _DURATION_CHILDREN: dict[str, Histogram] = {}

@@ -250,6 +250,7 @@ class Settings:
     tokens: tuple[TokenSettings, ...]
     layers: dict[str, Layer] = field(default_factory=dict)
     default_layer: str | None = None
+    state: StateSettings = field(default_factory=lambda: StateSettings())
 
 
 def default_config_path() -> Path:
@@ -300,6 +301,7 @@ def load_settings(
             "viewer",
             "tokens",
             "layers",
+            "state",
         }
     )
     upstream = _upstream(
@@ -316,6 +318,7 @@ def load_settings(
     layers, default_layer = parse_layers(source, layer_tables)
     viewer = _viewer(TableReader(source, "viewer", top.get("viewer", dict, {})), base)
     tokens = _tokens(source, top.get("tokens", list, []), layers)
+    state = _state(TableReader(source, "state", top.get("state", dict, {})), env, base)
     return Settings(
         source,
         upstream,
@@ -328,6 +331,7 @@ def load_settings(
         tokens,
         layers,
         default_layer,
+        state,
     )
 
 
@@ -704,4 +708,59 @@ def _cache(r: TableReader, env: Mapping[str, str], base: Path) -> CacheSettings:
         size_limit_bytes=r.positive("size_limit_bytes", int, 1 << 30),
         memory_bytes=memory,
         empty_ttl_s=r.positive("empty_ttl_s", int, 300),
+    )
+
+
+# --- [state]: where the upstream state lives (issue 13; one block, so it merges alone) ---
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where the upstream state (token buckets, breakers, egress budget, concurrency leases,
+    purge marks, client limits, cross-replica claims) lives: ``redis_url`` None keeps it in
+    the host's diskcache (one host); a Redis URL shares it across every replica.
+
+    ``redis_url`` and ``password`` are :class:`~gateway.secrets.Secret` (a URL may hold a
+    password): never logged or shown. ``lease_s`` is how long a replica's claims and
+    concurrency leases outlive it (they are renewed while it runs), seconds.
+    """
+
+    redis_url: Secret | None = None
+    password: Secret | None = None
+    lease_s: float = 5.0
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _state(r: TableReader, env: Mapping[str, str], base: Path) -> StateSettings:
+    """``[state]``: ``redis_url`` (``GATEWAY_REDIS_URL`` wins), ``password_file``
+    (``GATEWAY_REDIS_PASSWORD_FILE`` wins) and ``lease_s``."""
+    r.reject_unknown({"redis_url", "password_file", "lease_s"})
+    url = env.get("GATEWAY_REDIS_URL", "").strip() or r.get("redis_url", str, "")
+    password: Secret | None = None
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+            # the URL itself is never echoed: it may hold a password
+            raise r.error(
+                "redis_url",
+                'must look like "redis://HOST:6379/0" or "rediss://HOST:6380/0" (or '
+                "unix:///path/to/redis.sock); check it or GATEWAY_REDIS_URL",
+            )
+        if parts.password:
+            password = Secret(parts.password)
+    from_env, from_file = env.get("GATEWAY_REDIS_PASSWORD_FILE"), r.get("password_file", str, "")
+    secret_file = from_env or from_file
+    if url and secret_file:
+        path = Path(from_env) if from_env else _in(base, from_file)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise r.error("password_file", f"cannot read it: {exc.strerror}") from None
+        password = Secret(value) if value else password
+    return StateSettings(
+        redis_url=Secret(url) if url else None,
+        password=password,
+        lease_s=r.positive("lease_s", float, 5.0),
     )

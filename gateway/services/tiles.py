@@ -35,7 +35,7 @@ import mercantile
 from gateway import imaging, metrics
 from gateway.errors import HeldBack, UpstreamBadResponse, UpstreamError, UpstreamNotFound
 from gateway.layers import MEDIA_TYPES, Layer
-from gateway.storage.coalesce import SingleFlight
+from gateway.storage.coalesce import FleetFlight, SingleFlight, decode_tile, encode_tile
 from gateway.storage.tiles import CachedTile, TileCache, make_tile
 from gateway.upstream.alerts import SOURCE_UNKNOWN
 from gateway.upstream.buckets import Priority
@@ -111,10 +111,17 @@ class TileService:
     """
 
     def __init__(
-        self, cache: TileCache, guard: UpstreamGuard, empty_ttl_s: float, claim_s: float = 120.0
+        self,
+        cache: TileCache,
+        guard: UpstreamGuard,
+        empty_ttl_s: float,
+        claim_s: float = 120.0,
+        fleet: FleetFlight | None = None,
     ) -> None:
         self.cache = cache
         self.claim_s = claim_s
+        self.fleet = fleet
+        """Cross-replica single-flight (Redis), replacing the host's claims when set."""
 
         self.guard = guard
         self.empty_ttl_s = empty_ttl_s
@@ -240,6 +247,8 @@ class TileService:
         process fetched it), ``HIT`` (another worker had stored it), ``COALESCED`` (this
         process waited on another worker's fetch).
         """
+        if self.fleet is not None:
+            return await self._fetch_in_fleet(address, priority, self.fleet)
         key, cache = address.key, self.cache
         loaded_at = time.time()
         stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
@@ -262,6 +271,42 @@ class TileService:
         finally:
             if claimed:  # only this process's own claim, never another's
                 cache.release_soon(key)
+        return tile, "MISS"
+
+    async def _fetch_in_fleet(
+        self, address: TileAddress, priority: Priority, fleet: FleetFlight
+    ) -> tuple[CachedTile, str]:
+        """:meth:`_fetch` for a fleet of replicas: the local disk first (no Redis), then
+        one fetch in the whole fleet (:class:`~gateway.storage.coalesce.FleetFlight`);
+        a tile another replica fetched is stored in this replica's cache too."""
+        key, cache = address.key, self.cache
+        loaded_at = time.time()
+        stored = await cache.run(cache.read_disk, key)
+        if stored is not None and stored.is_fresh():
+            cache.remember(key, stored, loaded_at)
+            return stored, "HIT"
+        fetched: list[CachedTile] = []
+
+        async def fetch() -> bytes:
+            if address.scale == 2:
+                tile = await self._fetch_2x(address, priority)
+            else:
+                tile = await self._fetch_1x(address, priority)
+            fetched.append(tile)
+            return encode_tile(tile)
+
+        def fresh(payload: bytes) -> bool:
+            tile = decode_tile(payload)
+            return tile is not None and tile.is_fresh()
+
+        payload, coalesced = await fleet.run(key, fetch, self.claim_s, accept=fresh)
+        tile = fetched[0] if fetched else decode_tile(payload)
+        assert tile is not None  # accepted by fresh()
+        keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
+        await cache.store(key, tile, keep_s=keep)
+        if coalesced:
+            metrics.FLEET_COALESCED.inc()
+            return tile, "COALESCED"
         return tile, "MISS"
 
     async def _await_other_worker(self, key: str) -> CachedTile | None:

@@ -1,8 +1,9 @@
 """The upstream limiter: token buckets, a concurrency cap and a daily egress budget.
 
 All state lives in one diskcache directory (SQLite, process-safe), so the limits hold for the
-whole gateway on one host however many worker processes serve it. Each host of a multi-host
-deployment has its own state: give each host its share of the upstream's limits.
+whole gateway on one host however many worker processes serve it. Several replicas share the
+same state through Redis instead (:mod:`gateway.upstream.fleet`); both backends sit behind
+:class:`gateway.upstream.state.UpstreamState`.
 
 Token buckets use reservation (as in GCRA / nginx ``limit_req`` with ``delay``): a request
 takes its tokens at once, even if that drives the bucket below zero, and waits until the
@@ -413,15 +414,18 @@ class EgressBudget:
 
     Args:
         daily_bytes: the budget; 0 means no budget (still counted, for metrics).
+        clock: Unix time source, seconds (tests pass their own).
     """
 
-    def __init__(self, state: SharedState, daily_bytes: int) -> None:
+    def __init__(
+        self, state: SharedState, daily_bytes: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self._cache = state.cache
         self.daily_bytes = daily_bytes
+        self._clock = clock
 
-    @staticmethod
-    def _key() -> str:
-        return "egress/" + time.strftime("%Y-%m-%d", time.gmtime())
+    def _key(self) -> str:
+        return "egress/" + time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
 
     def spent(self) -> int:
         """Bytes received today (UTC)."""
@@ -437,7 +441,7 @@ class EgressBudget:
         """Raises LimitExceeded (scope ``budget``) once today's budget is spent."""
         remaining = self.remaining()
         if remaining is not None and remaining <= 0:
-            now = time.time()
+            now = self._clock()
             retry = 86400 - now % 86400  # until the next UTC midnight
             raise LimitExceeded("budget", retry, "the daily upstream egress budget is spent")
 
