@@ -52,9 +52,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[LAYERS] = settings.layers
     app[AUTH] = Authenticator(settings.tokens)
-    limits = {t.rate_limit: ClientRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
+    state = settings.state
+    limits = {
+        t.rate_limit: ClientRateLimit(t.rate_limit, state) for t in settings.tokens if t.rate_limit
+    }
     if settings.clients.rate_limit:
-        limits["default"] = ClientRateLimit(settings.clients.rate_limit)
+        limits["default"] = ClientRateLimit(settings.clients.rate_limit, state)
     app[CLIENT_LIMIT] = limits
     app.on_response_prepare.append(common_headers)
     app.cleanup_ctx.append(_resources)

@@ -65,7 +65,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         check_request_shape(request, route)
         if route in LIMITED_ROUTES:
-            _check_client_limit(request)
+            await _check_client_limit(request)
         response = await handler(request)
     except Problem as problem:
         if problem.status == 429:
@@ -108,7 +108,7 @@ async def common_headers(request: web.Request, response: web.StreamResponse) -> 
         headers.update(rate_headers)
 
 
-def _check_client_limit(request: web.Request) -> None:
+async def _check_client_limit(request: web.Request) -> None:
     """Count the request against its client's limit: per token (with the token's own rate
     when it has one), else per client address; the RateLimit headers go in
     :data:`RATE_HEADERS_KEY`.
@@ -129,12 +129,12 @@ def _check_client_limit(request: web.Request) -> None:
         # a refused token costs a request too, from the client's address
         default = limits.get("default")
         if default is not None:
-            request[RATE_HEADERS_KEY] = default.check(client)
+            request[RATE_HEADERS_KEY] = await default.check(client)
         raise
     rate = token.rate_limit if token is not None and token.rate_limit else None
     limit = app[CLIENT_LIMIT].get(rate or "default")
     if limit is not None:
-        request[RATE_HEADERS_KEY] = limit.check(
+        request[RATE_HEADERS_KEY] = await limit.check(
             f"token:{token.name}" if token is not None else client
         )
 

@@ -147,6 +147,16 @@ class RedisLink:
                 loop = asyncio.get_running_loop()
                 self._flusher = loop.call_later(DEFER_S, self._flush_soon)
 
+    async def flush(self) -> None:
+        """Send deferred bookkeeping now (a pipeline of its own), and wait for it.
+
+        Raises:
+            StateUnavailable: Redis cannot be reached.
+        """
+        await self._send(self._take_outbox())
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
     def _take_outbox(self) -> list[Call]:
         batch, self._outbox = self._outbox, []
         if self._flusher is not None:
