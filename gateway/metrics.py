@@ -105,6 +105,11 @@ STATE_REACHABLE = Gauge(
     "1 while the fleet's Redis answers, 0 while it cannot be reached (cache misses refused)",
     multiprocess_mode="livemin",
 )
+EGRESS_SAVED = Counter(
+    "gateway_upstream_saved_bytes_total",
+    "Tile bytes served without an upstream call of their own (hit, stale, coalesced), by operation",
+    ["operation"],
+)
 FLEET_COALESCED = Counter(
     "gateway_fleet_coalesced_total",
     "Cache misses answered by another replica's fetch (cross-replica single-flight)",

@@ -142,6 +142,9 @@ class TileService:
         metrics.CACHE_LOOKUP[result.status].inc()
         if result.status != "MISS":
             metrics.UPSTREAM_SAVED.inc()
+            if result.status != "EMPTY":
+                operation = address.layer.operation
+                metrics.EGRESS_SAVED.labels(operation).inc(len(result.tile.body))
         return result
 
     async def _get(self, address: TileAddress, priority: Priority) -> TileResult:

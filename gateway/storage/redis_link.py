@@ -14,7 +14,8 @@ parses the replies). This module is the one place that talks to it:
   one pipeline with its bookkeeping and its published result;
 - :attr:`RedisLink.reachable` follows whether the last exchange worked, shown by the
   ``gateway_state_reachable`` gauge and ``/readyz``; redis-py reconnects by itself on the next
-  command, and a failed command is not retried (the caller fails closed at once);
+  command (one immediate retry, for a pooled connection broken by an outage), and the
+  caller fails closed at once when that fails too;
 - :meth:`RedisLink.listen` runs one pattern subscription for the process, re-subscribing
   after an outage, and hands each message to the waiter registered for its channel.
 
@@ -96,7 +97,10 @@ class RedisLink:
         options: dict[str, Any] = {
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "socket_timeout": COMMAND_TIMEOUT_S,
-            "retry": Retry(NoBackoff(), 0),  # fail fast: the caller fails closed
+            # one retry at once: a pooled connection that broke in an outage reconnects; a
+            # Redis that is down still fails fast (connection refused), and the caller
+            # fails closed
+            "retry": Retry(NoBackoff(), 1),
             "health_check_interval": 0,
         }
         if password is not None:
