@@ -142,7 +142,7 @@ async def test_one_upstream_call_for_a_tile_across_replicas_even_when_its_fetche
 
         # the replica fetching a new tile is killed: the others answer, at most one more call
         other = "/tiles/olinda/13/3302/4279.png"
-        upstream.app[FAULTS_KEY].add(Fault("hang", seconds=30))
+        upstream.app[FAULTS_KEY].add(Fault("hang", seconds=30))  # until released
         waiting = [
             asyncio.ensure_future(get(session, replicas[n % 3][0] + other)) for n in range(30)
         ]
@@ -153,6 +153,7 @@ async def test_one_upstream_call_for_a_tile_across_replicas_even_when_its_fetche
             await victim.wait()
         finally:
             answers = await asyncio.gather(*waiting, return_exceptions=True)
+            upstream.app[FAULTS_KEY].release()  # the killed replica's call, still hanging
         survivors = [a for n, a in enumerate(answers) if replicas[n % 3][1] is not victim]
         assert len(survivors) == 20
         assert {a[0] for a in survivors if not isinstance(a, BaseException)} == {200}
