@@ -102,7 +102,8 @@ CACHE_WRITABLE = Gauge(
 # --- the fleet's Redis (issue 13) ---
 STATE_REACHABLE = Gauge(
     "gateway_state_reachable",
-    "1 while the fleet's Redis answers, 0 while it cannot be reached (cache misses refused)",
+    "1 while the fleet's Redis answers, 0 while it cannot be reached (cache misses refused); "
+    "always 1 on a host without Redis",
     multiprocess_mode="livemin",
 )
 EGRESS_SAVED = Counter(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gateway import metrics
 from gateway.config.settings import LimitSettings
 from gateway.storage.diskcaches import STORE_ERRORS
 from gateway.upstream.breakers import Breakers, Scope
@@ -64,6 +65,7 @@ class LocalUpstreamState(UpstreamState):
         self.budget = EgressBudget(state, settings.daily_egress_bytes, clock=clock)
         self.concurrency = ConcurrencyCap(state, settings.max_concurrent, clock=clock)
         self._bytes = bytes_bucket(settings)
+        metrics.STATE_REACHABLE.set(1)  # no Redis: nothing to reach (see WriteHealth)
 
     async def admit(
         self,
