@@ -59,9 +59,12 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     app[CLOCK] = clock
     app[LAYERS] = settings.layers
     app[AUTH] = Authenticator(settings.tokens)
-    limits = {t.rate_limit: CallerRateLimit(t.rate_limit) for t in settings.tokens if t.rate_limit}
+    state = settings.state
+    limits = {
+        t.rate_limit: CallerRateLimit(t.rate_limit, state) for t in settings.tokens if t.rate_limit
+    }
     if settings.clients.rate_limit:
-        limits["default"] = CallerRateLimit(settings.clients.rate_limit)
+        limits["default"] = CallerRateLimit(settings.clients.rate_limit, state)
     app[CALLER_LIMITS] = limits
     app[ROUTE_POLICIES] = {}  # each route module declares its routes' policies
     app.on_response_prepare.append(common_headers)

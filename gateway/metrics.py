@@ -100,6 +100,23 @@ CACHE_WRITABLE = Gauge(
     multiprocess_mode="livemin",
 )
 
+# --- the fleet's Redis (issue 13) ---
+STATE_REACHABLE = Gauge(
+    "gateway_state_reachable",
+    "1 while the fleet's Redis answers, 0 while it cannot be reached (cache misses refused); "
+    "always 1 on a host without Redis",
+    multiprocess_mode="livemin",
+)
+EGRESS_SAVED = Counter(
+    "gateway_upstream_saved_bytes_total",
+    "Tile bytes served without an upstream call of their own (hit, stale, coalesced), by operation",
+    ["operation"],
+)
+FLEET_COALESCED = Counter(
+    "gateway_fleet_coalesced_total",
+    "Cache misses answered by another replica's fetch (cross-replica single-flight)",
+)
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _REQUEST_CHILDREN: dict[tuple[str, str, int], Counter] = {}
 _DURATION_CHILDREN: dict[str, Histogram] = {}

@@ -12,6 +12,8 @@ import gc
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -367,3 +369,83 @@ def fill_disk(directory: Path, leave_bytes: int = 0) -> Path:
                 while True:
                     file.write(b"\0" * size)
     return filler
+
+
+# --------------------------------------------------------------------------- Redis
+
+REDIS_SERVER = shutil.which("redis-server")
+
+needs_redis = pytest.mark.skipif(
+    REDIS_SERVER is None and not os.environ.get("CI"),
+    reason="redis-server not installed (CI installs the Debian package redis-server)",
+)
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, no persistence; stop and start it
+    again (empty) to play an outage and a restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start it (on the same port as before, if it ran) and wait until it answers."""
+        if REDIS_SERVER is None:
+            pytest.fail("redis-server is not installed")
+        if not self.port:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.port = sock.getsockname()[1]
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), *options, "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        pytest.fail("redis-server did not start")
+
+    def stop(self) -> None:
+        """Stop it at once (SIGKILL: an outage, not a shutdown)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            assert sock.recv(16).startswith(b"+OK")
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole run (see :func:`redis_server`)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> RedisServer:
+    """The session's redis-server, emptied for this test."""
+    if redis_session.process is None:  # a test stopped it
+        redis_session.start()
+    redis_session.flush()
+    return redis_session

@@ -204,11 +204,12 @@ async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulato
 
 
 def test_a_stored_breaker_beyond_the_cap_is_held_to_it(tmp_path):
-    from gateway.upstream.breakers import _State
+    from gateway.upstream.breakers import BreakerState
 
     state = SharedState(tmp_path / "state")
     scope = Scope("cog.tile.render", "https://example.invalid/a.tif")
-    state.cache.set(scope.key, _State(open_until=time.time() + 999_999))  # an older gateway's
+    # stored with a higher cap (an older configuration)
+    state.cache.set(scope.key, BreakerState(open_until=time.time() + 999_999).dump())
     breakers = Breakers(state, 5, 30, 30, max_open_s=60)
     with pytest.raises(BreakerOpen) as refused:
         breakers.check([scope])

@@ -211,7 +211,7 @@ async def test_402_pauses_the_organisation_serves_stale_and_alerts_once(
     assert len(criticals(caplog)) == 1
     assert "402" in criticals(caplog)[0]
 
-    await asyncio.sleep(2.1)  # paid up: the pause ends, one call probes, the alert resolves
+    clock.advance(2.1)  # paid up: the pause ends, one call probes, the alert resolves
     assert (await client.get(OLINDA_OTHER)).status == 200
     assert (await readyz(client))["alerts"] == []
     assert len(criticals(caplog)) == 1

@@ -541,6 +541,70 @@ class CacheSettings(Table):
 # --- the file ----------------------------------------------------------------------------
 
 
+# --- [state] -----------------------------------------------------------------------------
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+"""URL schemes of ``state.redis_url`` (redis-py's ``from_url``)."""
+
+
+def _redis_url(value: object) -> Secret | None:
+    """A Redis URL (a string, or a :class:`~gateway.secrets.Secret` from code) as a
+    ``Secret`` (it may hold a password); the URL is never echoed in the error."""
+    if isinstance(value, Secret):
+        value = value.reveal()
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid("must be a Redis URL (a string)")
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+        raise invalid(
+            'must look like "redis://HOST:6379/0" or "rediss://HOST:6380/0" (or '
+            "unix:///path/to/redis.sock); check it or GATEWAY_REDIS_URL"
+        )
+    return Secret(value)
+
+
+class StateSettings(Table):
+    """``[state]``: where the upstream state lives (token buckets, breakers, egress budget,
+    concurrency leases, caller limits, cross-replica tile claims).
+
+    ``redis_url`` unset keeps it in the host's diskcache (one host); a Redis URL
+    (``GATEWAY_REDIS_URL`` wins) shares it across every replica. The URL and the password
+    (from the URL, or from ``password_file`` / ``GATEWAY_REDIS_PASSWORD_FILE``) are
+    :class:`~gateway.secrets.Secret`: never logged or shown. ``lease_s`` is how long a
+    replica's claims and concurrency leases outlive it (renewed while it runs), seconds.
+    """
+
+    redis_url: Annotated[Secret | None, Env("GATEWAY_REDIS_URL"), BeforeValidator(_redis_url)] = (
+        Field(None, repr=False)
+    )
+    password_file: Annotated[OptionalPath, Env("GATEWAY_REDIS_PASSWORD_FILE", _env_path)] = None
+    lease_s: PositiveFloat = 5.0
+
+    _password: Secret | None = PrivateAttr(None)
+
+    @property
+    def password(self) -> Secret | None:
+        """The Redis password: the file's content, else the URL's password, else None."""
+        return self._password
+
+    @model_validator(mode="after")
+    def _read_password(self) -> StateSettings:
+        if self.redis_url is None:
+            return self
+        url_password = urlsplit(self.redis_url.reveal()).password
+        self._password = Secret(url_password) if url_password else None
+        if self.password_file is not None:
+            try:
+                text = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise invalid(f"cannot read it: {exc.strerror}", "state.password_file") from None
+            if text:
+                self._password = Secret(text)
+        return self
+
+
 class Settings(Table):
     """Everything the gateway needs to start, already validated: the whole config file.
 
@@ -558,6 +622,7 @@ class Settings(Table):
     clients: ClientSettings = section()
     downloads: DownloadSettings = section()
     viewer: ViewerSettings = section()
+    state: StateSettings = section()
     tokens: tuple[TokenSettings, ...] = ()
     layer_tables: tuple[LayerTable, ...] = Field((), alias="layers")
 

@@ -5,23 +5,35 @@ The caller is the socket's peer address, or the first untrusted address in
 ``X-Forwarded-For`` when the peer is one of ``server.trusted_proxies`` (walking the header
 from the right, as RFC 7239 section 5.2 advises for the similar ``Forwarded`` header).
 
-The limit is a moving window per caller (the ``limits`` library, in process memory): one
-runaway script gets 429 with ``Retry-After`` and ``RateLimit-*`` headers
-(draft-ietf-httpapi-ratelimit-headers) instead of spending everyone's upstream budget. It is
-enforced per worker process.
+The limit is a moving window per caller (the ``limits`` library): one runaway script gets
+429 with ``Retry-After`` and ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)
+instead of spending everyone's upstream budget. On one host it is kept in process memory
+(per worker process); with ``[state] redis_url`` it is kept in Redis (``limits``' async Redis
+storage on redis-py), so a caller gets its configured rate across every worker and replica.
+While Redis cannot be reached, each process counts in its own memory instead, and retries
+Redis after :data:`REDIS_RETRY_S`: the caller limit never stops cache hits.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import time
 
 from aiohttp import web
-from limits import RateLimitItem, parse, storage, strategies
+from limits import RateLimitItem, parse
+from limits.aio import storage, strategies
+from limits.errors import StorageError
 
-from gateway.config.settings import Network
+from gateway.config.settings import Network, StateSettings
 from gateway.http.problem import Problem
+from gateway.storage.redis_link import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S
+
+log = logging.getLogger("gateway.callers")
+
+REDIS_RETRY_S = 5.0
+"""How long client limits stay in process memory after Redis failed, seconds."""
 
 
 def is_trusted(address: str, networks: tuple[Network, ...]) -> bool:
@@ -54,24 +66,59 @@ class CallerRateLimit:
 
     Args:
         rate: a ``limits`` rate string such as ``"100/second"`` or ``"5000/minute"``.
+        state: where the fleet's state lives; with a Redis URL the windows are kept there.
 
     Raises:
         ValueError: ``rate`` cannot be parsed.
     """
 
-    def __init__(self, rate: str) -> None:
+    def __init__(self, rate: str, state: StateSettings | None = None) -> None:
         self.item: RateLimitItem = parse(rate)
-        self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self._local = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self._shared: strategies.MovingWindowRateLimiter | None = None
+        self._local_until = 0.0  # monotonic time until which Redis is not tried again
+        if state is not None and state.redis_url is not None:
+            options: dict[str, float | str | bool] = {
+                "socket_connect_timeout": CONNECT_TIMEOUT_S,
+                "socket_timeout": COMMAND_TIMEOUT_S,
+            }
+            if state.password is not None:
+                options["password"] = state.password.reveal()
+            redis_storage = storage.RedisStorage(
+                "async+" + state.redis_url.reveal(),
+                wrap_exceptions=True,
+                implementation="redispy",
+                key_prefix="ggw:clients",
+                **options,
+            )
+            self._shared = strategies.MovingWindowRateLimiter(redis_storage)
         self._policy = f"{self.item.amount};w={self.item.get_expiry()}"
 
-    def check(self, key: str) -> dict[str, str]:
+    def _limiter(self) -> strategies.MovingWindowRateLimiter:
+        if self._shared is not None and time.monotonic() >= self._local_until:
+            return self._shared
+        return self._local
+
+    async def check(self, key: str) -> dict[str, str]:
         """Count one request for ``key``; returns the RateLimit headers to send.
 
         Raises:
             Problem: 429 with ``Retry-After`` when ``key`` is over its limit.
         """
-        allowed = self._limiter.hit(self.item, key)
-        stats = self._limiter.get_window_stats(self.item, key)
+        limiter = self._limiter()
+        try:
+            allowed = await limiter.hit(self.item, key)
+            stats = await limiter.get_window_stats(self.item, key)
+        except StorageError as exc:
+            log.warning(
+                "client limits fall back to process memory for %.0f s: Redis failed (%s)",
+                REDIS_RETRY_S,
+                type(exc.storage_error).__name__,
+            )
+            self._local_until = time.monotonic() + REDIS_RETRY_S
+            limiter = self._local
+            allowed = await limiter.hit(self.item, key)
+            stats = await limiter.get_window_stats(self.item, key)
         reset = max(1, math.ceil(stats.reset_time - time.time()))
         headers = {
             "RateLimit-Limit": str(self.item.amount),

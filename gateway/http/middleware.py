@@ -56,7 +56,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         check_request_shape(request, policy)
         if policy.caller_limit:
-            _check_caller_limit(request)
+            await _check_caller_limit(request)
         response = await handler(request)
     except Problem as problem:
         if problem.status == 429:
@@ -99,7 +99,7 @@ async def common_headers(request: web.Request, response: web.StreamResponse) -> 
         headers.update(rate_headers)
 
 
-def _check_caller_limit(request: web.Request) -> None:
+async def _check_caller_limit(request: web.Request) -> None:
     """Count the request against its caller's limit: per token (with the token's own rate
     when it has one), else per caller address; the RateLimit headers go in
     :data:`RATE_HEADERS_KEY`.
@@ -120,12 +120,12 @@ def _check_caller_limit(request: web.Request) -> None:
         # a refused token costs a request too, from the caller's address
         default = limits.get("default")
         if default is not None:
-            request[RATE_HEADERS_KEY] = default.check(caller)
+            request[RATE_HEADERS_KEY] = await default.check(caller)
         raise
     rate = token.rate_limit if token is not None and token.rate_limit else None
     limit = limits.get(rate or "default")
     if limit is not None:
-        request[RATE_HEADERS_KEY] = limit.check(
+        request[RATE_HEADERS_KEY] = await limit.check(
             f"token:{token.name}" if token is not None else caller
         )
 

@@ -170,7 +170,8 @@ _LIMITER_UNAVAILABLE = ProblemSpec(
     "limiter-unavailable",
     lambda e: (
         "The gateway cannot read or write its own upstream limits (its disk is full or "
-        f"damaged), so it sends nothing upstream; retry after {_seconds(e)} s."
+        "damaged, or the fleet's Redis cannot be reached), so it sends nothing upstream; "
+        f"retry after {_seconds(e)} s."
     ),
     retry_after=True,
 )

@@ -12,7 +12,6 @@ from gateway.http.policy import add_get
 from gateway.storage.diskcaches import STORE_ERRORS
 from gateway.upstream.alerts import SOURCE_UNKNOWN, Alert
 from gateway.upstream.breakers import BreakerStatus
-from gateway.upstream.guard import UpstreamGuard
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -34,10 +33,9 @@ async def readyz(request: web.Request) -> web.Response:
     tile, which a load balancer should keep sending it traffic for.
     """
     app = request.app
-    state, guard = app[SHARED_STATE], app[GUARD]
+    guard = app[GUARD]
     cache_ok, cache_why = await app[TILE_CACHE].run(app[TILE_CACHE].probe)
-    # in the state's I/O thread: after the bookkeeping of every call answered before
-    state_ok, state_why = await state.run(state.probe)
+    state_ok, state_why = await guard.limiter.probe()
     reasons = []
     if not cache_ok:
         reasons.append(f"the tile cache cannot store tiles ({cache_why}): serving them uncached")
@@ -45,9 +43,9 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append(f"the limiter state cannot be written ({state_why}): no upstream calls")
     alerts: list[Alert] | None
     try:
-        breakers, budget_left, alerts = await state.run(_state_report, guard)
+        breakers, budget_left, alerts = await _state_report(app)
         open_breakers: list[str] | None = [_breaker_name(b) for b in breakers]
-    except STORE_ERRORS:
+    except (*STORE_ERRORS, *guard.limiter.errors):
         open_breakers, budget_left, alerts = None, None, None
     ready = cache_ok and state_ok
     body: dict[str, object] = {
@@ -56,6 +54,7 @@ async def readyz(request: web.Request) -> web.Response:
             "config": "ok",
             "cache_writable": cache_ok,
             "state_writable": state_ok,
+            "state_backend": guard.limiter.kind,
             "upstream_reachable": await app[UPSTREAM].ping(),
             "open_breakers": open_breakers,
             "egress_budget_remaining_bytes": budget_left,
@@ -70,12 +69,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
-def _state_report(
-    guard: UpstreamGuard,
+async def _state_report(
+    app: web.Application,
 ) -> tuple[list[BreakerStatus], int | None, list[Alert]]:
-    """The breakers refusing calls, the egress budget left and the active operator alerts
-    (in the state's thread)."""
-    return list(guard.breakers.statuses()), guard.budget.remaining(), guard.alerts.active()
+    """The breakers refusing calls, the egress budget left (the upstream state) and the
+    active operator alerts (the host's state, in its I/O thread)."""
+    guard, state = app[GUARD], app[SHARED_STATE]
+    report = await guard.limiter.report()
+    alerts = await state.run(guard.alerts.active)
+    return report.breakers, report.budget_left, alerts
 
 
 def _breaker_name(status: BreakerStatus) -> str:
@@ -87,10 +89,10 @@ def _breaker_name(status: BreakerStatus) -> str:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text exposition format."""
-    cache, guard, state = request.app[TILE_CACHE], request.app[GUARD], request.app[SHARED_STATE]
+    cache, guard = request.app[TILE_CACHE], request.app[GUARD]
     try:
-        breakers, budget_left, alerts = await state.run(_state_report, guard)
-    except STORE_ERRORS:
+        breakers, budget_left, alerts = await _state_report(request.app)
+    except (*STORE_ERRORS, *guard.limiter.errors):
         breakers, budget_left, alerts = [], None, []
     collector = metrics.StateCollector(
         cache_bytes=cache.volume_bytes,

@@ -7,16 +7,21 @@ so seeding shares the gateway's cache, host-wide limits, breakers and coalescing
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from gateway import __version__
 from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.services.tiles import TileService
+from gateway.storage.coalesce import FleetFlight
+from gateway.storage.redis_link import RedisLink
 from gateway.storage.tiles import TileCache
 from gateway.upstream.buckets import SharedState
 from gateway.upstream.client import GeoperaClient
+from gateway.upstream.fleet import RedisUpstreamState
 from gateway.upstream.guard import UpstreamGuard
+from gateway.upstream.state import UpstreamState
 
 USER_AGENT = f"geopera-gateway/{__version__}"
 """The ``User-Agent`` of the gateway's upstream calls."""
@@ -36,13 +41,17 @@ class TileStack:
     client: GeoperaClient
     guard: UpstreamGuard
     service: TileService
+    redis: RedisLink | None = None
+    """The fleet's Redis (``[state] redis_url``), or None on one host."""
 
     async def aclose(self) -> None:
         """Cancel background refreshes, give back concurrency leases, then close the client,
-        the state and the cache."""
+        the Redis link, the state and the cache."""
         await self.service.aclose()
-        await self.guard.concurrency.aclose()
+        await self.guard.limiter.aclose()
         await self.client.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
         self.state.close()
         self.cache.close()
 
@@ -72,10 +81,25 @@ def open_tile_stack(settings: Settings, clock: Clock = system_clock) -> TileStac
         user_agent=USER_AGENT,
         problem_types=up.problem_types,
     )
-    guard = UpstreamGuard(client, state, settings.limits)
+    # the fleet's Redis, when configured: upstream state and cross-replica single-flight
+    link: RedisLink | None = None
+    limiter: UpstreamState | None = None
+    fleet: FleetFlight | None = None
+    fleet_settings = settings.state
+    if fleet_settings.redis_url is not None:
+        link = RedisLink(fleet_settings.redis_url, fleet_settings.password)
+        limiter = RedisUpstreamState(link, settings.limits, lease_s=fleet_settings.lease_s)
+        owner = f"{os.uname().nodename}:{os.getpid()}"
+        fleet = FleetFlight(link, fleet_settings.lease_s, owner)
+    guard = UpstreamGuard(client, state, settings.limits, limiter, clock=clock)
     lim = settings.limits
     longest_fetch = lim.max_wait_s + lim.retry_attempts * (up.read_timeout_s + lim.retry_max_s)
     service = TileService(
-        cache, guard, settings.cache.empty_ttl_s, claim_s=longest_fetch + 5, clock=clock
+        cache,
+        guard,
+        settings.cache.empty_ttl_s,
+        claim_s=longest_fetch + 5,
+        fleet=fleet,
+        clock=clock,
     )
-    return TileStack(cache, state, client, guard, service)
+    return TileStack(cache, state, client, guard, service, link)

@@ -44,8 +44,15 @@ from gateway.errors import (
     UpstreamNotFound,
 )
 from gateway.layers import MEDIA_TYPES, Layer
-from gateway.storage.coalesce import SingleFlight
-from gateway.storage.tiles import CachedTile, TileCache, make_tile
+from gateway.storage.coalesce import FleetFlight, SingleFlight
+from gateway.storage.tiles import (
+    CachedTile,
+    EntryFormatError,
+    TileCache,
+    decode_entry,
+    encode_entry,
+    make_tile,
+)
 from gateway.upstream.alerts import SOURCE_UNKNOWN
 from gateway.upstream.buckets import Priority
 from gateway.upstream.guard import UpstreamGuard
@@ -132,11 +139,14 @@ class TileService:
         empty_ttl_s: float,
         claim_s: float = 120.0,
         clock: Clock = system_clock,
+        fleet: FleetFlight | None = None,
     ) -> None:
         self.cache = cache
         self.claim_s = claim_s
         self.clock = clock
         """Unix time, seconds: what tile freshness is measured with (:mod:`gateway.clock`)."""
+        self.fleet = fleet
+        """Cross-replica single-flight (Redis), replacing the host's claims when set."""
 
         self.guard = guard
         self.empty_ttl_s = empty_ttl_s
@@ -160,6 +170,9 @@ class TileService:
         metrics.CACHE_LOOKUP[result.cache_status].inc()
         if result.cache_status != "MISS":
             metrics.UPSTREAM_SAVED.inc()
+            if result.cache_status != "EMPTY":
+                operation = address.layer.operation
+                metrics.EGRESS_SAVED.labels(operation).inc(len(result.tile.body))
         return result
 
     async def _get(self, address: TileAddress, priority: Priority) -> TileResult:
@@ -305,6 +318,8 @@ class TileService:
     ) -> tuple[CachedTile, str]:
         """:meth:`_fetch` past the tile-creator queue: the cross-process claim, the fetch
         and the store."""
+        if self.fleet is not None:
+            return await self._fetch_in_fleet(address, priority, self.fleet)
         key, cache = address.key, self.cache
         loaded_at = self.clock()
         stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
@@ -327,6 +342,43 @@ class TileService:
         finally:
             if claimed:  # only this process's own claim, never another's
                 cache.release_soon(key)
+        return tile, "MISS"
+
+    async def _fetch_in_fleet(
+        self, address: TileAddress, priority: Priority, fleet: FleetFlight
+    ) -> tuple[CachedTile, str]:
+        """:meth:`_fetch` for a fleet of replicas: the local disk first (no Redis), then
+        one fetch in the whole fleet (:class:`~gateway.storage.coalesce.FleetFlight`);
+        a tile another replica fetched is stored in this replica's cache too."""
+        key, cache = address.key, self.cache
+        loaded_at = self.clock()
+        stored = await cache.run(cache.read_disk, key)
+        if stored is not None and stored.is_fresh(loaded_at):
+            cache.remember(key, stored, loaded_at)
+            return stored, "HIT"
+        fetched: list[CachedTile] = []
+
+        async def fetch() -> bytes:
+            if address.scale == 2:
+                tile = await self._fetch_2x(address, priority)
+            else:
+                tile = await self._fetch_1x(address, priority)
+            fetched.append(tile)
+            return encode_entry(tile)  # the tile cache's own versioned format
+
+        def fresh(payload: bytes) -> bool:
+            try:
+                return decode_entry(payload).is_fresh(self.clock())
+            except EntryFormatError:
+                return False
+
+        payload, coalesced = await fleet.run(key, fetch, self.claim_s, accept=fresh)
+        tile = fetched[0] if fetched else decode_entry(payload)  # accepted by fresh()
+        keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
+        await cache.store(key, tile, keep_s=keep)
+        if coalesced:
+            metrics.FLEET_COALESCED.inc()
+            return tile, "COALESCED"
         return tile, "MISS"
 
     async def _await_other_worker(self, key: str) -> CachedTile | None:

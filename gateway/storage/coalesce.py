@@ -4,13 +4,23 @@ Like nginx's ``proxy_cache_lock`` or Varnish's waiting list, but with no lock ti
 caller that arrives while a fetch for its key is in flight waits for that fetch and gets its
 result or its exception. The fetch runs as its own task, so a caller that goes away (client
 disconnect, cancellation) never cancels work that others still wait on.
+
+:class:`SingleFlight` joins the callers of one process; :class:`FleetFlight` joins the
+replicas of a fleet through Redis (the owner's result is read by the others from Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from gateway import metrics
+from gateway.errors import LimitExceeded
+from gateway.storage.redis_link import PREFIX, RedisLink, Script, StateUnavailable, wait_any
 
 T = TypeVar("T")
 
@@ -52,3 +62,194 @@ class SingleFlight(Generic[T]):
             del self._inflight[key]
         if not done.cancelled():
             done.exception()  # retrieved here, so an error nobody waited for is not warned about
+
+
+# --- cross-replica single-flight (issue 13) ---
+
+RESULT_TTL_S = 30.0
+"""How long a fetched result stays in Redis for the waiters of other replicas, seconds."""
+
+SUBSCRIBE_WAIT_S = 1.0
+"""Longest a first claim waits for the process's pub/sub subscription, seconds."""
+
+CLAIM_PREFIX = PREFIX + "claim:"
+RESULT_PREFIX = PREFIX + "result:"
+DONE_PREFIX = PREFIX + "done:"
+
+CLAIM = Script(
+    """
+-- KEYS: claim, result; ARGV: owner token, lease ms, 1 to drop a stored result first.
+-- {'result', bytes} | {'claimed'} | {'held', ms left on the holder's claim}
+if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) else
+  local r = redis.call('GET', KEYS[2])
+  if r then return {'result', r} end
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'claimed'} end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'claimed'}
+end
+return {'held', tostring(redis.call('PTTL', KEYS[1]))}
+"""
+)
+
+FINISH = Script(
+    """
+-- KEYS: claim, result; ARGV: owner token, result bytes, result ttl ms, channel
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[4], 'done')
+return 1
+"""
+)
+
+GIVE_UP = Script(
+    """
+-- KEYS: claim; ARGV: owner token, channel. The fetch failed: free the claim, wake waiters.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'failed')
+end
+return 1
+"""
+)
+
+RENEW_CLAIM = Script(
+    """
+-- KEYS: claim; ARGV: owner token, lease ms. 1 while this owner still holds it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+)
+
+
+class FleetFlight:
+    """Single-flight across replicas: one fetch per key in the whole fleet, through Redis.
+
+    Within a process, :class:`SingleFlight` already joins concurrent callers; this joins the
+    processes. The first replica to claim a key (``SET NX`` with an owner token and an
+    expiry of ``lease_s``, renewed every ``lease_s / 3`` while its fetch runs) fetches; the
+    others wait on pub/sub (one pattern subscription per process), not by polling, and then
+    read the result from Redis.
+
+    Why the result goes through Redis: each replica has its own local cache, so a waiter on
+    another replica cannot read the owner's. The owner stores the result (a few tens of KiB
+    for a tile) under a key that expires after :data:`RESULT_TTL_S` and publishes a short
+    notice; each waiting replica reads it once (its own callers are joined locally) and
+    stores it in its local cache. The bytes are not sent in the notice itself, since every
+    replica's subscription receives every notice; nor kept longer, since Redis is not a
+    second tile cache (a consistent-hash load balancer sends each tile's later requests to
+    one replica anyway).
+
+    A claim whose owner died expires within ``lease_s``: a waiter wakes when the claim's
+    remaining time (``PTTL``) has passed and claims it itself. A fetch that fails frees the
+    claim and wakes the waiters, one of which claims it next.
+
+    Args:
+        link: the process's Redis link.
+        lease_s: claim lifetime without renewal, seconds.
+        owner: names this process in its claims (``host:pid``).
+    """
+
+    def __init__(self, link: RedisLink, lease_s: float, owner: str) -> None:
+        self.link = link
+        self.lease_s = lease_s
+        self.owner = owner
+        self._waiting: dict[str, asyncio.Future[str]] = {}
+
+    def _notice(self, channel: str, data: bytes) -> None:
+        waiter = self._waiting.get(channel)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(data.decode(errors="replace"))
+
+    async def run(
+        self,
+        key: str,
+        fetch: Callable[[], Awaitable[bytes]],
+        timeout_s: float,
+        accept: Callable[[bytes], bool] = lambda _: True,
+    ) -> tuple[bytes, bool]:
+        """``fetch()``'s result for ``key``, fetched once in the fleet.
+
+        Args:
+            fetch: produces the result's bytes (and stores it locally); runs on the replica
+                holding the claim.
+            timeout_s: longest wait for another replica's fetch, seconds.
+            accept: whether a stored result is still good (else it is fetched again).
+
+        Returns:
+            ``(result, coalesced)``: ``coalesced`` is True when another replica fetched it.
+
+        Raises:
+            LimitExceeded: Redis cannot be reached (scope ``state``: fail closed, nothing is
+                fetched), or the holder's fetch outlasted ``timeout_s`` (scope ``claim``).
+            Whatever ``fetch()`` raised, on the replica that ran it.
+        """
+        token = f"{self.owner}:{uuid.uuid4().hex[:12]}"
+        claim, result, channel = CLAIM_PREFIX + key, RESULT_PREFIX + key, DONE_PREFIX + key
+        lease_ms = max(1, int(self.lease_s * 1000))
+        deadline = time.monotonic() + timeout_s
+        drop = 0
+        self.link.listen(DONE_PREFIX + "*")
+        if not self.link.subscribed.is_set():  # at start: so no notice is missed
+            await wait_any(self.link.subscribed.wait(), SUBSCRIBE_WAIT_S)
+        try:
+            while True:
+                waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+                self._waiting[channel] = waiter
+                self.link.on_message(channel, self._notice)
+                (answer,) = await self.link.call((CLAIM, [claim, result], [token, lease_ms, drop]))
+                verdict = answer[0].decode()
+                if verdict == "result":
+                    if accept(answer[1]):
+                        return answer[1], True
+                    drop = 1
+                    continue
+                if verdict == "claimed":
+                    break
+                left = time.monotonic() - deadline
+                if left >= 0:
+                    raise LimitExceeded(
+                        "claim", 1.0, "another replica's fetch of this item is taking too long"
+                    )
+                holder_ms = max(0, int(answer[1]))
+                await wait_any(waiter, min(-left, holder_ms / 1000 + 0.02))
+        except StateUnavailable:
+            metrics.LIMITER_REJECTIONS.labels("state").inc()
+            raise LimitExceeded(
+                "state", 5.0, "the fleet's limiter state (Redis) cannot be reached"
+            ) from None
+        finally:
+            self._waiting.pop(channel, None)
+            self.link.off_message(channel)
+        return await self._fetch_as_owner(key, fetch, token, lease_ms), False
+
+    async def _fetch_as_owner(
+        self, key: str, fetch: Callable[[], Awaitable[bytes]], token: str, lease_ms: int
+    ) -> bytes:
+        claim, result, channel = CLAIM_PREFIX + key, RESULT_PREFIX + key, DONE_PREFIX + key
+        renewer = asyncio.ensure_future(self._renew(claim, token, lease_ms))
+        with self.link.holding():  # the fetch's bookkeeping rides with the result
+            try:
+                payload = await fetch()
+            except BaseException:
+                self.link.defer(GIVE_UP, [claim], [token, channel])
+                raise
+            finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+            # if Redis fails now, the waiters take the claim over once it expires
+            with contextlib.suppress(StateUnavailable):
+                await self.link.call(
+                    (FINISH, [claim, result], [token, payload, int(RESULT_TTL_S * 1000), channel])
+                )
+        return payload
+
+    async def _renew(self, claim: str, token: str, lease_ms: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            with contextlib.suppress(StateUnavailable):  # retried next round
+                await self.link.call((RENEW_CLAIM, [claim], [token, lease_ms]))

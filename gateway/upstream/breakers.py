@@ -25,16 +25,25 @@ It opens when
 Whether a call is refused is decided in one place (:meth:`Breakers._refusal`), for
 :meth:`Breakers.check` and for :meth:`Breakers.statuses` (``/readyz``, metrics), so what is
 reported is what is enforced. State is kept in the host's
-:class:`~gateway.upstream.buckets.SharedState`, so every worker process sees the same breakers.
+:class:`~gateway.upstream.buckets.SharedState`, so every worker process sees the same breakers
+(a fleet of replicas keeps the same state in Redis: :mod:`gateway.upstream.fleet`).
+
+Each breaker is stored in a versioned plain format, a JSON object
+``{"v": 1, "open_until": ..., "probe_until": ..., "open_s": ..., "failures": [...]}``
+(Unix seconds), never a pickled class: an entry that cannot be read (another version, a
+pickle stored by an older gateway, damage) counts as a closed breaker. Time comes from one
+injectable clock.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 
 from gateway.errors import BreakerOpen
+from gateway.storage.diskcaches import STORE_ERRORS
 from gateway.upstream.buckets import SharedState
 
 PROBE_TIMEOUT_S = 30.0
@@ -42,6 +51,9 @@ PROBE_TIMEOUT_S = 30.0
 
 BREAKER_PREFIX = "breaker/"
 """Start of every breaker key in the shared state (operation ids hold no ``/``)."""
+
+FORMAT_VERSION = 1
+"""Version of the stored breaker format (the ``v`` field)."""
 
 DEFAULT_MAX_OPEN_S = 3600.0
 """Longest a breaker stays open for one 429, seconds (``limits.max_retry_after_s``)."""
@@ -75,11 +87,36 @@ ORGANISATION = Scope("*")
 
 
 @dataclass(slots=True)
-class _State:
+class BreakerState:
+    """One breaker's state (Unix seconds); ``open_s`` is how long it was last opened for
+    (a failed probe reopens it as long)."""
+
     open_until: float = 0.0
     probe_until: float = 0.0
     failures: list[float] = field(default_factory=list)
-    open_s: float = 0.0  # how long it was last opened for; a failed probe reopens it as long
+    open_s: float = 0.0
+
+    def dump(self) -> str:
+        """The stored form: a JSON object with ``"v": FORMAT_VERSION``."""
+        return json.dumps({"v": FORMAT_VERSION, **asdict(self)}, separators=(",", ":"))
+
+    @classmethod
+    def load(cls, stored: object) -> BreakerState | None:
+        """The state in ``stored`` (see :meth:`dump`), or None when it cannot be read."""
+        if not isinstance(stored, str):
+            return None
+        try:
+            data = json.loads(stored)
+            if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
+                return None
+            return cls(
+                float(data["open_until"]),
+                float(data["probe_until"]),
+                [float(t) for t in data["failures"]],
+                float(data["open_s"]),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +138,7 @@ class Breakers:
         open_s: how long such a breaker stays open before a probe, seconds.
         max_open_s: the longest any breaker stays open, seconds: caps a 429's Retry-After,
             and any open time already stored (by an older gateway, or with a higher cap).
+        clock: Unix time source, seconds (tests pass their own).
     """
 
     def __init__(
@@ -110,25 +148,33 @@ class Breakers:
         window_s: float,
         open_s: float,
         max_open_s: float = DEFAULT_MAX_OPEN_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._cache = state.cache
+        self._clock = clock
         self.failure_threshold = failure_threshold
         self.window_s = window_s
         self.open_s = open_s
         self.max_open_s = max_open_s
 
-    def _get(self, scope: Scope) -> _State:
-        state = self._cache.get(scope.key)
-        if not isinstance(state, _State):
-            return _State()
+    def _read(self, key: str) -> BreakerState | None:
+        """The stored state under ``key``; None when absent or unreadable (closed)."""
         try:
-            state.open_s  # noqa: B018 - stored by a version without the field
-        except AttributeError:
-            state.open_s = 0.0
-        return state
+            stored = self._cache.get(key)
+        except STORE_ERRORS:
+            raise
+        except Exception:  # a pickle of a class that no longer exists: unreadable
+            return None
+        return BreakerState.load(stored)
+
+    def _get(self, scope: Scope) -> BreakerState:
+        return self._read(scope.key) or BreakerState()
+
+    def _put(self, scope: Scope, state: BreakerState, now: float) -> None:
+        self._cache.set(scope.key, state.dump(), expire=self._keep_s(state, now))
 
     @staticmethod
-    def _refusal(state: _State, now: float) -> tuple[str, float] | None:
+    def _refusal(state: BreakerState, now: float) -> tuple[str, float] | None:
         """``(state name, seconds until a call may go)`` when ``state`` refuses calls at
         ``now`` (``open``, or ``half-open`` with a probe in flight); None when one may go."""
         if state.open_until > now:
@@ -137,7 +183,7 @@ class Breakers:
             return "half-open", state.probe_until - now
         return None
 
-    def _capped(self, state: _State, now: float) -> bool:
+    def _capped(self, state: BreakerState, now: float) -> bool:
         """Hold an open time beyond ``now + max_open_s`` to it; True when it changed."""
         if state.open_until > now + self.max_open_s:
             state.open_until = now + self.max_open_s
@@ -158,11 +204,11 @@ class Breakers:
         probes: list[Scope] = []
         try:
             for scope in scopes:
-                if self._cache.get(scope.key) is None:
+                if self._read(scope.key) is None:
                     continue  # closed and clean: the common case, one read
                 with self._cache.transact(retry=True):
                     state = self._get(scope)
-                    now = time.time()
+                    now = self._clock()
                     changed = self._capped(state, now)
                     refusal = self._refusal(state, now)
                     if refusal is None and state.open_until:
@@ -170,7 +216,7 @@ class Breakers:
                         probes.append(scope)
                         changed = True
                     if changed:
-                        self._cache.set(scope.key, state, expire=self._keep_s(state, now))
+                        self._put(scope, state, now)
                 if refusal is not None:  # after the transaction: raising inside rolls it back
                     raise BreakerOpen(scope, refusal[1])
         except BaseException:
@@ -178,7 +224,7 @@ class Breakers:
             raise
         return probes
 
-    def _keep_s(self, state: _State, now: float) -> float:
+    def _keep_s(self, state: BreakerState, now: float) -> float:
         """How long the shared state keeps a breaker entry, seconds."""
         return max(state.open_until - now, 0.0) + max(self.window_s, self.open_s) * 4
 
@@ -201,7 +247,7 @@ class Breakers:
                 continue
             with self._cache.transact(retry=True):
                 state = self._get(scope)
-                now = time.time() if at is None else at
+                now = self._clock() if at is None else at
                 probing = bool(state.open_until) and state.open_until <= now
                 if probing:
                     state.open_s = state.open_s or self.open_s
@@ -214,7 +260,7 @@ class Breakers:
                         state.open_s, state.failures = self.open_s, []
                 else:
                     continue
-                self._cache.set(scope.key, state, expire=self._keep_s(state, now))
+                self._put(scope, state, now)
 
     def abandon(self, probes: Iterable[Scope]) -> None:
         """Give back probes that never reached the upstream, so the next call may probe."""
@@ -223,7 +269,7 @@ class Breakers:
                 state = self._get(scope)
                 if state.probe_until:
                     state.probe_until = 0.0
-                    self._cache.set(scope.key, state, expire=self._keep_s(state, time.time()))
+                    self._put(scope, state, self._clock())
 
     def open_for(self, scope: Scope, seconds: float, at: float | None = None) -> None:
         """Open ``scope`` for ``seconds`` (a 429's Retry-After) from Unix time ``at`` (when
@@ -232,21 +278,21 @@ class Breakers:
         seconds = min(max(seconds, 0.0), self.max_open_s)
         with self._cache.transact(retry=True):
             state = self._get(scope)
-            now = time.time() if at is None else at
+            now = self._clock() if at is None else at
             state.open_until = max(state.open_until, now + seconds)
             state.open_s, state.probe_until = seconds, 0.0
             self._capped(state, now)
-            self._cache.set(scope.key, state, expire=self._keep_s(state, now))
+            self._put(scope, state, now)
 
     def statuses(self) -> Iterator[BreakerStatus]:
         """Breakers that refuse calls now, open or half-open (for metrics and /readyz)."""
-        now = time.time()
+        now = self._clock()
         for key in list(self._cache.iterkeys()):
             if isinstance(key, str) and key.startswith(BREAKER_PREFIX):
-                stored = self._cache.get(key)
-                if not isinstance(stored, _State):
+                stored = self._read(key)
+                if stored is None:
                     continue
-                state = _State(stored.open_until, stored.probe_until)
+                state = BreakerState(stored.open_until, stored.probe_until)
                 self._capped(state, now)
                 refusal = self._refusal(state, now)
                 if refusal is not None:

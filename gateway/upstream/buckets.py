@@ -1,8 +1,9 @@
 """The upstream limiter: token buckets, a concurrency cap and a daily egress budget.
 
 All state lives in one diskcache directory (SQLite, process-safe), so the limits hold for the
-whole gateway on one host however many worker processes serve it. Each host of a multi-host
-deployment has its own state: give each host its share of the upstream's limits.
+whole gateway on one host however many worker processes serve it. Several replicas share the
+same state through Redis instead (:mod:`gateway.upstream.fleet`); both backends sit behind
+:class:`gateway.upstream.state.UpstreamState`.
 
 Token buckets use reservation (as in GCRA / nginx ``limit_req`` with ``delay``): a request
 takes its tokens at once, even if that drives the bucket below zero, and waits until the
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from gateway.clock import Clock, system_clock
 from gateway.errors import LimitExceeded  # defined with the other domain errors
 from gateway.storage.diskcaches import STORE_ERRORS, WriteHealth, open_diskcache
 
@@ -168,7 +170,7 @@ class TokenBuckets:
         clock: Unix time source, seconds (tests may pass their own).
     """
 
-    def __init__(self, state: SharedState, clock=time.time) -> None:
+    def __init__(self, state: SharedState, clock: Clock = system_clock) -> None:
         self._cache = state.cache
         self._clock = clock
 
@@ -236,8 +238,8 @@ class TokenBuckets:
         stored = self._cache.get(_bucket_key(bucket))
         if stored is None:
             return bucket.burst
-        tokens, stamp = stored
-        return min(bucket.burst, tokens + max(0.0, now - stamp) * bucket.rate)
+        tokens, stamp = stored  # diskcache's untyped value: (level, Unix time) floats
+        return min(bucket.burst, float(tokens) + max(0.0, now - float(stamp)) * bucket.rate)
 
     def level(self, bucket: Bucket) -> float:
         """Tokens available now (negative while reservations are queued)."""
@@ -286,7 +288,7 @@ class ConcurrencyCap:
     POLL_S = 0.02
 
     def __init__(
-        self, state: SharedState, limit: int, lease_s: float = LEASE_S, clock=time.time
+        self, state: SharedState, limit: int, lease_s: float = LEASE_S, clock: Clock = system_clock
     ) -> None:
         self._state = state
         self._cache = state.cache
@@ -413,15 +415,18 @@ class EgressBudget:
 
     Args:
         daily_bytes: the budget; 0 means no budget (still counted, for metrics).
+        clock: Unix time source, seconds (tests pass their own).
     """
 
-    def __init__(self, state: SharedState, daily_bytes: int) -> None:
+    def __init__(
+        self, state: SharedState, daily_bytes: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self._cache = state.cache
         self.daily_bytes = daily_bytes
+        self._clock = clock
 
-    @staticmethod
-    def _key() -> str:
-        return "egress/" + time.strftime("%Y-%m-%d", time.gmtime())
+    def _key(self) -> str:
+        return "egress/" + time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
 
     def spent(self) -> int:
         """Bytes received today (UTC)."""
@@ -437,7 +442,7 @@ class EgressBudget:
         """Raises LimitExceeded (scope ``budget``) once today's budget is spent."""
         remaining = self.remaining()
         if remaining is not None and remaining <= 0:
-            now = time.time()
+            now = self._clock()
             retry = 86400 - now % 86400  # until the next UTC midnight
             raise LimitExceeded("budget", retry, "the daily upstream egress budget is spent")
 

@@ -21,9 +21,12 @@ call, never per waiting request):
   answering; they count as a success for the breakers (a half-open probe closes).
 
 A success closes the call's breakers and resolves the alerts it disproves. A half-open probe
-that never reaches the upstream is given back (see :mod:`gateway.upstream.breakers`). Every
-shared-state transaction runs in the state's own I/O thread, never on the event loop; a 429's
-``Retry-After`` is capped at ``max_retry_after_s``.
+that never reaches the upstream is given back (see :mod:`gateway.upstream.breakers`). The
+budget, breakers, buckets and leases sit behind :class:`~gateway.upstream.state.UpstreamState`
+(the host's diskcache, or the fleet's Redis); operator alerts stay in the host's diskcache
+(one log line per change of state per host). A 429's ``Retry-After`` is capped at
+``max_retry_after_s``. When the state cannot be reached the call is refused (scope ``state``,
+503 with ``Retry-After``): a paid API is never called unaccounted.
 """
 
 from __future__ import annotations
@@ -38,19 +41,13 @@ from typing import Any
 import stamina
 
 from gateway import metrics
+from gateway.clock import Clock, system_clock
 from gateway.config.settings import LimitSettings
+from gateway.errors import LimitExceeded
 from gateway.storage.diskcaches import STORE_ERRORS
 from gateway.upstream.alerts import KEY_REFUSED, PAYMENT_REQUIRED, SCOPE_MISSING, Alerts
-from gateway.upstream.breakers import ORGANISATION, Breakers, Scope
-from gateway.upstream.buckets import (
-    Bucket,
-    ConcurrencyCap,
-    EgressBudget,
-    LimitExceeded,
-    Priority,
-    SharedState,
-    TokenBuckets,
-)
+from gateway.upstream.breakers import ORGANISATION, Scope
+from gateway.upstream.buckets import Bucket, Priority, SharedState
 from gateway.upstream.client import (
     OPERATION_SCOPES,
     GeoperaClient,
@@ -66,6 +63,8 @@ from gateway.upstream.client import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.upstream.local import LocalUpstreamState, bytes_bucket
+from gateway.upstream.state import UpstreamState
 
 log = logging.getLogger("gateway.guard")
 
@@ -96,34 +95,35 @@ class UpstreamGuard:
 
     Args:
         client: the Geopera client.
-        state: the host's shared limiter state.
+        state: the host's shared state (operator alerts; and the limiter unless ``limiter``).
         settings: the limits.
+        limiter: where budget, breakers, buckets and leases live (default: ``state``,
+            through :class:`~gateway.upstream.local.LocalUpstreamState`).
+        clock: Unix time, seconds, for that default limiter's breakers, buckets, budget and
+            leases (:mod:`gateway.clock`; the Redis backend times by Redis ``TIME``).
 
     Attributes:
         alerts: the host's operator alerts (:class:`~gateway.upstream.alerts.Alerts`).
+        limiter: the upstream state (:class:`~gateway.upstream.state.UpstreamState`).
     """
 
-    def __init__(self, client: GeoperaClient, state: SharedState, settings: LimitSettings) -> None:
+    def __init__(
+        self,
+        client: GeoperaClient,
+        state: SharedState,
+        settings: LimitSettings,
+        limiter: UpstreamState | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
         self.client = client
         self.settings = settings
         self.state = state
         self.alerts = Alerts(state)
-        self.buckets = TokenBuckets(state)
-        self.breakers = Breakers(
-            state,
-            settings.failure_threshold,
-            settings.failure_window_s,
-            settings.open_s,
-            max_open_s=settings.max_retry_after_s,
+        self.limiter = (
+            limiter if limiter is not None else LocalUpstreamState(state, settings, clock=clock)
         )
-        self.budget = EgressBudget(state, settings.daily_egress_bytes)
-        self.concurrency = ConcurrencyCap(state, settings.max_concurrent)
         self._local_slots = asyncio.Semaphore(settings.max_concurrent)
-        self._bytes = (
-            Bucket("bytes", "bytes", settings.bytes_per_s, max(settings.bytes_burst, 1.0))
-            if settings.bytes_per_s > 0
-            else None
-        )
+        self._bytes = bytes_bucket(settings)
 
     def _buckets(self, operation: str, asset: str) -> tuple[list[Bucket], list[float]]:
         """The buckets one call draws from, and what it takes from each up front.
@@ -153,8 +153,8 @@ class UpstreamGuard:
         """Budget, breakers, buckets and a concurrency lease; returns the lease and the
         breaker scopes this call probes (half-open), whose outcome the caller reports.
 
-        The shared-state work runs in the state's I/O thread (:meth:`SharedState.run`), so
-        the event loop keeps serving cache hits meanwhile.
+        The admission is one trip to the state (its I/O thread, or one Lua script in
+        Redis), so the event loop keeps serving cache hits meanwhile.
 
         Raises:
             LimitExceeded: as for :meth:`call`; scope ``state`` when the shared state cannot
@@ -166,27 +166,27 @@ class UpstreamGuard:
         slot = not self._local_slots.locked()
         if slot:
             await self._local_slots.acquire()  # free: returns at once
+        limiter = self.limiter
+        buckets, costs = self._buckets(operation, asset)
         try:
-            probes, wait, lease = await self.state.run_or_undo(
-                self._check_and_reserve,
-                operation,
-                asset,
+            admitted = await limiter.admit(
+                buckets,
+                costs,
+                _scopes(operation, asset),
                 priority,
-                deadline - started,
+                max(0.0, deadline - started),
                 slot,
-                undo=self._undo_admission,
             )
         except BaseException as exc:
             if slot:
                 self._local_slots.release()
             if isinstance(exc, LimitExceeded):
                 metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
-            elif isinstance(exc, STORE_ERRORS):
+            elif isinstance(exc, limiter.errors):
                 raise self._state_failed(exc) from None
             raise
-        if lease is not None:
-            self.concurrency.keep_renewed()
-        else:
+        probes, wait, lease = admitted.probes, admitted.wait_s, admitted.lease
+        if lease is None:
             if slot:
                 self._local_slots.release()  # not while waiting for tokens: others may go
             try:
@@ -197,47 +197,22 @@ class UpstreamGuard:
                 self._abandon(probes)
                 metrics.LIMITER_REJECTIONS.labels(exc.scope).inc()
                 raise
-            except STORE_ERRORS as exc:
+            except limiter.errors as exc:
                 self._abandon(probes)
                 raise self._state_failed(exc) from None
             except BaseException:
                 self._abandon(probes)
                 raise
-        self.state.health.succeeded()
+        limiter.health.succeeded()
         metrics.LIMITER_WAIT.labels(operation).observe(time.monotonic() - started)
         return lease, probes
-
-    def _check_and_reserve(
-        self, operation: str, asset: str, priority: Priority, max_wait_s: float, lease: bool
-    ) -> tuple[list[Scope], float, str | None]:
-        """In the state's I/O thread: the budget, the breakers (returns the scopes probed),
-        the token buckets (returns the wait for the tokens reserved, seconds) and, when
-        ``lease`` and no wait is needed, a concurrency lease (else None)."""
-        self.budget.check()
-        probes = self.breakers.check(_scopes(operation, asset))
-        try:
-            buckets, costs = self._buckets(operation, asset)
-            wait = self.buckets.reserve(buckets, costs, max(0.0, max_wait_s), priority)
-            held = self.concurrency.try_acquire(priority) if lease and wait <= 0 else None
-        except BaseException:
-            self.breakers.abandon(probes)
-            raise
-        return probes, wait, held
-
-    def _undo_admission(self, admitted: tuple[list[Scope], float, str | None]) -> None:
-        """In the state's I/O thread: give back what an admission took for a caller that
-        was cancelled meanwhile (its probes, its lease)."""
-        probes, _, lease = admitted
-        self.breakers.abandon(probes)
-        if lease is not None:
-            self.concurrency.release(lease)
 
     async def _acquire_slot(self, deadline: float, priority: Priority) -> str:
         """A slot of this process (held until :meth:`_release`), then a host-wide lease.
 
         This process's callers queue on a local semaphore of ``max_concurrent`` slots, so
         with one worker nobody polls the shared state for a lease; only leases held by other
-        worker processes make a caller poll.
+        worker processes (or replicas) make a caller poll.
 
         Raises:
             LimitExceeded: no slot before ``deadline`` (monotonic seconds).
@@ -250,28 +225,29 @@ class UpstreamGuard:
                 "concurrency", 1.0, "concurrency limit: every upstream slot is busy"
             ) from None
         try:
-            return await self.concurrency.acquire(max(0.0, deadline - time.monotonic()), priority)
+            return await self.limiter.acquire_lease(max(0.0, deadline - time.monotonic()), priority)
         except BaseException:
             self._local_slots.release()
             raise
 
     def _state_failed(self, exc: BaseException) -> LimitExceeded:
         """The refusal for a call whose limits cannot be checked (reported once per change)."""
-        self.state.health.failed(exc, "refusing upstream calls")
+        self.limiter.health.failed(exc, "refusing upstream calls")
         metrics.LIMITER_REJECTIONS.labels("state").inc()
+        where = "the fleet's" if self.limiter.kind == "redis" else "the host's"
         return LimitExceeded(
-            "state", STATE_RETRY_S, "the host's limiter state cannot be read or written"
+            "state", STATE_RETRY_S, f"{where} limiter state cannot be read or written"
         )
 
     def _abandon(self, probes: list[Scope]) -> None:
         if probes:
-            self.state.submit(self.breakers.abandon, probes)
+            self.limiter.abandon(probes)
 
     def _release(self, lease: str) -> None:
-        """Give back this call's slot: the local one now, the lease in the state's thread
-        (queued before any later acquisition, so the host-wide count never runs ahead)."""
+        """Give back this call's slot: the local one now, the lease queued in the state
+        (before any later acquisition, so the shared count never runs ahead)."""
         self._local_slots.release()
-        self.state.submit(self.concurrency.release, lease)
+        self.limiter.release(lease)
 
     async def call(
         self,
@@ -326,21 +302,20 @@ class UpstreamGuard:
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)
         if nbytes > 0:
             metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
-        self.state.submit(self._succeeded, operation, asset, nbytes)
+        self._succeeded(operation, asset, nbytes)
         return response
 
     def _succeeded(self, operation: str, asset: str, nbytes: int) -> None:
-        """In the state's I/O thread: close the call's breakers, resolve the alerts a
-        success disproves, count its bytes."""
-        self.breakers.record_success(_scopes(operation, asset))
-        self.alerts.resolve_after_success(OPERATION_SCOPES.get(operation))
-        self._account(nbytes)
+        """Queued: close the call's breakers and count its bytes (the state), resolve the
+        alerts a success disproves (the host's state, in its I/O thread)."""
+        self.limiter.succeeded(_scopes(operation, asset), nbytes)
+        self.state.submit(self.alerts.resolve_after_success, OPERATION_SCOPES.get(operation))
 
     async def _failed(self, operation: str, asset: str, exc: UpstreamError) -> None:
-        """Metrics, and the failure's bookkeeping in the state's I/O thread
-        (:meth:`_record_outcome`), waited for: the breakers are open and the operator alert
-        is logged before any client hears of the failure (failures are the rare path; a
-        success's bookkeeping is queued without waiting).
+        """Metrics, and the failure's bookkeeping (:meth:`_record_outcome`), waited for:
+        the breakers are open and the operator alert is logged before any client hears of
+        the failure (failures are the rare path; a success's bookkeeping is queued without
+        waiting).
 
         The exception is updated first, so the client is told what the breakers enforce: a
         429's Retry-After capped at ``max_retry_after_s``, a 402's pause of ``open_s``.
@@ -351,19 +326,22 @@ class UpstreamGuard:
         elif isinstance(exc, UpstreamPaymentRequired):
             exc.retry_after_s = self.settings.open_s
         try:  # stamped now: a Retry-After counts from the answer, not from the bookkeeping
-            await self.state.run(self._record_outcome, operation, asset, exc, time.time())
-        except STORE_ERRORS as exc_state:
-            self.state.health.failed(exc_state, "refusing upstream calls")
+            await self._record_outcome(operation, asset, exc, time.time())
+        except (*self.limiter.errors, *STORE_ERRORS) as exc_state:
+            self.limiter.health.failed(exc_state, "refusing upstream calls")
 
-    def _record_outcome(self, operation: str, asset: str, exc: UpstreamError, at: float) -> None:
-        """In the state's I/O thread: what a failed call does to the host's breakers and
-        alerts (the module docstring lists the rules), and one log line."""
+    async def _record_outcome(
+        self, operation: str, asset: str, exc: UpstreamError, at: float
+    ) -> None:
+        """What a failed call does to the breakers and the host's alerts (the module
+        docstring lists the rules), and one log line."""
         scopes = _scopes(operation, asset)
+        limiter = self.limiter
         if isinstance(exc, UpstreamRateLimited):
             scope = {"asset": scopes[2], "organisation": ORGANISATION}.get(exc.scope, scopes[1])
-            self.breakers.open_for(scope, exc.retry_after_s, at)
+            await limiter.open_for(scope, exc.retry_after_s, at)
             if scope is scopes[2]:
-                self.breakers.record_success(scopes[:2])  # the operation itself answered
+                await limiter.record_success(scopes[:2])  # the operation itself answered
             log.warning(
                 "upstream throttled %s (problem type %s): %s paused for %.0f s",
                 operation,
@@ -372,8 +350,9 @@ class UpstreamGuard:
                 exc.retry_after_s,
             )
         elif isinstance(exc, UpstreamPaymentRequired):
-            self.breakers.open_for(ORGANISATION, self.settings.open_s, at)
-            self.alerts.raise_alert(
+            await limiter.open_for(ORGANISATION, self.settings.open_s, at)
+            await self.state.run(
+                self.alerts.raise_alert,
                 PAYMENT_REQUIRED,
                 "",
                 f"UPSTREAM ANSWERED 402 PAYMENT REQUIRED ({operation}): the organisation's "
@@ -381,18 +360,19 @@ class UpstreamGuard:
                 f"is paused, {self.settings.open_s:g} s at a time, until it is settled",
             )
         elif isinstance(exc, UpstreamAuthError):
-            self.breakers.record_success(scopes)  # the upstream is up: the key is the fault
-            self._key_alert(operation, exc)
+            await limiter.record_success(scopes)  # the upstream is up: the key is the fault
+            await self.state.run(self._key_alert, operation, exc)
         elif isinstance(exc, RETRYABLE):
-            self.breakers.record_failure(scopes[1:], at)
+            await limiter.record_failure(scopes[1:], at)
             log.warning("upstream call failed: %s", exc)
         else:  # a considered 4xx answer, or an unusable 2xx: the upstream is up
             if not isinstance(exc, ANSWERED):
                 log.warning("upstream sent an unusable answer: %s", exc)
-            self.breakers.record_success(scopes)
+            await limiter.record_success(scopes)
 
     def _key_alert(self, operation: str, exc: UpstreamAuthError) -> None:
-        """The alert for a refused key (401) or a missing scope (403)."""
+        """The alert for a refused key (401) or a missing scope (403); in the host state's
+        I/O thread."""
         if exc.status == 401:
             self.alerts.raise_alert(
                 KEY_REFUSED,
@@ -409,17 +389,6 @@ class UpstreamGuard:
             f"grant the key {scope}, or set GEOPERA_API_KEY to a key that has it",
         )
 
-    def _account(self, nbytes: int) -> float:
-        """In the state's I/O thread: count ``nbytes`` of egress against the budget and the
-        bytes bucket (one transaction); returns the bucket's level after."""
-        if nbytes <= 0:
-            return 0.0
-        with self.state.cache.transact(retry=True):
-            self.budget.add(nbytes)
-            if self._bytes is not None:
-                return self.buckets.charge(self._bytes, float(nbytes))
-        return 0.0
-
     async def _received(self, operation: str, nbytes: int) -> float:
         """Count ``nbytes`` of streamed egress (budget, bytes bucket, metrics); returns how
         long the bytes bucket asks the reader to pause, seconds (0 when the state cannot
@@ -428,9 +397,9 @@ class UpstreamGuard:
             return 0.0
         metrics.UPSTREAM_BYTES.labels(operation).inc(nbytes)
         try:
-            level = await self.state.run(self._account, nbytes)
-        except STORE_ERRORS as exc:
-            self.state.health.failed(exc, "refusing upstream calls")
+            level = await self.limiter.account(nbytes)
+        except self.limiter.errors as exc:
+            self.limiter.health.failed(exc, "refusing upstream calls")
             return 0.0
         if self._bytes is None:
             return 0.0
@@ -484,6 +453,6 @@ class UpstreamGuard:
             raise
         finally:
             self._release(lease)
-        self.state.submit(self._succeeded, operation, asset, 0)
+        self._succeeded(operation, asset, 0)
         metrics.UPSTREAM_REQUESTS.labels(operation, "200").inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(time.perf_counter() - started)
