@@ -12,7 +12,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.emulator import FAULTS_KEY, LIMITS_KEY, Fault
-from gateway.http.keys import LAYERS, TILE_CACHE
+from gateway.http.keys import LAYERS, TILE_CACHE, TILE_SERVICE
 from gateway.logs import access_log_options
 from gateway.upstream.buckets import Bucket, LimitExceeded, Priority, SharedState, TokenBuckets
 from tests.conftest import DEFAULT_CONFIG, PLANTED_KEY, TOKENS, config_with
@@ -77,15 +77,16 @@ async def test_stale_if_error_serves_the_expired_tile(gateway_for, emulator, tmp
 async def test_stale_while_revalidate_serves_at_once_and_refreshes_once(
     gateway_for, start_upstream, tmp_path, clock
 ):
-    slow = await start_upstream(delay_ms=300)
+    slow = await start_upstream(delay_ms=2000)
     client = await gateway_for(slow, config=config_with(tmp_path, *SHORT_TTL), clock=clock)
     await client.get(OLINDA)
     clock.advance(1.1)
     started = time.monotonic()
     responses = await asyncio.gather(*(client.get(OLINDA) for _ in range(20)))
-    assert time.monotonic() - started < 0.3  # did not wait for the 300 ms upstream
+    assert time.monotonic() - started < 1.5  # did not wait for the 2 s upstream
     assert {r.headers["X-Cache"] for r in responses} == {"STALE"}
-    await asyncio.sleep(0.6)
+    async with asyncio.timeout(10):
+        await client.app[TILE_SERVICE].drain()  # the background refresh has stored its tile
     assert slow.renders() == 2  # exactly one background refresh
     refreshed = await client.get(OLINDA)
     assert refreshed.headers["X-Cache"] == "HIT"
@@ -276,16 +277,16 @@ async def test_misses_beyond_the_tile_creators_queue_without_claims_and_hits_go_
     tile-creator queue holding nothing (no cross-worker claim, so another worker is never
     held up by a miss this one has not started), one that waits past ``max_wait_s`` is a
     503 with Retry-After, and a cache hit is answered at once meanwhile."""
-    slow = await start_upstream(delay_ms=700)
+    slow = await start_upstream(delay_ms=1500)
     config = config_with(
         tmp_path,
         ("max_concurrent = 16", "max_concurrent = 1"),
-        ("max_wait_s = 10.0", "max_wait_s = 1.0"),
+        ("max_wait_s = 10.0", "max_wait_s = 2.0"),
     )
     client = await gateway_for(slow, config=config)
     assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
     misses = [asyncio.ensure_future(client.get(p)) for p in OLINDA_TILES[:3]]
-    await asyncio.sleep(0.3)  # the first miss is upstream, the other two queue
+    await asyncio.sleep(0.3)  # the first miss is upstream (for 1.5 s), the other two queue
     cache, layer = client.app[TILE_CACHE], client.app[LAYERS]["olinda"]
     keys = [layer.cache_key(*_zxy(p), 1, "png") for p in OLINDA_TILES]
     claimed = await cache.run(lambda: [k for k in keys if cache.claimed(k)])
@@ -293,7 +294,7 @@ async def test_misses_beyond_the_tile_creators_queue_without_claims_and_hits_go_
     started = time.monotonic()
     hit = await client.get(OLINDA)
     assert hit.headers["X-Cache"] == "HIT"
-    assert time.monotonic() - started < 0.3
+    assert time.monotonic() - started < 0.75  # not behind the queue (1.5 s per miss)
     responses = await asyncio.gather(*misses)
     assert sorted(r.status for r in responses) == [200, 200, 503]
     refused = next(r for r in responses if r.status == 503)
