@@ -21,6 +21,7 @@ from gateway.http.keys import (
     CLOCK,
     DOWNLOAD_SERVICE,
     DOWNLOAD_STORE,
+    FLEET_PURGES,
     GUARD,
     JOB_LISTING,
     LAYERS,
@@ -33,6 +34,7 @@ from gateway.http.keys import (
 from gateway.http.middleware import common_headers, gateway_middleware
 from gateway.http.policy import ROUTE_POLICIES
 from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
+from gateway.seed.fleet import FleetPurges
 from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
 from gateway.services.listing import JobListing
@@ -147,7 +149,31 @@ async def _source_check(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(checking, return_exceptions=True)
 
 
-RESOURCES = (_interrupted_transfers, _tile_stack, _download_store, _download_service, _source_check)
+async def _fleet_purges(app: web.Application) -> AsyncIterator[None]:
+    """With ``[state] redis_url``: purges announced to the other replicas, and theirs applied
+    here in the background (:mod:`gateway.seed.fleet`)."""
+    fleet = app[TILE_SERVICE].fleet
+    if fleet is None:
+        yield
+        return
+    purges = FleetPurges(fleet.link, app[TILE_CACHE], app[LAYERS])
+    app[FLEET_PURGES] = purges
+    follower = asyncio.ensure_future(purges.follow())
+    try:
+        yield
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
+RESOURCES = (
+    _interrupted_transfers,
+    _tile_stack,
+    _fleet_purges,
+    _download_store,
+    _download_service,
+    _source_check,
+)
 """The app's cleanup contexts, one per resource, in start-up order. aiohttp closes those
 that started, in reverse order, and never one whose start-up failed (web_advanced.rst,
 "Cleanup Context"), so a failed start leaves nothing open."""

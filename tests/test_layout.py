@@ -37,13 +37,16 @@ ALLOWED: dict[str, frozenset[str]] = {
     "discovery": frozenset({"leaf", "config", "discovery"}),
     "services": frozenset({"leaf", "config", "storage", "upstream", "services"}),
     "seed": frozenset({"leaf", "config", "storage", "upstream", "services", "discovery", "seed"}),
-    "http": frozenset({"leaf", "config", "storage", "upstream", "services", "discovery", "http"}),
+    "http": frozenset(
+        {"leaf", "config", "storage", "upstream", "services", "discovery", "seed", "http"}
+    ),
     # route modules never import each other: what several share lives in http/
     "routes": frozenset(
         {"leaf", "config", "storage", "upstream", "services", "discovery", "http", "seed"}
     ),
     "app": frozenset(
-        {"leaf", "config", "storage", "upstream", "services", "discovery", "http", "routes"}
+        {"leaf", "config", "storage", "upstream", "services", "discovery", "seed", "http"}
+        | {"routes"}
     ),
     "cli": frozenset(
         {"leaf", "config", "storage", "upstream", "services", "discovery", "http", "routes"}

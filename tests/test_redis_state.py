@@ -11,12 +11,14 @@ import time
 
 import pytest
 
+from gateway.cli.main import main
 from gateway.config.settings import LimitSettings, StateSettings
 from gateway.errors import BreakerOpen, LimitExceeded
 from gateway.http.callers import CallerRateLimit
-from gateway.http.keys import TILE_SERVICE
+from gateway.http.keys import LAYERS, TILE_CACHE, TILE_SERVICE
 from gateway.http.problem import Problem
 from gateway.secrets import Secret
+from gateway.seed.fleet import STREAM
 from gateway.storage.coalesce import FleetFlight
 from gateway.storage.redis_link import RedisLink, StateUnavailable
 from gateway.upstream.breakers import Breakers, BreakerState, Scope
@@ -248,6 +250,63 @@ async def test_a_cache_miss_costs_at_most_three_round_trips_and_a_hit_none(
         hit = await client.get(OLINDA)
         assert hit.headers["X-Cache"] == "HIT"
     assert link.round_trips == before
+
+
+async def test_a_purge_on_one_replica_reaches_the_others(
+    gateway_for, emulator, redis_server, tmp_path
+):
+    """Two replicas with their own caches: a purge of one zoom on replica A empties it on B
+    within about a second (B fetches it again), and leaves B's other tiles cached."""
+    config = config_with(
+        tmp_path,
+        ('rate_limit = "200/second"', 'rate_limit = "off"'),
+        append=f'[state]\nredis_url = "{redis_server.url}"\n',
+    )
+    a = await gateway_for(emulator, token="admin", config=config, cache_dir=tmp_path / "a")
+    b = await gateway_for(emulator, token="tiles", config=config, cache_dir=tmp_path / "b")
+    other = "/tiles/olinda/14/6604/8556.png"
+    for path in (OLINDA, other):
+        assert (await b.get(path)).status == 200  # B fetches; A is not asked
+    assert (await b.get(OLINDA)).headers["X-Cache"] == "HIT"
+    purge = await a.post("/admin/purge", json={"layer": "olinda", "zoom": "13"})
+    assert purge.status == 200
+    assert (await purge.json())["fleet"] is True
+    cache = b.app[TILE_CACHE]
+    key = b.app[LAYERS]["olinda"].cache_key(13, 3302, 4278, 1, "png")
+    async with asyncio.timeout(5):
+        while cache.get(key) is not None:  # noqa: ASYNC110 - B's follower runs on its own
+            await asyncio.sleep(0.05)
+    renders = emulator.renders()
+    again = await b.get(OLINDA)
+    assert again.headers["X-Cache"] == "MISS"
+    assert emulator.renders() == renders + 1
+    assert (await b.get(other)).headers["X-Cache"] == "HIT"  # zoom 14 was not purged
+
+
+def test_the_purge_command_announces_to_the_fleet_and_says_when_it_cannot(
+    redis_server, tmp_path, capsys
+):
+    config = config_with(tmp_path, append=f'[state]\nredis_url = "{redis_server.url}"\n')
+    args = ["purge", "--config", str(config), "--layer", "olinda", "--zoom", "12-14"]
+    assert main(args) == 0
+    assert "announced to the other replicas" in capsys.readouterr().out
+
+    async def newest() -> dict[bytes, bytes]:
+        link = RedisLink(Secret(redis_server.url), None)
+        try:
+            [(_id, fields)] = await link.command("XREVRANGE", STREAM, "+", "-", "COUNT", 1)
+        finally:
+            await link.aclose()
+        return dict(fields)
+
+    fields = asyncio.run(newest())
+    assert fields[b"layer"] == b"olinda"
+    assert fields[b"zoom"] == b"12-14"
+    down = config_with(tmp_path, append='[state]\nredis_url = "redis://127.0.0.1:9/0"\n')
+    assert main([*args[:2], str(down), *args[3:]]) == 1  # purged here, not announced
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "other replicas did not get this purge" in err[0]
 
 
 # --------------------------------------------------------------------------- local breakers

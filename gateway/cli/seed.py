@@ -24,15 +24,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gateway.config.settings import Settings, load_settings
 from gateway.humanize import human_bytes
-from gateway.layers import Layer
+from gateway.layers import Bounds, Layer
 from gateway.seed.area import AreaError, parse_bbox, parse_formats, parse_zoom
 from gateway.seed.estimate import dry_run
 from gateway.seed.export import Exporter, MBTilesWriter, mbtiles_metadata
+from gateway.seed.fleet import FleetPurges
 from gateway.seed.plan import SeedPlan
 from gateway.seed.purge import purge_tiles
 from gateway.seed.resume import ResumeError, ResumeState
 from gateway.seed.runner import Outcome, Seeder, SeedSummary
 from gateway.services.tiles import TileAddress
+from gateway.storage.redis_link import RedisLink, StateUnavailable
 from gateway.storage.tiles import TileCache
 
 EXIT_INTERRUPTED = 130
@@ -318,6 +320,7 @@ def run_purge(args: argparse.Namespace) -> int:
     cache = TileCache(settings.cache.directory, settings.cache.size_limit_bytes, 0)
     try:
         removed = purge_tiles(cache, layer.name, bbox, zooms)
+        fleet = _announce_purge(settings, cache, layer.name, bbox, zooms)
     finally:
         cache.close()
     scope = []
@@ -327,7 +330,49 @@ def run_purge(args: argparse.Namespace) -> int:
         scope.append("bbox " + ",".join(f"{v:g}" for v in bbox))
     where = f" ({', '.join(scope)})" if scope else " (all zooms and places)"
     print(f"removed {removed} cached tiles of layer {layer.name}{where}")
+    if fleet is False:
+        print(
+            "purge: Redis cannot be reached, so the other replicas did not get this purge; "
+            "run it again once Redis is back",
+            file=sys.stderr,
+        )
+        return 1
+    if fleet:
+        print("announced to the other replicas (they purge within about a second)")
     return 0
+
+
+def _announce_purge(
+    settings: Settings,
+    cache: TileCache,
+    layer: str,
+    bbox: Bounds | None,
+    zooms: tuple[int, int] | None,
+) -> bool | None:
+    """With ``[state] redis_url``, announce the purge to the fleet (:mod:`gateway.seed.fleet`):
+    True when announced, False when Redis cannot be reached; None without a fleet."""
+    url, password = settings.state.redis_url, settings.state.password
+    if url is None:
+        return None
+
+    async def announce() -> None:
+        link = RedisLink(url, password)
+        try:
+            await FleetPurges(link, cache, settings.layers).announce(layer, bbox, zooms)
+        finally:
+            await link.aclose()
+
+    # the link's own outage line speaks of a serving replica; the command says it in one line
+    link_log = logging.getLogger("gateway.redis")
+    level = link_log.level
+    link_log.setLevel(logging.CRITICAL)
+    try:
+        asyncio.run(announce())
+    except StateUnavailable:
+        return False
+    finally:
+        link_log.setLevel(level)
+    return True
 
 
 def _note_clipped(plan: SeedPlan, zooms: tuple[int, int]) -> None:

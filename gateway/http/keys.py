@@ -10,6 +10,7 @@ from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
 from gateway.http.callers import CallerRateLimit
 from gateway.layers import Layer
+from gateway.seed.fleet import FleetPurges
 from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
 from gateway.services.listing import JobListing
@@ -39,3 +40,5 @@ DOWNLOAD_SERVICE = web.AppKey("download_service", DownloadService)
 CLIP_LAYERS = web.AppKey("clip_layers", ClipLayers)
 JOB_LISTING = web.AppKey("job_listing", JobListing)
 """Present only when ``downloads.organization_id`` is configured."""
+FLEET_PURGES = web.AppKey("fleet_purges", FleetPurges)
+"""Purges shared with the other replicas (only with ``[state] redis_url``)."""

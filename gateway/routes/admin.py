@@ -5,6 +5,9 @@
 wins), removes the layer's cached tiles (all, or those overlapping ``bbox`` within ``zoom``;
 every scale and format) and answers ``200 {"layer": name, "removed": n}``. Every worker's
 memory tier drops its copies within about a second (:meth:`gateway.storage.tiles.TileCache.purge`).
+With ``[state] redis_url`` the purge is also announced to the other replicas, which purge
+their own caches within about a second (:mod:`gateway.seed.fleet`); the answer then carries
+``"fleet": true``, or ``false`` when Redis could not be reached (the purge stayed here).
 It never calls the upstream.
 
 Errors (problem+json): 401 without a valid token, 403 without the ``admin`` scope, 400 for a
@@ -14,15 +17,19 @@ body that is not a JSON object, a missing or unknown layer, or a malformed bbox 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
 
-from gateway.http.keys import AUTH, LAYERS, TILE_CACHE
+from gateway.http.keys import AUTH, FLEET_PURGES, LAYERS, TILE_CACHE
 from gateway.http.policy import add_post
 from gateway.http.problem import bad_request
 from gateway.seed.area import AreaError, parse_bbox, parse_zoom
 from gateway.seed.purge import purge_tiles_async
+from gateway.storage.redis_link import StateUnavailable
+
+log = logging.getLogger("gateway.admin")
 
 
 async def _parameters(request: web.Request) -> dict[str, Any]:
@@ -84,7 +91,16 @@ async def purge(request: web.Request) -> web.Response:
     except AreaError as exc:
         raise bad_request(f"{exc}.", "invalid-zoom") from None
     removed = await purge_tiles_async(request.app[TILE_CACHE], layer.name, bbox, zooms)
-    return web.json_response({"layer": layer.name, "removed": removed})
+    answer: dict[str, object] = {"layer": layer.name, "removed": removed}
+    fleet = request.app.get(FLEET_PURGES)
+    if fleet is not None:  # the other replicas purge their own caches within about a second
+        try:
+            await fleet.announce(layer.name, bbox, zooms)
+            answer["fleet"] = True
+        except StateUnavailable:
+            log.warning("purge of layer %s stayed on this replica: Redis unreachable", layer.name)
+            answer["fleet"] = False
+    return web.json_response(answer)
 
 
 def add_routes(app: web.Application) -> None:

@@ -349,6 +349,23 @@ class TileCache:
                 merged[layer] = max(when, merged.get(layer, 0.0))
             self._disk.set(PURGES_KEY, merged)
 
+    def read_note(self, name: str) -> str | None:
+        """A short text this host keeps beside its tiles (``meta/<name>``), or None; disk
+        only, safe in any thread. None too when the disk cannot answer."""
+        try:
+            value = self._disk.get("meta/" + name)
+        except STORE_ERRORS:
+            return None
+        return value if isinstance(value, str) else None
+
+    def write_note(self, name: str, text: str) -> None:
+        """Keep ``text`` as the note ``name`` (see :meth:`read_note`); best effort: a disk
+        that cannot write is reported through ``health``, never raised."""
+        try:
+            self._disk.set("meta/" + name, text)
+        except STORE_ERRORS as exc:
+            self.health.failed(exc, "serving tiles uncached")
+
     def keys(self, prefix: str) -> Iterator[str]:
         """Disk-tier keys starting with ``prefix`` (a scan of every key: admin use only)."""
         for key in self._disk.iterkeys():
