@@ -99,6 +99,9 @@ COLDMISS_RUNS = 3
 COLDMISS_CONNECT_CONCURRENCY = 50
 COLDMISS_TIMEOUT_S = 30.0
 
+PROFILE_RATE_HZ = 250
+"""py-spy's sampling rate for ``--profile``, samples per second."""
+
 HIT_RPS_TARGET = 10_000.0
 HIT_P99_TARGET_MS = 10.0
 COLDMISS_SLACK_MS = 30.0
@@ -294,6 +297,55 @@ def run_wrk(
         summary=json.loads(line.split(" ", 1)[1]),
         upstream_calls=calls_after - calls_before,
         cpu=harness.cpu_usage(before, after, exclude=[popen.pid]),
+    )
+
+
+def profile_hits(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    gateway: harness.Server,
+    gateway_url: str,
+    paths_file: Path,
+    wrk_cpu: int | None,
+    emulator_url: str,
+) -> None:
+    """One extra wrk run of ``args.duration`` s (not counted) while py-spy samples the
+    gateway (``--nonblocking``: it never stops the process; ``--subprocesses`` for workers)
+    and writes a flame graph to ``args.profile``. py-spy runs on wrk's CPU.
+
+    Raises:
+        BenchError: py-spy is missing or wrote no flame graph.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise harness.BenchError("--profile: py-spy not found (pip install -e '.[dev]')")
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    argv = [spy, "record", "--nonblocking", "--rate", str(PROFILE_RATE_HZ), "--subprocesses"]
+    argv += ["-d", str(args.duration + 1), "-o", str(args.profile), "-p", str(gateway.pid)]
+    spy_popen = procs.start("py-spy", argv, cpu=wrk_cpu)
+    time.sleep(0.5)  # py-spy attaches
+    run = run_wrk(
+        procs,
+        gateway_url,
+        paths_file,
+        args.duration,
+        args.connections,
+        wrk_cpu,
+        gateway.pid,
+        emulator_url,
+    )
+    try:
+        spy_popen.wait(timeout=args.duration + 30)
+    except subprocess.TimeoutExpired:
+        raise harness.BenchError("--profile: py-spy did not finish") from None
+    finally:
+        procs.stop(spy_popen)
+    if not args.profile.exists():
+        raise harness.BenchError(f"--profile: py-spy wrote no {args.profile}")
+    print(
+        f"profiled run (not counted, py-spy at {PROFILE_RATE_HZ} Hz): {run.rps:,.0f} req/s, "
+        f"p99 {run.ms('p99'):.2f} ms; flame graph: {args.profile}",
+        flush=True,
     )
 
 
@@ -680,6 +732,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, cache)")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="SVG",
+        help="after the recorded HIT runs, one more wrk run (not counted) while py-spy "
+        "records the gateway's flame graph into SVG (py-spy comes with the dev extras)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         help="keep the gateway's access log on (default: off, like the anchors)",
@@ -829,6 +888,8 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
         )
         runs.append(run)
         procs.check_alive(gateway)
+    if args.profile is not None:
+        profile_hits(args, procs, gateway, gateway_url, paths_file, wrk_cpu, emulator_url)
     upstream_in_runs = sum(r.upstream_calls for r in runs)
     if upstream_in_runs:
         problems.append(f"HIT runs: {upstream_in_runs} upstream calls (expected 0)")

@@ -13,7 +13,6 @@ from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
 from gateway.http.callers import CallerRateLimit
-from gateway.http.cors import cors_middleware
 from gateway.http.keys import (
     AUTH,
     CALLER_LIMITS,
@@ -52,9 +51,8 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     context each (:data:`RESOURCES`), so one app owns one connection pool and one handle on
     each store, and a start that fails part-way closes exactly what had started.
     """
-    app = web.Application(
-        middlewares=[cors_middleware, gateway_middleware], client_max_size=1 << 20
-    )
+    # one middleware: CORS runs inside it (each middleware layer costs every request)
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[LAYERS] = settings.layers

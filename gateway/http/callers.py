@@ -5,7 +5,9 @@ The caller is the socket's peer address, or the first untrusted address in
 ``X-Forwarded-For`` when the peer is one of ``server.trusted_proxies`` (walking the header
 from the right, as RFC 7239 section 5.2 advises for the similar ``Forwarded`` header).
 
-The limit is a moving window per caller (the ``limits`` library, in process memory): one
+The limit is a sliding window per caller (the ``limits`` library's sliding window counter,
+in process memory: two counters per caller, the current window's and the previous one's
+weighted by how much of it still overlaps, so a check is O(1) whatever the rate): one
 runaway script gets 429 with ``Retry-After`` and ``RateLimit-*`` headers
 (draft-ietf-httpapi-ratelimit-headers) instead of spending everyone's upstream budget. It is
 enforced per worker process.
@@ -50,7 +52,7 @@ def caller_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
 
 
 class CallerRateLimit:
-    """A moving-window request limit per caller key (a caller address or ``token:<name>``).
+    """A sliding-window request limit per caller key (a caller address or ``token:<name>``).
 
     Args:
         rate: a ``limits`` rate string such as ``"100/second"`` or ``"5000/minute"``.
@@ -61,7 +63,8 @@ class CallerRateLimit:
 
     def __init__(self, rate: str) -> None:
         self.item: RateLimitItem = parse(rate)
-        self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        # O(1) per check: the moving window keeps one entry per request in the window
+        self._limiter = strategies.SlidingWindowCounterRateLimiter(storage.MemoryStorage())
         self._policy = f"{self.item.amount};w={self.item.get_expiry()}"
 
     def check(self, key: str) -> dict[str, str]:

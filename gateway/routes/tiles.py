@@ -26,16 +26,15 @@ from gateway.http.problem import not_found
 async def layer_tile(request: web.Request) -> web.Response:
     """``GET /tiles/{layer}/{z}/{x}/{y}[@2x].{fmt}``."""
     info = request.match_info
-    layer = request.app[LAYERS].get(info["layer"])
+    app = request.app
+    layer = app[LAYERS].get(info["layer"])
     if layer is None:
         raise not_found(
             f"No layer named {info['layer'][:64]!r}; GET /layers lists them.", "unknown-layer"
         )
-    request.app[AUTH].authorize(request, "tiles", layer)
+    app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return tile_response(
-        request, await request.app[TILE_SERVICE].get(address), private=not layer.public
-    )
+    return tile_response(request, await app[TILE_SERVICE].get(address), private=not layer.public)
 
 
 async def default_tile(request: web.Request) -> web.Response:

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mercantile
 
@@ -92,11 +92,12 @@ class TileAddress:
     y: int
     scale: int
     fmt: str
+    key: str = field(init=False, repr=False, compare=False)
+    """The cache key of this tile (:meth:`~gateway.layers.Layer.cache_key`), made once."""
 
-    @property
-    def key(self) -> str:
-        """The cache key of this tile."""
-        return self.layer.cache_key(self.z, self.x, self.y, self.scale, self.fmt)
+    def __post_init__(self) -> None:
+        key = self.layer.cache_key(self.z, self.x, self.y, self.scale, self.fmt)
+        object.__setattr__(self, "key", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,18 +158,19 @@ class TileService:
                 stale entry covers, with ``subject`` naming the layer.
         """
         result = await self._get(address, priority)
-        metrics.CACHE_LOOKUP[result.cache_status].inc()
-        if result.cache_status != "MISS":
+        status = result.cache_status
+        metrics.CACHE_LOOKUP[status].inc()
+        if status != "MISS":
             metrics.UPSTREAM_SAVED.inc()
         return result
 
     async def _get(self, address: TileAddress, priority: Priority) -> TileResult:
-        layer = address.layer
         key = address.key
-        tile = self.cache.get_memory(key)
+        tile = self.cache.get_memory(key)  # the hot path: one memory lookup, nothing else
         now = self.clock()
-        if tile is not None and tile.is_fresh(now):  # the hot path: only covered tiles are cached
+        if tile is not None and now < tile.fresh_until:  # only covered tiles are cached
             return TileResult(tile, "EMPTY" if tile.empty else "HIT")
+        layer = address.layer
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         if tile is None and not self._flights.in_flight(key):
