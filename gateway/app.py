@@ -29,7 +29,7 @@ from gateway.http.keys import (
     TILE_SERVICE,
     UPSTREAM,
 )
-from gateway.http.middleware import common_headers, gateway_middleware
+from gateway.http.middleware import common_headers, common_headers_only, gateway_middleware
 from gateway.http.policy import ROUTE_POLICIES
 from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
 from gateway.services.clips import ClipLayers
@@ -62,7 +62,7 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
         limits["default"] = CallerRateLimit(settings.clients.rate_limit)
     app[CALLER_LIMITS] = limits
     app[ROUTE_POLICIES] = {}  # each route module declares its routes' policies
-    app.on_response_prepare.append(common_headers)
+    app.on_response_prepare.append(common_headers if limits else common_headers_only)
     app.cleanup_ctx.extend(RESOURCES)
     app.on_shutdown.append(_stop_transfers)
     clips.add_routes(app)  # before tiles: /tiles/clips/{job}/{mosaic}/tilejson.json

@@ -67,6 +67,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     streamed ones included.
     """
     started = perf_counter()
+    # set up front: a key that is absent costs every later lookup a KeyError inside
+    # ``request.get`` (here, and in the access log)
+    request[CLIENT_GONE_KEY] = False
     matched = request.match_info.route
     observe = metrics.route_observer(matched.name or "unmatched")
     policy = request.app[ROUTE_POLICIES].get(matched.resource, OPEN)
@@ -116,6 +119,14 @@ async def common_headers(request: web.Request, response: web.StreamResponse) -> 
     rate_headers = request.get(RATE_HEADERS_KEY)
     if rate_headers is not None:
         headers.update(rate_headers)
+
+
+async def common_headers_only(request: web.Request, response: web.StreamResponse) -> None:
+    """:func:`common_headers` for an app without caller limits (no ``RateLimit-*`` header
+    can be due, so none is looked for)."""
+    headers = response.headers
+    if _NOSNIFF not in headers:
+        headers.update(COMMON_HEADERS)
 
 
 def _check_caller_limit(request: web.Request) -> None:
