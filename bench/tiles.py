@@ -64,7 +64,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,8 @@ class WrkRun:
     summary: dict[str, Any]
     upstream_calls: int
     cpu: harness.CpuUsage
-    """CPU during the run: group ``gateway`` (its processes), wrk as the ended child."""
+    """CPU during the run: group ``gateway`` (the measured server's processes: the gateway,
+    or an anchor), wrk as the ended child."""
 
     @property
     def seconds(self) -> float:
@@ -257,10 +258,12 @@ def run_wrk(
     connections: int,
     cpu: int | None,
     gateway_pid: int,
-    emulator_url: str,
+    emulator_url: str | Callable[[], int],
 ) -> WrkRun:
     """Run wrk once with :data:`LUA` over ``paths_file`` for ``duration_s`` seconds (pinned
-    to CPU ``cpu`` when given); measure CPU and upstream calls.
+    to CPU ``cpu`` when given); measure CPU (of ``gateway_pid`` and its descendants: the
+    measured server) and upstream calls (the emulator's renders at ``emulator_url``, or
+    what that callable counts).
 
     Raises:
         BenchError: wrk failed or printed no summary.
@@ -279,7 +282,8 @@ def run_wrk(
         str(paths_file),
     ]
     groups = {"gateway": harness.process_tree(gateway_pid)}
-    calls_before = upstream_renders(emulator_url)
+    count = emulator_url if callable(emulator_url) else lambda: upstream_renders(emulator_url)
+    calls_before = count()
     before = harness.cpu_snapshot(groups, machine=True)
     popen = procs.start("wrk", argv, cpu=cpu, output="text")
     try:
@@ -289,7 +293,7 @@ def run_wrk(
     finally:
         procs.stop(popen)
     after = harness.cpu_snapshot(groups, machine=True)
-    calls_after = upstream_renders(emulator_url)
+    calls_after = count()
     line = next((ln for ln in out.splitlines() if ln.startswith("TILES_BENCH_JSON ")), None)
     if popen.returncode != 0 or line is None:
         raise harness.BenchError(f"wrk failed (exit {popen.returncode}):\n{out}\n{err}")
@@ -764,6 +768,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "this gateway as an --ext target, same duration and runs; takes minutes",
     )
     parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="instead of the emulator run: cache hits side by side with the anchors' nginx "
+        "(worker_processes 1) and the bare aiohttp ceiling, in front of the anchors' upstream, "
+        "for each --compare-sizes; one table (bench/compare.py); a few minutes",
+    )
+    parser.add_argument(
+        "--compare-sizes",
+        default="20480,81920",
+        metavar="BYTES,...",
+        help="tile sizes for --compare, bytes (default 20480,81920: the anchors' tile and "
+        "real imagery)",
+    )
+    parser.add_argument(
         "--anchors-dir",
         type=Path,
         default=DEFAULT_ANCHORS_DIR,
@@ -929,6 +947,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.anchors:
             run_anchors(args, procs)
 
+    if args.compare:
+        import compare  # bench/compare.py, next to this script
+
+        return harness.run_main("bench/tiles.py --compare", "geopera-bench-", args, compare.compare)
     return harness.run_main("bench/tiles.py", "geopera-bench-", args, benchmark, after=anchors)
 
 
