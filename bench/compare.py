@@ -114,6 +114,8 @@ def start_nginx(
 ) -> harness.Server:
     """The anchors' nginx (``worker_processes 1``) in ``run_dir``, in front of the upstream."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    # the workers run as nobody: they must reach run_dir (the scratch dir is 0700)
+    run_dir.parent.chmod(0o711)
     for sub in ("cache", "tmp"):
         (run_dir / sub).mkdir(parents=True)
         shutil.chown(run_dir / sub, "nobody", "nogroup")  # the workers run as nobody
