@@ -23,7 +23,10 @@ pinned), then each target in turn, pinned to CPU 0 with wrk on CPU 1 (``--no-pin
    so wrk, one client, is never refused but every request is counted);
 5. only when 1,000 tiles of that size do not fit in the default 64 MiB memory tier:
    ``gateway, anchors' settings, memory tier 256 MiB``, which holds them (as nginx's page
-   cache holds its cache files), to show what the memory tier's size costs.
+   cache holds its cache files), to show what the memory tier's size costs;
+6. with ``--compare-baseline DIR``: the ``gateway`` package of the source tree ``DIR``
+   (another version: ``git archive main | tar -x -C DIR``), anchors' settings, for an A/B
+   in the same run.
 
 Each target warms the 1,000 z12 tiles of the anchors (x 2000-2039, y 1300-1324), 32 at a
 time (proxies: exactly 1,000 upstream calls), a second pass must make no upstream call, then
@@ -64,8 +67,10 @@ CEILING = "aiohttp ceiling (memory, uvloop)"
 GATEWAY = "gateway, anchors' settings"
 AS_SHIPPED = "gateway, as shipped (access log, client limit)"
 BIG_MEMORY = f"gateway, anchors' settings, memory tier {BIG_MEMORY_BYTES >> 20} MiB"
+BASELINE = "baseline gateway (--compare-baseline), anchors' settings"
 GATEWAY_CONFIGS: dict[str, dict[str, object]] = {
     GATEWAY: {},
+    BASELINE: {},
     AS_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
     BIG_MEMORY: {"memory_bytes": BIG_MEMORY_BYTES},
 }
@@ -155,12 +160,16 @@ def start_gateway(
     scratch: Path,
     cpu: int | None,
     workers: int,
+    source: Path | None = None,
     **config: object,
 ) -> harness.Server:
     """The gateway with ``bench/anchor_target.py``'s config (plus ``config``) in front of
-    the anchors' upstream."""
+    the anchors' upstream; with ``source``, the ``gateway`` package of that source tree
+    (another version, e.g. ``git archive main | tar -x -C DIR``) instead of this one."""
     env = harness.gateway_env()
     path = anchor_target.write_config(upstream_url, scratch, env, **config)  # type: ignore[arg-type]
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())  # found before the installed package
     return harness.start_gateway(procs, path, env, workers, cpu)
 
 
@@ -252,6 +261,8 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
         targets = [NGINX, CEILING, GATEWAY, AS_SHIPPED]
         if len(paths) * size > DEFAULT_MEMORY_BYTES:
             targets.append(BIG_MEMORY)
+        if args.compare_baseline is not None:
+            targets.append(BASELINE)
         for name in targets:
             print(f"[{size:,} B] {name}: starting", flush=True)
             if name == NGINX:
@@ -265,6 +276,7 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
                     scratch / f"gw-{len(rows)}",
                     server_cpu,
                     args.workers,
+                    source=args.compare_baseline if name == BASELINE else None,
                     **GATEWAY_CONFIGS[name],
                 )
             proxy = name != CEILING

@@ -782,6 +782,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "real imagery)",
     )
     parser.add_argument(
+        "--compare-baseline",
+        type=Path,
+        metavar="DIR",
+        help="with --compare, also measure the gateway package of the source tree DIR "
+        "(another version, e.g. from git archive), anchors' settings: an A/B in one run",
+    )
+    parser.add_argument(
         "--anchors-dir",
         type=Path,
         default=DEFAULT_ANCHORS_DIR,
