@@ -65,6 +65,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         super().__init__(logger, log_format)
         self._template: dict[str, object] | None = None
         self._template_thread = -1
+        self._template_created = self._template_relative = 0.0
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         self.logger.handle(self.record(access_line(request, response, time)))
@@ -80,6 +81,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         if template is None or threading.get_ident() != self._template_thread:
             first = self.logger.makeRecord(self.logger.name, logging.INFO, "", 0, line, None, None)
             self._template, self._template_thread = dict(first.__dict__), first.thread or -1
+            self._template_created, self._template_relative = first.created, first.relativeCreated
             return first
         record = logging.LogRecord.__new__(logging.LogRecord)
         fields = record.__dict__
@@ -87,13 +89,8 @@ class JsonAccessLogger(AbstractAccessLogger):
         fields["msg"] = line
         fields["created"] = now
         fields["msecs"] = int((now - int(now)) * 1000) + 0.0
-        fields["relativeCreated"] = (
-            template["relativeCreated"]
-            + (  # type: ignore[operator]
-                now - template["created"]  # type: ignore[operator]
-            )
-            * 1000
-        )
+        elapsed_ms = (now - self._template_created) * 1000
+        fields["relativeCreated"] = self._template_relative + elapsed_ms
         return record
 
     @property
