@@ -5,6 +5,8 @@ Run it from the repository root with the project's Python (everything it needs c
 
     python bench/tiles.py                      # defaults: 3 x 15 s, 64 connections, 50 ms delay
     python bench/tiles.py --workers 2 --no-pin # two gateway workers sharing both CPUs
+    python bench/tiles.py --profile hits.svg   # plus a py-spy flame graph of the hit path
+    python bench/tiles.py --compare            # beside nginx and the aiohttp ceiling (compare.py)
 
 Method (the same as the reference anchors in ``../shared/bench-anchors``, so the numbers can
 be set side by side; ``--anchors`` measures some anchors in the same invocation):
