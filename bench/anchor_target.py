@@ -36,7 +36,7 @@ max_connections = 64
 
 [cache]
 directory = "{cache}"
-
+{memory}
 [[layers]]
 name = "anchor"
 title = "Anchor harness tiles (fake upstream, fixed PNG)"
@@ -53,17 +53,30 @@ UPSTREAM_RPS = 10_000.0
 """Upstream limit per operation and per asset for the fake upstream (which has none)."""
 
 
-def write_config(upstream: str, scratch: Path, environ: dict[str, str]) -> Path:
+def write_config(
+    upstream: str,
+    scratch: Path,
+    environ: dict[str, str],
+    *,
+    access_log: bool = False,
+    client_limit: str = "off",
+    memory_bytes: int | None = None,
+) -> Path:
     """Write ``<scratch>/gateway.toml`` for ``upstream``; returns its path.
 
-    The overrides are those of bench/tiles.py (no access log, no per-client limit), except
-    that the upstream rate is high: the fake upstream has no limits of its own.
+    The overrides are those of bench/tiles.py (by default no access log and no per-client
+    limit, as for the anchors), except that the upstream rate is high: the fake upstream has
+    no limits of its own. ``memory_bytes`` sets ``cache.memory_bytes`` (default: the
+    gateway's own).
     """
     scratch.mkdir(parents=True, exist_ok=True)
     config = scratch / "gateway.toml"
-    base = CONFIG_TEMPLATE.format(upstream=upstream.rstrip("/"), cache=scratch / "cache")
+    memory = "" if memory_bytes is None else f"memory_bytes = {memory_bytes}\n"
+    base = CONFIG_TEMPLATE.format(
+        upstream=upstream.rstrip("/"), cache=scratch / "cache", memory=memory
+    )
     overrides = gwconfig.default_overrides(
-        access_log=False, client_limit="off", upstream_rps=UPSTREAM_RPS
+        access_log=access_log, client_limit=client_limit, upstream_rps=UPSTREAM_RPS
     )
     applied, skipped = gwconfig.write_config(base, config, environ, overrides)
     print(f"anchor_target: {config}, overrides: {'; '.join(applied) or 'none'}", flush=True)

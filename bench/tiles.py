@@ -5,6 +5,8 @@ Run it from the repository root with the project's Python (everything it needs c
 
     python bench/tiles.py                      # defaults: 3 x 15 s, 64 connections, 50 ms delay
     python bench/tiles.py --workers 2 --no-pin # two gateway workers sharing both CPUs
+    python bench/tiles.py --profile hits.svg   # plus a py-spy flame graph of the hit path
+    python bench/tiles.py --compare            # beside nginx and the aiohttp ceiling (compare.py)
 
 Method (the same as the reference anchors in ``../shared/bench-anchors``, so the numbers can
 be set side by side; ``--anchors`` measures some anchors in the same invocation):
@@ -64,7 +66,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,9 @@ COLDMISS_CONNECTIONS = 200
 COLDMISS_RUNS = 3
 COLDMISS_CONNECT_CONCURRENCY = 50
 COLDMISS_TIMEOUT_S = 30.0
+
+PROFILE_RATE_HZ = 250
+"""py-spy's sampling rate for ``--profile``, samples per second."""
 
 HIT_RPS_TARGET = 10_000.0
 HIT_P99_TARGET_MS = 10.0
@@ -207,7 +212,8 @@ class WrkRun:
     summary: dict[str, Any]
     upstream_calls: int
     cpu: harness.CpuUsage
-    """CPU during the run: group ``gateway`` (its processes), wrk as the ended child."""
+    """CPU during the run: group ``gateway`` (the measured server's processes: the gateway,
+    or an anchor), wrk as the ended child."""
 
     @property
     def seconds(self) -> float:
@@ -254,10 +260,12 @@ def run_wrk(
     connections: int,
     cpu: int | None,
     gateway_pid: int,
-    emulator_url: str,
+    emulator_url: str | Callable[[], int],
 ) -> WrkRun:
     """Run wrk once with :data:`LUA` over ``paths_file`` for ``duration_s`` seconds (pinned
-    to CPU ``cpu`` when given); measure CPU and upstream calls.
+    to CPU ``cpu`` when given); measure CPU (of ``gateway_pid`` and its descendants: the
+    measured server) and upstream calls (the emulator's renders at ``emulator_url``, or
+    what that callable counts).
 
     Raises:
         BenchError: wrk failed or printed no summary.
@@ -276,7 +284,8 @@ def run_wrk(
         str(paths_file),
     ]
     groups = {"gateway": harness.process_tree(gateway_pid)}
-    calls_before = upstream_renders(emulator_url)
+    count = emulator_url if callable(emulator_url) else lambda: upstream_renders(emulator_url)
+    calls_before = count()
     before = harness.cpu_snapshot(groups, machine=True)
     popen = procs.start("wrk", argv, cpu=cpu, output="text")
     try:
@@ -286,7 +295,7 @@ def run_wrk(
     finally:
         procs.stop(popen)
     after = harness.cpu_snapshot(groups, machine=True)
-    calls_after = upstream_renders(emulator_url)
+    calls_after = count()
     line = next((ln for ln in out.splitlines() if ln.startswith("TILES_BENCH_JSON ")), None)
     if popen.returncode != 0 or line is None:
         raise harness.BenchError(f"wrk failed (exit {popen.returncode}):\n{out}\n{err}")
@@ -294,6 +303,55 @@ def run_wrk(
         summary=json.loads(line.split(" ", 1)[1]),
         upstream_calls=calls_after - calls_before,
         cpu=harness.cpu_usage(before, after, exclude=[popen.pid]),
+    )
+
+
+def profile_hits(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    gateway: harness.Server,
+    gateway_url: str,
+    paths_file: Path,
+    wrk_cpu: int | None,
+    emulator_url: str,
+) -> None:
+    """One extra wrk run of ``args.duration`` s (not counted) while py-spy samples the
+    gateway (``--nonblocking``: it never stops the process; ``--subprocesses`` for workers)
+    and writes a flame graph to ``args.profile``. py-spy runs on wrk's CPU.
+
+    Raises:
+        BenchError: py-spy is missing or wrote no flame graph.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise harness.BenchError("--profile: py-spy not found (pip install -e '.[dev]')")
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    argv = [spy, "record", "--nonblocking", "--rate", str(PROFILE_RATE_HZ), "--subprocesses"]
+    argv += ["-d", str(args.duration + 1), "-o", str(args.profile), "-p", str(gateway.pid)]
+    spy_popen = procs.start("py-spy", argv, cpu=wrk_cpu)
+    time.sleep(0.5)  # py-spy attaches
+    run = run_wrk(
+        procs,
+        gateway_url,
+        paths_file,
+        args.duration,
+        args.connections,
+        wrk_cpu,
+        gateway.pid,
+        emulator_url,
+    )
+    try:
+        spy_popen.wait(timeout=args.duration + 30)
+    except subprocess.TimeoutExpired:
+        raise harness.BenchError("--profile: py-spy did not finish") from None
+    finally:
+        procs.stop(spy_popen)
+    if not args.profile.exists():
+        raise harness.BenchError(f"--profile: py-spy wrote no {args.profile}")
+    print(
+        f"profiled run (not counted, py-spy at {PROFILE_RATE_HZ} Hz): {run.rps:,.0f} req/s, "
+        f"p99 {run.ms('p99'):.2f} ms; flame graph: {args.profile}",
+        flush=True,
     )
 
 
@@ -680,6 +738,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, cache)")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="SVG",
+        help="after the recorded HIT runs, one more wrk run (not counted) while py-spy "
+        "records the gateway's flame graph into SVG (py-spy comes with the dev extras)",
+    )
+    parser.add_argument(
         "--access-log",
         action="store_true",
         help="keep the gateway's access log on (default: off, like the anchors)",
@@ -703,6 +768,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="afterwards, run the reference anchors (nginx w=1, aiohttp diskcache 1p) with "
         "this gateway as an --ext target, same duration and runs; takes minutes",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="instead of the emulator run: cache hits side by side with the anchors' nginx "
+        "(worker_processes 1) and the bare aiohttp ceiling, in front of the anchors' upstream, "
+        "for each --compare-sizes; one table (bench/compare.py); a few minutes",
+    )
+    parser.add_argument(
+        "--compare-sizes",
+        default="20480,81920",
+        metavar="BYTES,...",
+        help="tile sizes for --compare, bytes (default 20480,81920: the anchors' tile and "
+        "real imagery)",
+    )
+    parser.add_argument(
+        "--compare-baseline",
+        type=Path,
+        metavar="DIR",
+        help="with --compare, also measure the gateway package of the source tree DIR "
+        "(another version, e.g. from git archive), anchors' settings: an A/B in one run",
     )
     parser.add_argument(
         "--anchors-dir",
@@ -829,6 +915,8 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
         )
         runs.append(run)
         procs.check_alive(gateway)
+    if args.profile is not None:
+        profile_hits(args, procs, gateway, gateway_url, paths_file, wrk_cpu, emulator_url)
     upstream_in_runs = sum(r.upstream_calls for r in runs)
     if upstream_in_runs:
         problems.append(f"HIT runs: {upstream_in_runs} upstream calls (expected 0)")
@@ -868,6 +956,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.anchors:
             run_anchors(args, procs)
 
+    if args.compare:
+        import compare  # bench/compare.py, next to this script
+
+        return harness.run_main("bench/tiles.py --compare", "geopera-bench-", args, compare.compare)
     return harness.run_main("bench/tiles.py", "geopera-bench-", args, benchmark, after=anchors)
 
 

@@ -13,7 +13,6 @@ from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.http.auth import Authenticator
 from gateway.http.callers import CallerRateLimit
-from gateway.http.cors import cors_middleware
 from gateway.http.keys import (
     AUTH,
     CALLER_LIMITS,
@@ -31,7 +30,7 @@ from gateway.http.keys import (
     TILE_SERVICE,
     UPSTREAM,
 )
-from gateway.http.middleware import common_headers, gateway_middleware
+from gateway.http.middleware import common_headers, common_headers_only, gateway_middleware
 from gateway.http.policy import ROUTE_POLICIES
 from gateway.routes import admin, clips, discovery, downloads, health, listing, tiles, viewer
 from gateway.seed.fleet import FleetPurges
@@ -54,9 +53,8 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     context each (:data:`RESOURCES`), so one app owns one connection pool and one handle on
     each store, and a start that fails part-way closes exactly what had started.
     """
-    app = web.Application(
-        middlewares=[cors_middleware, gateway_middleware], client_max_size=1 << 20
-    )
+    # one middleware: CORS runs inside it (each middleware layer costs every request)
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[LAYERS] = settings.layers
@@ -69,7 +67,7 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
         limits["default"] = CallerRateLimit(settings.clients.rate_limit, state)
     app[CALLER_LIMITS] = limits
     app[ROUTE_POLICIES] = {}  # each route module declares its routes' policies
-    app.on_response_prepare.append(common_headers)
+    app.on_response_prepare.append(common_headers if limits else common_headers_only)
     app.cleanup_ctx.extend(RESOURCES)
     app.on_shutdown.append(_stop_transfers)
     clips.add_routes(app)  # before tiles: /tiles/clips/{job}/{mosaic}/tilejson.json

@@ -118,24 +118,60 @@ FLEET_COALESCED = Counter(
 )
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-_REQUEST_CHILDREN: dict[tuple[str, str, int], Counter] = {}
-_DURATION_CHILDREN: dict[str, Histogram] = {}
+
+
+class RouteObserver:
+    """The HTTP metrics of one route, with its label children bound ahead of use: the
+    duration histogram's child when the observer is made, the request counter's children
+    for the usual (method, status) pairs too (:data:`PREBOUND`), the others on first use.
+    So counting a request is a dict lookup, never ``.labels()``.
+
+    Args:
+        route: the route name (a bounded label value).
+    """
+
+    PREBOUND = tuple((m, s) for m in ("GET", "HEAD") for s in (200, 304))
+    """(method, status) pairs bound when the observer is made: what tile hits answer."""
+
+    __slots__ = ("_counts", "_duration", "_route")
+
+    def __init__(self, route: str) -> None:
+        self._route = route
+        self._duration = HTTP_DURATION.labels(route)
+        self._counts: dict[tuple[str, int], Counter] = {
+            key: HTTP_REQUESTS.labels(route, key[0], str(key[1])) for key in self.PREBOUND
+        }
+
+    def __call__(self, method: str, status: int, seconds: float) -> None:
+        """Count one answered request (``method``, ``status``) that took ``seconds``."""
+        child = self._counts.get((method, status))
+        if child is None:
+            if method not in _METHODS:
+                method = "other"  # any token is a valid method: keep the label set bounded
+            child = self._counts.get((method, status))
+            if child is None:
+                child = self._counts[(method, status)] = HTTP_REQUESTS.labels(
+                    self._route, method, str(status)
+                )
+        child.inc()
+        self._duration.observe(seconds)
+
+
+_OBSERVERS: dict[str, RouteObserver] = {}
+
+
+def route_observer(route: str) -> RouteObserver:
+    """The :class:`RouteObserver` of ``route``, made on first use (routes are registered at
+    startup: :func:`gateway.http.policy.add_get` makes theirs then)."""
+    observer = _OBSERVERS.get(route)
+    if observer is None:
+        observer = _OBSERVERS[route] = RouteObserver(route)
+    return observer
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    """Count one answered request and its duration; label children are bound once per
-    (route, method, status), so the hot path does two dict lookups instead of label work."""
-    if method not in _METHODS:
-        method = "other"  # any token is a valid method: keep the label set bounded
-    key = (route, method, status)
-    child = _REQUEST_CHILDREN.get(key)
-    if child is None:
-        child = _REQUEST_CHILDREN[key] = HTTP_REQUESTS.labels(route, method, str(status))
-    child.inc()
-    duration = _DURATION_CHILDREN.get(route)
-    if duration is None:
-        duration = _DURATION_CHILDREN[route] = HTTP_DURATION.labels(route)
-    duration.observe(seconds)
+    """Count one answered request and its duration (:func:`route_observer`)."""
+    route_observer(route)(method, status, seconds)
 
 
 _CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "empty")

@@ -19,6 +19,14 @@ from urllib.parse import quote
 REDACTED = "***"
 
 _known: weakref.WeakSet[Secret] = weakref.WeakSet()
+_forms: tuple[str, ...] | None = None
+"""Every form of every live secret, for :func:`redact` (one log line per request with the
+access log): rebuilt after a secret is made or collected."""
+
+
+def _forget_forms() -> None:
+    global _forms
+    _forms = None
 
 
 class Secret:
@@ -30,6 +38,8 @@ class Secret:
         self.__value = value
         self.__forms = encoded_forms(value)
         _known.add(self)
+        _forget_forms()
+        weakref.finalize(self, _forget_forms)
 
     def reveal(self) -> str:
         """The secret value itself; for the one place that must send it upstream."""
@@ -92,10 +102,13 @@ def encoded_forms(value: str) -> tuple[str, ...]:
 def redact(text: str) -> str:
     """``text`` with every registered secret, in clear or encoded (:func:`encoded_forms`),
     replaced by ``***``. Empty secrets are ignored."""
-    for secret in list(_known):
-        for form in secret.forms():
-            if form in text:
-                text = text.replace(form, REDACTED)
+    global _forms
+    forms = _forms
+    if forms is None:
+        forms = _forms = tuple(form for secret in list(_known) for form in secret.forms())
+    for form in forms:
+        if form in text:
+            text = text.replace(form, REDACTED)
     return text
 
 

@@ -5,13 +5,15 @@ The caller is the socket's peer address, or the first untrusted address in
 ``X-Forwarded-For`` when the peer is one of ``server.trusted_proxies`` (walking the header
 from the right, as RFC 7239 section 5.2 advises for the similar ``Forwarded`` header).
 
-The limit is a moving window per caller (the ``limits`` library): one runaway script gets
-429 with ``Retry-After`` and ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)
-instead of spending everyone's upstream budget. On one host it is kept in process memory
-(per worker process); with ``[state] redis_url`` it is kept in Redis (``limits``' async Redis
-storage on redis-py), so a caller gets its configured rate across every worker and replica.
-While Redis cannot be reached, each process counts in its own memory instead, and retries
-Redis after :data:`REDIS_RETRY_S`: the caller limit never stops cache hits.
+The limit is a sliding window per caller (the ``limits`` library's sliding window counter:
+two counters per caller, the current window's and the previous one's weighted by how much of
+it still overlaps, so a check is O(1) whatever the rate): one runaway script gets 429 with
+``Retry-After`` and ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers) instead of
+spending everyone's upstream budget. On one host it is kept in process memory (per worker
+process); with ``[state] redis_url`` it is kept in Redis (``limits``' async Redis storage on
+redis-py), so a caller gets its configured rate across every worker and replica. While Redis
+cannot be reached, each process counts in its own memory instead, and retries Redis after
+:data:`REDIS_RETRY_S`: the caller limit never stops cache hits.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def caller_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
 
 
 class CallerRateLimit:
-    """A moving-window request limit per caller key (a caller address or ``token:<name>``).
+    """A sliding-window request limit per caller key (a caller address or ``token:<name>``).
 
     Args:
         rate: a ``limits`` rate string such as ``"100/second"`` or ``"5000/minute"``.
@@ -74,8 +76,8 @@ class CallerRateLimit:
 
     def __init__(self, rate: str, state: StateSettings | None = None) -> None:
         self.item: RateLimitItem = parse(rate)
-        self._local = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
-        self._shared: strategies.MovingWindowRateLimiter | None = None
+        self._local = strategies.SlidingWindowCounterRateLimiter(storage.MemoryStorage())  # O(1)
+        self._shared: strategies.SlidingWindowCounterRateLimiter | None = None
         self._local_until = 0.0  # monotonic time until which Redis is not tried again
         if state is not None and state.redis_url is not None:
             options: dict[str, float | str | bool] = {
@@ -91,10 +93,10 @@ class CallerRateLimit:
                 key_prefix="ggw:clients",
                 **options,
             )
-            self._shared = strategies.MovingWindowRateLimiter(redis_storage)
+            self._shared = strategies.SlidingWindowCounterRateLimiter(redis_storage)
         self._policy = f"{self.item.amount};w={self.item.get_expiry()}"
 
-    def _limiter(self) -> strategies.MovingWindowRateLimiter:
+    def _limiter(self) -> strategies.SlidingWindowCounterRateLimiter:
         if self._shared is not None and time.monotonic() >= self._local_until:
             return self._shared
         return self._local

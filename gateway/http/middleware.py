@@ -1,10 +1,14 @@
 """The gateway's request middleware and the headers every response carries.
 
-:func:`gateway_middleware` runs around every handler: request-shape checks and the
-route's :class:`~gateway.http.policy.RoutePolicy` (its query parameters, the per-caller rate
-limit), problem+json for every error (a :class:`~gateway.http.problem.Problem`, a domain
-error through :data:`~gateway.http.problem.ERROR_TABLE`, aiohttp's own 404/405/413, or an
-unexpected exception: logged, 500), the 499 of a client that left, and the HTTP metrics.
+:func:`gateway_middleware` is the app's one middleware (each middleware layer costs every
+request, cache hits included). It runs around every handler: CORS when the request has an
+``Origin`` (:func:`gateway.http.cors.cors_middleware`, called from here), request-shape
+checks and the route's :class:`~gateway.http.policy.RoutePolicy` (its query parameters,
+the per-caller rate limit), problem+json for every error (a
+:class:`~gateway.http.problem.Problem`, a domain error through
+:data:`~gateway.http.problem.ERROR_TABLE`, aiohttp's own 404/405/413, or an unexpected
+exception: logged, 500), the 499 of a client that left, and the HTTP metrics (bound per
+route at startup: :class:`gateway.metrics.RouteObserver`).
 :func:`common_headers` adds ``X-Content-Type-Options``, ``Server`` and the ``RateLimit-*``
 headers as each response is prepared, streamed ones included.
 """
@@ -13,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from time import perf_counter
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import metrics
 from gateway.errors import GatewayError
 from gateway.http.callers import caller_address
+from gateway.http.cors import cors_middleware
 from gateway.http.keys import AUTH, CALLER_LIMITS, SETTINGS
 from gateway.http.policy import OPEN, ROUTE_POLICIES
 from gateway.http.problem import Problem, problem_for
@@ -32,6 +38,9 @@ log = logging.getLogger("gateway.app")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+_NOSNIFF = "X-Content-Type-Options"
+"""The common header whose presence says the answer carries them all already."""
+
 RATE_HEADERS_KEY = web.RequestKey("gateway_rate_headers", dict)
 """Request key for the ``RateLimit-*`` headers of the caller's limit, set by the middleware
 and written by :func:`common_headers`."""
@@ -39,6 +48,14 @@ and written by :func:`common_headers`."""
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CORS for requests with ``Origin`` (:func:`~gateway.http.cors.cors_middleware`, around
+    everything else, as when it was a middleware of its own), then :func:`_answer`."""
+    if hdrs.ORIGIN in request.headers:
+        return await cors_middleware(request, partial(_answer, handler=handler))
+    return await _answer(request, handler)
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The route's policy (:mod:`gateway.http.policy`: allowed query parameters, the
     caller's rate limit), problem+json for every error and HTTP metrics.
 
@@ -49,9 +66,12 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     The common headers are added by :func:`common_headers` as each response is prepared,
     streamed ones included.
     """
-    started = time.perf_counter()
+    started = perf_counter()
+    # set up front: a key that is absent costs every later lookup a KeyError inside
+    # ``request.get`` (here, and in the access log)
+    request[CLIENT_GONE_KEY] = False
     matched = request.match_info.route
-    route = matched.name or "unmatched"
+    observe = metrics.route_observer(matched.name or "unmatched")
     policy = request.app[ROUTE_POLICIES].get(matched.resource, OPEN)
     try:
         check_request_shape(request, policy)
@@ -72,7 +92,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         request[CLIENT_GONE_KEY] = True
         response = web.Response(status=CLIENT_CLOSED)
     except asyncio.CancelledError:  # the client left and the server cancels its handlers
-        metrics.observe_request(route, request.method, CLIENT_CLOSED, time.perf_counter() - started)
+        observe(request.method, CLIENT_CLOSED, perf_counter() - started)
         raise
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
@@ -83,7 +103,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             slug="internal-error",
         ).response(request.path)
     status = CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status
-    metrics.observe_request(route, request.method, status, time.perf_counter() - started)
+    observe(request.method, status, perf_counter() - started)
     return response
 
 
@@ -91,12 +111,22 @@ async def common_headers(request: web.Request, response: web.StreamResponse) -> 
     """``on_response_prepare``: the headers of every answer, set just before its headers are
     sent, so streamed answers (download transfers, ``multipart/byteranges``, files) carry
     them too: :data:`~gateway.http.server.COMMON_HEADERS` and, on routes with a caller limit,
-    the ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)."""
+    the ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers). An answer that
+    already carries them (a tile: :mod:`gateway.http.answers`) costs one lookup."""
     headers = response.headers
-    headers.update(COMMON_HEADERS)
+    if _NOSNIFF not in headers:
+        headers.update(COMMON_HEADERS)
     rate_headers = request.get(RATE_HEADERS_KEY)
     if rate_headers is not None:
         headers.update(rate_headers)
+
+
+async def common_headers_only(request: web.Request, response: web.StreamResponse) -> None:
+    """:func:`common_headers` for an app without caller limits (no ``RateLimit-*`` header
+    can be due, so none is looked for)."""
+    headers = response.headers
+    if _NOSNIFF not in headers:
+        headers.update(COMMON_HEADERS)
 
 
 async def _check_caller_limit(request: web.Request) -> None:

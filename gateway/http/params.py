@@ -21,8 +21,34 @@ _Z = re.compile(r"0|[1-9][0-9]?")
 _XY = re.compile(r"0|[1-9][0-9]{0,8}")
 _TAIL = re.compile(r"(?P<y>0|[1-9][0-9]{0,8})(?:@(?P<scale>[12])x)?\.(?P<fmt>[a-z0-9]{1,5})")
 
+PARSED_TILES_MAX = 8192
+"""Tile paths whose parse :func:`parse_tile` remembers (the tiles a map view is served again
+and again); the memo starts over when it is full."""
+
+_parsed: dict[tuple[int, str, str, str], TileAddress] = {}
+
 
 def parse_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
+    """Validate a tile path against ``layer`` (:func:`check_tile`); a path that was valid
+    before is answered from a memo of the last :data:`PARSED_TILES_MAX` (only valid paths
+    are remembered, with their layer object, so another layer of the same name, in another
+    app, is checked afresh).
+
+    Raises:
+        Problem: 400, as :func:`check_tile`.
+    """
+    key = (id(layer), z, x, tail)
+    address = _parsed.get(key)
+    if address is not None and address.layer is layer:
+        return address
+    address = check_tile(layer, z, x, tail)
+    if len(_parsed) >= PARSED_TILES_MAX:
+        _parsed.clear()
+    _parsed[key] = address
+    return address
+
+
+def check_tile(layer: Layer, z: str, x: str, tail: str) -> TileAddress:
     """Validate a tile path against ``layer``.
 
     Args:

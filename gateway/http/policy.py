@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource
 
+from gateway import metrics
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,7 +69,7 @@ def add_get(
         ValueError: the resource already has another policy (one resource, one policy).
     """
     route = app.router.add_get(path, handler, name=name)
-    _attach(app, route.resource, policy)
+    _attach(app, route, policy)
     return route
 
 
@@ -80,11 +82,16 @@ def add_post(
         ValueError: the resource already has another policy.
     """
     route = app.router.add_post(path, handler, name=name)
-    _attach(app, route.resource, policy)
+    _attach(app, route, policy)
     return route
 
 
-def _attach(app: web.Application, resource: AbstractResource | None, policy: RoutePolicy) -> None:
+def _attach(app: web.Application, route: web.AbstractRoute, policy: RoutePolicy) -> None:
+    """Record ``policy`` for the route's resource; bind the route's metrics now, at
+    startup (:func:`gateway.metrics.route_observer`)."""
+    if route.name:
+        metrics.route_observer(route.name)
+    resource = route.resource
     table = policies(app)
     known = table.setdefault(resource, policy)
     if known != policy:

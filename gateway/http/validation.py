@@ -29,15 +29,18 @@ MAX_HEADERS = 64
 def check_request_shape(request: web.Request, policy: RoutePolicy) -> None:
     """Raise a :class:`Problem` when the request is larger or stranger than the gateway
     serves, or carries a query parameter its route's ``policy`` does not accept; cheap
-    enough for every request (length checks; the query only when there is one)."""
-    if len(request.raw_path) > MAX_PATH + MAX_QUERY:
+    enough for every request (length checks on the raw target; the decoded path only when
+    the raw one is long, since decoding never lengthens it; the query only when there is
+    one)."""
+    raw = request.raw_path
+    if len(raw) > MAX_PATH + MAX_QUERY:
         raise Problem(
             414,
             "URI too long",
             f"Paths and queries are limited to {MAX_PATH} bytes each.",
             slug="uri-too-long",
         )
-    if len(request.path) > MAX_PATH:
+    if len(raw) > MAX_PATH and len(request.path) > MAX_PATH:
         raise Problem(
             414, "URI too long", f"Paths are limited to {MAX_PATH} bytes.", slug="uri-too-long"
         )
@@ -48,6 +51,8 @@ def check_request_shape(request: web.Request, policy: RoutePolicy) -> None:
             f"At most {MAX_HEADERS} request headers are accepted.",
             slug="too-many-headers",
         )
+    if "?" not in raw:
+        return
     query_string = request.query_string
     if not query_string:
         return

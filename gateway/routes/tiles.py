@@ -26,16 +26,17 @@ from gateway.http.problem import not_found
 async def layer_tile(request: web.Request) -> web.Response:
     """``GET /tiles/{layer}/{z}/{x}/{y}[@2x].{fmt}``."""
     info = request.match_info
-    layer = request.app[LAYERS].get(info["layer"])
+    app = request.app
+    layer = app[LAYERS].get(info["layer"])
     if layer is None:
         raise not_found(
             f"No layer named {info['layer'][:64]!r}; GET /layers lists them.", "unknown-layer"
         )
-    request.app[AUTH].authorize(request, "tiles", layer)
+    app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return tile_response(
-        request, await request.app[TILE_SERVICE].get(address), private=not layer.public
-    )
+    service = app[TILE_SERVICE]
+    result = service.get_fresh(address) or await service.get(address)  # a hit awaits nothing
+    return tile_response(request, result, private=not layer.public)
 
 
 async def default_tile(request: web.Request) -> web.Response:
@@ -47,12 +48,13 @@ async def default_tile(request: web.Request) -> web.Response:
             "no-default-layer",
         )
     info = request.match_info
-    layer = request.app[LAYERS][name]
-    request.app[AUTH].authorize(request, "tiles", layer)
+    app = request.app
+    layer = app[LAYERS][name]
+    app[AUTH].authorize(request, "tiles", layer)
     address = parse_tile(layer, info["z"], info["x"], info["tail"])
-    return tile_response(
-        request, await request.app[TILE_SERVICE].get(address), private=not layer.public
-    )
+    service = app[TILE_SERVICE]
+    result = service.get_fresh(address) or await service.get(address)
+    return tile_response(request, result, private=not layer.public)
 
 
 POLICY = RoutePolicy(cors=True, caller_limit=True, query=frozenset({"token"}))

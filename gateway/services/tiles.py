@@ -30,9 +30,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mercantile
+from prometheus_client import Counter
 
 from gateway import imaging, metrics
 from gateway.clock import Clock, system_clock
@@ -99,11 +100,12 @@ class TileAddress:
     y: int
     scale: int
     fmt: str
+    key: str = field(init=False, repr=False, compare=False)
+    """The cache key of this tile (:meth:`~gateway.layers.Layer.cache_key`), made once."""
 
-    @property
-    def key(self) -> str:
-        """The cache key of this tile."""
-        return self.layer.cache_key(self.z, self.x, self.y, self.scale, self.fmt)
+    def __post_init__(self) -> None:
+        key = self.layer.cache_key(self.z, self.x, self.y, self.scale, self.fmt)
+        object.__setattr__(self, "key", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +153,33 @@ class TileService:
         self.guard = guard
         self.empty_ttl_s = empty_ttl_s
         self._flights: SingleFlight[tuple[CachedTile, str]] = SingleFlight()
+        self._saved_children: dict[str, Counter] = {}
         self._refreshes: set[asyncio.Task[None]] = set()
         # tile creators (MapProxy's ``concurrent_tile_creators``): misses that may be past
         # the queue at once in this process; see :meth:`_creator_slot`
         self._creators = asyncio.Semaphore(guard.settings.max_concurrent)
+
+    def get_fresh(self, address: TileAddress) -> TileResult | None:
+        """The tile at ``address`` when this process's memory tier holds it fresh (``HIT``, or
+        ``EMPTY`` for a negatively cached tile), counted in the metrics as :meth:`get` counts
+        it; None otherwise (then await :meth:`get`). Synchronous: the cache-hit path costs no
+        coroutine."""
+        tile = self.cache.get_memory(address.key)
+        if tile is None or self.clock() >= tile.fresh_until:
+            return None
+        status = "EMPTY" if tile.empty else "HIT"
+        metrics.CACHE_LOOKUP[status].inc()
+        metrics.UPSTREAM_SAVED.inc()
+        if not tile.empty:
+            self._egress_saved(address.layer.operation).inc(len(tile.body))
+        return TileResult(tile, status)
+
+    def _egress_saved(self, operation: str) -> Counter:
+        """The ``gateway_upstream_saved_bytes_total`` child of ``operation``, bound once."""
+        child = self._saved_children.get(operation)
+        if child is None:
+            child = self._saved_children[operation] = metrics.EGRESS_SAVED.labels(operation)
+        return child
 
     async def get(
         self, address: TileAddress, priority: Priority = Priority.INTERACTIVE
@@ -167,21 +192,21 @@ class TileService:
                 stale entry covers, with ``subject`` naming the layer.
         """
         result = await self._get(address, priority)
-        metrics.CACHE_LOOKUP[result.cache_status].inc()
-        if result.cache_status != "MISS":
+        status = result.cache_status
+        metrics.CACHE_LOOKUP[status].inc()
+        if status != "MISS":
             metrics.UPSTREAM_SAVED.inc()
-            if result.cache_status != "EMPTY":
-                operation = address.layer.operation
-                metrics.EGRESS_SAVED.labels(operation).inc(len(result.tile.body))
+            if status != "EMPTY":
+                self._egress_saved(address.layer.operation).inc(len(result.tile.body))
         return result
 
     async def _get(self, address: TileAddress, priority: Priority) -> TileResult:
-        layer = address.layer
         key = address.key
-        tile = self.cache.get_memory(key)
+        tile = self.cache.get_memory(key)  # the hot path: one memory lookup, nothing else
         now = self.clock()
-        if tile is not None and tile.is_fresh(now):  # the hot path: only covered tiles are cached
+        if tile is not None and now < tile.fresh_until:  # only covered tiles are cached
             return TileResult(tile, "EMPTY" if tile.empty else "HIT")
+        layer = address.layer
         if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         if tile is None and not self._flights.in_flight(key):

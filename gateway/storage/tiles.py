@@ -46,7 +46,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,6 +86,9 @@ class CachedTile:
         fresh_until: Unix time (seconds) after which the entry must be fetched again.
         empty: True when the upstream reported no data for this tile (negative caching).
         fetch_s: how long the upstream took to produce it, seconds (0 if it did not).
+        headers: its representation headers, ready to send (``ETag``, ``Content-Type``;
+            RFC 9110 sections 8.8.3 and 8.3), built once when the entry is made, so a cache
+            hit does not assemble them again. Not stored: derived from the fields above.
     """
 
     body: bytes
@@ -94,6 +97,11 @@ class CachedTile:
     fresh_until: float
     empty: bool = False
     fetch_s: float = 0.0
+    headers: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        headers = (("ETag", self.etag), ("Content-Type", self.media_type))
+        object.__setattr__(self, "headers", headers)
 
     def is_fresh(self, now: float | None = None) -> bool:
         """Whether the entry is within its TTL at ``now`` (Unix seconds)."""

@@ -1,0 +1,349 @@
+"""``bench/tiles.py --compare``: cache hits of the gateway side by side with nginx and the bare
+aiohttp ceiling, in one invocation, for two tile sizes.
+
+The reference anchors (``../shared/bench-anchors``, see its README) are started from that
+folder at run time, unchanged: its fake upstream (``upstream.py --body-bytes N``), nginx with
+its ``nginx.conf.tmpl`` (``worker_processes 1``: ``proxy_cache`` on disk, ``sendfile on``,
+``access_log off``) and its anchor C (``aio_tiles.py --mode memory --uvloop``: one fixed PNG
+from memory, the "Python ceiling"). Anchor C always serves ``tilepng.make_png()``; to serve
+the same N bytes as the upstream, it is run through a three-line shim that binds
+``tilepng.make_png`` to N before ``aio_tiles.py`` runs. Every Python process here (the
+ceiling included) runs on this project's interpreter, so the ceiling has the gateway's
+aiohttp and uvloop.
+
+For each size (default ``20480,81920`` bytes: the anchors' 20 KB tile, and ~80 KB, what a
+real imagery tile such as the emulator's Olinda z15 weighs), the upstream starts (never
+pinned), then each target in turn, pinned to CPU 0 with wrk on CPU 1 (``--no-pin``: shared):
+
+1. ``nginx w=1``;
+2. ``aiohttp ceiling``;
+3. ``gateway, anchors' settings``: access log off, no per-client limit
+   (``bench/anchor_target.py``'s config), default memory tier;
+4. ``gateway, as shipped``: access log on, the per-client limit on (at 1,000,000/second,
+   so wrk, one client, is never refused but every request is counted);
+5. only when 1,000 tiles of that size do not fit in the default 64 MiB memory tier:
+   ``gateway, anchors' settings, memory tier 256 MiB``, which holds them (as nginx's page
+   cache holds its cache files), to show what the memory tier's size costs;
+6. with ``--compare-baseline DIR``: the ``gateway`` package of the source tree ``DIR``
+   (another version: ``git archive main | tar -x -C DIR``), anchors' settings, for an A/B
+   in the same run.
+
+Each target warms the 1,000 z12 tiles of the anchors (x 2000-2039, y 1300-1324), 32 at a
+time (proxies: exactly 1,000 upstream calls), a second pass must make no upstream call, then
+an unrecorded 2 s wrk warm-up and ``--runs`` wrk runs of ``--duration`` s (``-t1 -c64``,
+``bench/tiles.lua``), median per metric. The table: req/s, p50, p99, ratio to nginx, share
+of the ceiling, server and wrk CPU, and the DISTURBED note (``bench/harness.py``) of the
+worst run. Nothing is asserted; the exit status is 1 only when something broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anchor_target
+import harness
+import tiles
+
+DEFAULT_SIZES = "20480,81920"
+ANCHOR_FILES = ("upstream.py", "aio_tiles.py", "tilepng.py", "nginx.conf.tmpl")
+COMPARE_TILES = [(12, x, y) for y in range(1300, 1325) for x in range(2000, 2040)]
+"""The anchors' 1,000 z12 tiles."""
+WARM_CONCURRENCY = 32
+DEFAULT_MEMORY_BYTES = 64 << 20
+"""The gateway's default ``cache.memory_bytes``."""
+BIG_MEMORY_BYTES = 256 << 20
+AS_SHIPPED_CLIENT_LIMIT = "1000000/second"
+
+NGINX = "nginx w=1"
+CEILING = "aiohttp ceiling (memory, uvloop)"
+GATEWAY = "gateway, anchors' settings"
+AS_SHIPPED = "gateway, as shipped (access log, client limit)"
+BIG_MEMORY = f"gateway, anchors' settings, memory tier {BIG_MEMORY_BYTES >> 20} MiB"
+BASELINE = "baseline gateway (--compare-baseline), anchors' settings"
+GATEWAY_CONFIGS: dict[str, dict[str, object]] = {
+    GATEWAY: {},
+    BASELINE: {},
+    AS_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
+    BIG_MEMORY: {"memory_bytes": BIG_MEMORY_BYTES},
+}
+"""``anchor_target.write_config`` options of each gateway target."""
+
+CEILING_SHIM = (
+    "import functools, runpy, sys\n"
+    "here, size = sys.argv[1], int(sys.argv[2])\n"
+    "sys.path.insert(0, here)\n"
+    "import tilepng\n"
+    "tilepng.make_png = functools.partial(tilepng.make_png, size)\n"
+    "sys.argv = [here + '/aio_tiles.py', *sys.argv[3:]]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+"""Runs the anchors' ``aio_tiles.py`` with ``tilepng.make_png`` bound to ``size`` bytes."""
+
+
+@dataclass
+class Row:
+    """One target at one size: its recorded wrk runs."""
+
+    size: int
+    target: str
+    runs: list[tiles.WrkRun]
+    note: str = ""
+
+    def median(self, value: Callable[[tiles.WrkRun], float]) -> float:
+        """The median of ``value`` over the runs."""
+        return statistics.median(value(r) for r in self.runs)
+
+    @property
+    def rps(self) -> float:
+        """Median requests per second."""
+        return self.median(lambda r: r.rps)
+
+
+def _fill(template: Path, out: Path, **subs: object) -> None:
+    text = template.read_text()
+    for key, value in subs.items():
+        text = text.replace(f"@@{key}@@", str(value))
+    out.write_text(text)
+
+
+def start_nginx(
+    procs: harness.Processes, anchors: Path, run_dir: Path, upstream_port: int, cpu: int | None
+) -> harness.Server:
+    """The anchors' nginx (``worker_processes 1``) in ``run_dir``, in front of the upstream."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    # the workers run as nobody: they must reach run_dir (the scratch dir is 0700)
+    run_dir.parent.chmod(0o711)
+    for sub in ("cache", "tmp"):
+        (run_dir / sub).mkdir(parents=True)
+        shutil.chown(run_dir / sub, "nobody", "nogroup")  # the workers run as nobody
+    conf = run_dir / "nginx.conf"
+    port = harness.free_port()
+    _fill(
+        anchors / "nginx.conf.tmpl",
+        conf,
+        WORKERS=1,
+        RUN=run_dir,
+        PORT=port,
+        UPSTREAM_PORT=upstream_port,
+    )
+    argv = ["nginx", "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "error.log")]
+    popen = procs.start("nginx", argv, cpu=cpu)
+    server = harness.Server("nginx", f"http://{harness.HOST}:{port}", port, popen)
+    procs.wait_ready(server.url + "/health", popen)
+    return server
+
+
+def start_ceiling(
+    procs: harness.Processes, anchors: Path, size: int, cpu: int | None
+) -> harness.Server:
+    """The anchors' bare aiohttp app (memory mode, uvloop) answering ``size`` bytes."""
+    port = harness.free_port()
+    argv = [sys.executable, "-c", CEILING_SHIM, str(anchors), str(size)]
+    argv += ["--port", str(port), "--mode", "memory", "--uvloop"]
+    popen = procs.start("aiohttp-ceiling", argv, cpu=cpu)
+    server = harness.Server("aiohttp ceiling", f"http://{harness.HOST}:{port}", port, popen)
+    procs.wait_ready(server.url + "/health", popen)
+    return server
+
+
+def start_gateway(
+    procs: harness.Processes,
+    upstream_url: str,
+    scratch: Path,
+    cpu: int | None,
+    workers: int,
+    source: Path | None = None,
+    **config: object,
+) -> harness.Server:
+    """The gateway with ``bench/anchor_target.py``'s config (plus ``config``) in front of
+    the anchors' upstream; with ``source``, the ``gateway`` package of that source tree
+    (another version, e.g. ``git archive main | tar -x -C DIR``) instead of this one."""
+    env = harness.gateway_env()
+    path = anchor_target.write_config(upstream_url, scratch, env, **config)  # type: ignore[arg-type]
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())  # found before the installed package
+    return harness.start_gateway(procs, path, env, workers, cpu)
+
+
+def measure(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    server: harness.Server,
+    upstream_url: str,
+    paths_file: Path,
+    paths: list[str],
+    wrk_cpu: int | None,
+    proxy: bool,
+) -> tuple[list[tiles.WrkRun], list[str]]:
+    """Warm, verify and run wrk against ``server``; returns the runs and the problems."""
+    problems: list[str] = []
+
+    def upstream_calls() -> int:
+        return int(harness.http_json(upstream_url + "/count")["total"])
+
+    for label, expected in (("warm", len(paths) if proxy else 0), ("verify", 0)):
+        before = upstream_calls()
+        result = asyncio.run(tiles.fetch_all(server.url, paths, WARM_CONCURRENCY))
+        calls = upstream_calls() - before
+        if result.bad or calls != expected:
+            problems.append(
+                f"{server.name} {label}: {len(result.bad)} bad answers "
+                f"({'; '.join(result.bad[:2])}), {calls} upstream calls, expected {expected}"
+            )
+    tiles.run_wrk(
+        procs,
+        server.url,
+        paths_file,
+        tiles.WRK_WARMUP_S,
+        args.connections,
+        wrk_cpu,
+        server.pid,
+        upstream_calls,
+    )
+    runs = []
+    for _ in range(args.runs):
+        run = tiles.run_wrk(
+            procs,
+            server.url,
+            paths_file,
+            args.duration,
+            args.connections,
+            wrk_cpu,
+            server.pid,
+            upstream_calls,
+        )
+        if run.upstream_calls or run.errors or run.summary["non2xx"]:
+            problems.append(
+                f"{server.name}: {run.upstream_calls} upstream calls, {run.errors} errors, "
+                f"{run.summary['non2xx']} non-2xx in a HIT run"
+            )
+        runs.append(run)
+        procs.check_alive(server)
+    return runs, problems
+
+
+def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -> list[str]:
+    """Run every size and target, print the table; returns the problems found.
+
+    Raises:
+        BenchError: an anchor file or tool is missing, or a process died.
+    """
+    anchors: Path = args.anchors_dir
+    missing = [f for f in ANCHOR_FILES if not (anchors / f).exists()]
+    if missing:
+        raise harness.BenchError(f"--compare: {', '.join(missing)} not in {anchors}")
+    if shutil.which("nginx") is None:
+        raise harness.BenchError("--compare: nginx not found (Debian: apt-get install nginx)")
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    tiles.check_tools(pin)
+    server_cpu, wrk_cpu = (0, 1) if pin else (None, None)
+    paths = [f"/tiles/{z}/{x}/{y}.png" for z, x, y in COMPARE_TILES]
+    paths_file = scratch / "compare-paths.txt"
+    paths_file.write_text("\n".join(paths) + "\n")
+    sizes = [int(s) for s in args.compare_sizes.split(",")]
+    rows: list[Row] = []
+    problems: list[str] = []
+    for size in sizes:
+        up_port = harness.free_port()
+        argv = [sys.executable, str(anchors / "upstream.py"), "--port", str(up_port)]
+        argv += ["--delay-ms", f"{args.delay_ms:g}", "--body-bytes", str(size)]
+        upstream = procs.start(f"upstream-{size}", argv)
+        upstream_url = f"http://{harness.HOST}:{up_port}"
+        procs.wait_ready(upstream_url + "/health", upstream)
+        targets = [NGINX, CEILING, GATEWAY, AS_SHIPPED]
+        if len(paths) * size > DEFAULT_MEMORY_BYTES:
+            targets.append(BIG_MEMORY)
+        if args.compare_baseline is not None:
+            targets.append(BASELINE)
+        for name in targets:
+            print(f"[{size:,} B] {name}: starting", flush=True)
+            if name == NGINX:
+                server = start_nginx(procs, anchors, scratch / f"nginx-{size}", up_port, server_cpu)
+            elif name == CEILING:
+                server = start_ceiling(procs, anchors, size, server_cpu)
+            else:
+                server = start_gateway(
+                    procs,
+                    upstream_url,
+                    scratch / f"gw-{len(rows)}",
+                    server_cpu,
+                    args.workers,
+                    source=args.compare_baseline if name == BASELINE else None,
+                    **GATEWAY_CONFIGS[name],
+                )
+            proxy = name != CEILING
+            try:
+                runs, found = measure(
+                    args, procs, server, upstream_url, paths_file, paths, wrk_cpu, proxy
+                )
+            finally:
+                procs.stop(server.popen)
+            problems += found
+            row = Row(size, name, runs)
+            rows.append(row)
+            print(
+                f"[{size:,} B] {name}: {row.rps:,.0f} req/s, p50 "
+                f"{row.median(lambda r: r.ms('p50')):.2f} ms, p99 "
+                f"{row.median(lambda r: r.ms('p99')):.2f} ms",
+                flush=True,
+            )
+        procs.stop(upstream)
+    print_table(args, rows, pin)
+    return problems
+
+
+def print_table(args: argparse.Namespace, rows: list[Row], pin: bool) -> None:
+    """The comparison table, one row per size and target."""
+    placement = "server on CPU 0, wrk on CPU 1" if pin else "not pinned (shared CPUs)"
+    print()
+    print(
+        f"## Cache hits side by side: wrk -t1 -c{args.connections} -d{args.duration}s, "
+        f"{args.runs} runs (medians), {len(COMPARE_TILES):,} distinct z12 tiles, {placement}, "
+        f"gateway workers={args.workers}, {os.cpu_count()} CPUs"
+    )
+    print()
+    body = []
+    for row in rows:
+        same = [r for r in rows if r.size == row.size]
+        nginx = next((r.rps for r in same if r.target.startswith("nginx")), float("nan"))
+        ceiling = next((r.rps for r in same if r.target.startswith("aiohttp")), float("nan"))
+        worst = max(row.runs, key=lambda r: r.cpu.other_cpu_pct(r.gateway_cpu_pct, r.wrk_cpu_pct))
+        body.append(
+            [
+                f"{row.size:,}",
+                row.target,
+                f"{row.rps:,.0f}",
+                f"{row.median(lambda r: r.ms('p50')):.2f}",
+                f"{row.median(lambda r: r.ms('p99')):.2f}",
+                f"{row.rps / nginx:.2f}x",
+                f"{row.rps / ceiling:.0%}",
+                f"{row.median(lambda r: r.gateway_cpu_pct):.0f}",
+                f"{row.median(lambda r: r.wrk_cpu_pct):.0f}",
+                worst.note,
+            ]
+        )
+    print(
+        harness.table(
+            [
+                "tile bytes",
+                "target",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "vs nginx",
+                "of ceiling",
+                "server CPU %",
+                "wrk CPU %",
+                "worst run",
+            ],
+            body,
+        )
+    )
