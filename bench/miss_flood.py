@@ -20,9 +20,10 @@ Method:
    gateway (``python -m gateway serve --workers N``) on free ports of 127.0.0.1, with a fresh
    cache in a scratch directory. Nothing is pinned.
 2. **Config.** ``bench/tiles.toml`` plus access log off, no per-client limit, upstream
-   limits of 1,000 requests/s per operation and per asset and 64 calls in flight, so nothing
-   but the gateway's own work is measured, not its upstream protection (every override must
-   load, or the run stops).
+   limits of 1,000 requests/s per operation and per asset and 16 calls in flight (as shipped;
+   ``--max-concurrent``), so nothing but the gateway's own work is measured, not its upstream
+   protection (every override must load, or the run stops). ``max_concurrent`` is also how
+   many misses a worker works on at once (its tile creators); the others wait in a queue.
 3. **Tiles.** Hits cycle through 256 z14 tiles of the bahamas layer, fetched once first
    (each must then answer ``X-Cache: HIT``). Misses are ``--miss-rate`` x ``--duration``
    distinct tiles inside the layer's bounds, none of them a hit tile, in a fixed shuffle.
@@ -77,9 +78,11 @@ HIT_TILES = 256
 HIT_CONNECTIONS = 32
 """Keep-alive connections of the hit client, opened before each phase."""
 UPSTREAM_RPS = 1000.0
-MAX_CONCURRENT = 64
-"""Upstream calls in flight: 200 misses/s of a 50 ms upstream need 10 and more, so the
-default 16 would make the gateway's own protection the limit being measured."""
+MAX_CONCURRENT = 16
+"""Upstream calls in flight (``--max-concurrent``), as shipped: 200 misses/s of a 50 ms
+upstream need 10 and more. It is also how many misses a worker works on at once (its tile
+creators); the rest queue, so a larger value lets more half-done misses share the loop with
+the hits."""
 P99_TARGET_MS = 50.0
 MAX_LAG_S = 1.0
 START_DELAY_S = 2.0
@@ -202,6 +205,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--delay-ms", type=float, default=50.0, help="fake upstream delay per call (50)"
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=MAX_CONCURRENT,
+        help=f"limits.max_concurrent: upstream calls and misses in progress ({MAX_CONCURRENT})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, cache)")
     parser.add_argument(
         "--miss-generator", nargs=3, metavar=("URL", "START", "OUT"), help=argparse.SUPPRESS
@@ -215,10 +224,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--delay-ms must be 0..10000")
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be 1..64")
+    if not 1 <= args.max_concurrent <= 1024:
+        parser.error("--max-concurrent must be 1..1024")
     return args
 
 
-def overrides() -> list[gwconfig.Override]:
+def overrides(max_concurrent: int = MAX_CONCURRENT) -> list[gwconfig.Override]:
     """The config overrides; all of them must be accepted."""
     r = f"{UPSTREAM_RPS:.1f}"
     return [
@@ -226,9 +237,9 @@ def overrides() -> list[gwconfig.Override]:
         gwconfig.Override('clients.rate_limit = "off"', '[clients]\nrate_limit = "off"\n'),
         gwconfig.Override(
             f"limits: {UPSTREAM_RPS:g} upstream req/s per operation and per asset, "
-            f"max_concurrent {MAX_CONCURRENT}",
+            f"max_concurrent {max_concurrent}",
             f"[limits]\noperation_rps = {r}\noperation_burst = {r}\nasset_rps = {r}\n"
-            f"asset_burst = {r}\nmax_concurrent = {MAX_CONCURRENT}\n",
+            f"asset_burst = {r}\nmax_concurrent = {max_concurrent}\n",
         ),
     ]
 
@@ -272,7 +283,9 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: Processes) -> list
     env = harness.gateway_env(upstream_url, scratch / "cache")
     config = scratch / "gateway.toml"
     try:
-        applied, skipped = gwconfig.write_config(CONFIG.read_text(), config, env, overrides())
+        applied, skipped = gwconfig.write_config(
+            CONFIG.read_text(), config, env, overrides(args.max_concurrent)
+        )
     except Exception as exc:  # ConfigError, or a gateway that does not even import
         raise BenchError(f"the benchmark config does not load: {exc}") from exc
     if skipped:
