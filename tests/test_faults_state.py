@@ -131,13 +131,14 @@ async def wait_for_fault_taken(emulator) -> None:
         await emulator.app[FAULTS_KEY].drained()
 
 
-async def test_a_probe_answered_4xx_closes_the_breaker(gateway, emulator):
+async def test_a_probe_answered_4xx_closes_the_breaker(gateway_for, emulator, clock):
+    gateway = await gateway_for(emulator, clock=clock)
     emulator.app[FAULTS_KEY].add(
         Fault("status", status=429, retry_after="1", type="asset-rate-limited"),
         Fault("status", status=422),
     )
     assert (await gateway.get(OLINDA)).status == 503  # 429: the asset's breaker opens for 1 s
-    await asyncio.sleep(1.1)  # past the Retry-After: half-open
+    clock.advance(1.1)  # past the Retry-After: half-open
     probe = await gateway.get(OLINDA)  # the probe is refused (422), but the upstream is alive
     assert probe.status == 502
     assert (await (await gateway.get("/readyz")).json())["checks"]["open_breakers"] == []
@@ -147,13 +148,14 @@ async def test_a_probe_answered_4xx_closes_the_breaker(gateway, emulator):
     assert emulator.renders() == 3
 
 
-async def test_readyz_shows_a_half_open_breaker_while_it_refuses(gateway, emulator):
+async def test_readyz_shows_a_half_open_breaker_while_it_refuses(gateway_for, emulator, clock):
+    gateway = await gateway_for(emulator, clock=clock)
     emulator.app[FAULTS_KEY].add(
         Fault("status", status=429, retry_after="1", type="asset-rate-limited"),
         Fault("hang", seconds=3.0),
     )
     assert (await gateway.get(OLINDA)).status == 503
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     probe = asyncio.ensure_future(gateway.get(OLINDA))  # the probe hangs upstream for 3 s
     await wait_for_fault_taken(emulator)
     refused = await gateway.get("/tiles/olinda/13/3303/4278.png")  # same asset: refused
@@ -165,24 +167,27 @@ async def test_readyz_shows_a_half_open_breaker_while_it_refuses(gateway, emulat
     assert (await (await gateway.get("/readyz")).json())["checks"]["open_breakers"] == []
 
 
-async def test_an_asset_probe_failing_5xx_reopens_it_for_its_retry_after(gateway, emulator):
+async def test_an_asset_probe_failing_5xx_reopens_it_for_its_retry_after(
+    gateway_for, emulator, clock
+):
+    gateway = await gateway_for(emulator, clock=clock)
     emulator.app[FAULTS_KEY].add(
         Fault("status", status=429, retry_after="1", type="asset-rate-limited")
     )
     assert (await gateway.get(OLINDA)).status == 503
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     emulator.app[FAULTS_KEY].add(Fault("status", status=500))
     held = await gateway.get(OLINDA)  # the probe fails; its retry meets the reopened breaker
     assert held.status == 503
     assert int(held.headers["Retry-After"]) == 1  # the upstream's Retry-After, not 30 s
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     again = await gateway.get(OLINDA)
     assert again.status == 200
     assert again.headers["X-Cache"] == "MISS"
 
 
-async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulator, tmp_path):
-    first = await gateway_for(emulator)
+async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulator, tmp_path, clock):
+    first = await gateway_for(emulator, clock=clock)
     emulator.app[FAULTS_KEY].add(
         Fault("status", status=429, retry_after="999999", type="asset-rate-limited")
     )
@@ -194,11 +199,11 @@ async def test_a_huge_retry_after_is_capped_across_restarts(gateway_for, emulato
     assert int(held.headers["Retry-After"]) <= 3600
     # a restart with a lower cap: the stored breaker is held to it as well
     config = config_with(tmp_path, ("max_retry_after_s = 3600.0", "max_retry_after_s = 1"))
-    second = await gateway_for(emulator, config=config)
+    second = await gateway_for(emulator, config=config, clock=clock)
     capped = await second.get(OLINDA)
     assert capped.status == 503
     assert int(capped.headers["Retry-After"]) == 1
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     recovered = await second.get(OLINDA)
     assert recovered.status == 200, await recovered.text()
 

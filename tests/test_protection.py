@@ -25,13 +25,14 @@ OLINDA_TILES = [
 SHORT_TTL = (("ttl_s = 86400", "ttl_s = 1"),)
 
 
-async def test_429_opens_the_breaker_until_retry_after_has_passed(gateway, emulator):
+async def test_429_opens_the_breaker_until_retry_after_has_passed(gateway_for, emulator, clock):
+    gateway = await gateway_for(emulator, clock=clock)
     emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="1"))
     assert (await gateway.get(OLINDA)).status == 503
     for _ in range(5):
         assert (await gateway.get(OLINDA)).status == 503
     assert emulator.renders() == 1  # nothing reached the upstream while the breaker was open
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     response = await gateway.get(OLINDA)
     assert response.status == 200
     assert response.headers["X-Cache"] == "MISS"

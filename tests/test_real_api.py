@@ -120,7 +120,10 @@ async def test_an_unknown_source_is_reported_once_not_per_tile(
 # --- 429 by problem type --------------------------------------------------------------------
 
 
-async def test_an_unattributed_429_pauses_the_whole_operation_for_retry_after(gateway, emulator):
+async def test_an_unattributed_429_pauses_the_whole_operation_for_retry_after(
+    gateway_for, emulator, clock
+):
+    gateway = await gateway_for(emulator, clock=clock)
     emulator.app[FAULTS_KEY].add(Fault("status", status=429, retry_after="2"))  # unknown type
     throttled = await gateway.get(OLINDA)  # asset A
     assert await problem(throttled, 503, "upstream-throttled")
@@ -130,7 +133,7 @@ async def test_an_unattributed_429_pauses_the_whole_operation_for_retry_after(ga
     assert 1 <= int(cold.headers["Retry-After"]) <= 2
     assert emulator.stats.calls["cog.tile.render"] == 1  # B made no upstream call
     assert (await gateway.get(TERRAIN)).status == 200  # another operation goes on
-    await asyncio.sleep(2.2)
+    clock.advance(2.2)
     after = await gateway.get(BAHAMAS)
     assert after.status == 200
     assert after.headers["X-Cache"] == "MISS"

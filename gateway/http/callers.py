@@ -24,7 +24,9 @@ import math
 import time
 
 from aiohttp import web
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, WindowStats, parse
+from limits import storage as sync_storage
+from limits import strategies as sync_strategies
 from limits.aio import storage, strategies
 from limits.errors import StorageError
 
@@ -76,7 +78,8 @@ class CallerRateLimit:
 
     def __init__(self, rate: str, state: StateSettings | None = None) -> None:
         self.item: RateLimitItem = parse(rate)
-        self._local = strategies.SlidingWindowCounterRateLimiter(storage.MemoryStorage())  # O(1)
+        # in process memory: the synchronous strategy (no coroutine, no lock per check)
+        self._local = sync_strategies.SlidingWindowCounterRateLimiter(sync_storage.MemoryStorage())
         self._shared: strategies.SlidingWindowCounterRateLimiter | None = None
         self._local_until = 0.0  # monotonic time until which Redis is not tried again
         if state is not None and state.redis_url is not None:
@@ -96,31 +99,30 @@ class CallerRateLimit:
             self._shared = strategies.SlidingWindowCounterRateLimiter(redis_storage)
         self._policy = f"{self.item.amount};w={self.item.get_expiry()}"
 
-    def _limiter(self) -> strategies.SlidingWindowCounterRateLimiter:
-        if self._shared is not None and time.monotonic() >= self._local_until:
-            return self._shared
-        return self._local
-
     async def check(self, key: str) -> dict[str, str]:
         """Count one request for ``key``; returns the RateLimit headers to send.
 
         Raises:
             Problem: 429 with ``Retry-After`` when ``key`` is over its limit.
         """
-        limiter = self._limiter()
-        try:
-            allowed = await limiter.hit(self.item, key)
-            stats = await limiter.get_window_stats(self.item, key)
-        except StorageError as exc:
-            log.warning(
-                "client limits fall back to process memory for %.0f s: Redis failed (%s)",
-                REDIS_RETRY_S,
-                type(exc.storage_error).__name__,
-            )
-            self._local_until = time.monotonic() + REDIS_RETRY_S
-            limiter = self._local
-            allowed = await limiter.hit(self.item, key)
-            stats = await limiter.get_window_stats(self.item, key)
+        shared = self._shared
+        if shared is not None and time.monotonic() >= self._local_until:
+            try:
+                allowed = await shared.hit(self.item, key)
+                stats = await shared.get_window_stats(self.item, key)
+                return self._answer(allowed, stats)
+            except StorageError as exc:
+                log.warning(
+                    "caller limits fall back to process memory for %.0f s: Redis failed (%s)",
+                    REDIS_RETRY_S,
+                    type(exc.storage_error).__name__,
+                )
+                self._local_until = time.monotonic() + REDIS_RETRY_S
+        allowed = self._local.hit(self.item, key)
+        return self._answer(allowed, self._local.get_window_stats(self.item, key))
+
+    def _answer(self, allowed: bool, stats: WindowStats) -> dict[str, str]:
+        """The RateLimit headers for a check's outcome; raises the 429 when not allowed."""
         reset = max(1, math.ceil(stats.reset_time - time.time()))
         headers = {
             "RateLimit-Limit": str(self.item.amount),

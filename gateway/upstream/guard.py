@@ -119,6 +119,7 @@ class UpstreamGuard:
         self.settings = settings
         self.state = state
         self.alerts = Alerts(state)
+        self.clock = clock
         self.limiter = (
             limiter if limiter is not None else LocalUpstreamState(state, settings, clock=clock)
         )
@@ -326,7 +327,7 @@ class UpstreamGuard:
         elif isinstance(exc, UpstreamPaymentRequired):
             exc.retry_after_s = self.settings.open_s
         try:  # stamped now: a Retry-After counts from the answer, not from the bookkeeping
-            await self._record_outcome(operation, asset, exc, time.time())
+            await self._record_outcome(operation, asset, exc, self.clock())
         except (*self.limiter.errors, *STORE_ERRORS) as exc_state:
             self.limiter.health.failed(exc_state, "refusing upstream calls")
 
