@@ -148,6 +148,8 @@ async def test_one_upstream_call_for_a_tile_across_replicas_even_when_its_fetche
         ]
         try:
             pid = await claim_holder(redis_server.url)
+            async with asyncio.timeout(10):  # its call has reached the upstream (and hangs)
+                await upstream.app[FAULTS_KEY].drained()
             victim = next(process for _, process in replicas if process.pid == pid)
             os.kill(pid, signal.SIGKILL)
             await victim.wait()

@@ -120,7 +120,9 @@ class FleetPurges:
             self._last = noted or await self._stream_end()
         applied = 0
         while True:
-            answer = await self.link.command("XREAD", "COUNT", 100, "STREAMS", STREAM, self._last)
+            answer = await self.link.command(
+                "XREAD", "COUNT", 100, "STREAMS", STREAM, self._last, background=True
+            )
             entries: Sequence[tuple[object, Mapping[object, object]]] = (
                 answer[0][1] if answer else []
             )  # redis-py parses each entry into (id, {field: value})
@@ -134,7 +136,7 @@ class FleetPurges:
             await asyncio.to_thread(self.cache.write_note, NOTE, self._last)
 
     async def _stream_end(self) -> str:
-        newest = await self.link.command("XREVRANGE", STREAM, "+", "-", "COUNT", 1)
+        newest = await self.link.command("XREVRANGE", STREAM, "+", "-", "COUNT", 1, background=True)
         return _text(newest[0][0]) if newest else "0-0"
 
     async def _apply(self, fields: Mapping[str, str]) -> int:

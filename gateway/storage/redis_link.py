@@ -96,7 +96,10 @@ class RedisLink:
         password: overrides the URL's password (from a secret file).
 
     Attributes:
-        round_trips: pipelines sent so far (each one round trip), for tests and the bench.
+        round_trips: pipelines sent so far for requests' work (each one round trip), for tests
+            and the bench.
+        background_round_trips: commands of background work (the purge follower's polls),
+            counted apart so that they never blur what a request costs.
         reachable: whether the last exchange with Redis worked.
     """
 
@@ -126,6 +129,7 @@ class RedisLink:
         self.subscribed = asyncio.Event()
         """Set while the pub/sub listener is subscribed."""
         self.round_trips = 0
+        self.background_round_trips = 0
         self.reachable = True
         metrics.STATE_REACHABLE.set(1)
 
@@ -255,13 +259,17 @@ class RedisLink:
             self._mark(False, exc)
             raise StateUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
 
-    async def command(self, name: str, *args: object) -> Any:
-        """One plain Redis command (admin and reports: ``SCAN``, ``PING``...).
+    async def command(self, name: str, *args: object, background: bool = False) -> Any:
+        """One plain Redis command (admin and reports: ``SCAN``, ``PING``...); ``background``
+        counts it in :attr:`background_round_trips` instead of :attr:`round_trips`.
 
         Raises:
             StateUnavailable: Redis cannot be reached.
         """
-        self.round_trips += 1
+        if background:
+            self.background_round_trips += 1
+        else:
+            self.round_trips += 1
         try:
             result = await self.client.execute_command(name, *args)  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
