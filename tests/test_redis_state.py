@@ -229,9 +229,14 @@ async def test_client_limits_hold_across_processes_through_redis(redis_server):
 async def test_a_cache_miss_costs_at_most_three_round_trips_and_a_hit_none(
     gateway_for, emulator, redis_server, tmp_path
 ):
+    """The happy path: tokens are there. (A Redis flushed for this test starts every bucket
+    empty, and at the default rates a call that must wait for its tokens takes its lease in
+    a trip of its own.)"""
     config = config_with(
         tmp_path,
         ('rate_limit = "200/second"', 'rate_limit = "off"'),
+        ("operation_rps = 20.0", "operation_rps = 10000.0"),
+        ("asset_rps = 10.0", "asset_rps = 10000.0"),
         append=f'[state]\nredis_url = "{redis_server.url}"\n',
     )
     client = await gateway_for(emulator, config=config)
