@@ -37,8 +37,10 @@ from gateway.seed.fleet import FleetPurges
 from gateway.services.clips import ClipLayers
 from gateway.services.downloads import DownloadService
 from gateway.services.listing import JobListing
+from gateway.services.peers import PeerClient, peer_token
 from gateway.services.sources import SourceCheck
 from gateway.services.stack import open_tile_stack
+from gateway.storage.coalesce import FleetFiles
 from gateway.storage.downloads import DownloadStore, remove_interrupted
 
 log = logging.getLogger("gateway.app")
@@ -118,7 +120,10 @@ async def _download_store(app: web.Application) -> AsyncIterator[None]:
 async def _download_service(app: web.Application) -> AsyncIterator[None]:
     """The download service and what is built on it: clip layers, the job listing."""
     settings, store, guard = app[SETTINGS], app[DOWNLOAD_STORE], app[GUARD]
-    service = DownloadService(store, guard, content_types=settings.downloads.content_types)
+    fleet, peers = _fleet_files(app)
+    service = DownloadService(
+        store, guard, content_types=settings.downloads.content_types, fleet=fleet, peers=peers
+    )
     app[DOWNLOAD_SERVICE] = service
     app[CLIP_LAYERS] = ClipLayers(service)
     if settings.downloads.organization_id is not None:
@@ -129,6 +134,27 @@ async def _download_service(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await service.aclose()
+
+
+def _fleet_files(app: web.Application) -> tuple[FleetFiles | None, PeerClient | None]:
+    """With ``[state] redis_url`` and ``peer_url``: the fleet's single-flight of clip files
+    and the client that pulls them from other replicas; else ``(None, None)``."""
+    settings = app[SETTINGS]
+    tile_fleet = app[TILE_SERVICE].fleet
+    if tile_fleet is None:
+        return None, None
+    if settings.state.peer_url is None:
+        log.info("state.peer_url is not set: this replica fetches its own copy of each clip file")
+        return None, None
+    fleet = FleetFiles(tile_fleet.link, settings.state.lease_s, settings.state.peer_url)
+    # the sending replica may itself wait on the upstream as long as its read timeout
+    read_timeout_s = settings.upstream.read_timeout_s + PEER_READ_MARGIN_S
+    return fleet, PeerClient(peer_token(settings.upstream.api_key), read_timeout_s)
+
+
+PEER_READ_MARGIN_S = 5.0
+"""How much longer a replica waits for bytes from another one than that one waits on the
+upstream, seconds."""
 
 
 async def _source_check(app: web.Application) -> AsyncIterator[None]:

@@ -116,6 +116,12 @@ FLEET_COALESCED = Counter(
     "gateway_fleet_coalesced_total",
     "Cache misses answered by another replica's fetch (cross-replica single-flight)",
 )
+PEER_PULLS = Counter(
+    "gateway_fleet_peer_pulls_total",
+    "Clip files pulled from another replica instead of the upstream, by outcome (ok, broken: "
+    "cut off midway; gone, refused, unreachable, failed: nothing sent)",
+    ["outcome"],
+)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 

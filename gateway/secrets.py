@@ -12,6 +12,8 @@ percent-encoding (RFC 3986 section 2.1).
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import logging
 import weakref
 from urllib.parse import quote
@@ -59,6 +61,18 @@ class Secret:
     def __reduce__(self) -> tuple[object, ...]:
         # Worker processes receive settings by pickling; keep the value, not the text form.
         return (Secret, (self.__value,))
+
+
+def derived(secret: Secret, purpose: str) -> Secret:
+    """A secret for one ``purpose`` derived from ``secret``: the hex HMAC-SHA256 (RFC 2104) of
+    ``purpose`` keyed with the secret's value, itself a :class:`Secret`.
+
+    Whoever holds ``secret`` computes the same value, and the value reveals nothing of
+    ``secret``: the replicas of a fleet, which share the Geopera key, authenticate each other
+    with ``derived(api_key, "fleet peer")`` without a second secret to distribute.
+    """
+    digest = hmac.new(secret.reveal().encode(), purpose.encode(), hashlib.sha256)
+    return Secret(digest.hexdigest())
 
 
 def _base64_cores(raw: bytes) -> list[str]:

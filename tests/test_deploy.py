@@ -54,3 +54,7 @@ def test_the_proxies_route_and_cache_as_the_readme_says():
     compose = (DEPLOY / "compose.yaml").read_text()
     assert compose.count("GATEWAY_REDIS_URL") == 1
     assert "gateway3:" in compose
+    # each replica names itself to the others; the outside never reaches their route
+    for n in (1, 2, 3):
+        assert f'GATEWAY_PEER_URL: "http://gateway{n}:8080"' in compose
+    assert re.search(r"^\s*http-request deny .*path_beg /fleet/", haproxy, re.M)

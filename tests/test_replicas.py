@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,8 +18,11 @@ import mercantile
 import redis.asyncio as aioredis
 
 from gateway.emulator import FAULTS_KEY, LIMITS_KEY, Fault
-from tests.conftest import PLANTED_KEY, Emulator, RedisServer, config_with, needs_redis
+from gateway.secrets import Secret
+from gateway.services.peers import peer_token
+from tests.conftest import PLANTED_KEY, TOKENS, Emulator, RedisServer, config_with, needs_redis
 from tests.test_cli import free_port, running, wait_healthy
+from tests.test_downloads import create_job, downloads, upstream_bytes
 
 pytestmark = needs_redis
 
@@ -26,6 +30,7 @@ OLINDA = "/tiles/olinda/13/3302/4278.png"
 OLINDA_BOUNDS = (-34.916589, -8.040927, -34.825966, -7.949822)
 NO_CLIENT_LIMIT = ('rate_limit = "200/second"', 'rate_limit = "off"')
 TIMEOUT = aiohttp.ClientTimeout(total=30)
+DOWNLOADS = {"Authorization": f"Bearer {TOKENS['downloads']}"}
 
 
 @asynccontextmanager
@@ -43,6 +48,7 @@ async def fleet(
                 "GEOPERA_API_KEY": PLANTED_KEY,
                 "GEOPERA_CACHE_DIR": str(tmp_path / f"replica-{n}"),
                 "GATEWAY_REDIS_URL": redis_url,
+                "GATEWAY_PEER_URL": f"http://127.0.0.1:{port}",
             }
             args = ("serve", "--config", str(config), "--port", str(port), "--workers", "1")
             process, _ = await stack.enter_async_context(running(*args, env=env))
@@ -57,22 +63,23 @@ async def fleet(
 
 
 async def drain(process: asyncio.subprocess.Process) -> None:
-    """Read ``process``'s output until it ends."""
+    """Read ``process``'s output until it ends, into the test's captured stderr (shown when
+    the test fails)."""
     assert process.stdout is not None
-    while await process.stdout.read(1 << 16):
-        pass
+    while data := await process.stdout.read(1 << 16):
+        sys.stderr.write(data.decode(errors="replace"))
 
 
-async def claim_holder(redis_url: str) -> int:
-    """The pid of the replica holding the one claim in Redis (waits for it)."""
+async def claim_holder(redis_url: str, pattern: str = "ggw:claim:*") -> str:
+    """The owner token of the one claim matching ``pattern`` in Redis (waits for it)."""
     client = aioredis.Redis.from_url(redis_url)
     try:
         async with asyncio.timeout(10):
             while True:
-                for key in await client.keys("ggw:claim:*"):
+                for key in await client.keys(pattern):
                     holder = await client.get(key)
                     if holder is not None:
-                        return int(holder.decode().split(":")[1])
+                        return str(holder.decode())
                 await asyncio.sleep(0.02)
     finally:
         await client.aclose()
@@ -147,7 +154,7 @@ async def test_one_upstream_call_for_a_tile_across_replicas_even_when_its_fetche
             asyncio.ensure_future(get(session, replicas[n % 3][0] + other)) for n in range(30)
         ]
         try:
-            pid = await claim_holder(redis_server.url)
+            pid = int((await claim_holder(redis_server.url)).split(":")[1])
             async with asyncio.timeout(10):  # its call has reached the upstream (and hangs)
                 await upstream.app[FAULTS_KEY].drained()
             victim = next(process for _, process in replicas if process.pid == pid)
@@ -205,3 +212,136 @@ async def test_redis_down_serves_hits_refuses_misses_and_recovers(start_upstream
             assert headers["X-Cache"] == "MISS"
     finally:
         server.stop()
+
+
+async def first_bytes(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientResponse:
+    """A download's response once its first body bytes have arrived (read by the caller)."""
+    response = await session.get(url, headers=DOWNLOADS)
+    assert response.status == 200, await response.text()
+    await _some_bytes(response)
+    return response
+
+
+async def _some_bytes(response: aiohttp.ClientResponse) -> None:
+    # another process's progress: nothing to wait on but the bytes themselves
+    while not response.content.is_eof() and not response.content.total_bytes:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
+async def rest_of(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """Every body byte (the first ones too), and whether the connection was cut short."""
+    received = bytearray()
+    try:
+        async for chunk in response.content.iter_chunked(1 << 16):
+            received += chunk
+    except aiohttp.ClientPayloadError:
+        return bytes(received), True
+    finally:
+        response.release()
+    return bytes(received), False
+
+
+async def test_a_clip_file_crosses_the_upstream_once_for_the_fleet_even_when_its_fetcher_dies(
+    start_upstream, redis_server, tmp_path
+):
+    upstream = await start_upstream(clip_delay_s=0)
+    faults = upstream.app[FAULTS_KEY]
+    config = config_with(tmp_path, NO_CLIENT_LIMIT, append="[state]\nlease_s = 1.0\n")
+    size = 3_000_000
+    job_id, other_job = [await create_job(upstream, f"synthetic-{size}") for _ in range(2)]
+    whole = await upstream_bytes(upstream, job_id, "data")
+    async with (
+        fleet(upstream, config, redis_server.url, tmp_path) as replicas,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=TIMEOUT) as session,
+    ):
+        bases = [base for base, _ in replicas]
+        before = downloads(upstream)
+        # the upstream sends 1 MB, then holds the rest until released: 30 downloads, spread
+        # over the three replicas, all start while the one transfer runs
+        faults.add(Fault("stall", operation="clip.job.download", bytes=1_000_000))
+        path = f"/downloads/{job_id}/data"
+        started = [await first_bytes(session, bases[0] + path)]
+        started += await asyncio.gather(
+            *(first_bytes(session, bases[n % 3] + path) for n in range(1, 30))
+        )
+        faults.release()
+        bodies = await asyncio.gather(*(rest_of(r) for r in started))
+        assert {len(body) for body, _ in bodies} == {size}
+        assert all(body == whole and not cut for body, cut in bodies)
+        assert downloads(upstream) == before + 1  # one upstream transfer for the fleet
+        caches = [r.headers["X-Cache"] for r in started]
+        assert caches[0] == "MISS"
+        assert set(caches[1:]) == {"COALESCED"}
+        for base in bases:  # every replica stored its own copy
+            status, headers, body = await get_file(session, base + path)
+            assert (status, headers["X-Cache"], body) == (200, "HIT", whole)
+        assert downloads(upstream) == before + 1
+
+        # a file one replica has stored: another streams it from there, not the upstream
+        stored_path = f"/downloads/{await create_job(upstream, 'synthetic-200000')}/data"
+        _, _, stored = await get_file(session, bases[1] + stored_path)
+        before = downloads(upstream)
+        status, headers, body = await get_file(session, bases[2] + stored_path)
+        assert (status, headers["X-Cache"], body) == (200, "COALESCED", stored)
+        assert downloads(upstream) == before
+
+        # the replica fetching another file is killed midway: the others' clients get a cut
+        # body (never a whole-looking one), and their next request costs one more transfer
+        faults.add(Fault("stall", operation="clip.job.download", bytes=1_000_000))
+        path = f"/downloads/{other_job}/data"
+        first = await first_bytes(session, bases[0] + path)
+        fetcher = (await claim_holder(redis_server.url, "ggw:file-claim:*")).split(" ")[0]
+        victim = next(process for base, process in replicas if base == fetcher)
+        survivors = [base for base in bases if base != fetcher]
+        pulling = [await first_bytes(session, base + path) for base in survivors]
+        os.kill(victim.pid, signal.SIGKILL)
+        await victim.wait()
+        faults.release()  # the killed replica's transfer, still held at the upstream
+        for body, cut in [await rest_of(r) for r in [first, *pulling]]:
+            assert cut
+            assert len(body) < size
+        before = downloads(upstream)
+        answers = await asyncio.gather(*(get_file(session, base + path) for base in survivors))
+        other_whole = await upstream_bytes(upstream, other_job, "data")
+        assert [(status, body) for status, _, body in answers] == [(200, other_whole)] * 2
+        assert downloads(upstream) == before + 1 + 1  # one transfer, and upstream_bytes
+
+
+async def get_file(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, str], bytes]:
+    async with session.get(url, headers=DOWNLOADS) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_the_peer_route_answers_only_the_fleet_and_never_calls_the_upstream(
+    gateway_for, start_upstream, redis_server, tmp_path
+):
+    emulator = await start_upstream(clip_delay_s=0)
+    fleet_config = config_with(
+        tmp_path,
+        append=f'[state]\nredis_url = "{redis_server.url}"\npeer_url = "http://127.0.0.1:9"\n',
+    )
+    client = await gateway_for(emulator, config=fleet_config)
+    job_id = await create_job(emulator, "synthetic-100000")
+    path = f"/fleet/downloads/{job_id}/data"
+    right = f"Bearer {peer_token(Secret(PLANTED_KEY)).reveal()}"
+    for header in (None, "Bearer wrong", f"Bearer {TOKENS['downloads']}", right.upper()):
+        response = await client.get(path, headers={"Authorization": header} if header else {})
+        assert response.status == 401, await response.text()
+        assert response.content_type == "application/problem+json"
+    response = await client.get(path, headers={"Authorization": right})
+    assert response.status == 404  # not held here, and not fetched for the asker
+    assert downloads(emulator) == 0
+    assert emulator.stats.calls["clip.job.get"] == 0
+    assert (await client.get(path + "?job=1", headers={"Authorization": right})).status == 400
+
+    # a download through the gateway stores the file: then the peer route sends it
+    response = await client.get(f"/downloads/{job_id}/data", headers=DOWNLOADS)
+    whole = await response.read()
+    response = await client.get(path, headers={"Authorization": right})
+    assert (response.status, await response.read()) == (200, whole)
+    assert response.headers["Repr-Digest"].startswith("sha-256=:")
+    assert downloads(emulator) == 1
+
+    alone = await gateway_for(emulator)  # no fleet: no such route
+    response = await alone.get(path, headers={"Authorization": right})
+    assert response.status == 404

@@ -565,6 +565,27 @@ def _redis_url(value: object) -> Secret | None:
     return Secret(value)
 
 
+def _peer_url(value: str | None) -> str | None:
+    """``state.peer_url``: an http(s) URL with a host and nothing after the port, without
+    its trailing slash (other replicas append ``/fleet/downloads/...``)."""
+    if value is None or value == "":
+        return None
+    parts = urlsplit(value)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path.strip("/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise invalid(
+            "must be this replica's own address as the other replicas reach it, like "
+            '"http://10.0.0.5:8080" (scheme, host and port only); check it or GATEWAY_PEER_URL'
+        )
+    return value.rstrip("/")
+
+
 class StateSettings(Table):
     """``[state]``: where the upstream state lives (token buckets, breakers, egress budget,
     concurrency leases, caller limits, cross-replica tile claims).
@@ -574,6 +595,10 @@ class StateSettings(Table):
     (from the URL, or from ``password_file`` / ``GATEWAY_REDIS_PASSWORD_FILE``) are
     :class:`~gateway.secrets.Secret`: never logged or shown. ``lease_s`` is how long a
     replica's claims and concurrency leases outlive it (renewed while it runs), seconds.
+    ``peer_url`` (``GATEWAY_PEER_URL`` wins) is this replica's own address as the other
+    replicas reach it: with it, a clip file crosses the upstream once for the whole fleet
+    (the others stream it from the replica that holds or fetches it); without it, each
+    replica fetches its own copy.
     """
 
     redis_url: Annotated[Secret | None, Env("GATEWAY_REDIS_URL"), BeforeValidator(_redis_url)] = (
@@ -581,6 +606,7 @@ class StateSettings(Table):
     )
     password_file: Annotated[OptionalPath, Env("GATEWAY_REDIS_PASSWORD_FILE", _env_path)] = None
     lease_s: PositiveFloat = 5.0
+    peer_url: Annotated[Str | None, Env("GATEWAY_PEER_URL"), AfterValidator(_peer_url)] = None
 
     _password: Secret | None = PrivateAttr(None)
 

@@ -11,6 +11,9 @@ the client as its bytes arrive, and so is one range of it (206, RFC 9110 section
 bytes go out as soon as they are written, the file's last byte once the file is verified and
 stored; several ranges wait for the stored file. A streamed answer has no ``Repr-Digest``:
 the digest is known only once the last byte is in.
+
+``GET /fleet/downloads/{job_id}/{mosaic_type}`` sends the other replicas of a fleet the files
+this one holds or is transferring, the same way (:mod:`gateway.services.peers`).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from gateway.errors import TransferBroken
 from gateway.http.callers import caller_address
 from gateway.http.conditional import none_match
 from gateway.http.keys import DOWNLOAD_SERVICE, SETTINGS
-from gateway.http.params import authorize_job, mosaic_type_of
+from gateway.http.params import authorize_job, job_id_of, mosaic_type_of
 from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import PROBLEM_JSON, Problem
 from gateway.http.urls import file_url, public_base
 from gateway.logs import CLIENT_GONE_KEY
 from gateway.services.downloads import DownloadService, Requester, content_disposition
+from gateway.services.peers import PEER_PATH
 from gateway.services.transfers import READ_CHUNK, Transfer
 from gateway.storage.downloads import StoredFile
 
@@ -99,6 +103,33 @@ async def checksum(request: web.Request) -> web.Response:
         charset="utf-8",
         headers={"Cache-Control": CACHE_CONTROL, "X-Cache": cache},
     )
+
+
+async def peer_download(request: web.Request) -> web.StreamResponse:
+    """``GET``/``HEAD /fleet/downloads/{job_id}/{mosaic_type}``: a clip file this replica has
+    stored or is transferring now, for another replica of the fleet
+    (:mod:`gateway.services.peers`); never an upstream call. Only the fleet's peer token
+    opens it (401 otherwise, and 404 on a replica without ``state.peer_url``); the asking
+    replica has already checked its own client's token and project.
+
+    Raises:
+        Problem: 401 (no or another token), 404 (no fleet, or no such file here), 400 (job
+            id or mosaic type malformed).
+    """
+    service: DownloadService = request.app[DOWNLOAD_SERVICE]
+    if service.peers is None:
+        raise Problem(404, "Not found", "No route matches this path.", slug="not-found")
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not service.peers.accepts(presented.strip()):
+        raise Problem(
+            401, "Unauthorized", "This route is for the replicas of the fleet.", slug="unauthorized"
+        )
+    found, cache = await service.held(job_id_of(request), mosaic_type_of(request))
+    if isinstance(found, Transfer) and found.size is not None and not _several_ranges(request):
+        return await _stream_transfer(request, found, cache)
+    stored = await service.stored(found)
+    return await _serve_stored(request, stored, cache)
 
 
 def _several_ranges(request: web.Request) -> bool:
@@ -377,6 +408,11 @@ POLICY = RoutePolicy(caller_limit=True, query=frozenset({"token"}))
 upstream), ``?token=`` the only query parameter; not for other origins."""
 
 
+PEER_POLICY = RoutePolicy(query=frozenset())
+"""The fleet's peer route: no query parameters, not counted against caller limits (the
+asking replica counted its own client), not for browsers."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the download routes on ``app`` (the checksum before the file: both match
     ``/downloads/{job_id}/{name}``)."""
@@ -389,3 +425,10 @@ def add_routes(app: web.Application) -> None:
         policy=POLICY,
     )
     add_get(app, "/downloads/{job_id}/{mosaic_type}", download, name="download", policy=POLICY)
+    add_get(
+        app,
+        PEER_PATH + "/{job_id}/{mosaic_type}",
+        peer_download,
+        name="peer_download",
+        policy=PEER_POLICY,
+    )

@@ -14,7 +14,10 @@ transfer is never stored, its readers' connections are cut short, and the tempor
 removed.
 
 Across worker processes the store's claim makes one worker transfer while the others wait
-for the stored file.
+for the stored file. Across the replicas of a fleet (``[state] redis_url`` and ``peer_url``),
+:class:`~gateway.storage.coalesce.FleetFiles` makes one replica fetch from the upstream; the
+others stream the file from it while it arrives, or from a replica that has stored it
+(:mod:`gateway.services.peers`), through the same transfer protocol, and store their own copy.
 
 Job states come from ``clip.job.get`` (rules from the Geopera "Clipping" guide, seeds
 ``001``: ``clip.job.get`` reports the status, ``clip.job.downloads`` the descriptors once
@@ -64,8 +67,9 @@ from gateway.errors import (
     UpstreamNotFound,
 )
 from gateway.secrets import redact
-from gateway.services.transfers import Transfer, clean_filename
-from gateway.storage.coalesce import SingleFlight
+from gateway.services.peers import PeerClient, PeerUnavailable
+from gateway.services.transfers import Stream, Transfer, clean_filename
+from gateway.storage.coalesce import FileSource, FleetFiles, SingleFlight
 from gateway.storage.downloads import DownloadStore, StoredFile
 from gateway.upstream.guard import UpstreamGuard
 
@@ -88,6 +92,13 @@ MAX_REASON_CHARS = 500
 CLAIM_POLL_S = 0.05
 """How often a worker waiting for another worker's transfer looks for the stored file,
 seconds."""
+
+PEER_RETRY_S = 0.1
+"""Pause before asking Redis again after the replica fetching a file had no transfer to send
+(it had just failed, or just finished), seconds."""
+
+PEER_ATTEMPTS = 50
+"""Most sources tried for one file in the fleet before giving up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +126,8 @@ class DownloadService:
         store: the download store.
         guard: the protected upstream client.
         content_types: media types a clip file may have (``downloads.content_types``).
+        fleet: the fleet's claims and holders of clip files, with ``peers`` to pull them from
+            other replicas; None on one host (or without ``state.peer_url``).
     """
 
     def __init__(
@@ -122,10 +135,14 @@ class DownloadService:
         store: DownloadStore,
         guard: UpstreamGuard,
         content_types: frozenset[str] = frozenset({"image/tiff"}),
+        fleet: FleetFiles | None = None,
+        peers: PeerClient | None = None,
     ) -> None:
         self.store = store
         self.guard = guard
         self.content_types = content_types
+        self.fleet = fleet if peers is not None else None
+        self.peers = peers
         self._jobs: SingleFlight[dict[str, Any]] = SingleFlight()
         self._transfers: dict[tuple[str, str], Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,6 +153,27 @@ class DownloadService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.peers is not None:
+            await self.peers.aclose()
+
+    async def held(self, job_id: str, mosaic_type: str) -> tuple[StoredFile | Transfer, str]:
+        """What this replica can send another one of a file without any upstream call: the
+        stored file (``HIT``) or the transfer fetching it now (``COALESCED``), headers known.
+
+        Raises:
+            JobNotFound: neither (nor the transfer's headers, which failed).
+        """
+        stored = self.store.lookup(job_id, mosaic_type)
+        if stored is not None:
+            return stored, "HIT"
+        transfer = self._transfers.get((job_id, mosaic_type))
+        if transfer is not None:
+            await transfer.ready.wait()
+            if transfer.stored is not None:
+                return transfer.stored, "HIT"
+            if transfer.error is None:
+                return transfer, "COALESCED"
+        raise JobNotFound(job_id, "this replica holds no such file")
 
     async def stored(self, found: StoredFile | Transfer) -> StoredFile:
         """The stored file of an :meth:`open` answer: ``found`` itself, or the file its
@@ -307,6 +345,8 @@ class DownloadService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         await transfer.ready.wait()
+        if transfer.from_peer:  # another replica fetched it: no upstream call of our own
+            cache_status = "COALESCED"
         if transfer.error is not None:
             error = transfer.error
             if not isinstance(error, GatewayError):
@@ -329,7 +369,10 @@ class DownloadService:
                 if transfer.stored is None:
                     claimed = self._store_call(self.store.claim, *key)
             if transfer.stored is None:
-                await self._transfer(transfer, requester)
+                if self.fleet is None:
+                    await self._transfer(transfer, requester)
+                else:
+                    await self._fleet_transfer(transfer, requester)
             transfer.finish()
         except asyncio.CancelledError:
             transfer.finish(TransferFailed("the gateway is shutting down"))
@@ -371,12 +414,63 @@ class DownloadService:
             body["user_agent"] = requester.user_agent[:512]
         if requester.ip:
             body["requester_ip"] = requester.ip
+        await self._receive(
+            transfer, self.guard.stream("clip.job.download", body, asset=transfer.job_id)
+        )
+
+    async def _receive(self, transfer: Transfer, stream: Stream) -> None:
         await transfer.receive(
-            self.guard.stream("clip.job.download", body, asset=transfer.job_id),
+            stream,
             self.store,
             expected=self._expected_size(transfer.job_id, transfer.mosaic_type),
             content_types=self.content_types,
         )
+
+    async def _fleet_transfer(self, transfer: Transfer, requester: Requester) -> None:
+        """Get the file once for the fleet: from a replica that has stored it, else from the
+        one fetching it now (as its bytes arrive), else (holding the fleet's claim) from the
+        upstream. A replica that sends nothing (gone, unreachable) is skipped, and a dead
+        fetcher's claim is taken over once it expires; one that breaks off midway breaks this
+        transfer too (its readers resume, and the next request starts again).
+
+        Raises:
+            LimitExceeded: Redis cannot be reached (fail closed).
+            TransferFailed: no source would send the file after :data:`PEER_ATTEMPTS` tries.
+            Whatever the transfer raises.
+        """
+        fleet, peers = self.fleet, self.peers
+        assert fleet is not None
+        assert peers is not None
+        key = f"{transfer.job_id}:{transfer.mosaic_type}"
+        token = fleet.token()
+        for _ in range(PEER_ATTEMPTS):
+            source: FileSource = await fleet.claim(key, token)
+            if source.claimed:
+                async with fleet.holding(key, token):
+                    await self._transfer(transfer, requester)
+                await fleet.stored(key, token)
+                return
+            for peer in source.holders or (source.fetcher,):
+                if not peer:
+                    break
+                transfer.from_peer = True
+                try:
+                    await self._receive(
+                        transfer, peers.stream(peer, transfer.job_id, transfer.mosaic_type)
+                    )
+                except PeerUnavailable as exc:  # nothing received: try the next source
+                    transfer.from_peer = False
+                    log.info("another replica did not send a clip file: %s", exc.reason)
+                    if source.holders:
+                        fleet.forget(key, peer)
+                    elif exc.reason == "unreachable":  # a dead fetcher: its claim expires
+                        await asyncio.sleep(source.fetcher_left_s + PEER_RETRY_S)
+                    continue
+                await fleet.stored(key)
+                return
+            if not source.holders:
+                await asyncio.sleep(PEER_RETRY_S)
+        raise TransferFailed("no replica of the fleet would send this file")
 
     def _expected_size(self, job_id: str, mosaic_type: str) -> int | None:
         for descriptor in self.store.descriptors(job_id) or []:

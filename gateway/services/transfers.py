@@ -83,6 +83,7 @@ class Transfer:
             transfer is complete.
         error: the failure, once failed.
         stored: the stored file, once committed.
+        from_peer: the bytes come from another replica of the fleet, not the upstream.
     """
 
     def __init__(self, job_id: str, mosaic_type: str, tmp: Path) -> None:
@@ -96,6 +97,7 @@ class Transfer:
         self.sha256: str | None = None
         self.error: Exception | None = None
         self.stored: StoredFile | None = None
+        self.from_peer = False
         self.ready = asyncio.Event()
         self.finished = asyncio.Event()
         self._progress = asyncio.Event()

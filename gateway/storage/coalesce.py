@@ -6,7 +6,9 @@ result or its exception. The fetch runs as its own task, so a caller that goes a
 disconnect, cancellation) never cancels work that others still wait on.
 
 :class:`SingleFlight` joins the callers of one process; :class:`FleetFlight` joins the
-replicas of a fleet through Redis (the owner's result is read by the others from Redis).
+replicas of a fleet through Redis (the owner's result is read by the others from Redis);
+:class:`FleetFiles` does it for clip files, which are too big for Redis (the others stream
+the file from the replica that has it).
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from gateway import metrics
 from gateway.errors import LimitExceeded
-from gateway.storage.redis_link import PREFIX, RedisLink, Script, StateUnavailable, wait_any
+from gateway.storage.redis_link import (
+    PREFIX,
+    Arg,
+    RedisLink,
+    Script,
+    StateUnavailable,
+    wait_any,
+)
 
 T = TypeVar("T")
 
@@ -249,6 +259,168 @@ class FleetFlight:
         return payload
 
     async def _renew(self, claim: str, token: str, lease_ms: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            with contextlib.suppress(StateUnavailable):  # retried next round
+                await self.link.call((RENEW_CLAIM, [claim], [token, lease_ms]))
+
+
+# --- cross-replica single-flight of clip files (issue 13) ---
+
+HOLDERS_TTL_S = 7 * 86400.0
+"""How long a file's list of holding replicas lasts after its last addition, seconds (a
+replica that evicted the file answers 404 and is dropped from the list before then)."""
+
+FILE_CLAIM_PREFIX = PREFIX + "file-claim:"
+FILE_HOLDERS_PREFIX = PREFIX + "file-holders:"
+
+FILE_CLAIM = Script(
+    """
+-- KEYS: claim, holders; ARGV: owner token ('<peer url> <random>'), lease ms, own peer url.
+-- {'holders', url...} | {'claimed'} | {'held', holder's token, ms left on its claim}
+local others = {}
+for _, url in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if url ~= ARGV[3] then others[#others + 1] = url end
+end
+if #others > 0 then return {'holders', unpack(others)} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'claimed'} end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'claimed'}
+end
+if not holder then return {'held', '', '0'} end
+return {'held', holder, tostring(redis.call('PTTL', KEYS[1]))}
+"""
+)
+
+FILE_STORED = Script(
+    """
+-- KEYS: claim, holders; ARGV: owner token (or ''), own peer url, holders ttl ms
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+)
+
+FILE_GIVE_UP = Script(
+    """
+-- KEYS: claim; ARGV: owner token. The fetch failed: free the claim for the next replica.
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+)
+
+FILE_FORGET = Script(
+    """
+-- KEYS: holders; ARGV: a peer url that no longer holds the file
+redis.call('SREM', KEYS[1], ARGV[1])
+return 1
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileSource:
+    """Where a replica gets a clip file from, by :meth:`FleetFiles.claim`.
+
+    Attributes:
+        claimed: this replica holds the fleet's claim: it fetches the file from the upstream.
+        holders: peer URLs of replicas that hold the stored file (``claimed`` False).
+        fetcher: the peer URL of the replica fetching it now, or "" (``claimed`` False and
+            no holders).
+        fetcher_left_s: how long the fetcher's claim lasts unless renewed, seconds.
+    """
+
+    claimed: bool
+    holders: tuple[str, ...] = ()
+    fetcher: str = ""
+    fetcher_left_s: float = 0.0
+
+
+class FleetFiles:
+    """Single-flight of clip files across replicas: one upstream transfer per file for the
+    whole fleet, through Redis.
+
+    Files are far too big to pass through Redis, so Redis only says who has them: a claim per
+    file (``SET NX`` with an owner token that carries the owner's peer URL, expiring after
+    ``lease_s`` unless renewed while the transfer runs) and, once stored, the set of replicas
+    that hold the file. A replica that does not hold the claim streams the file from a
+    holder, or from the fetcher while its transfer runs (the fetcher's peer route passes on
+    bytes as they arrive): it needs no wakeup, since the bytes themselves are the signal. A
+    fetcher that died leaves a claim that expires within ``lease_s``; the next replica then
+    claims it and fetches from the upstream.
+
+    Args:
+        link: the process's Redis link.
+        lease_s: claim lifetime without renewal, seconds.
+        peer_url: this replica's own address as the others reach it (``state.peer_url``).
+    """
+
+    def __init__(self, link: RedisLink, lease_s: float, peer_url: str) -> None:
+        self.link = link
+        self.lease_s = lease_s
+        self.peer_url = peer_url
+
+    def token(self) -> str:
+        """A new owner token for one transfer: this replica's peer URL and a random part."""
+        return f"{self.peer_url} {uuid.uuid4().hex[:12]}"
+
+    async def claim(self, key: str, token: str) -> FileSource:
+        """Claim ``key`` for this replica, unless other replicas hold the file or fetch it.
+
+        Raises:
+            LimitExceeded: Redis cannot be reached (scope ``state``: fail closed).
+        """
+        lease_ms = max(1, int(self.lease_s * 1000))
+        keys = [FILE_CLAIM_PREFIX + key, FILE_HOLDERS_PREFIX + key]
+        try:
+            (answer,) = await self.link.call((FILE_CLAIM, keys, [token, lease_ms, self.peer_url]))
+        except StateUnavailable:
+            metrics.LIMITER_REJECTIONS.labels("state").inc()
+            raise LimitExceeded(
+                "state", 5.0, "the fleet's limiter state (Redis) cannot be reached"
+            ) from None
+        verdict = answer[0].decode()
+        if verdict == "claimed":
+            return FileSource(claimed=True)
+        if verdict == "holders":
+            return FileSource(claimed=False, holders=tuple(u.decode() for u in answer[1:]))
+        fetcher = answer[1].decode().rsplit(" ", 1)[0]
+        return FileSource(claimed=False, fetcher=fetcher, fetcher_left_s=int(answer[2]) / 1000)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: str, token: str) -> AsyncIterator[None]:
+        """Keep the claim on ``key`` renewed while the block (the upstream transfer) runs;
+        when the block raises, the claim is freed for the next replica."""
+        claim = FILE_CLAIM_PREFIX + key
+        renewer = asyncio.ensure_future(self._renew(claim, token))
+        try:
+            yield
+        except BaseException:
+            self.link.defer(FILE_GIVE_UP, [claim], [token])
+            raise
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+    async def stored(self, key: str, token: str = "") -> None:
+        """Record that this replica holds the stored file (and free the claim ``token``
+        held, if any). A Redis failure is logged by the link and ignored: the claim then
+        expires, and others fetch the file themselves."""
+        keys = [FILE_CLAIM_PREFIX + key, FILE_HOLDERS_PREFIX + key]
+        args: list[Arg] = [token, self.peer_url, int(HOLDERS_TTL_S * 1000)]
+        with contextlib.suppress(StateUnavailable):
+            await self.link.call((FILE_STORED, keys, args))
+
+    def forget(self, key: str, peer_url: str) -> None:
+        """Drop ``peer_url`` from the holders of ``key`` (it answered that it has no such
+        file, or could not be reached); sent with the next Redis exchange."""
+        self.link.defer(FILE_FORGET, [FILE_HOLDERS_PREFIX + key], [peer_url])
+
+    async def _renew(self, claim: str, token: str) -> None:
+        lease_ms = max(1, int(self.lease_s * 1000))
         while True:
             await asyncio.sleep(self.lease_s / 3)
             with contextlib.suppress(StateUnavailable):  # retried next round
