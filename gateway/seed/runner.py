@@ -39,6 +39,7 @@ from gateway.errors import (
 from gateway.seed.plan import SeedPlan
 from gateway.seed.resume import ResumeState
 from gateway.services.tiles import FETCH_ERRORS, TileAddress, TileService
+from gateway.storage.redis_link import wait_any
 from gateway.upstream.buckets import Priority
 
 log = logging.getLogger("gateway.seed")
@@ -275,8 +276,4 @@ class Seeder:
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         """Sleep ``seconds``; True (early) when seeding is being stopped."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_any(self._stop.wait(), seconds)

@@ -324,7 +324,10 @@ class TileService:
         """
         wait_s = self.guard.settings.max_wait_s
         try:
-            await asyncio.wait_for(self._creators.acquire(), wait_s)
+            # asyncio.timeout: wait_for can lose a cancel on Python 3.11 (CPython gh-86296),
+            # and a lost cancel here would take a slot that is never given back
+            async with asyncio.timeout(wait_s):
+                await self._creators.acquire()
         except TimeoutError:
             metrics.LIMITER_REJECTIONS.labels("concurrency").inc()
             raise LimitExceeded(

@@ -235,22 +235,19 @@ class FleetFlight:
         finally:
             self._waiting.pop(channel, None)
             self.link.off_message(channel)
-        return await self._fetch_as_owner(key, fetch, token, lease_ms), False
+        return await self._fetch_as_owner(key, fetch, token), False
 
     async def _fetch_as_owner(
-        self, key: str, fetch: Callable[[], Awaitable[bytes]], token: str, lease_ms: int
+        self, key: str, fetch: Callable[[], Awaitable[bytes]], token: str
     ) -> bytes:
         claim, result, channel = CLAIM_PREFIX + key, RESULT_PREFIX + key, DONE_PREFIX + key
-        renewer = asyncio.ensure_future(self._renew(claim, token, lease_ms))
         with self.link.holding():  # the fetch's bookkeeping rides with the result
             try:
-                payload = await fetch()
+                async with renewing(self.link, claim, token, self.lease_s):
+                    payload = await fetch()
             except BaseException:
                 self.link.defer(GIVE_UP, [claim], [token, channel])
                 raise
-            finally:
-                renewer.cancel()
-                await asyncio.gather(renewer, return_exceptions=True)
             # if Redis fails now, the waiters take the claim over once it expires
             with contextlib.suppress(StateUnavailable):
                 await self.link.call(
@@ -258,11 +255,40 @@ class FleetFlight:
                 )
         return payload
 
-    async def _renew(self, claim: str, token: str, lease_ms: int) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
+
+@contextlib.asynccontextmanager
+async def renewing(link: RedisLink, claim: str, token: str, lease_s: float) -> AsyncIterator[None]:
+    """Renew ``claim`` (held with ``token``) every ``lease_s / 3`` seconds while the block
+    runs, each time for ``lease_s``.
+
+    The renewer is stopped by an event it checks between renewals, not by cancellation: a
+    cancel that lands inside a Redis command can be lost (redis-py 8.0 and 8.1 swallow it in
+    pipelines, which is why the dependency is pinned below 8; ``test_redis_state`` checks
+    it), and an owner that waited for a renewer which never ended would hold its claim, and
+    every request waiting on it, for ever. The block never waits for a renewal in flight; one
+    that lands after the claim was released renews nothing (the owner token no longer
+    matches).
+    """
+    lease_ms = max(1, int(lease_s * 1000))
+    stop = asyncio.Event()
+
+    async def renew() -> None:
+        while not await wait_any(stop.wait(), lease_s / 3):
             with contextlib.suppress(StateUnavailable):  # retried next round
-                await self.link.call((RENEW_CLAIM, [claim], [token, lease_ms]))
+                await link.call((RENEW_CLAIM, [claim], [token, lease_ms]))
+
+    task = asyncio.get_running_loop().create_task(renew(), name=f"renew {claim}")
+    try:
+        yield
+    finally:
+        stop.set()
+        _running_renewers.add(task)
+        task.add_done_callback(_running_renewers.discard)
+
+
+_running_renewers: set[asyncio.Task[None]] = set()
+"""Renewers told to stop whose last renewal is still in flight (kept referenced until they
+end)."""
 
 
 # --- cross-replica single-flight of clip files (issue 13) ---
@@ -395,15 +421,12 @@ class FleetFiles:
         """Keep the claim on ``key`` renewed while the block (the upstream transfer) runs;
         when the block raises, the claim is freed for the next replica."""
         claim = FILE_CLAIM_PREFIX + key
-        renewer = asyncio.ensure_future(self._renew(claim, token))
         try:
-            yield
+            async with renewing(self.link, claim, token, self.lease_s):
+                yield
         except BaseException:
             self.link.defer(FILE_GIVE_UP, [claim], [token])
             raise
-        finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
 
     async def stored(self, key: str, token: str = "") -> None:
         """Record that this replica holds the stored file (and free the claim ``token``
@@ -418,10 +441,3 @@ class FleetFiles:
         """Drop ``peer_url`` from the holders of ``key`` (it answered that it has no such
         file, or could not be reached); sent with the next Redis exchange."""
         self.link.defer(FILE_FORGET, [FILE_HOLDERS_PREFIX + key], [peer_url])
-
-    async def _renew(self, claim: str, token: str) -> None:
-        lease_ms = max(1, int(self.lease_s * 1000))
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            with contextlib.suppress(StateUnavailable):  # retried next round
-                await self.link.call((RENEW_CLAIM, [claim], [token, lease_ms]))

@@ -106,7 +106,9 @@ class RedisLink:
     def __init__(self, url: Secret, password: Secret | None = None) -> None:
         options: dict[str, Any] = {
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
-            "socket_timeout": COMMAND_TIMEOUT_S,
+            # no socket_timeout: redis-py bounds each send with asyncio.wait_for then, which on
+            # Python 3.11 loses a cancel that lands as the send completes (a claim's renewer
+            # then never stops); each exchange is bounded with asyncio.timeout below instead
             # one retry at once: a pooled connection that broke in an outage reconnects; a
             # Redis that is down still fails fast (connection refused), and the caller
             # fails closed
@@ -227,8 +229,9 @@ class RedisLink:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             self.round_trips += 1
             try:
-                results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:  # TimeoutError is an OSError
                 self._mark(False, exc)
                 raise StateUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
             missing = {
@@ -254,7 +257,8 @@ class RedisLink:
             pipe.script_load(script.source)
         self.round_trips += 1
         try:
-            await pipe.execute()
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             self._mark(False, exc)
             raise StateUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
@@ -271,7 +275,8 @@ class RedisLink:
         else:
             self.round_trips += 1
         try:
-            result = await self.client.execute_command(name, *args)  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                result = await self.client.execute_command(name, *args)  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
             self._mark(False, exc)
             raise StateUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
@@ -336,9 +341,15 @@ class RedisLink:
 
 async def wait_any(awaitable: Awaitable[object], timeout_s: float) -> bool:
     """Await ``awaitable`` for up to ``timeout_s`` seconds (cancelled after); whether it
-    finished."""
+    finished.
+
+    ``asyncio.timeout``, not ``asyncio.wait_for``: on Python 3.11 ``wait_for`` loses a
+    cancellation that arrives as the awaited thing completes (CPython gh-86296, fixed in
+    3.12), and a task that cannot be cancelled holds what it holds for ever.
+    """
     try:
-        await asyncio.wait_for(awaitable, max(0.0, timeout_s))
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            await awaitable
     except TimeoutError:
         return False
     return True
