@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 
 import aiohttp
 import numpy as np
 from PIL import Image
 
-from gateway.http.keys import TILE_SERVICE
 from tests.conftest import PLANTED_KEY, config_with
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"  # fully covered (shared/data README)
@@ -82,37 +80,6 @@ async def test_200_concurrent_requests_for_a_new_tile_make_one_upstream_call(
     assert caches.count("COALESCED") >= 100
     assert caches.count("COALESCED") + caches.count("HIT") == 199
     assert slow.renders() == 1
-
-
-async def test_joined_requests_are_answered_before_the_disk_write(gateway_for, start_upstream):
-    """A burst's joined requests get the checked tile as soon as it exists; the request
-    that started the fetch is answered once the disk has it (issue 15)."""
-    client = await gateway_for(await start_upstream(delay_ms=200))
-    cache = client.server.app[TILE_SERVICE].cache
-    release = threading.Event()
-    real_write = cache.write_disk
-
-    def held_write(*args: object) -> bool:  # in the cache's I/O thread
-        release.wait(10)
-        return real_write(*args)
-
-    cache.write_disk = held_write
-    try:
-        first = asyncio.ensure_future(client.get(OLINDA))
-        await asyncio.sleep(0.05)  # its fetch is under way upstream
-        joined = await asyncio.wait_for(asyncio.gather(*(client.get(OLINDA) for _ in range(5))), 5)
-        bodies = [await r.read() for r in joined]
-        assert [r.status for r in joined] == [200] * 5
-        assert {r.headers["X-Cache"] for r in joined} == {"COALESCED"}
-        decode(bodies[0])  # a whole tile
-        assert not first.done()  # the disk write is still held
-    finally:
-        release.set()
-    response = await first
-    assert response.status == 200
-    assert response.headers["X-Cache"] == "MISS"
-    assert await response.read() == bodies[0]
-    assert await asyncio.to_thread(lambda: len(list(cache.keys("tile/olinda/")))) == 1
 
 
 async def test_formats_and_content_types(gateway, emulator):

@@ -453,11 +453,9 @@ class TileService:
                 tile = await self._fetch_2x(address, priority)
             else:
                 tile = await self._fetch_1x(address, priority)
-            # complete and checked: into memory, and to the requests joined to this fetch
-            # now; this request (the one that started the fetch) is answered once the disk
-            # has it, and the claim is dropped after the write (both in the I/O thread)
-            cache.remember(key, tile, self.clock())
-            self._flights.share(key, (tile, "MISS"))
+            # stored before anyone is answered: written while 200 answers go out, the write
+            # (diskcache is Python, in a thread on the same core) slowed those answers down
+            # by more than the millisecond it takes alone (issue 15, bench/results)
             keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
             await cache.store(key, tile, keep_s=keep)
         finally:
@@ -495,8 +493,6 @@ class TileService:
 
         payload, coalesced = await fleet.run(key, fetch, self.claim_s, accept=fresh)
         tile = fetched[0] if fetched else decode_entry(payload)  # accepted by fresh()
-        cache.remember(key, tile, self.clock())
-        self._flights.share(key, (tile, "COALESCED" if coalesced else "MISS"))
         keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
         await cache.store(key, tile, keep_s=keep)
         if coalesced:

@@ -26,17 +26,10 @@ T = TypeVar("T")
 
 
 class SingleFlight(Generic[T]):
-    """Per-key deduplication of concurrent async work within one event loop.
-
-    The caller that starts a fetch waits for the fetch itself; callers that join it wait for
-    its *shared* result, which is the fetch's result or exception, unless the fetch hands
-    its result over sooner with :meth:`share` (a tile is ready to serve before it is stored
-    on disk: the joiners are answered while the fetch goes on storing it).
-    """
+    """Per-key deduplication of concurrent async work within one event loop."""
 
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Future[T]] = {}
-        self._shared: dict[str, asyncio.Future[T]] = {}
 
     def __len__(self) -> int:
         """Number of keys with a fetch in flight."""
@@ -51,56 +44,36 @@ class SingleFlight(Generic[T]):
 
         Returns:
             ``(result, coalesced)``: ``coalesced`` is False for the caller that started the
-            fetch (it gets the fetch's own result, once the fetch has finished) and True for
-            callers that joined it (they get what the fetch :meth:`share`-d, or else its
-            result).
+            fetch and True for callers that joined it.
 
         Raises:
-            Whatever ``fetch()`` raised, to every caller that waited on it (to joiners only
-            when it raised before sharing a result).
+            Whatever ``fetch()`` raised, to every caller that waited on it.
         """
-        shared = self._shared.get(key)
-        if shared is not None:
-            return await asyncio.shield(shared), True
+        future = self._inflight.get(key)
+        if future is not None:
+            return await asyncio.shield(future), True
         return await asyncio.shield(self.start(key, fetch)), False
 
     def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
-        """Start ``fetch()`` for ``key`` now (nothing may be in flight for it) and return its
-        task, for the caller on whose behalf it runs to await (shielded); callers of
-        :meth:`run` join it meanwhile. For code that must start a fetch from a callback."""
+        """Start ``fetch()`` for ``key`` now and return its task, for the caller on whose
+        behalf it runs to await (shielded); callers of :meth:`run` join it meanwhile. For
+        code that starts a fetch from a callback.
+
+        Raises:
+            RuntimeError: a fetch for ``key`` is in flight already.
+        """
         if key in self._inflight:
-            raise RuntimeError(f"a fetch is already in flight for {key!r}")
-        # registered before the fetch's first step, so callers arriving meanwhile join it
-        shared = self._shared[key] = asyncio.get_running_loop().create_future()
+            raise RuntimeError("a fetch for this key is in flight already")
         task = asyncio.ensure_future(fetch())
         self._inflight[key] = task
-        task.add_done_callback(lambda done: self._finish(key, done, shared))
+        task.add_done_callback(lambda done: self._finish(key, done))
         return task
 
-    def share(self, key: str, result: T) -> None:
-        """Give ``result`` to the callers joined to ``key``'s fetch (and to any that join
-        until the fetch ends) now, while the fetch goes on; its starter still waits for the
-        fetch itself. Only a finished result may be shared (a complete tile, never a part
-        of one). No-op when nothing is in flight for ``key`` or a result was shared."""
-        shared = self._shared.get(key)
-        if shared is not None and not shared.done():
-            shared.set_result(result)
-
-    def _finish(self, key: str, done: asyncio.Future[T], shared: asyncio.Future[T]) -> None:
+    def _finish(self, key: str, done: asyncio.Future[T]) -> None:
         if self._inflight.get(key) is done:
             del self._inflight[key]
-            del self._shared[key]
-        if not shared.done():
-            if done.cancelled():
-                shared.cancel()
-            elif (exc := done.exception()) is not None:
-                shared.set_exception(exc)
-            else:
-                shared.set_result(done.result())
-        # retrieved here, so an error nobody waited for is not warned about
-        for future in (done, shared):
-            if not future.cancelled():
-                future.exception()
+        if not done.cancelled():
+            done.exception()  # retrieved here, so an error nobody waited for is not warned about
 
 
 # --- cross-replica single-flight (issue 13) ---
