@@ -993,7 +993,9 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
 
     if args.burst_only:
         first = [tile_path(t) for t in hit_tiles()[:BURST_ONLY_WARM_TILES]]
+        before = upstream_renders(emulator_url)
         warmed = asyncio.run(fetch_all(gateway_url, first, WARM_CONCURRENCY))
+        warmed.upstream_calls = upstream_renders(emulator_url) - before
         print(f"before the bursts: {warmed.describe()}", flush=True)
         colds = run_bursts(
             procs, gateway, emulator_url, args.bursts, problems, args.burst_gap, wrk_cpu
