@@ -286,12 +286,12 @@ class Server:
         return self.popen.pid
 
 
-def start_emulator(procs: Processes, *options: str) -> Server:
-    """Start ``python -m gateway emulator`` with ``options`` on a free loopback port and wait
-    until it answers ``/_emulator/stats``."""
+def start_emulator(procs: Processes, *options: str, cpu: int | None = None) -> Server:
+    """Start ``python -m gateway emulator`` with ``options`` on a free loopback port (pinned
+    to CPU ``cpu`` when given) and wait until it answers ``/_emulator/stats``."""
     port = free_port()
     argv = [sys.executable, "-m", "gateway", "emulator", "--host", HOST, "--port", str(port)]
-    popen = procs.start("emulator", [*argv, *options])
+    popen = procs.start("emulator", [*argv, *options], cpu=cpu)
     server = Server("emulator", f"http://{HOST}:{port}", port, popen)
     procs.wait_ready(server.url + "/_emulator/stats", popen)
     return server

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import aiohttp
@@ -304,6 +305,50 @@ async def test_misses_beyond_the_tile_creators_queue_without_claims_and_hits_go_
     assert problem["type"].endswith("upstream-limit")
     assert "concurrency" in problem["detail"]
     assert slow.renders() == 3  # the refused miss never reached the upstream
+
+
+async def test_a_burst_of_disk_hits_reads_once_and_frees_its_tile_creator_slot(
+    gateway_for, emulator, tmp_path
+):
+    """Without a memory tier every hit reads the disk: a burst for one tile reads it once
+    (taking the one free tile-creator slot for that read, with ``max_concurrent = 1``), is
+    all ``HIT``, and leaves the slot free, so the next miss is fetched, not refused."""
+    config = config_with(
+        tmp_path,
+        ("max_concurrent = 16", "max_concurrent = 1"),
+        ("max_wait_s = 10.0", "max_wait_s = 1.0"),
+        ("memory_bytes = 67_108_864", "memory_bytes = 0"),
+    )
+    client = await gateway_for(emulator, config=config)
+    assert (await client.get(OLINDA_TILES[0])).headers["X-Cache"] == "MISS"
+    cache, service = client.app[TILE_CACHE], client.app[TILE_SERVICE]
+    arrived, reads, everyone_in = 0, 0, threading.Event()
+    real_read, real_get = cache.read_disk, service.get
+
+    def held_read(key: str):  # in the cache's I/O thread: waits for the whole burst
+        nonlocal reads
+        reads += 1
+        everyone_in.wait(10)
+        return real_read(key)
+
+    async def counted_get(*args, **kwargs):
+        nonlocal arrived
+        arrived += 1
+        if arrived == 20:
+            everyone_in.set()
+        return await real_get(*args, **kwargs)
+
+    cache.read_disk, service.get = held_read, counted_get
+    try:
+        hits = await asyncio.gather(*(client.get(OLINDA_TILES[0]) for _ in range(20)))
+    finally:
+        everyone_in.set()
+    assert [r.headers["X-Cache"] for r in hits] == ["HIT"] * 20
+    assert reads == 1
+    following = await client.get(OLINDA_TILES[1])
+    assert following.status == 200
+    assert following.headers["X-Cache"] == "MISS"
+    assert emulator.renders() == 2
 
 
 def _zxy(path: str) -> tuple[int, int, int]:

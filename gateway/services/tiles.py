@@ -153,6 +153,8 @@ class TileService:
         self.guard = guard
         self.empty_ttl_s = empty_ttl_s
         self._flights: SingleFlight[tuple[CachedTile, str]] = SingleFlight()
+        self._lookups: dict[str, asyncio.Future[tuple[CachedTile | None, bool]]] = {}
+        """Disk reads in flight by key (:meth:`_lookup`)."""
         self._saved_children: dict[str, Counter] = {}
         self._refreshes: set[asyncio.Task[None]] = set()
         # tile creators (MapProxy's ``concurrent_tile_creators``): misses that may be past
@@ -207,10 +209,15 @@ class TileService:
         if tile is not None and now < tile.fresh_until:  # only covered tiles are cached
             return TileResult(tile, "EMPTY" if tile.empty else "HIT")
         layer = address.layer
-        if not layer.covers(mercantile.Tile(address.x, address.y, address.z)):
+        in_flight = self._flights.in_flight(key)
+        # a tile being read or fetched passed this check already: a burst's joiners skip it
+        if not (in_flight or key in self._lookups) and not layer.covers(
+            mercantile.Tile(address.x, address.y, address.z)
+        ):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
-        if tile is None and not self._flights.in_flight(key):
-            tile = await self.cache.load(key)  # joining a flight skips the disk read
+        own: asyncio.Future[tuple[CachedTile, str]] | None = None
+        if tile is None and not in_flight:
+            tile, own = await self._lookup(address, priority)  # joining a flight skips it
         if tile is not None:
             if tile.is_fresh(now):
                 return TileResult(tile, "EMPTY" if tile.empty else "HIT")
@@ -218,9 +225,12 @@ class TileService:
                 self._refresh_in_background(address, priority)
                 return TileResult(tile, "STALE")
         try:
-            (fetched, source), coalesced = await self._flights.run(
-                key, lambda: self._fetch(address, priority)
-            )
+            if own is not None:  # the fetch this request's disk read started
+                (fetched, source), coalesced = await asyncio.shield(own), False
+            else:
+                (fetched, source), coalesced = await self._flights.run(
+                    key, lambda: self._fetch(address, priority)
+                )
         except FETCH_ERRORS as exc:
             if tile is not None and self.clock() < tile.fresh_until + layer.stale_if_error_s:
                 log.warning(
@@ -236,6 +246,76 @@ class TileService:
         if fetched.empty:
             return TileResult(fetched, "EMPTY")
         return TileResult(fetched, "COALESCED" if coalesced else source)
+
+    async def _lookup(
+        self, address: TileAddress, priority: Priority
+    ) -> tuple[CachedTile | None, asyncio.Future[tuple[CachedTile, str]] | None]:
+        """The disk entry for ``address`` (fresh or not), read once however many ask at
+        once: the first caller queues the read in the cache's I/O thread at once, the others
+        await the same read, so a burst for a tile not in memory costs one disk read.
+
+        When the disk has no entry at all, the fetch starts as soon as the read is back,
+        before the callers that waited on it resume (they join it instead of each asking
+        for it). With one host (no fleet) and a tile-creator slot free when the read is
+        queued, the read also takes the cross-process claim for that fetch, in the same
+        trip. Returns ``(entry or None, that fetch)``: the fetch only to the caller that
+        started the read, which awaits it as its own (``MISS``); None to the others.
+        """
+        key = address.key
+        lookup = self._lookups.get(key)
+        if lookup is not None:
+            return (await asyncio.shield(lookup))[0], None
+        # a free tile-creator slot is taken now (no event-loop step), so the claim below is
+        # only ever held by a miss that holds a slot (queued misses hold nothing)
+        slot = self.fleet is None and address.scale == 1 and not self._creators.locked()
+        if slot:
+            await self._creators.acquire()  # free: returns at once
+        lookup = self._lookups[key] = self.cache.load_soon(key, self.claim_s if slot else None)
+        started: list[asyncio.Future[tuple[CachedTile, str]]] = []
+
+        def read(done: asyncio.Future[tuple[CachedTile | None, bool]]) -> None:
+            if self._lookups.get(key) is done:
+                del self._lookups[key]
+            failed = done.cancelled() or done.exception() is not None  # retrieved here
+            tile, claimed = (None, False) if failed else done.result()
+            if not failed and tile is None and not self._flights.in_flight(key):
+                started.append(self._start_fetch(address, priority, slot, claimed))
+                return
+            if claimed:  # not needed after all (a fetch started meanwhile holds its own)
+                self.cache.release_soon(key)
+            if slot:
+                self._creators.release()
+
+        lookup.add_done_callback(read)
+        tile = (await asyncio.shield(lookup))[0]
+        return tile, started[0] if started else None
+
+    def _start_fetch(
+        self, address: TileAddress, priority: Priority, slot: bool, claimed: bool
+    ) -> asyncio.Future[tuple[CachedTile, str]]:
+        """Start the fetch of a tile the disk does not have, from :meth:`_lookup`'s read;
+        with ``slot``, that read's tile-creator slot and claim attempt (``claimed``) go to
+        the fetch, which gives them back when it ends (or at once if it never runs)."""
+        if not slot:
+            return self._flights.start(address.key, lambda: self._fetch(address, priority))
+        handed = [True]  # the slot and claim are this function's until the fetch runs
+
+        async def fetch() -> tuple[CachedTile, str]:
+            handed[0] = False
+            try:
+                return await self._fetch_claimed(address, priority, (None, claimed))
+            finally:
+                self._creators.release()
+
+        def ended(_: asyncio.Future[tuple[CachedTile, str]]) -> None:
+            if handed[0]:  # cancelled before its first step
+                if claimed:
+                    self.cache.release_soon(address.key)
+                self._creators.release()
+
+        task = self._flights.start(address.key, fetch)
+        task.add_done_callback(ended)
+        return task
 
     async def fetch_now(self, address: TileAddress, priority: Priority) -> tuple[bool, int]:
         """Fetch and store ``address`` now, as a cache miss does (coalesced, claimed across
@@ -311,7 +391,8 @@ class TileService:
     @contextlib.asynccontextmanager
     async def _creator_slot(self, address: TileAddress) -> AsyncIterator[None]:
         """Hold one of this process's tile-creator slots (``limits.max_concurrent``) for a
-        miss's whole work: claim, upstream call, check and store.
+        miss's whole work: claim, upstream call, check and store. (A miss whose first disk
+        read found a slot free took it then, with the claim: :meth:`_lookup`.)
 
         Misses beyond that queue here, first come first served, before they do anything: a
         queued miss costs the event loop nothing, so a flood of cold tiles cannot fill the
@@ -324,10 +405,13 @@ class TileService:
         """
         wait_s = self.guard.settings.max_wait_s
         try:
-            # asyncio.timeout: wait_for can lose a cancel on Python 3.11 (CPython gh-86296),
-            # and a lost cancel here would take a slot that is never given back
-            async with asyncio.timeout(wait_s):
-                await self._creators.acquire()
+            if self._creators.locked():  # queue, up to wait_s
+                # asyncio.timeout: wait_for can lose a cancel on Python 3.11 (CPython
+                # gh-86296), and a lost cancel here would take a slot never given back
+                async with asyncio.timeout(wait_s):
+                    await self._creators.acquire()
+            else:
+                await self._creators.acquire()  # free: returns at once, no event-loop step
         except TimeoutError:
             metrics.LIMITER_REJECTIONS.labels("concurrency").inc()
             raise LimitExceeded(
@@ -342,15 +426,21 @@ class TileService:
             self._creators.release()
 
     async def _fetch_claimed(
-        self, address: TileAddress, priority: Priority
+        self,
+        address: TileAddress,
+        priority: Priority,
+        read: tuple[None, bool] | None = None,
     ) -> tuple[CachedTile, str]:
-        """:meth:`_fetch` past the tile-creator queue: the cross-process claim, the fetch
-        and the store."""
+        """:meth:`_fetch` past the tile-creator queue: the cross-process claim (unless
+        ``read`` brings it), the fetch and the store."""
         if self.fleet is not None:
             return await self._fetch_in_fleet(address, priority, self.fleet)
         key, cache = address.key, self.cache
         loaded_at = self.clock()
-        stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
+        if read is None:
+            stored, claimed = await cache.run(cache.read_or_claim, key, self.claim_s)
+        else:
+            stored, claimed = read
         if stored is not None and stored.is_fresh(self.clock()):
             cache.remember(key, stored, loaded_at)
             return stored, "HIT"  # another worker process stored it meanwhile
@@ -365,6 +455,9 @@ class TileService:
                 tile = await self._fetch_2x(address, priority)
             else:
                 tile = await self._fetch_1x(address, priority)
+            # stored before anyone is answered: written while 200 answers go out, the write
+            # (diskcache is Python, in a thread on the same core) slowed those answers down
+            # by more than the millisecond it takes alone (issue 15, bench/results)
             keep = self.empty_ttl_s if tile.empty else address.layer.keep_s
             await cache.store(key, tile, keep_s=keep)
         finally:

@@ -62,10 +62,22 @@ class SingleFlight(Generic[T]):
         future = self._inflight.get(key)
         if future is not None:
             return await asyncio.shield(future), True
+        return await asyncio.shield(self.start(key, fetch)), False
+
+    def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Start ``fetch()`` for ``key`` now and return its task, for the caller on whose
+        behalf it runs to await (shielded); callers of :meth:`run` join it meanwhile. For
+        code that starts a fetch from a callback.
+
+        Raises:
+            RuntimeError: a fetch for ``key`` is in flight already.
+        """
+        if key in self._inflight:
+            raise RuntimeError("a fetch for this key is in flight already")
         task = asyncio.ensure_future(fetch())
         self._inflight[key] = task
         task.add_done_callback(lambda done: self._finish(key, done))
-        return await asyncio.shield(task), False
+        return task
 
     def _finish(self, key: str, done: asyncio.Future[T]) -> None:
         if self._inflight.get(key) is done:

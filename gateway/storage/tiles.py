@@ -482,6 +482,45 @@ class TileCache:
             self._memory.put(key, tile, loaded_at)
         return tile
 
+    def load_soon(
+        self, key: str, claim_s: float | None = None
+    ) -> asyncio.Future[tuple[CachedTile | None, bool]]:
+        """:meth:`load`, started now: the disk read is queued in the I/O thread before this
+        returns (no event-loop step first), and the entry it finds is put in the memory tier
+        before anyone awaiting the returned future resumes. With ``claim_s``, when the disk
+        has no entry for ``key`` at all, the same trip also :meth:`claim`-s it for
+        ``claim_s`` seconds (a miss's first two steps in one trip).
+
+        Returns:
+            A future of ``(entry or None, claimed)``; ``claimed`` is False without
+            ``claim_s``. Shield it when several callers await it (cancelling it abandons
+            the read for all of them).
+        """
+        self._keep_purges_fresh()
+        loaded_at = self._clock()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._io, self._read_or_claim_missing, key, claim_s)
+
+        def remember(done: asyncio.Future[tuple[CachedTile | None, bool]]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            tile = done.result()[0]
+            if tile is not None and self._memory is not None:
+                self._memory.put(key, tile, loaded_at)
+
+        future.add_done_callback(remember)
+        return future
+
+    def _read_or_claim_missing(
+        self, key: str, claim_s: float | None
+    ) -> tuple[CachedTile | None, bool]:
+        """The disk entry for ``key``; with ``claim_s`` and no entry, also a claim (disk
+        only, in the I/O thread)."""
+        tile = self.read_disk(key)
+        if tile is not None or claim_s is None:
+            return tile, False
+        return None, self.claim(key, claim_s)
+
     async def store(self, key: str, tile: CachedTile, keep_s: float) -> bool:
         """Like :meth:`set`, with the disk write in this cache's I/O thread."""
         self._keep_purges_fresh()
