@@ -63,14 +63,19 @@ BIG_MEMORY_BYTES = 256 << 20
 AS_SHIPPED_CLIENT_LIMIT = "1000000/second"
 
 NGINX = "nginx w=1"
+NGINX_AUTO = "nginx w=auto, unpinned"
 CEILING = "aiohttp ceiling (memory, uvloop)"
 GATEWAY = "gateway, anchors' settings"
 AS_SHIPPED = "gateway, as shipped (access log, client limit)"
 BIG_MEMORY = f"gateway, anchors' settings, memory tier {BIG_MEMORY_BYTES >> 20} MiB"
 BASELINE = "baseline gateway (--compare-baseline), anchors' settings"
+GATEWAY_W2 = "gateway --workers 2, unpinned, anchors' settings"
+UNPINNED = frozenset({NGINX_AUTO, GATEWAY_W2})
+"""Targets run with nothing pinned (several processes: on one core they would share it)."""
 GATEWAY_CONFIGS: dict[str, dict[str, object]] = {
     GATEWAY: {},
     BASELINE: {},
+    GATEWAY_W2: {},
     AS_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
     BIG_MEMORY: {"memory_bytes": BIG_MEMORY_BYTES},
 }
@@ -107,17 +112,36 @@ class Row:
         return self.median(lambda r: r.rps)
 
 
+NGINX_CHANGES = (("tcp_nopush on;", "tcp_nopush off;"),)
+"""What ``start_nginx`` changes in the anchors' ``nginx.conf.tmpl``: ``tcp_nopush`` back to
+nginx's default, off. With ``sendfile on`` and ``tcp_nopush on`` (TCP_CORK), an answer
+longer than one loopback segment (MTU 65,536: an 80 KB tile is two segments) waits for the
+client's delayed ACK, about 40 ms, on every request: nginx served 1,600 req/s at 14 % CPU
+with p50 44 ms, whatever ``tcp_nodelay`` says; with ``tcp_nopush off`` 17,000 req/s. The
+anchors' 20 KB tile fits in one segment, so their figures never showed it."""
+
+
 def _fill(template: Path, out: Path, **subs: object) -> None:
     text = template.read_text()
     for key, value in subs.items():
         text = text.replace(f"@@{key}@@", str(value))
+    for old, new in NGINX_CHANGES if template.name == "nginx.conf.tmpl" else ():
+        if old not in text:
+            raise harness.BenchError(f"--compare: {template} no longer says {old!r}")
+        text = text.replace(old, new)
     out.write_text(text)
 
 
 def start_nginx(
-    procs: harness.Processes, anchors: Path, run_dir: Path, upstream_port: int, cpu: int | None
+    procs: harness.Processes,
+    anchors: Path,
+    run_dir: Path,
+    upstream_port: int,
+    cpu: int | None,
+    workers: str = "1",
 ) -> harness.Server:
-    """The anchors' nginx (``worker_processes 1``) in ``run_dir``, in front of the upstream."""
+    """The anchors' nginx (``worker_processes`` ``workers``: ``1`` or ``auto``) in
+    ``run_dir``, in front of the upstream, with :data:`NGINX_CHANGES`."""
     shutil.rmtree(run_dir, ignore_errors=True)
     # the workers run as nobody: they must reach run_dir (the scratch dir is 0700)
     run_dir.parent.chmod(0o711)
@@ -129,7 +153,7 @@ def start_nginx(
     _fill(
         anchors / "nginx.conf.tmpl",
         conf,
-        WORKERS=1,
+        WORKERS=workers,
         RUN=run_dir,
         PORT=port,
         UPSTREAM_PORT=upstream_port,
@@ -230,6 +254,29 @@ def measure(
     return runs, problems
 
 
+def profile(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    server: harness.Server,
+    upstream_url: str,
+    paths_file: Path,
+    wrk_cpu: int | None,
+    size: int,
+    target: str,
+) -> None:
+    """``--profile SVG`` with ``--compare``: one more wrk run of a gateway target (not
+    counted) under py-spy (``tiles.profile_hits``), into ``SVG``'s name plus the size and the
+    target, e.g. ``hits-20480-gateway-anchors-settings.svg``."""
+    slug = "-".join("".join(c if c.isalnum() else " " for c in target.lower()).split())
+    svg = args.profile.with_name(f"{args.profile.stem}-{size}-{slug}{args.profile.suffix}")
+    one = argparse.Namespace(**{**vars(args), "profile": svg})
+
+    def upstream_calls() -> int:
+        return int(harness.http_json(upstream_url + "/count")["total"])
+
+    tiles.profile_hits(one, procs, server, server.url, paths_file, wrk_cpu, upstream_calls)
+
+
 def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -> list[str]:
     """Run every size and target, print the table; returns the problems found.
 
@@ -263,27 +310,37 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
             targets.append(BIG_MEMORY)
         if args.compare_baseline is not None:
             targets.append(BASELINE)
+        if args.compare_workers2:
+            targets += [NGINX_AUTO, GATEWAY_W2]
+        if args.compare_only:
+            wanted = [w.strip() for w in args.compare_only.split(",") if w.strip()]
+            targets = [t for t in targets if any(w in t for w in wanted)]
         for name in targets:
             print(f"[{size:,} B] {name}: starting", flush=True)
-            if name == NGINX:
-                server = start_nginx(procs, anchors, scratch / f"nginx-{size}", up_port, server_cpu)
+            cpu, w_cpu = (None, None) if name in UNPINNED else (server_cpu, wrk_cpu)
+            if name in (NGINX, NGINX_AUTO):
+                workers = "auto" if name == NGINX_AUTO else "1"
+                run_dir = scratch / f"nginx-{workers}-{size}"
+                server = start_nginx(procs, anchors, run_dir, up_port, cpu, workers)
             elif name == CEILING:
-                server = start_ceiling(procs, anchors, size, server_cpu)
+                server = start_ceiling(procs, anchors, size, cpu)
             else:
                 server = start_gateway(
                     procs,
                     upstream_url,
                     scratch / f"gw-{len(rows)}",
-                    server_cpu,
-                    args.workers,
+                    cpu,
+                    2 if name == GATEWAY_W2 else args.workers,
                     source=args.compare_baseline if name == BASELINE else None,
                     **GATEWAY_CONFIGS[name],
                 )
             proxy = name != CEILING
             try:
                 runs, found = measure(
-                    args, procs, server, upstream_url, paths_file, paths, wrk_cpu, proxy
+                    args, procs, server, upstream_url, paths_file, paths, w_cpu, proxy
                 )
+                if args.profile is not None and name in GATEWAY_CONFIGS:
+                    profile(args, procs, server, upstream_url, paths_file, w_cpu, size, name)
             finally:
                 procs.stop(server.popen)
             problems += found
@@ -303,6 +360,8 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
 def print_table(args: argparse.Namespace, rows: list[Row], pin: bool) -> None:
     """The comparison table, one row per size and target."""
     placement = "server on CPU 0, wrk on CPU 1" if pin else "not pinned (shared CPUs)"
+    if args.compare_workers2:
+        placement += f" (rows {', '.join(sorted(UNPINNED))}: not pinned)"
     print()
     print(
         f"## Cache hits side by side: wrk -t1 -c{args.connections} -d{args.duration}s, "
@@ -313,8 +372,12 @@ def print_table(args: argparse.Namespace, rows: list[Row], pin: bool) -> None:
     body = []
     for row in rows:
         same = [r for r in rows if r.size == row.size]
-        nginx = next((r.rps for r in same if r.target.startswith("nginx")), float("nan"))
-        ceiling = next((r.rps for r in same if r.target.startswith("aiohttp")), float("nan"))
+        # unpinned rows against nginx w=auto; the ceiling is one process, pinned
+        base = NGINX_AUTO if row.target in UNPINNED else NGINX
+        nginx = next((r.rps for r in same if r.target == base), float("nan"))
+        ceiling = next((r.rps for r in same if r.target == CEILING), float("nan"))
+        if row.target in UNPINNED:
+            ceiling = float("nan")
         worst = max(row.runs, key=lambda r: r.cpu.other_cpu_pct(r.gateway_cpu_pct, r.wrk_cpu_pct))
         body.append(
             [
@@ -323,8 +386,8 @@ def print_table(args: argparse.Namespace, rows: list[Row], pin: bool) -> None:
                 f"{row.rps:,.0f}",
                 f"{row.median(lambda r: r.ms('p50')):.2f}",
                 f"{row.median(lambda r: r.ms('p99')):.2f}",
-                f"{row.rps / nginx:.2f}x",
-                f"{row.rps / ceiling:.0%}",
+                f"{row.rps / nginx:.2f}x" if nginx == nginx else "-",
+                f"{row.rps / ceiling:.0%}" if ceiling == ceiling else "-",
                 f"{row.median(lambda r: r.gateway_cpu_pct):.0f}",
                 f"{row.median(lambda r: r.wrk_cpu_pct):.0f}",
                 worst.note,

@@ -784,6 +784,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "real imagery)",
     )
     parser.add_argument(
+        "--compare-workers2",
+        action="store_true",
+        help="with --compare, also nginx worker_processes auto and the gateway with "
+        "--workers 2, both unpinned (the ratio of that row is to nginx auto)",
+    )
+    parser.add_argument(
+        "--compare-only",
+        metavar="TEXT,...",
+        help="with --compare, only the targets whose name contains one of these texts "
+        '(e.g. "nginx w=1,anchors\' settings")',
+    )
+    parser.add_argument(
         "--compare-baseline",
         type=Path,
         metavar="DIR",
