@@ -162,6 +162,20 @@ class CallerRateLimit:
             self._shared = strategies.SlidingWindowCounterRateLimiter(redis_storage)
         self._policy = f"{self.item.amount};w={self.item.get_expiry()}"
 
+    @property
+    def local(self) -> bool:
+        """Whether this limit is kept in process memory only (no ``[state] redis_url``), so
+        :meth:`check_local` may count for it."""
+        return self._shared is None
+
+    def check_local(self, key: str) -> dict[str, str]:
+        """:meth:`check` for a :attr:`local` limit, without a coroutine.
+
+        Raises:
+            Problem: 429 with ``Retry-After`` when ``key`` is over its limit.
+        """
+        return self._answer(*self._local.hit(key))
+
     async def check(self, key: str) -> dict[str, str]:
         """Count one request for ``key``; returns the RateLimit headers to send.
 
