@@ -32,6 +32,7 @@ from gateway.logs import (
     access_log_options,
 )
 from gateway.secrets import REDACTED, Secret, redact
+from gateway.storage.tiles import TileCache, make_tile
 from tests.conftest import config_with
 
 TILE = "/tiles/olinda/13/3302/4278.png"
@@ -258,3 +259,53 @@ async def test_a_fast_path_answer_is_the_full_paths_answer(
     assert statuses == ([200, 304, 429] if limited else [200, 304])
     assert all(("RateLimit-Policy" in a[1]) == (rate != "off") for a in answers[0])
     assert routed == []  # the fast path answered every one of them, the 429 too
+
+
+def _tiles(cache: TileCache, keys: list[str]) -> None:
+    for key in keys:
+        cache.set(key, make_tile(key.encode().ljust(1000, b"."), "image/png", 3600), 3600)
+
+
+def test_a_pass_over_new_tiles_leaves_the_tiles_asked_for_again_in_memory(tmp_path):
+    cache = TileCache(tmp_path / "tiles", 1 << 30, memory_bytes=100_000)  # 100 tiles of 1 kB
+    try:
+        hot = [f"tile/t/hot/{i}" for i in range(50)]
+        _tiles(cache, hot)
+        assert all(cache.get_memory(key) is not None for key in hot)  # their second use
+        scan = [f"tile/t/scan/{i}" for i in range(500)]  # each asked for once: a crawler
+        _tiles(cache, scan)
+        assert all(cache.get_memory(key) is not None for key in hot)
+        held = [key for key in scan if cache.get_memory(key) is not None]
+        assert held == scan[-len(held) :]
+        assert len(held) <= 50
+        memory = cache._memory
+        assert memory is not None
+        assert memory.size <= 100_000
+        assert memory.size == 1000 * len(memory.key_list())
+    finally:
+        cache.close()
+
+
+def test_a_cycle_over_more_tiles_than_fit_is_still_served_from_memory(tmp_path):
+    """A map client cycling over 150 tiles with room for 100: a plain LRU evicts each tile
+    just before it comes round again and serves every one from disk."""
+    cache = TileCache(tmp_path / "tiles", 1 << 30, memory_bytes=100_000)
+    try:
+        keys = [f"tile/t/{i}" for i in range(150)]
+        _tiles(cache, keys)
+        for _ in range(3):
+            hits = 0
+            for key in keys:
+                if cache.get_memory(key) is not None:
+                    hits += 1
+                else:
+                    assert cache.get(key, from_disk=True) is not None  # read, and held again
+        assert hits >= 70  # the protected share (80 tiles), give or take the round's start
+        memory = cache._memory
+        assert memory is not None
+        assert memory.size <= 100_000
+        cache.purge("t")
+        assert memory.key_list() == []
+        assert memory.size == memory.protected_size == 0
+    finally:
+        cache.close()
