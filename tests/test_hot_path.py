@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import json
 import logging
+import sys
 
 import pytest
 from aiohttp import web
@@ -25,6 +26,7 @@ from gateway.http.problem import Problem
 from gateway.logs import (
     CLIENT_GONE_KEY,
     CLIENT_KEY,
+    FORMAT,
     UPSTREAM_TIME_KEY,
     GatewayFormatter,
     JsonAccessLogger,
@@ -309,3 +311,20 @@ def test_a_cycle_over_more_tiles_than_fit_is_still_served_from_memory(tmp_path):
         assert memory.size == memory.protected_size == 0
     finally:
         cache.close()
+
+
+def test_the_standard_format_is_loggings_own():
+    standard = logging.Formatter(FORMAT)
+    mine = GatewayFormatter(FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.makeLogRecord({"msg": "failed %s", "args": ("x",), "exc_info": True})
+        failed.exc_info = sys.exc_info()
+    for record in (
+        logging.makeLogRecord({"msg": "plain é ☃", "levelname": "INFO", "name": "gateway.access"}),
+        logging.makeLogRecord({"msg": "%d tiles", "args": (3,), "levelname": "WARNING"}),
+        failed,
+    ):
+        record.created, record.msecs = 1_800_000_000.25, 250.0
+        assert mine.format(record) == standard.format(record)
