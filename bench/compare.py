@@ -25,8 +25,8 @@ pinned), then each target in turn, pinned to CPU 0 with wrk on CPU 1 (``--no-pin
    2026-12-02; now 256 MiB): ``gateway, anchors' settings, memory tier 64 MiB``, a cycle
    over more tiles than the tier holds, to show what the tier's size and policy cost;
 6. with ``--compare-baseline DIR``: the ``gateway`` package of the source tree ``DIR``
-   (another version: ``git archive main | tar -x -C DIR``), anchors' settings, for an A/B
-   in the same run.
+   (another version: ``git archive main | tar -x -C DIR``), anchors' settings and as
+   shipped, for an A/B in the same run.
 
 Each target warms the 1,000 z12 tiles of the anchors (x 2000-2039, y 1300-1324), 32 at a
 time (proxies: exactly 1,000 upstream calls), a second pass must make no upstream call, then
@@ -68,12 +68,14 @@ GATEWAY = "gateway, anchors' settings"
 AS_SHIPPED = "gateway, as shipped (access log, client limit)"
 SMALL_MEMORY = f"gateway, anchors' settings, memory tier {SMALL_MEMORY_BYTES >> 20} MiB"
 BASELINE = "baseline gateway (--compare-baseline), anchors' settings"
+BASELINE_SHIPPED = "baseline gateway (--compare-baseline), as shipped"
 GATEWAY_W2 = "gateway --workers 2, unpinned, anchors' settings"
 UNPINNED = frozenset({NGINX_AUTO, GATEWAY_W2})
 """Targets run with nothing pinned (several processes: on one core they would share it)."""
 GATEWAY_CONFIGS: dict[str, dict[str, object]] = {
     GATEWAY: {},
     BASELINE: {},
+    BASELINE_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
     GATEWAY_W2: {},
     AS_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
     SMALL_MEMORY: {"memory_bytes": SMALL_MEMORY_BYTES},
@@ -308,7 +310,7 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
         if len(paths) * size > SMALL_MEMORY_BYTES:
             targets.append(SMALL_MEMORY)
         if args.compare_baseline is not None:
-            targets.append(BASELINE)
+            targets += [BASELINE, BASELINE_SHIPPED]
         if args.compare_workers2:
             targets += [NGINX_AUTO, GATEWAY_W2]
         if args.compare_only:
@@ -330,7 +332,7 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
                     scratch / f"gw-{len(rows)}",
                     cpu,
                     2 if name == GATEWAY_W2 else args.workers,
-                    source=args.compare_baseline if name == BASELINE else None,
+                    source=args.compare_baseline if name.startswith("baseline") else None,
                     **GATEWAY_CONFIGS[name],
                 )
             proxy = name != CEILING
