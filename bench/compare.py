@@ -43,6 +43,7 @@ import asyncio
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ SMALL_MEMORY = f"gateway, anchors' settings, memory tier {SMALL_MEMORY_BYTES >> 
 BASELINE = "baseline gateway (--compare-baseline), anchors' settings"
 BASELINE_SHIPPED = "baseline gateway (--compare-baseline), as shipped"
 GATEWAY_W2 = "gateway --workers 2, unpinned, anchors' settings"
+PARTNERS = {GATEWAY: BASELINE, AS_SHIPPED: BASELINE_SHIPPED}
+"""With ``--compare-interleave``: the baseline target measured turn about with each."""
 UNPINNED = frozenset({NGINX_AUTO, GATEWAY_W2})
 """Targets run with nothing pinned (several processes: on one core they would share it)."""
 GATEWAY_CONFIGS: dict[str, dict[str, object]] = {
@@ -195,10 +198,22 @@ def start_gateway(
     path = anchor_target.write_config(upstream_url, scratch, env, **config)  # type: ignore[arg-type]
     if source is not None:
         env["PYTHONPATH"] = str(source.resolve())  # found before the installed package
+        # and before the working directory, which ``python -m`` puts first on sys.path: run
+        # from this repository, it would import this version's package instead of DIR's
+        env["PYTHONSAFEPATH"] = "1"
+        found = subprocess.run(
+            [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if not Path(found).resolve().is_relative_to(source.resolve()):
+            raise harness.BenchError(f"--compare-baseline: imports {found!r}, not {source}'s")
     return harness.start_gateway(procs, path, env, workers, cpu)
 
 
-def measure(
+def warm(
     args: argparse.Namespace,
     procs: harness.Processes,
     server: harness.Server,
@@ -207,8 +222,8 @@ def measure(
     paths: list[str],
     wrk_cpu: int | None,
     proxy: bool,
-) -> tuple[list[tiles.WrkRun], list[str]]:
-    """Warm, verify and run wrk against ``server``; returns the runs and the problems."""
+) -> list[str]:
+    """Warm and verify ``server``, then the unrecorded wrk warm-up; returns the problems."""
     problems: list[str] = []
 
     def upstream_calls() -> int:
@@ -233,25 +248,81 @@ def measure(
         server.pid,
         upstream_calls,
     )
-    runs = []
-    for _ in range(args.runs):
-        run = tiles.run_wrk(
-            procs,
-            server.url,
-            paths_file,
-            args.duration,
-            args.connections,
-            wrk_cpu,
-            server.pid,
-            upstream_calls,
+    return problems
+
+
+def run_once(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    server: harness.Server,
+    upstream_url: str,
+    paths_file: Path,
+    wrk_cpu: int | None,
+    problems: list[str],
+) -> tiles.WrkRun:
+    """One recorded wrk run against ``server``; a HIT run's problems go in ``problems``."""
+
+    def upstream_calls() -> int:
+        return int(harness.http_json(upstream_url + "/count")["total"])
+
+    run = tiles.run_wrk(
+        procs,
+        server.url,
+        paths_file,
+        args.duration,
+        args.connections,
+        wrk_cpu,
+        server.pid,
+        upstream_calls,
+    )
+    if run.upstream_calls or run.errors or run.summary["non2xx"]:
+        problems.append(
+            f"{server.name}: {run.upstream_calls} upstream calls, {run.errors} errors, "
+            f"{run.summary['non2xx']} non-2xx in a HIT run"
         )
-        if run.upstream_calls or run.errors or run.summary["non2xx"]:
-            problems.append(
-                f"{server.name}: {run.upstream_calls} upstream calls, {run.errors} errors, "
-                f"{run.summary['non2xx']} non-2xx in a HIT run"
-            )
-        runs.append(run)
-        procs.check_alive(server)
+    procs.check_alive(server)
+    return run
+
+
+def measure(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    server: harness.Server,
+    upstream_url: str,
+    paths_file: Path,
+    paths: list[str],
+    wrk_cpu: int | None,
+    proxy: bool,
+) -> tuple[list[tiles.WrkRun], list[str]]:
+    """Warm, verify and run wrk against ``server``; returns the runs and the problems."""
+    problems = warm(args, procs, server, upstream_url, paths_file, paths, wrk_cpu, proxy)
+    runs = [
+        run_once(args, procs, server, upstream_url, paths_file, wrk_cpu, problems)
+        for _ in range(args.runs)
+    ]
+    return runs, problems
+
+
+def measure_pair(
+    args: argparse.Namespace,
+    procs: harness.Processes,
+    servers: tuple[harness.Server, harness.Server],
+    upstream_url: str,
+    paths_file: Path,
+    paths: list[str],
+    wrk_cpu: int | None,
+) -> tuple[tuple[list[tiles.WrkRun], list[tiles.WrkRun]], list[str]]:
+    """``--compare-interleave``: two gateways running side by side (the idle one costs
+    nothing), warmed one after the other, then their wrk runs alternate (A B, B A, A B...),
+    so a disturbance of the machine falls on both alike."""
+    problems: list[str] = []
+    for server in servers:
+        problems += warm(args, procs, server, upstream_url, paths_file, paths, wrk_cpu, True)
+    runs: tuple[list[tiles.WrkRun], list[tiles.WrkRun]] = ([], [])
+    for i in range(args.runs):
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
+            run = run_once(args, procs, servers[which], upstream_url, paths_file, wrk_cpu, problems)
+            runs[which].append(run)
     return runs, problems
 
 
@@ -316,35 +387,31 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
         if args.compare_only:
             wanted = [w.strip() for w in args.compare_only.split(",") if w.strip()]
             targets = [t for t in targets if any(w in t for w in wanted)]
-        for name in targets:
-            print(f"[{size:,} B] {name}: starting", flush=True)
-            cpu, w_cpu = (None, None) if name in UNPINNED else (server_cpu, wrk_cpu)
+
+        def start(
+            name: str,
+            cpu: int | None,
+            size: int = size,
+            up_port: int = up_port,
+            upstream_url: str = upstream_url,
+        ) -> harness.Server:
             if name in (NGINX, NGINX_AUTO):
                 workers = "auto" if name == NGINX_AUTO else "1"
                 run_dir = scratch / f"nginx-{workers}-{size}"
-                server = start_nginx(procs, anchors, run_dir, up_port, cpu, workers)
-            elif name == CEILING:
-                server = start_ceiling(procs, anchors, size, cpu)
-            else:
-                server = start_gateway(
-                    procs,
-                    upstream_url,
-                    scratch / f"gw-{len(rows)}",
-                    cpu,
-                    2 if name == GATEWAY_W2 else args.workers,
-                    source=args.compare_baseline if name.startswith("baseline") else None,
-                    **GATEWAY_CONFIGS[name],
-                )
-            proxy = name != CEILING
-            try:
-                runs, found = measure(
-                    args, procs, server, upstream_url, paths_file, paths, w_cpu, proxy
-                )
-                if args.profile is not None and name in GATEWAY_CONFIGS:
-                    profile(args, procs, server, upstream_url, paths_file, w_cpu, size, name)
-            finally:
-                procs.stop(server.popen)
-            problems += found
+                return start_nginx(procs, anchors, run_dir, up_port, cpu, workers)
+            if name == CEILING:
+                return start_ceiling(procs, anchors, size, cpu)
+            return start_gateway(
+                procs,
+                upstream_url,
+                scratch / f"gw-{len(rows)}-{len(name)}",
+                cpu,
+                2 if name == GATEWAY_W2 else args.workers,
+                source=args.compare_baseline if name.startswith("baseline") else None,
+                **GATEWAY_CONFIGS[name],
+            )
+
+        def record(name: str, runs: list[tiles.WrkRun], size: int = size) -> None:
             row = Row(size, name, runs)
             rows.append(row)
             print(
@@ -353,6 +420,45 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
                 f"{row.median(lambda r: r.ms('p99')):.2f} ms",
                 flush=True,
             )
+
+        paired = {}
+        if args.compare_interleave:
+            paired = {a: b for a, b in PARTNERS.items() if a in targets and b in targets}
+        for name in targets:
+            if name in paired.values():
+                continue  # measured with its partner
+            print(f"[{size:,} B] {name}: starting", flush=True)
+            cpu, w_cpu = (None, None) if name in UNPINNED else (server_cpu, wrk_cpu)
+            partner = paired.get(name)
+            if partner is not None:
+                servers = (start(name, cpu), start(partner, cpu))
+                try:
+                    (runs, partner_runs), found = measure_pair(
+                        args, procs, servers, upstream_url, paths_file, paths, w_cpu
+                    )
+                    if args.profile is not None:
+                        for target, server in zip((name, partner), servers, strict=True):
+                            profile(
+                                args, procs, server, upstream_url, paths_file, w_cpu, size, target
+                            )
+                finally:
+                    for server in servers:
+                        procs.stop(server.popen)
+                problems += found
+                record(name, runs)
+                record(partner, partner_runs)
+                continue
+            server = start(name, cpu)
+            try:
+                runs, found = measure(
+                    args, procs, server, upstream_url, paths_file, paths, w_cpu, name != CEILING
+                )
+                if args.profile is not None and name in GATEWAY_CONFIGS:
+                    profile(args, procs, server, upstream_url, paths_file, w_cpu, size, name)
+            finally:
+                procs.stop(server.popen)
+            problems += found
+            record(name, runs)
         procs.stop(upstream)
     print_table(args, rows, pin)
     return problems

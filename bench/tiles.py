@@ -313,7 +313,7 @@ def profile_hits(
     gateway_url: str,
     paths_file: Path,
     wrk_cpu: int | None,
-    emulator_url: str,
+    emulator_url: str | Callable[[], int],
 ) -> None:
     """One extra wrk run of ``args.duration`` s (not counted) while py-spy samples the
     gateway (``--nonblocking``: it never stops the process; ``--subprocesses`` for workers)
@@ -788,6 +788,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --compare, also nginx worker_processes auto and the gateway with "
         "--workers 2, both unpinned (the ratio of that row is to nginx auto)",
+    )
+    parser.add_argument(
+        "--compare-interleave",
+        action="store_true",
+        help="with --compare-baseline, run each gateway target and its baseline side by "
+        "side and alternate their wrk runs (an A/B that a busy machine disturbs alike)",
     )
     parser.add_argument(
         "--compare-only",
