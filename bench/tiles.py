@@ -322,7 +322,7 @@ def profile_hits(
     gateway_url: str,
     paths_file: Path,
     wrk_cpu: int | None,
-    emulator_url: str,
+    emulator_url: str | Callable[[], int],
 ) -> None:
     """One extra wrk run of ``args.duration`` s (not counted) while py-spy samples the
     gateway (``--nonblocking``: it never stops the process; ``--subprocesses`` for workers)
@@ -845,6 +845,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="BYTES,...",
         help="tile sizes for --compare, bytes (default 20480,81920: the anchors' tile and "
         "real imagery)",
+    )
+    parser.add_argument(
+        "--compare-workers2",
+        action="store_true",
+        help="with --compare, also nginx worker_processes auto and the gateway with "
+        "--workers 2, both unpinned (the ratio of that row is to nginx auto)",
+    )
+    parser.add_argument(
+        "--compare-interleave",
+        action="store_true",
+        help="with --compare-baseline, run each gateway target and its baseline side by "
+        "side and alternate their wrk runs (an A/B that a busy machine disturbs alike)",
+    )
+    parser.add_argument(
+        "--compare-only",
+        metavar="TEXT,...",
+        help="with --compare, only the targets whose name contains one of these texts "
+        '(e.g. "nginx w=1,anchors\' settings")',
     )
     parser.add_argument(
         "--compare-baseline",

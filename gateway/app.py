@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
+from gateway.http import hits
 from gateway.http.auth import Authenticator
 from gateway.http.callers import CallerRateLimit
 from gateway.http.keys import (
@@ -80,6 +81,7 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     viewer.add_routes(app)
     admin.add_routes(app)
     health.add_routes(app)
+    hits.install(app)  # the cache-hit fast path, in front of the router and the middleware
     return app
 
 

@@ -356,7 +356,7 @@ async def test_a_damaged_store_is_rebuilt_at_start(
 async def test_a_truncated_tile_value_is_a_miss_and_is_replaced(
     gateway_for, emulator, tmp_path, path, where
 ):
-    config = config_with(tmp_path, ("memory_bytes = 67_108_864", "memory_bytes = 0"))
+    config = config_with(tmp_path, ("memory_bytes = 268_435_456", "memory_bytes = 0"))
     client = await gateway_for(emulator, config=config)
     assert (await client.get(path)).headers["X-Cache"] == "MISS"
     directory = tmp_path / "cache"
@@ -394,7 +394,7 @@ async def test_an_entry_in_an_old_format_is_a_miss_and_is_replaced(
 ):
     """Releases before the versioned entry format pickled the tile class into the cache; such
     entries (and ones whose class has moved since) read as a miss, never as an error."""
-    config = config_with(tmp_path, ("memory_bytes = 67_108_864", "memory_bytes = 0"))
+    config = config_with(tmp_path, ("memory_bytes = 268_435_456", "memory_bytes = 0"))
     client = await gateway_for(emulator, config=config)
     assert (await client.get(OLINDA)).headers["X-Cache"] == "MISS"
     key = tile_key(client, OLINDA)

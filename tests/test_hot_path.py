@@ -5,10 +5,12 @@ layer, metric labels stay bounded, and a tile carries each header once."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
 import logging
+import sys
 
 import pytest
 from aiohttp import web
@@ -16,17 +18,24 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client import REGISTRY
 
 from gateway import metrics
+from gateway.app import create_app
+from gateway.http.hits import tile_route
+from gateway.http.keys import LAYERS
 from gateway.http.params import parse_tile
 from gateway.http.problem import Problem
 from gateway.logs import (
     CLIENT_GONE_KEY,
     CLIENT_KEY,
+    FORMAT,
     UPSTREAM_TIME_KEY,
     GatewayFormatter,
     JsonAccessLogger,
     access_line,
+    access_log_options,
 )
 from gateway.secrets import REDACTED, Secret, redact
+from gateway.storage.tiles import TileCache, make_tile
+from tests.conftest import config_with
 
 TILE = "/tiles/olinda/13/3302/4278.png"
 
@@ -140,3 +149,182 @@ async def test_a_tile_hit_carries_each_header_once(gateway):
     assert again.status == 304
     assert again.headers["ETag"] == hit.headers["ETag"]
     assert "Content-Type" not in again.headers
+
+
+FAST_PATH_SAMPLES = (
+    ("gateway_http_requests_total", {"route": "tile", "method": "GET", "status": "200"}),
+    ("gateway_http_requests_total", {"route": "tile", "method": "GET", "status": "304"}),
+    ("gateway_http_requests_total", {"route": "tile", "method": "GET", "status": "429"}),
+    ("gateway_cache_lookups_total", {"result": "hit"}),
+    ("gateway_upstream_calls_saved_total", {}),
+    ("gateway_upstream_saved_bytes_total", {"operation": "cog.tile.render"}),
+    ("gateway_client_rate_limited_total", {}),
+)
+
+
+VARYING = ("Date", "Retry-After", "RateLimit-Remaining", "RateLimit-Reset")
+"""Headers whose values depend on when a request came (both apps send them all)."""
+
+
+def _samples() -> list[float]:
+    return [REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in FAST_PATH_SAMPLES]
+
+
+def test_the_fast_path_takes_only_what_the_router_gives_the_tile_routes(settings_for, emulator):
+    app = create_app(settings_for(emulator))
+    layers, default = app[LAYERS], app[LAYERS]["olinda"]
+    paths = [
+        TILE,
+        "/tiles/13/3302/4278.png",
+        "/tiles/olinda/13/3302/4278@2x.png",
+        "/tiles/olinda/13/3302/4278.webp",
+        "/tiles/olinda/x/y/z",
+        "/tiles/olinda/13/3302/",
+        "/tiles/olinda//3302/4278.png",
+        "/tiles/nosuch/13/3302/4278.png",
+        "/tiles/olinda/tilejson.json",
+        "/tiles/clips/0f8fad5b-d9cb-469f-a165-70867728950e/visual/tilejson.json",
+        "/tiles/clips/0f8fad5b-d9cb-469f-a165-70867728950e/visual/13/1/2.png",
+        "/tiles/olinda/../olinda/13/3302/4278.png",
+        "/tiles/./13/3302/4278.png",
+        "/tiles/olinda/13/3302/4278.png?token=x",
+        "/tiles/olin%64a/13/3302/4278.png",
+        "/tiles/olinda/13/3302/4278.png/extra",
+        "/tiles/" + "9" * 2000,
+        "/tilesx/13/3302/4278.png",
+    ]
+    taken = 0
+    for raw in paths:
+        route = tile_route(raw, layers, default)
+        if route is None:
+            continue
+        taken += 1
+        name, layer, z, x, tail = route
+        match = asyncio.run(app.router.resolve(make_mocked_request("GET", raw, app=app)))
+        assert match.route.name == name, raw
+        assert (match.get("layer", layer.name), match["z"], match["x"], match["tail"]) == (
+            layer.name,
+            z,
+            x,
+            tail,
+        ), raw
+    assert taken == 5
+    assert tile_route(TILE, layers, None) is not None
+    assert tile_route("/tiles/13/3302/4278.png", layers, None) is None  # no default layer
+
+
+@pytest.mark.parametrize("rate", ["off", "200/second", "3/minute"])
+async def test_a_fast_path_answer_is_the_full_paths_answer(
+    aiohttp_server, aiohttp_client, settings_for, emulator, tmp_path, clock, caplog, rate
+):
+    """The same requests to two apps on one cache, one without the fast path: the same
+    statuses, headers, bodies, access lines and metrics; only the first never routes."""
+    config = config_with(tmp_path, ('rate_limit = "200/second"', f'rate_limit = "{rate}"'))
+    settings = settings_for(emulator, config=config)
+    limited = rate == "3/minute"
+    fast, full = create_app(settings, clock=clock), create_app(settings, clock=clock)
+    del full._handle  # the app's own handler: router and middleware for every request
+    caplog.set_level(logging.INFO, logger="gateway.access")  # before any connection opens
+    routed = []
+    resolve = fast.router.resolve
+
+    async def counting(request: web.Request) -> web.UrlMappingMatchInfo:
+        routed.append(request.path)
+        return await resolve(request)
+
+    fast.router.resolve = counting  # type: ignore[method-assign]
+    servers = [await aiohttp_server(app, **access_log_options(True)) for app in (fast, full)]
+    clients = [await aiohttp_client(server) for server in servers]
+    for client in clients:  # warm both: the second app reads the first one's disk entry
+        etag = (await client.get(TILE)).headers["ETag"]
+    routed.clear()
+    requests = [{}, {"If-None-Match": etag}, {}] if limited else [{}, {"If-None-Match": etag}]
+    answers: list[list[tuple[object, ...]]] = [[], []]
+    for headers in requests:
+        for client, answer in zip(clients, answers, strict=True):
+            before = _samples()
+            caplog.clear()
+            response = await client.get(TILE, headers=headers)
+            body = await response.read()
+            for _ in range(100):  # the line is written once the answer is sent
+                if caplog.records:
+                    break
+                await asyncio.sleep(0)
+            delta = [after - was for after, was in zip(_samples(), before, strict=True)]
+            sent = {k: v for k, v in response.headers.items() if k not in VARYING}
+            line = json.loads(caplog.records[-1].getMessage())
+            line.pop("duration_ms")
+            line.pop("remote")  # the test servers' ports differ
+            answer.append((response.status, sent, body, line, delta))
+    assert answers[0] == answers[1]
+    statuses = [a[0] for a in answers[0]]
+    assert statuses == ([200, 304, 429] if limited else [200, 304])
+    assert all(("RateLimit-Policy" in a[1]) == (rate != "off") for a in answers[0])
+    assert routed == []  # the fast path answered every one of them, the 429 too
+
+
+def _tiles(cache: TileCache, keys: list[str]) -> None:
+    for key in keys:
+        cache.set(key, make_tile(key.encode().ljust(1000, b"."), "image/png", 3600), 3600)
+
+
+def test_a_pass_over_new_tiles_leaves_the_tiles_asked_for_again_in_memory(tmp_path):
+    cache = TileCache(tmp_path / "tiles", 1 << 30, memory_bytes=100_000)  # 100 tiles of 1 kB
+    try:
+        hot = [f"tile/t/hot/{i}" for i in range(50)]
+        _tiles(cache, hot)
+        assert all(cache.get_memory(key) is not None for key in hot)  # their second use
+        scan = [f"tile/t/scan/{i}" for i in range(500)]  # each asked for once: a crawler
+        _tiles(cache, scan)
+        assert all(cache.get_memory(key) is not None for key in hot)
+        held = [key for key in scan if cache.get_memory(key) is not None]
+        assert held == scan[-len(held) :]
+        assert len(held) <= 50
+        memory = cache._memory
+        assert memory is not None
+        assert memory.size <= 100_000
+        assert memory.size == 1000 * len(memory.key_list())
+    finally:
+        cache.close()
+
+
+def test_a_cycle_over_more_tiles_than_fit_is_still_served_from_memory(tmp_path):
+    """A map client cycling over 150 tiles with room for 100: a plain LRU evicts each tile
+    just before it comes round again and serves every one from disk."""
+    cache = TileCache(tmp_path / "tiles", 1 << 30, memory_bytes=100_000)
+    try:
+        keys = [f"tile/t/{i}" for i in range(150)]
+        _tiles(cache, keys)
+        for _ in range(3):
+            hits = 0
+            for key in keys:
+                if cache.get_memory(key) is not None:
+                    hits += 1
+                else:
+                    assert cache.get(key, from_disk=True) is not None  # read, and held again
+        assert hits >= 70  # the protected share (80 tiles), give or take the round's start
+        memory = cache._memory
+        assert memory is not None
+        assert memory.size <= 100_000
+        cache.purge("t")
+        assert memory.key_list() == []
+        assert memory.size == memory.protected_size == 0
+    finally:
+        cache.close()
+
+
+def test_the_standard_format_is_loggings_own():
+    standard = logging.Formatter(FORMAT)
+    mine = GatewayFormatter(FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.makeLogRecord({"msg": "failed %s", "args": ("x",), "exc_info": True})
+        failed.exc_info = sys.exc_info()
+    for record in (
+        logging.makeLogRecord({"msg": "plain é ☃", "levelname": "INFO", "name": "gateway.access"}),
+        logging.makeLogRecord({"msg": "%d tiles", "args": (3,), "levelname": "WARNING"}),
+        failed,
+    ):
+        record.created, record.msecs = 1_800_000_000.25, 250.0
+        assert mine.format(record) == standard.format(record)

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.emulator import FAULTS_KEY, LIMITS_KEY, Fault
+from gateway.http.callers import LocalWindows
 from gateway.http.keys import LAYERS, TILE_CACHE, TILE_SERVICE
 from gateway.logs import access_log_options
 from gateway.upstream.buckets import Bucket, LimitExceeded, Priority, SharedState, TokenBuckets
@@ -149,6 +150,26 @@ async def test_client_rate_limit_answers_429_with_ratelimit_headers(
     assert limited.headers["RateLimit-Limit"] == "3"
     assert (await client.get("/healthz")).status == 200  # only tile routes count
     assert emulator.renders() == 1
+
+
+def test_local_caller_windows_slide_and_forget_old_callers():
+    now = [1_000_000.0]  # the start of a 10 s window
+    windows = LocalWindows(4, 10.0, clock=lambda: now[0])
+    answers = [windows.hit("a") for _ in range(5)]
+    assert [allowed for allowed, _ in answers] == [True, True, True, True, False]
+    assert [stats.remaining for _, stats in answers] == [3, 2, 1, 0, 0]
+    assert answers[-1][1].reset_time == pytest.approx(now[0] + 10.0)
+    assert windows.hit("b")[0]  # each caller has its own window
+    now[0] += 15.0  # half-way through the next window: the previous 4 weigh 2
+    assert [windows.hit("a")[0] for _ in range(3)] == [True, True, False]
+    now[0] += 20.0  # two windows later nothing is left of them
+    allowed, stats = windows.hit("a")
+    assert (allowed, stats.remaining) == (True, 3)
+    assert stats.reset_time == pytest.approx(now[0] + 5.0)  # the end of this window
+    windows._prune_at = 2  # as if 65,536 callers had come by
+    now[0] += 30.0
+    windows.hit("d")  # the windows of "a" and "b" ended long ago: dropped, not kept forever
+    assert set(windows._windows) == {"d"}
 
 
 async def test_daily_egress_budget_serves_cache_only_once_spent(gateway_for, emulator, tmp_path):

@@ -525,8 +525,9 @@ class CacheSettings(Table):
     state_directory: ConfigPath = Field("", validate_default=True)
     """Default: beside the cache, ``<directory>-state``."""
     size_limit_bytes: PositiveInt = 1 << 30
-    memory_bytes: NonNegativeInt = 64 << 20
-    """0 = no memory tier."""
+    memory_bytes: NonNegativeInt = 256 << 20
+    """Per worker process; 0 = no memory tier. 256 MiB holds a few thousand imagery tiles
+    (80 KB) or ten thousand small ones: what a city's map users keep asking for."""
     empty_ttl_s: PositiveInt = 300
 
     @field_validator("state_directory", mode="before")

@@ -14,6 +14,8 @@ header multidict once, from one list.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import hdrs, web
 
 from gateway.http.conditional import none_match
@@ -39,20 +41,31 @@ def cache_control(private: bool, max_age: int) -> str:
     return _MAX_AGE_PREFIX[private] + str(max_age)
 
 
-def tile_response(request: web.Request, result: TileResult, private: bool = False) -> web.Response:
+def tile_response(
+    request: web.Request,
+    result: TileResult,
+    private: bool = False,
+    clock: Callable[[], float] | None = None,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> web.Response:
     """The answer for a tile: its body with ``ETag``, ``Cache-Control``
-    (:func:`cache_control`), ``X-Cache`` and ``Content-Type``; 304 (without the body and
-    ``Content-Type``) when ``If-None-Match`` matches."""
+    (:func:`cache_control`), ``X-Cache`` and ``Content-Type``, and the common headers; 304
+    (without the body and ``Content-Type``) when ``If-None-Match`` matches.
+
+    Args:
+        clock: Unix time, seconds, for ``max-age``; default: the app's (:data:`CLOCK`).
+        extra: more headers (the fast path's ``RateLimit-*``, :mod:`gateway.http.hits`).
+    """
     tile = result.tile
     status = result.cache_status
     if status in _UPSTREAM_STATUSES:
         request[UPSTREAM_TIME_KEY] = tile.fetch_s
-    left = int(tile.fresh_until - request.app[CLOCK]())
+    left = int(tile.fresh_until - (clock or request.app[CLOCK])())
     control = ("Cache-Control", _MAX_AGE_PREFIX[private] + (str(left) if left > 0 else "0"))
     if hdrs.IF_NONE_MATCH in request.headers and none_match(request, tile.etag):
         return web.Response(
-            status=304, headers=[tile.headers[0], control, ("X-Cache", status), *_COMMON]
+            status=304, headers=[tile.headers[0], control, ("X-Cache", status), *_COMMON, *extra]
         )
     return web.Response(
-        body=tile.body, headers=[*tile.headers, control, ("X-Cache", status), *_COMMON]
+        body=tile.body, headers=[*tile.headers, control, ("X-Cache", status), *_COMMON, *extra]
     )

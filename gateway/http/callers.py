@@ -5,13 +5,18 @@ The caller is the socket's peer address, or the first untrusted address in
 ``X-Forwarded-For`` when the peer is one of ``server.trusted_proxies`` (walking the header
 from the right, as RFC 7239 section 5.2 advises for the similar ``Forwarded`` header).
 
-The limit is a sliding window per caller (the ``limits`` library's sliding window counter:
-two counters per caller, the current window's and the previous one's weighted by how much of
-it still overlaps, so a check is O(1) whatever the rate): one runaway script gets 429 with
-``Retry-After`` and ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers) instead of
-spending everyone's upstream budget. On one host it is kept in process memory (per worker
-process); with ``[state] redis_url`` it is kept in Redis (``limits``' async Redis storage on
-redis-py), so a caller gets its configured rate across every worker and replica. While Redis
+The limit is a sliding window counter per caller (the algorithm of the ``limits`` library's
+``SlidingWindowCounterRateLimiter``: two counters per caller, the current window's and the
+previous one's weighted by how much of it still overlaps, windows aligned on multiples of
+their length in Unix time, so a check is O(1) whatever the rate): one runaway script gets
+429 with ``Retry-After`` and ``RateLimit-*`` headers (draft-ietf-httpapi-ratelimit-headers)
+instead of spending everyone's upstream budget. On one host it is kept in process memory
+(per worker process) by :class:`LocalWindows`, three numbers per caller and no lock, thread
+or timer (the check runs on every cache hit; ``limits``' own memory storage takes a lock per
+counter and starts an expiry thread up to 100 times a second, which cost a cache hit a
+seventh of its time); with ``[state] redis_url`` it is kept in Redis (``limits``' async
+Redis storage on redis-py), so a caller gets its configured rate across every worker and
+replica. While Redis
 cannot be reached, each process counts in its own memory instead, and retries Redis after
 :data:`REDIS_RETRY_S`: the caller limit never stops cache hits.
 """
@@ -22,11 +27,10 @@ import ipaddress
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from limits import RateLimitItem, WindowStats, parse
-from limits import storage as sync_storage
-from limits import strategies as sync_strategies
 from limits.aio import storage, strategies
 from limits.errors import StorageError
 
@@ -65,6 +69,66 @@ def caller_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     return hops[0] if hops else peer
 
 
+class LocalWindows:
+    """Sliding window counters in this process's memory: for each key, the index of its
+    current window (Unix time // window length), that window's count and the previous
+    window's. Not thread-safe: one event loop uses it.
+
+    Args:
+        amount: requests allowed per window.
+        window_s: the window's length, seconds.
+        clock: Unix time, seconds.
+    """
+
+    PRUNE_AT = 65_536
+    """Keys held before windows that ended are dropped (then again at twice the keys left)."""
+
+    def __init__(
+        self, amount: int, window_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.amount = amount
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, list[int]] = {}  # key: [window index, current, previous]
+        self._prune_at = self.PRUNE_AT
+
+    def hit(self, key: str) -> tuple[bool, WindowStats]:
+        """Count one request for ``key`` if the weighted count allows it (as ``limits``'
+        ``acquire_sliding_window_entry``): ``(allowed, stats after it)``, where the stats
+        are ``limits``' ``WindowStats`` (``reset_time`` in Unix seconds, ``remaining``)."""
+        now = self._clock()
+        window_s = self.window_s
+        index = int(now // window_s)
+        entry = self._windows.get(key)
+        if entry is None:
+            if len(self._windows) >= self._prune_at:
+                self._prune(index)
+            entry = self._windows[key] = [index, 0, 0]
+        elif entry[0] != index:
+            entry[2] = entry[1] if entry[0] == index - 1 else 0
+            entry[1] = 0
+            entry[0] = index
+        left_s = window_s - (now - index * window_s)  # of the current window
+        previous = entry[2]
+        weighted = previous * left_s / window_s + entry[1]
+        allowed = math.floor(weighted) + 1 <= self.amount
+        if allowed:
+            entry[1] += 1
+            weighted += 1
+        remaining = max(0, self.amount - math.floor(weighted))
+        if not (previous or entry[1]):
+            return allowed, WindowStats(now, remaining)
+        reset_in = left_s if entry[1] else math.inf
+        if previous:
+            reset_in = min(reset_in, left_s % (window_s / previous))
+        return allowed, WindowStats(now + reset_in, remaining)
+
+    def _prune(self, index: int) -> None:
+        """Drop the keys whose windows both ended before window ``index``."""
+        self._windows = {k: e for k, e in self._windows.items() if e[0] >= index - 1}
+        self._prune_at = max(self.PRUNE_AT, 2 * len(self._windows))
+
+
 class CallerRateLimit:
     """A sliding-window request limit per caller key (a caller address or ``token:<name>``).
 
@@ -78,8 +142,7 @@ class CallerRateLimit:
 
     def __init__(self, rate: str, state: StateSettings | None = None) -> None:
         self.item: RateLimitItem = parse(rate)
-        # in process memory: the synchronous strategy (no coroutine, no lock per check)
-        self._local = sync_strategies.SlidingWindowCounterRateLimiter(sync_storage.MemoryStorage())
+        self._local = LocalWindows(self.item.amount, self.item.get_expiry())
         self._shared: strategies.SlidingWindowCounterRateLimiter | None = None
         self._local_until = 0.0  # monotonic time until which Redis is not tried again
         if state is not None and state.redis_url is not None:
@@ -98,6 +161,20 @@ class CallerRateLimit:
             )
             self._shared = strategies.SlidingWindowCounterRateLimiter(redis_storage)
         self._policy = f"{self.item.amount};w={self.item.get_expiry()}"
+
+    @property
+    def local(self) -> bool:
+        """Whether this limit is kept in process memory only (no ``[state] redis_url``), so
+        :meth:`check_local` may count for it."""
+        return self._shared is None
+
+    def check_local(self, key: str) -> dict[str, str]:
+        """:meth:`check` for a :attr:`local` limit, without a coroutine.
+
+        Raises:
+            Problem: 429 with ``Retry-After`` when ``key`` is over its limit.
+        """
+        return self._answer(*self._local.hit(key))
 
     async def check(self, key: str) -> dict[str, str]:
         """Count one request for ``key``; returns the RateLimit headers to send.
@@ -118,8 +195,7 @@ class CallerRateLimit:
                     type(exc.storage_error).__name__,
                 )
                 self._local_until = time.monotonic() + REDIS_RETRY_S
-        allowed = self._local.hit(self.item, key)
-        return self._answer(allowed, self._local.get_window_stats(self.item, key))
+        return self._answer(*self._local.hit(key))
 
     def _answer(self, allowed: bool, stats: WindowStats) -> dict[str, str]:
         """The RateLimit headers for a check's outcome; raises the 429 when not allowed."""

@@ -3,8 +3,10 @@
 Disk is the cache of record: it survives restarts, is shared by every worker process on the
 host (diskcache is process-safe) and evicts least-recently-used entries past
 ``size_limit_bytes``. diskcache's LRU policy writes the access time on every disk read, which
-costs more than the read itself, so each process keeps the most recently served entries in
-memory too (``memory_bytes``, 0 turns it off). A memory hit does not touch disk, so the disk's
+costs more than the read itself, so each process keeps the entries it serves again and again
+in memory too (``memory_bytes``, 0 turns it off; a segmented LRU, :class:`_MemoryTier`, so a
+pass over tiles asked for once does not push them out). A memory hit does not touch disk, so
+the disk's
 recency order lags by what the memory tier absorbs; freshness is unaffected because every
 entry carries its own ``fresh_until``.
 
@@ -196,47 +198,132 @@ def _layer_of(key: str) -> str:
 
 
 class _MemoryTier:
-    """Bytes-bounded LRU of recently served tiles, private to one process.
+    """Bytes-bounded segmented LRU of recently served tiles, private to one process.
+
+    Scan-resistant: a tile enters the *probation* segment (the first time it is stored or
+    read from disk) and moves to the *protected* segment only when it is served from memory
+    again. Eviction takes probation's least recently used entry first; protected's own
+    least recently used entries are moved back to probation once protected holds more than
+    :data:`PROTECTED_SHARE` of the capacity. So a pass over many tiles that are asked for
+    once (a crawler, an export, a client walking a large area) churns probation and leaves
+    the tiles that are asked for again in memory, where a plain LRU would evict them all.
+
+    Keys evicted from probation are remembered (*ghosts*, keys and sizes only, as many
+    bytes' worth as the capacity and at most :data:`GHOST_KEYS`): a tile that comes back
+    while remembered was asked for twice, and goes straight to protected if protected has
+    room (never pushing anything out of it). That is what keeps a cycle over more tiles than
+    fit in memory partly served from memory: a plain LRU, or probation alone, evicts each
+    tile just before it comes round again.
 
     Each entry is ``(tile, loaded_at, layer)``: ``loaded_at`` is the Unix time at which the
     tile was read from disk or stored (before the read, so it never postdates the disk state
-    it reflects), compared with the layer's purge time on every hit.
+    it reflects), compared with the layer's purge time on every hit. Sizes are body bytes.
     """
+
+    PROTECTED_SHARE = 0.8
+    """Share of the capacity that tiles served from memory again may hold."""
+
+    GHOST_KEYS = 65_536
+    """Most keys remembered after their eviction from probation."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity = capacity_bytes
-        self.size = 0
-        self._items: OrderedDict[str, tuple[CachedTile, float, str]] = OrderedDict()
+        self.protected_capacity = int(capacity_bytes * self.PROTECTED_SHARE)
+        self.size = 0  # both segments
+        self.protected_size = 0
+        self._probation: OrderedDict[str, tuple[CachedTile, float, str]] = OrderedDict()
+        self._protected: OrderedDict[str, tuple[CachedTile, float, str]] = OrderedDict()
+        self._ghosts: OrderedDict[str, int] = OrderedDict()  # evicted key: its body bytes
+        self._ghost_bytes = 0
 
     def get(self, key: str) -> tuple[CachedTile, float, str] | None:
-        entry = self._items.get(key)
+        """The entry for ``key``, now the most recently used; an entry on probation is
+        promoted to protected (its second use)."""
+        protected = self._protected
+        entry = protected.get(key)
         if entry is not None:
-            self._items.move_to_end(key)
+            protected.move_to_end(key)
+            return entry
+        entry = self._probation.pop(key, None)
+        if entry is None:
+            return None
+        protected[key] = entry
+        self.protected_size += len(entry[0].body)
+        while self.protected_size > self.protected_capacity:
+            old_key, old = protected.popitem(last=False)
+            self.protected_size -= len(old[0].body)
+            self._probation[old_key] = old  # demoted: the most recent entry on probation
         return entry
 
     def put(self, key: str, tile: CachedTile, loaded_at: float) -> None:
+        """Hold ``tile`` for ``key`` (replacing what was held: a protected entry stays
+        protected, anything else goes on probation); tiles over an eighth of the capacity
+        are not held."""
         cost = len(tile.body)
         if cost > self.capacity // 8:
+            self.discard(key)
             return
-        self.discard(key)
-        self._items[key] = (tile, loaded_at, _layer_of(key))
-        self.size += cost
+        entry = (tile, loaded_at, _layer_of(key))
+        old = self._protected.get(key)
+        if old is not None:
+            self._protected[key] = entry
+            self._protected.move_to_end(key)
+            change = cost - len(old[0].body)
+            self.size += change
+            self.protected_size += change
+        else:
+            old = self._probation.pop(key, None)
+            if old is not None:
+                self.size -= len(old[0].body)
+            ghost = self._ghosts.pop(key, None)
+            if ghost is not None:
+                self._ghost_bytes -= ghost
+            if ghost is not None and self.protected_size + cost <= self.protected_capacity:
+                self._protected[key] = entry  # asked for again: its second use
+                self.protected_size += cost
+            else:
+                self._probation[key] = entry
+            self.size += cost
         while self.size > self.capacity:
-            _, (old, _, _) = self._items.popitem(last=False)
-            self.size -= len(old.body)
+            if self._probation:
+                evicted_key, (evicted, _, _) = self._probation.popitem(last=False)
+                self._remember(evicted_key, len(evicted.body))
+            else:
+                _, (evicted, _, _) = self._protected.popitem(last=False)
+                self.protected_size -= len(evicted.body)
+            self.size -= len(evicted.body)
+
+    def _remember(self, key: str, cost: int) -> None:
+        """Keep ``key`` (``cost`` body bytes) among the ghosts, forgetting the oldest past
+        the capacity's worth of bytes or :data:`GHOST_KEYS` keys."""
+        ghosts = self._ghosts
+        ghosts[key] = cost
+        self._ghost_bytes += cost
+        while self._ghost_bytes > self.capacity or len(ghosts) > self.GHOST_KEYS:
+            _, forgotten = ghosts.popitem(last=False)
+            self._ghost_bytes -= forgotten
 
     def discard(self, key: str) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.size -= len(old[0].body)
+        old = self._probation.pop(key, None)
+        if old is None:
+            old = self._protected.pop(key, None)
+            if old is None:
+                return
+            self.protected_size -= len(old[0].body)
+        self.size -= len(old[0].body)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._protected or key in self._probation
 
     def key_list(self) -> list[str]:
         """A copy of the keys held, safe to iterate while discarding."""
-        return list(self._items)
+        return [*self._protected, *self._probation]
 
     def clear(self) -> None:
-        self._items.clear()
-        self.size = 0
+        self._probation.clear()
+        self._protected.clear()
+        self._ghosts.clear()
+        self.size = self.protected_size = self._ghost_bytes = 0
 
 
 class TileCache:

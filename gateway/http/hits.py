@@ -1,0 +1,161 @@
+"""The cache-hit fast path: a plain ``GET`` of a tile that this process's memory tier holds
+fresh, answered without aiohttp's router, the middleware chain and the response-prepare
+signal (together a fifth of a hit's time under ``wrk``; issue 15).
+
+:func:`install` puts :func:`hit_handler`'s function in front of the app's own request
+handler (aiohttp's ``Application._handle``, which resolves the route and runs the
+middleware; the server calls it for every request). The fast path takes a request only when
+it is, on its face, a tile request that the full path would answer from memory with the
+same bytes:
+
+- method ``GET`` (``HEAD`` and the rest: full path);
+- raw target ``/tiles/{layer}/{z}/{x}/{tail}`` or ``/tiles/{z}/{x}/{tail}`` (the two tile
+  routes, :mod:`gateway.routes.tiles`) with no query string, no percent sign, no segment
+  starting with ``.``, not under ``/tiles/clips/``, at most
+  :data:`~gateway.http.validation.MAX_PATH` bytes, and a layer that exists (for the short
+  form: a default layer);
+- no ``Origin`` (CORS), no ``Expect``, at most
+  :data:`~gateway.http.validation.MAX_HEADERS` request headers;
+- the token check passes (:meth:`~gateway.http.auth.Authenticator.authorize`), the tile
+  path is valid (:func:`~gateway.http.params.parse_tile`), and the memory tier holds the
+  tile fresh;
+- caller limits, if any, are kept in process memory (with ``[state] redis_url`` every tile
+  request takes the full path).
+
+Anything else, and any refusal found before something was counted, goes to the full path,
+which answers it as it always did (problem+json and all). A request the fast path takes
+gets what the full path gives: the tile (or 304) with its ``ETag``, ``Cache-Control``,
+``X-Cache``, the common headers and, with a caller limit, the ``RateLimit-*`` headers, or
+the same 429; it is counted in the same metrics (route, cache lookup, upstream calls saved,
+egress saved) and logged in the same access line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from time import perf_counter
+
+from aiohttp import hdrs, web
+
+from gateway import metrics
+from gateway.http.answers import tile_response
+from gateway.http.callers import caller_address
+from gateway.http.keys import AUTH, CALLER_LIMITS, CLOCK, LAYERS, SETTINGS, TILE_SERVICE
+from gateway.http.params import parse_tile
+from gateway.http.problem import Problem
+from gateway.http.server import COMMON_HEADERS
+from gateway.http.validation import MAX_HEADERS, MAX_PATH
+from gateway.layers import Layer
+from gateway.logs import CLIENT_GONE_KEY, CLIENT_KEY
+from gateway.services.tiles import TileService
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_PREFIX = "/tiles/"
+_SKIP = len(_PREFIX)
+_CLIPS = "clips"
+"""``/tiles/clips/...`` are clip routes, registered before the tile routes."""
+
+
+def tile_route(
+    raw: str, layers: Mapping[str, Layer], default_layer: Layer | None
+) -> tuple[str, Layer, str, str, str] | None:
+    """The tile route that the raw request target ``raw`` plainly asks for, as
+    ``(route name, layer, z, x, tail)``: ``tile`` for ``/tiles/{layer}/{z}/{x}/{tail}`` with
+    a layer of ``layers``, ``default_tile`` for ``/tiles/{z}/{x}/{tail}`` when there is a
+    ``default_layer``; None for anything else, or anything the router might see otherwise
+    (a query, percent-encoding, dot segments, ``/tiles/clips/``, over
+    :data:`~gateway.http.validation.MAX_PATH` bytes). z, x and tail are not checked here."""
+    if not raw.startswith(_PREFIX) or len(raw) > MAX_PATH or "?" in raw or "%" in raw:
+        return None
+    if "/." in raw:
+        return None
+    parts = raw[_SKIP:].split("/")
+    if "" in parts:
+        return None  # the router's {name} matches one character or more
+    if len(parts) == 4:
+        layer = layers.get(parts[0])
+        if layer is None or parts[0] == _CLIPS:
+            return None
+        return "tile", layer, parts[1], parts[2], parts[3]
+    if len(parts) == 3 and default_layer is not None:
+        return "default_tile", default_layer, parts[0], parts[1], parts[2]
+    return None
+
+
+def install(app: web.Application) -> None:
+    """Put :func:`hit_handler` in front of ``app``'s request handler. Call it once the
+    routes are added and before the app is served (the server takes the handler when it is
+    made)."""
+    # the server is made with ``app._handle`` (web_app.py, ``_make_handler``): shadowed on
+    # the instance; object.__setattr__ skips the "custom attribute" warning of debug mode
+    object.__setattr__(app, "_handle", hit_handler(app, app._handle))
+
+
+def hit_handler(app: web.Application, full: Handler) -> Handler:
+    """The request handler that answers tile hits itself and hands everything else to
+    ``full`` (the app's own handler). Reads the app's services on first use (they are made
+    at startup)."""
+    layers = app[LAYERS]
+    settings = app[SETTINGS]
+    default = settings.default_layer
+    default_layer = layers.get(default) if default is not None else None
+    trusted = settings.server.trusted_proxies
+    auth = app[AUTH]
+    clock = app[CLOCK]
+    limits = app[CALLER_LIMITS]
+    if any(not limit.local for limit in limits.values()):
+        return full  # caller limits in Redis: every request takes the full path
+    observe_tile = metrics.route_observer("tile")
+    observe_default = metrics.route_observer("default_tile")
+    services: list[TileService] = []  # bound on first use
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        started = perf_counter()
+        if request.method != hdrs.METH_GET:
+            return await full(request)
+        headers = request.headers
+        if hdrs.ORIGIN in headers or hdrs.EXPECT in headers or len(headers) > MAX_HEADERS:
+            return await full(request)
+        route = tile_route(request.raw_path, layers, default_layer)
+        if route is None:
+            return await full(request)
+        name, layer, z, x, tail = route
+        observe = observe_tile if name == "tile" else observe_default
+        if not services:
+            services.append(app[TILE_SERVICE])
+        service = services[0]
+        try:
+            auth.authorize(request, "tiles", layer)
+            address = parse_tile(layer, z, x, tail)
+        except Problem:
+            return await full(request)  # nothing counted yet: the full path answers it
+        request[CLIENT_GONE_KEY] = False
+        extra: tuple[tuple[str, str], ...] = ()
+        if limits:
+            # counted against the limit only if the fast path answers: look before counting
+            held = service.cache.get_memory(address.key)
+            if held is None or service.clock() >= held.fresh_until:
+                return await full(request)
+            caller = caller_address(request, trusted)
+            request[CLIENT_KEY] = caller
+            token = auth.identify(request)  # known by now: authorize identified it
+            limit = limits.get((token.rate_limit if token is not None else None) or "default")
+            if limit is not None:
+                try:
+                    rate = limit.check_local(f"token:{token.name}" if token is not None else caller)
+                except Problem as problem:  # 429, as the middleware answers it
+                    metrics.CLIENT_REJECTIONS.inc()
+                    response = problem.response(request.path)
+                    response.headers.update(COMMON_HEADERS)
+                    observe(hdrs.METH_GET, response.status, perf_counter() - started)
+                    return response
+                extra = tuple(rate.items())
+        result = service.get_fresh(address)
+        if result is None:
+            return await full(request)
+        response = tile_response(request, result, not layer.public, clock, extra)
+        observe(hdrs.METH_GET, response.status, perf_counter() - started)
+        return response
+
+    return handle
