@@ -338,7 +338,7 @@ async def test_a_burst_of_disk_hits_reads_once_and_frees_its_tile_creator_slot(
         tmp_path,
         ("max_concurrent = 16", "max_concurrent = 1"),
         ("max_wait_s = 10.0", "max_wait_s = 1.0"),
-        ("memory_bytes = 67_108_864", "memory_bytes = 0"),
+        ("memory_bytes = 268_435_456", "memory_bytes = 0"),
     )
     client = await gateway_for(emulator, config=config)
     assert (await client.get(OLINDA_TILES[0])).headers["X-Cache"] == "MISS"
