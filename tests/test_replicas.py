@@ -22,6 +22,7 @@ from gateway.secrets import Secret
 from gateway.services.peers import peer_token
 from tests.conftest import PLANTED_KEY, TOKENS, Emulator, RedisServer, config_with, needs_redis
 from tests.test_cli import free_port, running, wait_healthy
+from tests.test_download_faults import read_until_cut
 from tests.test_downloads import create_job, downloads, upstream_bytes
 
 pytestmark = needs_redis
@@ -214,31 +215,24 @@ async def test_redis_down_serves_hits_refuses_misses_and_recovers(start_upstream
         server.stop()
 
 
-async def first_bytes(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientResponse:
-    """A download's response once its first body bytes have arrived (read by the caller)."""
+async def first_bytes(
+    session: aiohttp.ClientSession, url: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    """A download's response once its first body bytes have arrived, and those bytes."""
     response = await session.get(url, headers=DOWNLOADS)
     assert response.status == 200, await response.text()
-    await _some_bytes(response)
-    return response
+    return response, await response.content.readany()
 
 
-async def _some_bytes(response: aiohttp.ClientResponse) -> None:
-    # another process's progress: nothing to wait on but the bytes themselves
-    while not response.content.is_eof() and not response.content.total_bytes:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-
-
-async def rest_of(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-    """Every body byte (the first ones too), and whether the connection was cut short."""
-    received = bytearray()
+async def rest_of(started: tuple[aiohttp.ClientResponse, bytes]) -> tuple[bytes, bool]:
+    """Every body byte of a download :func:`first_bytes` started, and whether the connection
+    was cut short."""
+    response, first = started
     try:
-        async for chunk in response.content.iter_chunked(1 << 16):
-            received += chunk
-    except aiohttp.ClientPayloadError:
-        return bytes(received), True
+        rest, cut = await read_until_cut(response)
     finally:
         response.release()
-    return bytes(received), False
+    return first + rest, cut
 
 
 async def test_a_clip_file_crosses_the_upstream_once_for_the_fleet_even_when_its_fetcher_dies(
@@ -269,7 +263,7 @@ async def test_a_clip_file_crosses_the_upstream_once_for_the_fleet_even_when_its
         assert {len(body) for body, _ in bodies} == {size}
         assert all(body == whole and not cut for body, cut in bodies)
         assert downloads(upstream) == before + 1  # one upstream transfer for the fleet
-        caches = [r.headers["X-Cache"] for r in started]
+        caches = [r.headers["X-Cache"] for r, _ in started]
         assert caches[0] == "MISS"
         assert set(caches[1:]) == {"COALESCED"}
         for base in bases:  # every replica stored its own copy

@@ -130,13 +130,14 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
             address = parse_tile(layer, z, x, tail)
         except Problem:
             return await full(request)  # nothing counted yet: the full path answers it
+        # looked up before any counting: a request the fast path does not answer must not
+        # be counted against its caller's limit twice
+        held = service.fresh_in_memory(address)
+        if held is None:
+            return await full(request)
         request[CLIENT_GONE_KEY] = False
         extra: tuple[tuple[str, str], ...] = ()
         if limits:
-            # counted against the limit only if the fast path answers: look before counting
-            held = service.cache.get_memory(address.key)
-            if held is None or service.clock() >= held.fresh_until:
-                return await full(request)
             caller = caller_address(request, trusted)
             request[CLIENT_KEY] = caller
             token = auth.identify(request)  # known by now: authorize identified it
@@ -151,9 +152,7 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
                     observe(hdrs.METH_GET, response.status, perf_counter() - started)
                     return response
                 extra = tuple(rate.items())
-        result = service.get_fresh(address)
-        if result is None:
-            return await full(request)
+        result = service.served_from_memory(address, held)
         response = tile_response(request, result, not layer.public, clock, extra)
         observe(hdrs.METH_GET, response.status, perf_counter() - started)
         return response

@@ -32,6 +32,7 @@ from aiohttp.abc import AbstractStreamWriter
 from werkzeug.http import parse_if_range_header, parse_range_header
 
 from gateway.errors import TransferBroken
+from gateway.http.auth import presented_token
 from gateway.http.callers import caller_address
 from gateway.http.conditional import none_match
 from gateway.http.keys import DOWNLOAD_SERVICE, SETTINGS
@@ -81,6 +82,14 @@ async def download(request: web.Request) -> web.StreamResponse:
         TransferBroken: (502) the transfer broke off before anything was sent.
     """
     found, cache = await _open(request)
+    return await _send(request, found, cache)
+
+
+async def _send(
+    request: web.Request, found: StoredFile | Transfer, cache: str
+) -> web.StreamResponse:
+    """Answer with a stored file, or stream the transfer fetching it (several ranges wait
+    for the stored file)."""
     if isinstance(found, Transfer) and found.size is not None and not _several_ranges(request):
         return await _stream_transfer(request, found, cache)
     stored = await request.app[DOWNLOAD_SERVICE].stored(found)
@@ -119,17 +128,12 @@ async def peer_download(request: web.Request) -> web.StreamResponse:
     service: DownloadService = request.app[DOWNLOAD_SERVICE]
     if service.peers is None:
         raise Problem(404, "Not found", "No route matches this path.", slug="not-found")
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not service.peers.accepts(presented.strip()):
+    if not service.peers.accepts(presented_token(request)):
         raise Problem(
             401, "Unauthorized", "This route is for the replicas of the fleet.", slug="unauthorized"
         )
     found, cache = await service.held(job_id_of(request), mosaic_type_of(request))
-    if isinstance(found, Transfer) and found.size is not None and not _several_ranges(request):
-        return await _stream_transfer(request, found, cache)
-    stored = await service.stored(found)
-    return await _serve_stored(request, stored, cache)
+    return await _send(request, found, cache)
 
 
 def _several_ranges(request: web.Request) -> bool:

@@ -127,7 +127,7 @@ class DownloadService:
         guard: the protected upstream client.
         content_types: media types a clip file may have (``downloads.content_types``).
         fleet: the fleet's claims and holders of clip files, with ``peers`` to pull them from
-            other replicas; None on one host (or without ``state.peer_url``).
+            other replicas (both or neither); None on one host (or without ``state.peer_url``).
     """
 
     def __init__(
@@ -141,7 +141,7 @@ class DownloadService:
         self.store = store
         self.guard = guard
         self.content_types = content_types
-        self.fleet = fleet if peers is not None else None
+        self.fleet = fleet
         self.peers = peers
         self._jobs: SingleFlight[dict[str, Any]] = SingleFlight()
         self._transfers: dict[tuple[str, str], Transfer] = {}

@@ -166,9 +166,21 @@ class TileService:
         ``EMPTY`` for a negatively cached tile), counted in the metrics as :meth:`get` counts
         it; None otherwise (then await :meth:`get`). Synchronous: the cache-hit path costs no
         coroutine."""
+        tile = self.fresh_in_memory(address)
+        return None if tile is None else self.served_from_memory(address, tile)
+
+    def fresh_in_memory(self, address: TileAddress) -> CachedTile | None:
+        """The tile at ``address`` when the memory tier holds it fresh, else None; one
+        memory-tier lookup (a use, for the tier's LRU), counted nowhere yet: pass it to
+        :meth:`served_from_memory` once it is sent."""
         tile = self.cache.get_memory(address.key)
         if tile is None or self.clock() >= tile.fresh_until:
             return None
+        return tile
+
+    def served_from_memory(self, address: TileAddress, tile: CachedTile) -> TileResult:
+        """Count ``tile`` (from :meth:`fresh_in_memory`) as served from memory, as
+        :meth:`get` counts a hit; the result to answer with (``HIT`` or ``EMPTY``)."""
         status = "EMPTY" if tile.empty else "HIT"
         metrics.CACHE_LOOKUP[status].inc()
         metrics.UPSTREAM_SAVED.inc()

@@ -35,6 +35,14 @@ from gateway.storage.redis_link import (
 T = TypeVar("T")
 
 
+def fail_closed() -> LimitExceeded:
+    """The refusal for a claim that Redis cannot take (scope ``state``, ``Retry-After`` 5 s:
+    nothing is fetched while the fleet's state is unreachable), counted in
+    ``gateway_limiter_rejections_total``."""
+    metrics.LIMITER_REJECTIONS.labels("state").inc()
+    return LimitExceeded("state", 5.0, "the fleet's limiter state (Redis) cannot be reached")
+
+
 class SingleFlight(Generic[T]):
     """Per-key deduplication of concurrent async work within one event loop."""
 
@@ -240,10 +248,7 @@ class FleetFlight:
                 holder_ms = max(0, int(answer[1]))
                 await wait_any(waiter, min(-left, holder_ms / 1000 + 0.02))
         except StateUnavailable:
-            metrics.LIMITER_REJECTIONS.labels("state").inc()
-            raise LimitExceeded(
-                "state", 5.0, "the fleet's limiter state (Redis) cannot be reached"
-            ) from None
+            raise fail_closed() from None
         finally:
             self._waiting.pop(channel, None)
             self.link.off_message(channel)
@@ -416,10 +421,7 @@ class FleetFiles:
         try:
             (answer,) = await self.link.call((FILE_CLAIM, keys, [token, lease_ms, self.peer_url]))
         except StateUnavailable:
-            metrics.LIMITER_REJECTIONS.labels("state").inc()
-            raise LimitExceeded(
-                "state", 5.0, "the fleet's limiter state (Redis) cannot be reached"
-            ) from None
+            raise fail_closed() from None
         verdict = answer[0].decode()
         if verdict == "claimed":
             return FileSource(claimed=True)
