@@ -71,6 +71,8 @@ SMALL_MEMORY = f"gateway, anchors' settings, memory tier {SMALL_MEMORY_BYTES >> 
 BASELINE = "baseline gateway (--compare-baseline), anchors' settings"
 BASELINE_SHIPPED = "baseline gateway (--compare-baseline), as shipped"
 GATEWAY_W2 = "gateway --workers 2, unpinned, anchors' settings"
+ACCESS_LOG_ONLY = "gateway, anchors' settings + access log"
+CLIENT_LIMIT_ONLY = "gateway, anchors' settings + client limit"
 PARTNERS = {GATEWAY: BASELINE, AS_SHIPPED: BASELINE_SHIPPED}
 """With ``--compare-interleave``: the baseline target measured turn about with each."""
 UNPINNED = frozenset({NGINX_AUTO, GATEWAY_W2})
@@ -81,6 +83,8 @@ GATEWAY_CONFIGS: dict[str, dict[str, object]] = {
     BASELINE_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
     GATEWAY_W2: {},
     AS_SHIPPED: {"access_log": True, "client_limit": AS_SHIPPED_CLIENT_LIMIT},
+    ACCESS_LOG_ONLY: {"access_log": True},
+    CLIENT_LIMIT_ONLY: {"client_limit": AS_SHIPPED_CLIENT_LIMIT},
     SMALL_MEMORY: {"memory_bytes": SMALL_MEMORY_BYTES},
 }
 """``anchor_target.write_config`` options of each gateway target."""
@@ -384,6 +388,8 @@ def compare(args: argparse.Namespace, scratch: Path, procs: harness.Processes) -
             targets += [BASELINE, BASELINE_SHIPPED]
         if args.compare_workers2:
             targets += [NGINX_AUTO, GATEWAY_W2]
+        if args.compare_parts:
+            targets += [ACCESS_LOG_ONLY, CLIENT_LIMIT_ONLY]
         if args.compare_only:
             wanted = [w.strip() for w in args.compare_only.split(",") if w.strip()]
             targets = [t for t in targets if any(w in t for w in wanted)]

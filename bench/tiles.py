@@ -853,6 +853,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workers 2, both unpinned (the ratio of that row is to nginx auto)",
     )
     parser.add_argument(
+        "--compare-parts",
+        action="store_true",
+        help="with --compare, also the anchors' settings plus the access log alone and plus "
+        "the client limit alone (what each part of 'as shipped' costs)",
+    )
+    parser.add_argument(
         "--compare-interleave",
         action="store_true",
         help="with --compare-baseline, run each gateway target and its baseline side by "

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from gateway import metrics
 from gateway.app import create_app
+from gateway.http.answers import ReadyHeads
 from gateway.http.hits import tile_route
 from gateway.http.keys import LAYERS
 from gateway.http.params import parse_tile
@@ -34,6 +35,7 @@ from gateway.logs import (
     access_log_options,
 )
 from gateway.secrets import REDACTED, Secret, redact
+from gateway.services.tiles import TileResult
 from gateway.storage.tiles import TileCache, make_tile
 from tests.conftest import config_with
 
@@ -328,3 +330,78 @@ def test_the_standard_format_is_loggings_own():
     ):
         record.created, record.msecs = 1_800_000_000.25, 250.0
         assert mine.format(record) == standard.format(record)
+
+
+async def _raw_answers(port: int, requests: list[bytes]) -> list[bytes]:
+    """Send ``requests`` one after another on one connection; each answer's bytes (head and
+    body), read by its ``Content-Length``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = []
+    try:
+        for request in requests:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            answers.append(head + await reader.readexactly(length))
+    finally:
+        writer.close()
+    return answers
+
+
+@pytest.mark.parametrize("rate", ["off", "200/second"])
+async def test_a_ready_header_block_is_the_bytes_aiohttp_would_send(
+    aiohttp_server, settings_for, emulator, tmp_path, clock, rate
+):
+    """The fast path writes a tile's header block made beforehand: byte for byte, in the
+    same order, what the full path's aiohttp response sends (but the time-dependent values),
+    for 200 and 304, with and without caller limits, and for requests the ready block does
+    not serve (HTTP/1.0, ``Connection: close``)."""
+    config = config_with(tmp_path, ('rate_limit = "200/second"', f'rate_limit = "{rate}"'))
+    settings = settings_for(emulator, config=config)
+    fast, full = create_app(settings, clock=clock), create_app(settings, clock=clock)
+    del full._handle
+    servers = [await aiohttp_server(app) for app in (fast, full)]
+    get = f"GET {TILE} HTTP/1.1\r\nHost: gw\r\n".encode()
+    warm = await _raw_answers(servers[0].port, [get + b"\r\n", get + b"\r\n"])
+    etag = next(line for line in warm[1].split(b"\r\n") if line.startswith(b"ETag: "))[6:]
+    requests = [
+        get + b"\r\n",
+        get + b"If-None-Match: " + etag + b"\r\n\r\n",
+        get + b"If-None-Match: W/" + etag + b', "other"\r\n\r\n',
+        get + b"Connection: close\r\n\r\n",
+    ]
+    answers = []
+    for server in servers:
+        sent = await _raw_answers(server.port, requests)
+        sent += await _raw_answers(server.port, [f"GET {TILE} HTTP/1.0\r\n\r\n".encode()])
+        answers.append(sent)
+    varying = tuple(name.encode() + b": " for name in VARYING)
+
+    def steady(answer: bytes) -> bytes:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        kept = [line for line in head.split(b"\r\n") if not line.startswith(varying)]
+        return b"\r\n".join(kept) + b"\r\n\r\n" + body
+
+    for one, other in zip(answers[0], answers[1], strict=True):
+        assert steady(one).partition(b"\r\n\r\n")[0] == steady(other).partition(b"\r\n\r\n")[0]
+    assert [steady(a) for a in answers[0]] == [steady(a) for a in answers[1]]
+    statuses = [a.split(b" ", 2)[1] for a in answers[0]]
+    assert statuses == [b"200", b"304", b"304", b"200", b"200"]
+    assert b"X-Cache: HIT\r\n" in answers[0][0]
+    assert b"\r\nConnection: close\r\n" in answers[0][3]
+
+
+def test_a_ready_header_block_never_carries_a_line_break():
+    """A header value with a line break (header injection) gets no ready block: the fast
+    path then answers through aiohttp's response, whose serialiser refuses it."""
+    heads = ReadyHeads()
+    request = make_mocked_request("GET", TILE)
+    good = make_tile(b"png", "image/png", 60, now=1000.0)
+    bad = make_tile(b"png", "image/png\r\nSet-Cookie: x=1", 60, now=1000.0)
+    answer = heads.response(request, TileResult(good, "HIT"), False, lambda: 1000.0)
+    assert answer is not None
+    assert answer.status == 200
+    assert heads.response(request, TileResult(bad, "HIT"), False, lambda: 1000.0) is None
