@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import io
 import json
 import logging
+import logging.handlers
 import sys
+import time
 
 import pytest
 from aiohttp import web
@@ -29,12 +32,14 @@ from gateway.logs import (
     CLIENT_KEY,
     FORMAT,
     UPSTREAM_TIME_KEY,
+    AccessLines,
     GatewayFormatter,
-    JsonAccessLogger,
+    GatewayStreamHandler,
     access_line,
     access_log_options,
+    access_text,
 )
-from gateway.secrets import REDACTED, Secret, redact
+from gateway.secrets import REDACTED, RedactingFilter, Secret, redact
 from gateway.services.tiles import TileResult
 from gateway.storage.tiles import TileCache, make_tile
 from tests.conftest import config_with
@@ -82,9 +87,10 @@ def test_the_access_line_is_the_json_it_always_was(path, state, headers, seconds
 
 def test_a_lean_access_record_formats_as_a_logging_one():
     logger = logging.getLogger("gateway.access")
-    access = JsonAccessLogger(logger, "")
+    lines = AccessLines()
     formatter = GatewayFormatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
-    first, second = access.record("one"), access.record("two")  # the second is the lean one
+    first = lines.record(logger, "one", time.time())
+    second = lines.record(logger, "two", time.time())  # the lean one
     standard = logger.makeRecord(logger.name, logging.INFO, "", 0, "two", (), None)  # as info()
     lean, made = vars(second), vars(standard)
     assert lean.keys() == made.keys()
@@ -405,3 +411,54 @@ def test_a_ready_header_block_never_carries_a_line_break():
     assert answer is not None
     assert answer.status == 200
     assert heads.response(request, TileResult(bad, "HIT"), False, lambda: 1000.0) is None
+
+
+class _CountingStream(io.StringIO):
+    """A text stream that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_access_lines_are_written_once_a_loop_turn_as_their_records_would_be(
+    monkeypatch,
+):
+    """With the gateway's stderr handler as the only one, a turn's access lines go out in one
+    write at the start of the next turn: the text the records would have made (timestamp,
+    level, logger, process, JSON line), secrets redacted. With another handler too, each line
+    is a record again."""
+    secret = Secret("gpra_" + "q" * 32)
+    stream = _CountingStream()
+    handler = GatewayStreamHandler(stream)
+    handler.setFormatter(GatewayFormatter(FORMAT))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    logger = logging.getLogger("gateway.access")
+    lines = AccessLines()
+    now = time.time()
+    entries = [
+        ("203.0.113.9", "GET", TILE, 200, 20480, 0.0012, "HIT", None, now),
+        ("::1", "GET", f"/tiles/{secret.reveal()}/x", 404, 120, 0.0003, None, 0.05, now + 0.5),
+    ]
+    for fields in entries:
+        lines.add(logger, fields)
+    assert stream.getvalue() == ""  # waits for the next loop turn
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    expected = [
+        handler.format(lines.record(logger, access_text(fields), fields[-1])) for fields in entries
+    ]
+    assert stream.getvalue().splitlines() == [redact(line) for line in expected]
+    assert secret.reveal() not in stream.getvalue()
+    assert REDACTED in stream.getvalue().splitlines()[1]
+    other = logging.handlers.BufferingHandler(10)
+    monkeypatch.setattr(root, "handlers", [handler, other])
+    lines.add(logger, entries[0])
+    await asyncio.sleep(0)
+    assert [r.getMessage() for r in other.buffer] == [access_text(entries[0])]
+    assert stream.writes == 2  # the record went through the handler on its own
