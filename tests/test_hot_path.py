@@ -42,7 +42,7 @@ from gateway.logs import (
 from gateway.secrets import REDACTED, RedactingFilter, Secret, redact
 from gateway.services.tiles import TileResult
 from gateway.storage.tiles import TileCache, make_tile
-from tests.conftest import config_with
+from tests.conftest import PRIVATE_LAYER, TOKENS, config_with
 
 TILE = "/tiles/olinda/13/3302/4278.png"
 
@@ -196,6 +196,13 @@ def test_the_fast_path_takes_only_what_the_router_gives_the_tile_routes(settings
         "/tiles/olinda/../olinda/13/3302/4278.png",
         "/tiles/./13/3302/4278.png",
         "/tiles/olinda/13/3302/4278.png?token=x",
+        "/tiles/olinda/13/3302/4278.png?token=x&token=y",
+        "/tiles/olinda/13/3302/4278.png?token=x&other=1",
+        "/tiles/olinda/13/3302/4278.png?other=1",
+        "/tiles/olinda/13/3302/4278.png?token=",
+        "/tiles/olinda/13/3302/4278.png?token=a+b",
+        "/tiles/olinda/13/3302/4278.png?tok%65n=x",
+        "/tiles/olinda/13/3302/4278.png?",
         "/tiles/olin%64a/13/3302/4278.png",
         "/tiles/olinda/13/3302/4278.png/extra",
         "/tiles/" + "9" * 2000,
@@ -216,18 +223,28 @@ def test_the_fast_path_takes_only_what_the_router_gives_the_tile_routes(settings
             x,
             tail,
         ), raw
-    assert taken == 5
+    assert taken == 6  # the ?token= one among them
     assert tile_route(TILE, layers, None) is not None
     assert tile_route("/tiles/13/3302/4278.png", layers, None) is None  # no default layer
 
 
-@pytest.mark.parametrize("rate", ["off", "200/second", "3/minute"])
+@pytest.mark.parametrize(
+    ("rate", "tile"),
+    [
+        ("off", TILE),
+        ("200/second", TILE),
+        ("3/minute", TILE),
+        ("200/second", f"/tiles/olinda-private/13/3302/4278.png?token={TOKENS['tiles']}"),
+    ],
+)
 async def test_a_fast_path_answer_is_the_full_paths_answer(
-    aiohttp_server, aiohttp_client, settings_for, emulator, tmp_path, clock, caplog, rate
+    aiohttp_server, aiohttp_client, settings_for, emulator, tmp_path, clock, caplog, rate, tile
 ):
     """The same requests to two apps on one cache, one without the fast path: the same
     statuses, headers, bodies, access lines and metrics; only the first never routes."""
-    config = config_with(tmp_path, ('rate_limit = "200/second"', f'rate_limit = "{rate}"'))
+    config = config_with(
+        tmp_path, ('rate_limit = "200/second"', f'rate_limit = "{rate}"'), append=PRIVATE_LAYER
+    )
     settings = settings_for(emulator, config=config)
     limited = rate == "3/minute"
     fast, full = create_app(settings, clock=clock), create_app(settings, clock=clock)
@@ -244,7 +261,7 @@ async def test_a_fast_path_answer_is_the_full_paths_answer(
     servers = [await aiohttp_server(app, **access_log_options(True)) for app in (fast, full)]
     clients = [await aiohttp_client(server) for server in servers]
     for client in clients:  # warm both: the second app reads the first one's disk entry
-        etag = (await client.get(TILE)).headers["ETag"]
+        etag = (await client.get(tile)).headers["ETag"]
     routed.clear()
     requests = [{}, {"If-None-Match": etag}, {}] if limited else [{}, {"If-None-Match": etag}]
     answers: list[list[tuple[object, ...]]] = [[], []]
@@ -252,7 +269,7 @@ async def test_a_fast_path_answer_is_the_full_paths_answer(
         for client, answer in zip(clients, answers, strict=True):
             before = _samples()
             caplog.clear()
-            response = await client.get(TILE, headers=headers)
+            response = await client.get(tile, headers=headers)
             body = await response.read()
             for _ in range(100):  # the line is written once the answer is sent
                 if caplog.records:

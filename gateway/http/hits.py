@@ -12,7 +12,8 @@ same bytes:
   (HTTP/1.0 and ``Connection: close``: full path, since the ready header blocks carry no
   ``Connection`` header);
 - raw target ``/tiles/{layer}/{z}/{x}/{tail}`` or ``/tiles/{z}/{x}/{tail}`` (the two tile
-  routes, :mod:`gateway.routes.tiles`) with no query string, no percent sign, no segment
+  routes, :mod:`gateway.routes.tiles`) with no query string but a single ``?token=`` of
+  URL-safe characters, no percent sign, no segment
   starting with ``.``, not under ``/tiles/clips/``, at most
   :data:`~gateway.http.validation.MAX_PATH` bytes, and a layer that exists (for the short
   form: a default layer);
@@ -36,6 +37,7 @@ logged in the same access line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from time import perf_counter
 
@@ -61,6 +63,11 @@ _CLIPS = "clips"
 """``/tiles/clips/...`` are clip routes, registered before the tile routes."""
 
 
+_TOKEN_QUERY = re.compile(r"token=[A-Za-z0-9._~-]{1,512}")
+"""The one query the fast path takes: a single ``token`` of URL-safe characters (nothing to
+decode; anything else, such as a second parameter or a percent sign, takes the full path)."""
+
+
 def tile_route(
     raw: str, layers: Mapping[str, Layer], default_layer: Layer | None
 ) -> tuple[str, Layer, str, str, str] | None:
@@ -68,9 +75,13 @@ def tile_route(
     ``(route name, layer, z, x, tail)``: ``tile`` for ``/tiles/{layer}/{z}/{x}/{tail}`` with
     a layer of ``layers``, ``default_tile`` for ``/tiles/{z}/{x}/{tail}`` when there is a
     ``default_layer``; None for anything else, or anything the router might see otherwise
-    (a query, percent-encoding, dot segments, ``/tiles/clips/``, over
-    :data:`~gateway.http.validation.MAX_PATH` bytes). z, x and tail are not checked here."""
-    if not raw.startswith(_PREFIX) or len(raw) > MAX_PATH or "?" in raw or "%" in raw:
+    (a query but a single ``?token=`` of URL-safe characters, percent-encoding, dot
+    segments, ``/tiles/clips/``, over :data:`~gateway.http.validation.MAX_PATH` bytes).
+    z, x and tail are not checked here."""
+    if not raw.startswith(_PREFIX) or len(raw) > MAX_PATH or "%" in raw:
+        return None
+    raw, query, token = raw.partition("?")
+    if query and _TOKEN_QUERY.fullmatch(token) is None:
         return None
     if "/." in raw:
         return None
