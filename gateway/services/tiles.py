@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import mercantile
 from prometheus_client import Counter
@@ -83,7 +84,7 @@ class _CreatorSlots(asyncio.Semaphore):
         super().__init__(slots)
         self.taken = 0
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         await super().acquire()
         self.taken += 1
         return True

@@ -80,7 +80,7 @@ class _Started(Coroutine[Any, Any, T]):
             raise outcome
         return outcome
 
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:  # type: ignore[override]
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         first, self._first = self._first, None
         if first is not None and first[0] != 0:  # finished already: nothing left to stop
             raise typ if val is None else val
