@@ -26,6 +26,7 @@ import pytest
 from gateway.emulator import FAULTS_KEY, Fault
 from gateway.http.keys import LAYERS, TILE_SERVICE
 from gateway.http.params import parse_tile
+from gateway.services.tiles import TileAddress
 from gateway.storage.tiles import (
     ENTRY_FORMAT,
     EntryFormatError,
@@ -518,19 +519,34 @@ async def test_a_full_disk_under_everything_answers_no_500(
 async def test_a_miss_leaves_sqlite_and_decoding_off_the_event_loop(gateway, emulator, monkeypatch):
     """What a cache miss does that takes time (SQLite transactions of the tile cache and the
     limiter state, decoding the tile) runs in worker threads: a flood of misses never holds
-    the event loop that serves cache hits (timings are bench/miss_flood.py's business)."""
+    the event loop that serves cache hits (timings are bench/miss_flood.py's business). The
+    one SQLite statement on the loop is the key lookup (an indexed read, no transaction) of
+    a miss that finds no other miss in flight, so that its upstream request is written
+    without waiting for the loop's next turn; the misses of a flood skip it."""
     import diskcache
     from PIL import Image
 
     loop_thread = threading.get_ident()
     on_loop: list[str] = []
     sql = diskcache.Cache._sql
+    contains = diskcache.Cache.__contains__
     load = Image.Image.load
+    looking_up = threading.local()
 
     def recording_sql(self):
-        if threading.get_ident() == loop_thread:
+        if threading.get_ident() == loop_thread and not getattr(looking_up, "key", False):
             on_loop.append("sqlite")
         return sql.fget(self)
+
+    def recording_contains(self, key):
+        if threading.get_ident() != loop_thread:
+            return contains(self, key)
+        on_loop.append("key lookup")
+        looking_up.key = True
+        try:
+            return contains(self, key)
+        finally:
+            looking_up.key = False
 
     def recording_load(self):
         if threading.get_ident() == loop_thread:
@@ -539,8 +555,16 @@ async def test_a_miss_leaves_sqlite_and_decoding_off_the_event_loop(gateway, emu
 
     assert (await gateway.get("/readyz")).status == 200  # start-up is done
     monkeypatch.setattr(diskcache.Cache, "_sql", property(recording_sql))
+    monkeypatch.setattr(diskcache.Cache, "__contains__", recording_contains)
     monkeypatch.setattr(Image.Image, "load", recording_load)
     for path in (OLINDA, OLINDA_Z14, OLINDA, OLINDA_Z14):  # two misses, then two hits
         assert (await gateway.get(path)).status == 200
     assert emulator.renders() == 2
-    assert on_loop == []
+    assert on_loop == ["key lookup", "key lookup"]
+    on_loop.clear()
+    service, layer = gateway.app[TILE_SERVICE], gateway.app[LAYERS]["olinda"]
+    flood = [TileAddress(layer, 14, x, 8556, 1, "png") for x in range(6603, 6607)]
+    results = await asyncio.gather(*(service.get(address) for address in flood))  # at once
+    assert [r.cache_status for r in results] == ["MISS"] * 4
+    assert emulator.renders() == 6
+    assert on_loop == ["key lookup"]  # the first of them, into an idle process

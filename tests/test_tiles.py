@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import socket
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
+import psutil
 from PIL import Image
 
+from gateway.http.keys import LAYERS, TILE_SERVICE
+from gateway.services.tiles import TileAddress
 from tests.conftest import PLANTED_KEY, config_with
 
 OLINDA = "/tiles/olinda/13/3302/4278.png"  # fully covered (shared/data README)
@@ -80,6 +86,68 @@ async def test_200_concurrent_requests_for_a_new_tile_make_one_upstream_call(
     assert caches.count("COALESCED") >= 100
     assert caches.count("COALESCED") + caches.count("HIT") == 199
     assert slow.renders() == 1
+
+
+def _waiting_upstream_bytes(port: int) -> bytes:
+    """What the gateway has sent, unread so far, on its connections to the in-process
+    upstream listening on ``port`` (peeked at on the upstream's side, in the kernel: the
+    upstream's own reads happen only when the event loop polls)."""
+    pending = b""
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == "ESTABLISHED":
+            with (
+                socket.fromfd(conn.fd, socket.AF_INET, socket.SOCK_STREAM) as sock,
+                contextlib.suppress(BlockingIOError),  # nothing waiting on this one
+            ):
+                pending += sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    return pending
+
+
+async def test_a_new_tiles_upstream_request_is_written_before_its_burst_is_taken_in(
+    gateway, emulator
+):
+    """50 requests for a new tile, all queued on the event loop at once (a burst read in one
+    go): the first one's upstream request has reached the upstream before the last of them
+    reaches the tile service (not after every request of the burst has been taken as far
+    as it goes), and the burst costs one upstream call."""
+    assert (await gateway.get(OLINDA)).status == 200  # a pooled upstream connection
+    service, layer = gateway.app[TILE_SERVICE], gateway.app[LAYERS]["olinda"]
+    address = TileAddress(layer, 13, 3303, 4278, 1, "png")
+    port = urlsplit(emulator.url).port
+    assert _waiting_upstream_bytes(port) == b""
+    renders = emulator.renders()
+    seen: list[bytes] = []
+
+    async def last():
+        seen.append(_waiting_upstream_bytes(port))
+        return await service.get(address)
+
+    results = await asyncio.gather(*(service.get(address) for _ in range(49)), last())
+    assert seen[0].startswith(b"POST /v1/op/cog.tile.render ")
+    assert [r.cache_status for r in results] == ["MISS"] + ["COALESCED"] * 49
+    assert len({r.tile.body for r in results}) == 1
+    assert emulator.renders() == renders + 1
+
+
+async def test_a_cancelled_first_request_leaves_the_fetch_to_the_others(gateway, emulator):
+    """The request whose miss started the fetch is cancelled (its handler stopped) while
+    the upstream call is under way: the others still get the tile, from that one call, and
+    the tile is cached."""
+    assert (await gateway.get(OLINDA)).status == 200
+    service, layer = gateway.app[TILE_SERVICE], gateway.app[LAYERS]["olinda"]
+    address = TileAddress(layer, 13, 3303, 4278, 1, "png")
+    renders = emulator.renders()
+    first, *others = [asyncio.ensure_future(service.get(address)) for _ in range(20)]
+    await asyncio.sleep(0)  # every request has reached the service
+    assert not first.done()
+    first.cancel()
+    results = await asyncio.gather(*others)
+    assert first.cancelled()
+    assert [r.cache_status for r in results] == ["COALESCED"] * 19
+    assert emulator.renders() == renders + 1
+    again = await gateway.get("/tiles/olinda/13/3303/4278.png")
+    assert again.headers["X-Cache"] == "HIT"
+    assert emulator.renders() == renders + 1
 
 
 async def test_formats_and_content_types(gateway, emulator):

@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import mercantile
 from prometheus_client import Counter
@@ -68,6 +69,29 @@ CLAIM_POLL_S = 0.01
 
 FETCH_ERRORS = (UpstreamError, HeldBack)
 """Failures of a fetch that a stale entry may cover (stale-if-error)."""
+
+PROMPT_WAIT_S = 0.01
+"""Longest the event loop waits, on its own thread, for the cross-process claim of a miss
+that arrives while no other miss is being worked on (:meth:`TileService._fetch_at_once`),
+seconds; past it the miss goes on as every other, through the event loop."""
+
+
+class _CreatorSlots(asyncio.Semaphore):
+    """The tile-creator slots (an :class:`asyncio.Semaphore`) that also count how many are
+    taken (``taken``)."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots)
+        self.taken = 0
+
+    async def acquire(self) -> Literal[True]:
+        await super().acquire()
+        self.taken += 1
+        return True
+
+    def release(self) -> None:
+        self.taken -= 1
+        super().release()
 
 
 def _checked_tile(
@@ -159,7 +183,7 @@ class TileService:
         self._refreshes: set[asyncio.Task[None]] = set()
         # tile creators (MapProxy's ``concurrent_tile_creators``): misses that may be past
         # the queue at once in this process; see :meth:`_creator_slot`
-        self._creators = asyncio.Semaphore(guard.settings.max_concurrent)
+        self._creators = _CreatorSlots(guard.settings.max_concurrent)
 
     def get_fresh(self, address: TileAddress) -> TileResult | None:
         """The tile at ``address`` when this process's memory tier holds it fresh (``HIT``, or
@@ -228,8 +252,10 @@ class TileService:
         ):
             return TileResult(self._blank(address, layer.ttl_s), "EMPTY")
         own: asyncio.Future[tuple[CachedTile, str]] | None = None
-        if tile is None and not in_flight:
-            tile, own = await self._lookup(address, priority)  # joining a flight skips it
+        if tile is None and not in_flight:  # joining a flight skips this
+            own = await self._fetch_at_once(address, priority)
+            if own is None:
+                tile, own = await self._lookup(address, priority)
         if tile is not None:
             if tile.is_fresh(now):
                 return TileResult(tile, "EMPTY" if tile.empty else "HIT")
@@ -258,6 +284,41 @@ class TileService:
         if fetched.empty:
             return TileResult(fetched, "EMPTY")
         return TileResult(fetched, "COALESCED" if coalesced else source)
+
+    async def _fetch_at_once(
+        self, address: TileAddress, priority: Priority
+    ) -> asyncio.Future[tuple[CachedTile, str]] | None:
+        """Start the fetch of a tile the disk does not have, without waiting for the event
+        loop's next turn, when nothing else is being fetched; None (nothing done) otherwise.
+
+        A burst of requests for a new tile arrives in one go: when its first request waits
+        for anything (a thread, a task's first step), it resumes only after every other
+        request queued by then has been taken as far as it goes, so its upstream call
+        would be written after the whole burst has been read. So, for a one-host miss
+        (no fleet, scale 1) that finds every tile-creator slot free and no read of the tile
+        under way: the disk is asked on the event loop whether it has the key
+        (:meth:`~gateway.storage.tiles.TileCache.on_disk`, an index lookup), the
+        cross-process claim is taken in the cache's I/O thread while the loop waits up to
+        :data:`PROMPT_WAIT_S`, and the fetch task's first step runs at once
+        (:meth:`~gateway.storage.coalesce.SingleFlight.start`), up to the upstream request
+        being written (the guard admits a call into an idle process the same way). The
+        requests that follow join that fetch. A miss among others in flight goes through
+        :meth:`_lookup` as before: a flood of cold tiles never waits on the loop's thread.
+        """
+        key = address.key
+        if (
+            self.fleet is not None
+            or address.scale != 1
+            or self._creators.taken
+            or key in self._lookups
+            or self.cache.on_disk(key) is not False
+        ):
+            return None
+        claimed = self.cache.claim_promptly(key, self.claim_s, PROMPT_WAIT_S)
+        if claimed is None:
+            return None
+        await self._creators.acquire()  # free (none taken): returns at once
+        return self._start_fetch(address, priority, True, claimed)
 
     async def _lookup(
         self, address: TileAddress, priority: Priority

@@ -3,7 +3,10 @@
 Like nginx's ``proxy_cache_lock`` or Varnish's waiting list, but with no lock timeout: every
 caller that arrives while a fetch for its key is in flight waits for that fetch and gets its
 result or its exception. The fetch runs as its own task, so a caller that goes away (client
-disconnect, cancellation) never cancels work that others still wait on.
+disconnect, cancellation) never cancels work that others still wait on. That task's first
+step runs at once, inside the call that starts it (:func:`start_eagerly`), not after every
+other step the event loop has queued: a cold tile's upstream request is written before the
+rest of a burst of requests for it is even looked at.
 
 :class:`SingleFlight` joins the callers of one process; :class:`FleetFlight` joins the
 replicas of a fleet through Redis (the owner's result is read by the others from Redis);
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway import metrics
 from gateway.errors import LimitExceeded
@@ -43,6 +47,104 @@ def fail_closed() -> LimitExceeded:
     return LimitExceeded("state", 5.0, "the fleet's limiter state (Redis) cannot be reached")
 
 
+class _Started(Coroutine[Any, Any, T]):
+    """A coroutine whose first step :func:`start_eagerly` ran already, for the task that
+    goes on with it: the task's first ``send`` hands over what that step gave (the future
+    it waits on, its result or its exception); everything after goes to the coroutine."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+        self._first: tuple[int, Any] | None = None  # (0 yielded | 1 returned | 2 raised, it)
+
+    def step(self) -> None:
+        """Run the coroutine's first step now, keeping its outcome for the task."""
+        try:
+            self._first = (0, self._coro.send(None))
+        except StopIteration as stop:
+            self._first = (1, stop.value)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # the task raises it, as if its own step had
+            self._first = (2, exc)
+
+    def send(self, value: Any) -> Any:
+        first, self._first = self._first, None
+        if first is None:
+            return self._coro.send(value)
+        kind, outcome = first
+        if kind == 1:
+            raise StopIteration(outcome)
+        if kind == 2:
+            raise outcome
+        return outcome
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        first, self._first = self._first, None
+        if first is not None and first[0] != 0:  # finished already: nothing left to stop
+            raise typ if val is None else val
+        return self._coro.throw(typ, val, tb) if val is not None else self._coro.throw(typ)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        raise TypeError("run by the task of start_eagerly, not awaited")
+
+
+def start_eagerly(
+    coro: Coroutine[Any, Any, T],
+    created: Callable[[asyncio.Task[T]], object] | None = None,
+    context: contextvars.Context | None = None,
+) -> asyncio.Task[T]:
+    """A task for ``coro`` whose first step (everything up to its first real wait) runs
+    now, inside this call, as that task (``asyncio.current_task()`` is the new task, in its
+    own copy of the context), instead of after every other step the event loop has queued
+    meanwhile; the rest runs as any task's. Tasks created during that first step start the
+    same way (aiohttp, for one, writes a request's body from a task of its own, eagerly
+    only on Python 3.12+). Python 3.12 calls these eager tasks (``eager_start``); this does
+    the same on 3.11, with asyncio's ``_enter_task`` and ``_leave_task`` (the functions
+    every task step uses to say which task runs) and a task factory set for the first
+    step only.
+
+    Args:
+        created: called with the task before its first step runs (to register it where
+            that step, or anything it starts, may look for it).
+        context: the task's context (default: a copy of the current one).
+    """
+    loop = asyncio.get_running_loop()
+    started = _Started(coro)
+    context = contextvars.copy_context() if context is None else context
+    task: asyncio.Task[T] = asyncio.Task(started, loop=loop, context=context)
+    if created is not None:
+        created(task)
+    factory = loop.get_task_factory()
+    loop.set_task_factory(_eager_task)
+    outer = asyncio.current_task(loop)
+    if outer is not None:
+        asyncio.tasks._leave_task(loop, outer)
+    asyncio.tasks._enter_task(loop, task)
+    try:
+        context.run(started.step)
+    finally:
+        asyncio.tasks._leave_task(loop, task)
+        if outer is not None:
+            asyncio.tasks._enter_task(loop, outer)
+        loop.set_task_factory(factory)
+    return task
+
+
+def _eager_task(
+    loop: asyncio.AbstractEventLoop, coro: Any, *, name: str | None = None, **kwargs: Any
+) -> asyncio.Task[Any]:
+    """The task factory of an eager first step (:func:`start_eagerly`)."""
+    task = start_eagerly(coro, context=kwargs.get("context"))
+    if name is not None:
+        task.set_name(name)
+    return task
+
+
 class SingleFlight(Generic[T]):
     """Per-key deduplication of concurrent async work within one event loop."""
 
@@ -57,7 +159,7 @@ class SingleFlight(Generic[T]):
         """Whether a fetch for ``key`` is running now."""
         return key in self._inflight
 
-    async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+    async def run(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> tuple[T, bool]:
         """Run ``fetch()`` once for ``key`` among concurrent callers.
 
         Returns:
@@ -72,20 +174,25 @@ class SingleFlight(Generic[T]):
             return await asyncio.shield(future), True
         return await asyncio.shield(self.start(key, fetch)), False
 
-    def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+    def start(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Future[T]:
         """Start ``fetch()`` for ``key`` now and return its task, for the caller on whose
         behalf it runs to await (shielded); callers of :meth:`run` join it meanwhile. For
         code that starts a fetch from a callback.
+
+        The fetch's first step runs inside this call (:func:`start_eagerly`), with the
+        fetch already in flight for ``key``.
 
         Raises:
             RuntimeError: a fetch for ``key`` is in flight already.
         """
         if key in self._inflight:
             raise RuntimeError("a fetch for this key is in flight already")
-        task = asyncio.ensure_future(fetch())
-        self._inflight[key] = task
-        task.add_done_callback(lambda done: self._finish(key, done))
-        return task
+
+        def created(task: asyncio.Task[T]) -> None:
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finish(key, done))
+
+        return start_eagerly(fetch(), created)
 
     def _finish(self, key: str, done: asyncio.Future[T]) -> None:
         if self._inflight.get(key) is done:

@@ -38,6 +38,7 @@ entry is deleted and counted in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -597,6 +598,41 @@ class TileCache:
 
         future.add_done_callback(remember)
         return future
+
+    def on_disk(self, key: str) -> bool | None:
+        """Whether the disk tier has an unexpired entry for ``key``, asked on the calling
+        thread without reading the entry: one indexed SQLite lookup of the key (readers
+        never wait on writers: the database is in WAL mode), a few tens of microseconds,
+        so the event loop may ask it. None when the disk cannot say (then read it as
+        usual). An entry found here may still prove damaged when it is read."""
+        try:
+            return key in self._disk
+        except STORE_ERRORS:
+            return None
+
+    def claim_promptly(self, key: str, claim_s: float, wait_s: float) -> bool | None:
+        """For a key :meth:`on_disk` found missing: :meth:`claim` it for ``claim_s``
+        seconds unless an entry turned up meanwhile, in the I/O thread (after the disk work
+        queued before it, as always), waiting for that on the calling thread (the event
+        loop's) for up to ``wait_s`` seconds, for a miss that should not wait for the event
+        loop's next turn.
+
+        Returns:
+            True: claimed; False: another live process holds the claim; None: no answer
+            within ``wait_s``, or an entry turned up: read it as usual then (a claim this
+            took is released, after it, in the I/O thread).
+        """
+        job = self._io.submit(self._read_or_claim_missing, key, claim_s)
+        done, _ = concurrent.futures.wait((job,), timeout=wait_s)
+        if not done:
+            self.release_soon(key)
+            return None
+        tile, claimed = job.result()  # never raises: read_disk and claim report failures
+        if tile is None:
+            return claimed
+        if claimed:
+            self.release_soon(key)
+        return None
 
     def _read_or_claim_missing(
         self, key: str, claim_s: float | None

@@ -26,6 +26,7 @@ bucket arithmetic here is a few lines over diskcache's ``transact``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import functools
@@ -99,12 +100,26 @@ class SharedState:
         return await loop.run_in_executor(self._io, functools.partial(function, *args))
 
     async def run_or_undo(
-        self, function: Callable[..., T], *args: object, undo: Callable[[T], object]
+        self,
+        function: Callable[..., T],
+        *args: object,
+        undo: Callable[[T], object],
+        wait_s: float = 0.0,
     ) -> T:
         """Like :meth:`run`, for work that takes something (a lease): if the caller is
         cancelled while ``function`` runs, ``undo(result)`` is queued once it has finished,
-        so nothing taken for a caller that is gone stays taken."""
-        future = asyncio.ensure_future(self.run(function, *args))
+        so nothing taken for a caller that is gone stays taken.
+
+        With ``wait_s``, the result is first waited for on the calling thread (the event
+        loop's), for up to ``wait_s`` seconds: returned then without an event-loop step,
+        else awaited as usual. ``function`` runs in the I/O thread either way, after the
+        work queued before it."""
+        job = self._io.submit(functools.partial(function, *args))
+        if wait_s > 0:
+            concurrent.futures.wait((job,), timeout=wait_s)
+            if job.done():
+                return job.result()
+        future = asyncio.wrap_future(job)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

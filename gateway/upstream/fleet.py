@@ -353,6 +353,8 @@ class RedisUpstreamState(UpstreamState):
         priority: Priority,
         max_wait_s: float,
         want_lease: bool,
+        *,
+        prompt: bool = False,  # a Redis round trip cannot be waited for on the loop
     ) -> Admitted:
         s = self.settings
         lease = self._prefix + uuid.uuid4().hex[:8]

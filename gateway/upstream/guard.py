@@ -125,6 +125,7 @@ class UpstreamGuard:
         )
         self._local_slots = asyncio.Semaphore(settings.max_concurrent)
         self._bytes = bytes_bucket(settings)
+        self._calling = 0  # this process's calls between their admission and their answer
 
     def _buckets(self, operation: str, asset: str) -> tuple[list[Bucket], list[float]]:
         """The buckets one call draws from, and what it takes from each up front.
@@ -150,12 +151,16 @@ class UpstreamGuard:
         asset: str,
         priority: Priority,
         deadline: float,
+        prompt: bool = False,
     ) -> tuple[str, list[Scope]]:
         """Budget, breakers, buckets and a concurrency lease; returns the lease and the
         breaker scopes this call probes (half-open), whose outcome the caller reports.
 
         The admission is one trip to the state (its I/O thread, or one Lua script in
-        Redis), so the event loop keeps serving cache hits meanwhile.
+        Redis), so the event loop keeps serving cache hits meanwhile. With ``prompt`` (no
+        other call of this process in flight) the host's state is waited for on the event
+        loop's thread, briefly (:meth:`~gateway.upstream.state.UpstreamState.admit`), so
+        the call is written without waiting for the loop's next turn.
 
         Raises:
             LimitExceeded: as for :meth:`call`; scope ``state`` when the shared state cannot
@@ -177,6 +182,7 @@ class UpstreamGuard:
                 priority,
                 max(0.0, deadline - started),
                 slot,
+                prompt=prompt and slot,
             )
         except BaseException as exc:
             if slot:
@@ -287,17 +293,22 @@ class UpstreamGuard:
     async def _attempt(
         self, operation: str, body: dict[str, Any], asset: str, priority: Priority, deadline: float
     ) -> UpstreamResponse:
-        lease, probes = await self._admit(operation, asset, priority, deadline)
+        prompt = self._calling == 0  # nothing else in flight: admitted without a loop turn
+        self._calling += 1
         try:
-            response = await self.client.call(operation, body)
-        except UpstreamError as exc:
-            await self._failed(operation, asset, exc)
-            raise
-        except BaseException:  # cancelled: the probe, if any, learnt nothing
-            self._abandon(probes)
-            raise
+            lease, probes = await self._admit(operation, asset, priority, deadline, prompt)
+            try:
+                response = await self.client.call(operation, body)
+            except UpstreamError as exc:
+                await self._failed(operation, asset, exc)
+                raise
+            except BaseException:  # cancelled: the probe, if any, learnt nothing
+                self._abandon(probes)
+                raise
+            finally:
+                self._release(lease)
         finally:
-            self._release(lease)
+            self._calling -= 1
         nbytes = len(response.content)
         metrics.UPSTREAM_REQUESTS.labels(operation, str(response.status)).inc()
         metrics.UPSTREAM_DURATION.labels(operation).observe(response.elapsed_s)

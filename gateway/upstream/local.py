@@ -4,7 +4,9 @@
 
 Every transaction runs in the state's own I/O thread (:meth:`SharedState.run`), never on the
 event loop; an admission (budget, breakers, buckets and, when free, a lease) is one trip to
-that thread. Bookkeeping after a call is queued without waiting (:meth:`SharedState.submit`).
+that thread (for the call of an idle process, waited for on the event loop's thread, up to
+:data:`PROMPT_WAIT_S`). Bookkeeping after a call is queued without waiting
+(:meth:`SharedState.submit`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from gateway.upstream.buckets import (
     TokenBuckets,
 )
 from gateway.upstream.state import Admitted, StateReport, UpstreamState
+
+PROMPT_WAIT_S = 0.01
+"""Longest a prompt admission (an idle process's call) waits for the state's I/O thread on
+the event loop's thread, seconds; past it the admission is awaited as any other."""
 
 
 def bytes_bucket(settings: LimitSettings) -> Bucket | None:
@@ -76,6 +82,8 @@ class LocalUpstreamState(UpstreamState):
         priority: Priority,
         max_wait_s: float,
         want_lease: bool,
+        *,
+        prompt: bool = False,
     ) -> Admitted:
         admitted = await self.state.run_or_undo(
             self._admit,
@@ -86,6 +94,7 @@ class LocalUpstreamState(UpstreamState):
             max_wait_s,
             want_lease,
             undo=self._undo,
+            wait_s=PROMPT_WAIT_S if prompt else 0.0,
         )
         if admitted.lease is not None:
             self.concurrency.keep_renewed()

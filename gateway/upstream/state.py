@@ -83,9 +83,15 @@ class UpstreamState(ABC):
         priority: Priority,
         max_wait_s: float,
         want_lease: bool,
+        *,
+        prompt: bool = False,
     ) -> Admitted:
         """The budget, the breakers of ``scopes``, ``costs[i]`` tokens of ``buckets[i]``
         (all or none) and, when ``want_lease`` and no wait is needed, a lease: atomically.
+
+        With ``prompt`` (the process has no other call in flight) a backend whose answer
+        comes from a local thread waits for it on the event loop's thread, briefly, instead
+        of the loop's next turn; one that asks over the network ignores it.
 
         Raises:
             LimitExceeded: budget spent (``budget``), a bucket's wait over ``max_wait_s``
