@@ -70,7 +70,7 @@ CLAIM_POLL_S = 0.01
 FETCH_ERRORS = (UpstreamError, HeldBack)
 """Failures of a fetch that a stale entry may cover (stale-if-error)."""
 
-PROMPT_WAIT_S = 0.01
+PROMPT_WAIT_S = 0.005
 """Longest the event loop waits, on its own thread, for the cross-process claim of a miss
 that arrives while no other miss is being worked on (:meth:`TileService._fetch_at_once`),
 seconds; past it the miss goes on as every other, through the event loop."""

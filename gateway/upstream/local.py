@@ -28,7 +28,7 @@ from gateway.upstream.buckets import (
 )
 from gateway.upstream.state import Admitted, StateReport, UpstreamState
 
-PROMPT_WAIT_S = 0.01
+PROMPT_WAIT_S = 0.005
 """Longest a prompt admission (an idle process's call) waits for the state's I/O thread on
 the event loop's thread, seconds; past it the admission is awaited as any other."""
 
