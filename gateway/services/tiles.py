@@ -204,12 +204,14 @@ class TileService:
 
     def served_from_memory(self, address: TileAddress, tile: CachedTile) -> TileResult:
         """Count ``tile`` (from :meth:`fresh_in_memory`) as served from memory, as
-        :meth:`get` counts a hit; the result to answer with (``HIT`` or ``EMPTY``)."""
+        :meth:`get` counts a hit (through :data:`~gateway.metrics.TALLY`: in the metrics
+        from the next event-loop turn); the result to answer with (``HIT`` or ``EMPTY``)."""
         status = "EMPTY" if tile.empty else "HIT"
-        metrics.CACHE_LOOKUP[status].inc()
-        metrics.UPSTREAM_SAVED.inc()
+        tally = metrics.TALLY
+        tally.inc(metrics.CACHE_LOOKUP[status])
+        tally.inc(metrics.UPSTREAM_SAVED)
         if not tile.empty:
-            self._egress_saved(address.layer.operation).inc(len(tile.body))
+            tally.inc(self._egress_saved(address.layer.operation), len(tile.body))
         return TileResult(tile, status)
 
     def _egress_saved(self, operation: str) -> Counter:
