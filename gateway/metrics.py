@@ -12,7 +12,6 @@ same values.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable, Iterator
 
@@ -127,62 +126,6 @@ PEER_PULLS = Counter(
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
-class TurnTally:
-    """The counter increments and histogram observations of one event-loop turn, handed to
-    their Prometheus children together at the start of the next turn (``loop.call_soon``),
-    for the cache-hit fast path (:mod:`gateway.http.hits`): there a request adds to a dict
-    (a counter child's total for the turn) or a list, instead of taking each child's lock
-    and checks (prometheus-client does both per ``inc`` and ``observe``).
-
-    Counts wait at most one loop turn; :func:`render` flushes first, so a scrape sees every
-    request answered before it. Without a running loop, :meth:`inc` and :meth:`observe` hand
-    over at once. Not thread-safe: one event loop uses it.
-    """
-
-    __slots__ = ("_counts", "_due", "_observations")
-
-    def __init__(self) -> None:
-        self._counts: dict[Counter, float] = {}
-        self._observations: list[tuple[Histogram, float]] = []
-        self._due = False
-
-    def inc(self, child: Counter, amount: float = 1.0) -> None:
-        """Add ``amount`` to counter ``child`` (a bound label child), this turn."""
-        counts = self._counts
-        counts[child] = counts.get(child, 0.0) + amount
-        if not self._due:
-            self._schedule()
-
-    def observe(self, child: Histogram, value: float) -> None:
-        """Observe ``value`` on histogram ``child`` (a bound label child), this turn."""
-        self._observations.append((child, value))
-        if not self._due:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._due = True
-        loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Hand what was added so far to the children now."""
-        self._due = False
-        counts, self._counts = self._counts, {}
-        observations, self._observations = self._observations, []
-        for counter, amount in counts.items():
-            counter.inc(amount)
-        for histogram, value in observations:
-            histogram.observe(value)
-
-
-TALLY = TurnTally()
-"""The process's :class:`TurnTally`."""
-
-
 class RouteObserver:
     """The HTTP metrics of one route, with its label children bound ahead of use: the
     duration histogram's child when the observer is made, the request counter's children
@@ -218,15 +161,6 @@ class RouteObserver:
                 )
         child.inc()
         self._duration.observe(seconds)
-
-    def tally(self, method: str, status: int, seconds: float) -> None:
-        """:meth:`__call__` through :data:`TALLY` (handed over at the next loop turn)."""
-        child = self._counts.get((method, status))
-        if child is None:
-            self(method, status, seconds)
-            return
-        TALLY.inc(child)
-        TALLY.observe(self._duration, seconds)
 
 
 _OBSERVERS: dict[str, RouteObserver] = {}
@@ -310,7 +244,6 @@ class StateCollector(Collector):
 
 def render(state: Collector) -> tuple[bytes, str]:
     """The exposition text for all metrics plus ``state``; returns ``(body, content_type)``."""
-    TALLY.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

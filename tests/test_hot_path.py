@@ -479,19 +479,3 @@ async def test_access_lines_are_written_once_a_loop_turn_as_their_records_would_
     await asyncio.sleep(0)
     assert [r.getMessage() for r in other.buffer] == [access_text(entries[0])]
     assert stream.writes == 2  # the record went through the handler on its own
-
-
-async def test_fast_path_counts_reach_prometheus_by_the_next_loop_turn_or_a_scrape():
-    """The fast path's counts wait in the turn's tally: in the registry at the next loop
-    turn, and in a scrape at once (render flushes first)."""
-    labels = {"result": "hit"}
-    before = REGISTRY.get_sample_value("gateway_cache_lookups_total", labels) or 0.0
-    metrics.TALLY.inc(metrics.CACHE_LOOKUP["HIT"], 2)
-    metrics.TALLY.observe(metrics.HTTP_DURATION.labels("tile"), 0.001)
-    assert REGISTRY.get_sample_value("gateway_cache_lookups_total", labels) == before
-    await asyncio.sleep(0)
-    assert REGISTRY.get_sample_value("gateway_cache_lookups_total", labels) == before + 2
-    metrics.TALLY.inc(metrics.CACHE_LOOKUP["HIT"])
-    body, _ = metrics.render(metrics.StateCollector(lambda: 0, list, lambda: None, list))
-    line = f'gateway_cache_lookups_total{{result="hit"}} {before + 3}'
-    assert line in body.decode().splitlines()

@@ -31,8 +31,7 @@ what the full path gives, byte for byte but for the time-dependent values: the t
 with its ``ETag``, ``Cache-Control``, ``X-Cache``, the common headers and, with a caller
 limit, the ``RateLimit-*`` headers, written as a header block made once per second and tile
 (:class:`~gateway.http.answers.ReadyHeads`) and the body in one write, or the same 429; it
-is counted in the same metrics (route, cache lookup, upstream calls saved, egress saved;
-handed to Prometheus once per event-loop turn, :class:`~gateway.metrics.TurnTally`) and
+is counted in the same metrics (route, cache lookup, upstream calls saved, egress saved) and
 logged in the same access line.
 """
 
@@ -168,7 +167,7 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
                     metrics.CLIENT_REJECTIONS.inc()
                     response = problem.response(request.path)
                     response.headers.update(COMMON_HEADERS)
-                    observe.tally(hdrs.METH_GET, response.status, perf_counter() - started)
+                    observe(hdrs.METH_GET, response.status, perf_counter() - started)
                     return response
                 extra = tuple(rate.items())
         result = service.served_from_memory(address, held)
@@ -177,7 +176,7 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
         )
         if answer is None:  # a header value with a line break: aiohttp's serialiser refuses it
             answer = tile_response(request, result, not layer.public, clock, extra)
-        observe.tally(hdrs.METH_GET, answer.status, perf_counter() - started)
+        observe(hdrs.METH_GET, answer.status, perf_counter() - started)
         return answer
 
     return handle

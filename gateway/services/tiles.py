@@ -204,14 +204,12 @@ class TileService:
 
     def served_from_memory(self, address: TileAddress, tile: CachedTile) -> TileResult:
         """Count ``tile`` (from :meth:`fresh_in_memory`) as served from memory, as
-        :meth:`get` counts a hit (through :data:`~gateway.metrics.TALLY`: in the metrics
-        from the next event-loop turn); the result to answer with (``HIT`` or ``EMPTY``)."""
+        :meth:`get` counts a hit; the result to answer with (``HIT`` or ``EMPTY``)."""
         status = "EMPTY" if tile.empty else "HIT"
-        tally = metrics.TALLY
-        tally.inc(metrics.CACHE_LOOKUP[status])
-        tally.inc(metrics.UPSTREAM_SAVED)
+        metrics.CACHE_LOOKUP[status].inc()
+        metrics.UPSTREAM_SAVED.inc()
         if not tile.empty:
-            tally.inc(self._egress_saved(address.layer.operation), len(tile.body))
+            self._egress_saved(address.layer.operation).inc(len(tile.body))
         return TileResult(tile, status)
 
     def _egress_saved(self, operation: str) -> Counter:
