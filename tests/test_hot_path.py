@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import sys
 import time
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -22,7 +23,8 @@ from prometheus_client import REGISTRY
 
 from gateway import metrics
 from gateway.app import create_app
-from gateway.http.answers import ReadyHeads
+from gateway.http import answers as answers_module
+from gateway.http.answers import ReadyHeads, ReadyResponse
 from gateway.http.hits import tile_route
 from gateway.http.keys import LAYERS
 from gateway.http.params import parse_tile
@@ -376,17 +378,35 @@ async def _raw_answers(port: int, requests: list[bytes]) -> list[bytes]:
 
 @pytest.mark.parametrize("rate", ["off", "200/second"])
 async def test_a_ready_header_block_is_the_bytes_aiohttp_would_send(
-    aiohttp_server, settings_for, emulator, tmp_path, clock, rate
+    aiohttp_server, settings_for, emulator, tmp_path, clock, monkeypatch, rate
 ):
-    """The fast path writes a tile's header block made beforehand: byte for byte, in the
-    same order, what the full path's aiohttp response sends (but the time-dependent values),
-    for 200 and 304, with and without caller limits, and for requests the ready block does
-    not serve (HTTP/1.0, ``Connection: close``)."""
+    """A tile's header block made beforehand is byte for byte, in the same order, what
+    aiohttp's own response sends (but the time-dependent values), for 200 and 304, with
+    and without caller limits, on the fast path and on the full path (the router, the
+    middleware, the caller limit's headers); HTTP/1.0 and ``Connection: close`` requests get
+    aiohttp's response. Three apps on one cache: the fast path, the full path, and the full
+    path with aiohttp's responses only."""
     config = config_with(tmp_path, ('rate_limit = "200/second"', f'rate_limit = "{rate}"'))
     settings = settings_for(emulator, config=config)
-    fast, full = create_app(settings, clock=clock), create_app(settings, clock=clock)
-    del full._handle
-    servers = [await aiohttp_server(app) for app in (fast, full)]
+    fast, full, plain = (create_app(settings, clock=clock) for _ in range(3))
+    del full._handle, plain._handle
+
+    class NotForPlain:
+        """The ready header blocks, but none for the ``plain`` app's requests."""
+
+        def __init__(self, heads: ReadyHeads) -> None:
+            self.heads, self.served = heads, {"fast": 0, "full": 0}
+
+        def response(self, request: web.Request, *args: Any) -> ReadyResponse | None:
+            info = request._match_info  # None on the fast path: it never routes
+            if info is not None and info.current_app is plain:
+                return None
+            self.served["fast" if info is None else "full"] += 1
+            return self.heads.response(request, *args)
+
+    heads = NotForPlain(answers_module.READY_HEADS)
+    monkeypatch.setattr(answers_module, "READY_HEADS", heads)
+    servers = [await aiohttp_server(app) for app in (fast, full, plain)]
     get = f"GET {TILE} HTTP/1.1\r\nHost: gw\r\n".encode()
     warm = await _raw_answers(servers[0].port, [get + b"\r\n", get + b"\r\n"])
     etag = next(line for line in warm[1].split(b"\r\n") if line.startswith(b"ETag: "))[6:]
@@ -400,21 +420,27 @@ async def test_a_ready_header_block_is_the_bytes_aiohttp_would_send(
     for server in servers:
         sent = await _raw_answers(server.port, requests)
         sent += await _raw_answers(server.port, [f"GET {TILE} HTTP/1.0\r\n\r\n".encode()])
-        answers.append(sent)
-    varying = tuple(name.encode() + b": " for name in VARYING)
-
-    def steady(answer: bytes) -> bytes:
-        head, _, body = answer.partition(b"\r\n\r\n")
-        kept = [line for line in head.split(b"\r\n") if not line.startswith(varying)]
-        return b"\r\n".join(kept) + b"\r\n\r\n" + body
-
-    for one, other in zip(answers[0], answers[1], strict=True):
-        assert steady(one).partition(b"\r\n\r\n")[0] == steady(other).partition(b"\r\n\r\n")[0]
-    assert [steady(a) for a in answers[0]] == [steady(a) for a in answers[1]]
+        answers.append([_steady(a) for a in sent])
+    for ready in answers[:2]:
+        for one, other in zip(ready, answers[2], strict=True):
+            assert one.partition(b"\r\n\r\n")[0] == other.partition(b"\r\n\r\n")[0]
+        assert ready == answers[2]
     statuses = [a.split(b" ", 2)[1] for a in answers[0]]
     assert statuses == [b"200", b"304", b"304", b"200", b"200"]
     assert b"X-Cache: HIT\r\n" in answers[0][0]
     assert b"\r\nConnection: close\r\n" in answers[0][3]
+    assert heads.served["fast"] >= 3  # the 200 and the two 304 of the fast app
+    assert heads.served["full"] >= 3  # the same of the full path's app
+
+
+_VARYING_LINES = tuple(name.encode() + b": " for name in VARYING)
+
+
+def _steady(answer: bytes) -> bytes:
+    """``answer`` without the header lines whose values depend on when it was sent."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    kept = [line for line in head.split(b"\r\n") if not line.startswith(_VARYING_LINES)]
+    return b"\r\n".join(kept) + b"\r\n\r\n" + body
 
 
 def test_a_ready_header_block_never_carries_a_line_break():

@@ -11,11 +11,12 @@ the ``Cache-Control`` prefixes and the common headers are constants, and only ``
 (which shrinks as the tile ages) is formatted, as one integer. aiohttp builds the response's
 header multidict once, from one list.
 
-The fast path (:mod:`gateway.http.hits`) goes further: :class:`ReadyHeads` keeps each tile's
-whole header block as bytes for the current second (``Date`` and ``max-age`` change once a
-second), and :class:`ReadyResponse` writes it and the body in one ``writelines``, without
-aiohttp's header multidict, its header checks and its serialiser (a fifth of a hit's time
-under ``wrk``).
+A ``GET`` over HTTP/1.1 kept alive without ``Origin`` (what map clients send; the fast path
+of :mod:`gateway.http.hits`, and the tile routes for misses and joined fetches) goes
+further: :class:`ReadyHeads` keeps each tile's whole header block as bytes for the current
+second (``Date`` and ``max-age`` change once a second), and :class:`ReadyResponse` writes it
+and the body in one ``writelines``, without aiohttp's header multidict, its header checks,
+the prepare signal and its serialiser (a fifth of a hit's time under ``wrk``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from aiohttp import ClientConnectionResetError, hdrs, web
+from aiohttp import ClientConnectionResetError, HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 
 from gateway.http.conditional import none_match
 from gateway.http.keys import CLOCK
+from gateway.http.middleware import RATE_HEADERS_KEY
 from gateway.http.server import COMMON_HEADERS
 from gateway.logs import UPSTREAM_TIME_KEY
 from gateway.services.tiles import TileResult
@@ -56,20 +58,38 @@ def tile_response(
     private: bool = False,
     clock: Callable[[], float] | None = None,
     extra: tuple[tuple[str, str], ...] = (),
-) -> web.Response:
+) -> web.StreamResponse:
     """The answer for a tile: its body with ``ETag``, ``Cache-Control``
     (:func:`cache_control`), ``X-Cache`` and ``Content-Type``, and the common headers; 304
     (without the body and ``Content-Type``) when ``If-None-Match`` matches.
+
+    A ``GET`` over HTTP/1.1 kept alive, without ``Origin`` (whose CORS headers the middleware
+    adds to the response afterwards), gets a :class:`ReadyResponse` (:data:`READY_HEADS`,
+    the caller limit's ``RateLimit-*`` headers included); anything else an aiohttp
+    ``Response`` (aiohttp adds ``Connection``, leaves the body out for ``HEAD``).
 
     Args:
         clock: Unix time, seconds, for ``max-age``; default: the app's (:data:`CLOCK`).
         extra: more headers (the fast path's ``RateLimit-*``, :mod:`gateway.http.hits`).
     """
+    clock = clock or request.app[CLOCK]
+    if (
+        request.method == hdrs.METH_GET
+        and request.version == HttpVersion11
+        and request.keep_alive
+        and hdrs.ORIGIN not in request.headers
+    ):
+        rate = request.get(RATE_HEADERS_KEY)
+        ready = READY_HEADS.response(
+            request, result, private, clock, (*extra, *rate.items()) if rate else extra
+        )
+        if ready is not None:
+            return ready
     tile = result.tile
     status = result.cache_status
     if status in _UPSTREAM_STATUSES:
         request[UPSTREAM_TIME_KEY] = tile.fetch_s
-    left = int(tile.fresh_until - (clock or request.app[CLOCK])())
+    left = int(tile.fresh_until - clock())
     control = ("Cache-Control", _MAX_AGE_PREFIX[private] + (str(left) if left > 0 else "0"))
     if hdrs.IF_NONE_MATCH in request.headers and none_match(request, tile.etag):
         return web.Response(
@@ -211,3 +231,7 @@ class ReadyHeads:
         end = "".join([f"{name}: {value}\r\n" for name, value in after]) + "\r\n"
         block = (start + end).encode()
         return block, len(block) - 2
+
+
+READY_HEADS = ReadyHeads()
+"""This process's ready header blocks (one event loop per process)."""

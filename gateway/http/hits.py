@@ -44,7 +44,7 @@ from time import perf_counter
 from aiohttp import HttpVersion11, hdrs, web
 
 from gateway import metrics
-from gateway.http.answers import ReadyHeads, tile_response
+from gateway.http.answers import tile_response
 from gateway.http.callers import caller_address
 from gateway.http.keys import AUTH, CALLER_LIMITS, CLOCK, LAYERS, SETTINGS, TILE_SERVICE
 from gateway.http.params import parse_tile
@@ -124,7 +124,6 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
     observe_tile = metrics.route_observer("tile")
     observe_default = metrics.route_observer("default_tile")
     services: list[TileService] = []  # bound on first use
-    heads = ReadyHeads()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = perf_counter()
@@ -171,11 +170,7 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
                     return response
                 extra = tuple(rate.items())
         result = service.served_from_memory(address, held)
-        answer: web.StreamResponse | None = heads.response(
-            request, result, not layer.public, clock, extra
-        )
-        if answer is None:  # a header value with a line break: aiohttp's serialiser refuses it
-            answer = tile_response(request, result, not layer.public, clock, extra)
+        answer = tile_response(request, result, not layer.public, clock, extra)
         observe(hdrs.METH_GET, answer.status, perf_counter() - started)
         return answer
 

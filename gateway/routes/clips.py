@@ -25,7 +25,7 @@ from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.urls import public_base, token_query
 
 
-async def clip_tile(request: web.Request) -> web.Response:
+async def clip_tile(request: web.Request) -> web.StreamResponse:
     """``GET /tiles/clips/{job_id}/{mosaic_type}/{z}/{x}/{y}[@2x].{fmt}``."""
     job_id, _ = await authorize_job(request)
     mosaic_type = mosaic_type_of(request)

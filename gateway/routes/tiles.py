@@ -23,7 +23,7 @@ from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import not_found
 
 
-async def layer_tile(request: web.Request) -> web.Response:
+async def layer_tile(request: web.Request) -> web.StreamResponse:
     """``GET /tiles/{layer}/{z}/{x}/{y}[@2x].{fmt}``."""
     info = request.match_info
     app = request.app
@@ -39,7 +39,7 @@ async def layer_tile(request: web.Request) -> web.Response:
     return tile_response(request, result, private=not layer.public)
 
 
-async def default_tile(request: web.Request) -> web.Response:
+async def default_tile(request: web.Request) -> web.StreamResponse:
     """``GET /tiles/{z}/{x}/{y}[@2x].png``: the layer marked ``default = true``."""
     name = request.app[SETTINGS].default_layer
     if name is None:
