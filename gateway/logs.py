@@ -178,6 +178,7 @@ class AccessLines:
 
     def __init__(self) -> None:
         self._pending: list[AccessFields] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
         self._logger: logging.Logger | None = None
         self._template: dict[str, object] | None = None
         self._template_thread = -1
@@ -188,18 +189,19 @@ class AccessLines:
         if self._logger is not logger:
             self.flush()
             self._logger = logger
-        pending = self._pending
-        pending.append(fields)
-        if len(pending) == 1:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
+        self._pending.append(fields)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_on is not loop:  # not yet due on this loop (or due on one now gone)
+            self._flush_on = loop
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write the queued lines now (nothing when none are queued)."""
+        self._flush_on = None
         batch, self._pending = self._pending, []
         logger = self._logger
         if not batch or logger is None:

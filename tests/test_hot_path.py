@@ -34,6 +34,7 @@ from gateway.logs import (
     CLIENT_KEY,
     FORMAT,
     UPSTREAM_TIME_KEY,
+    AccessFields,
     AccessLines,
     GatewayFormatter,
     GatewayStreamHandler,
@@ -505,3 +506,35 @@ async def test_access_lines_are_written_once_a_loop_turn_as_their_records_would_
     await asyncio.sleep(0)
     assert [r.getMessage() for r in other.buffer] == [access_text(entries[0])]
     assert stream.writes == 2  # the record went through the handler on its own
+
+
+def test_access_lines_left_by_a_closed_loop_go_out_with_the_next_ones(monkeypatch):
+    """A line queued on an event loop that closed before its turn came (a test's loop, a
+    stopped server) is written with the next loop's first batch, not held for ever."""
+    stream = _CountingStream()
+    handler = GatewayStreamHandler(stream)
+    handler.setFormatter(GatewayFormatter(FORMAT))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    logger = logging.getLogger("gateway.access")
+    lines = AccessLines()
+    entries = [("::1", "GET", f"/{n}", 200, 1, 0.001, None, None, time.time()) for n in "ab"]
+
+    async def add_then_stop(fields: AccessFields) -> None:
+        asyncio.get_running_loop().stop()  # this turn is the loop's last
+        lines.add(logger, fields)
+
+    async def add(fields: AccessFields) -> None:
+        lines.add(logger, fields)
+        await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(add_then_stop(entries[0]))
+    loop.close()
+    assert stream.getvalue() == ""  # its flush never ran
+    asyncio.run(add(entries[1]))
+    paths = [json.loads(line.split(" ", 5)[5])["path"] for line in stream.getvalue().splitlines()]
+    assert paths == ["/a", "/b"]
+    assert stream.writes == 1
