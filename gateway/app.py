@@ -48,8 +48,9 @@ log = logging.getLogger("gateway.app")
 
 
 def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Application:
-    """Build the gateway app for ``settings``; tile freshness is measured with ``clock``
-    (Unix seconds, :mod:`gateway.clock`: tests pass one they move forward).
+    """Build the gateway app for ``settings``; tile freshness and the caller limits kept in
+    process memory are measured with ``clock`` (Unix seconds, :mod:`gateway.clock`: tests
+    pass one they move forward).
 
     The Geopera client, the tile cache, the shared limiter state, the download store and
     the download service are created on startup and closed on cleanup, one aiohttp cleanup
@@ -64,10 +65,12 @@ def create_app(settings: Settings, *, clock: Clock = system_clock) -> web.Applic
     app[AUTH] = Authenticator(settings.tokens)
     state = settings.state
     limits = {
-        t.rate_limit: CallerRateLimit(t.rate_limit, state) for t in settings.tokens if t.rate_limit
+        t.rate_limit: CallerRateLimit(t.rate_limit, state, clock)
+        for t in settings.tokens
+        if t.rate_limit
     }
     if settings.clients.rate_limit:
-        limits["default"] = CallerRateLimit(settings.clients.rate_limit, state)
+        limits["default"] = CallerRateLimit(settings.clients.rate_limit, state, clock)
     app[CALLER_LIMITS] = limits
     app[ROUTE_POLICIES] = {}  # each route module declares its routes' policies
     app.on_response_prepare.append(common_headers if limits else common_headers_only)

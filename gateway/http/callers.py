@@ -135,14 +135,22 @@ class CallerRateLimit:
     Args:
         rate: a ``limits`` rate string such as ``"100/second"`` or ``"5000/minute"``.
         state: where the fleet's state lives; with a Redis URL the windows are kept there.
+        clock: Unix time, seconds, of the windows kept in process memory (the app's clock,
+            :mod:`gateway.clock`; Redis windows run on real time).
 
     Raises:
         ValueError: ``rate`` cannot be parsed.
     """
 
-    def __init__(self, rate: str, state: StateSettings | None = None) -> None:
+    def __init__(
+        self,
+        rate: str,
+        state: StateSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.item: RateLimitItem = parse(rate)
-        self._local = LocalWindows(self.item.amount, self.item.get_expiry())
+        self._clock = clock
+        self._local = LocalWindows(self.item.amount, self.item.get_expiry(), clock)
         self._shared: strategies.SlidingWindowCounterRateLimiter | None = None
         self._local_until = 0.0  # monotonic time until which Redis is not tried again
         if state is not None and state.redis_url is not None:
@@ -174,7 +182,7 @@ class CallerRateLimit:
         Raises:
             Problem: 429 with ``Retry-After`` when ``key`` is over its limit.
         """
-        return self._answer(*self._local.hit(key))
+        return self._answer(*self._local.hit(key), self._clock())
 
     async def check(self, key: str) -> dict[str, str]:
         """Count one request for ``key``; returns the RateLimit headers to send.
@@ -187,7 +195,7 @@ class CallerRateLimit:
             try:
                 allowed = await shared.hit(self.item, key)
                 stats = await shared.get_window_stats(self.item, key)
-                return self._answer(allowed, stats)
+                return self._answer(allowed, stats, time.time())
             except StorageError as exc:
                 log.warning(
                     "caller limits fall back to process memory for %.0f s: Redis failed (%s)",
@@ -195,11 +203,12 @@ class CallerRateLimit:
                     type(exc.storage_error).__name__,
                 )
                 self._local_until = time.monotonic() + REDIS_RETRY_S
-        return self._answer(*self._local.hit(key))
+        return self._answer(*self._local.hit(key), self._clock())
 
-    def _answer(self, allowed: bool, stats: WindowStats) -> dict[str, str]:
-        """The RateLimit headers for a check's outcome; raises the 429 when not allowed."""
-        reset = max(1, math.ceil(stats.reset_time - time.time()))
+    def _answer(self, allowed: bool, stats: WindowStats, now: float) -> dict[str, str]:
+        """The RateLimit headers for a check's outcome at Unix time ``now``; raises the 429
+        when not allowed."""
+        reset = max(1, math.ceil(stats.reset_time - now))
         headers = {
             "RateLimit-Limit": str(self.item.amount),
             "RateLimit-Remaining": str(stats.remaining),
