@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from json.encoder import encode_basestring_ascii as _json_string
-from typing import TypedDict
+from typing import TextIO, TypedDict
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -93,14 +93,21 @@ class GatewayStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
 
 
+def gateway_handler(stream: TextIO) -> GatewayStreamHandler:
+    """The gateway's log handler writing to ``stream``: :class:`GatewayStreamHandler` with
+    :class:`GatewayFormatter` (:data:`FORMAT`) and :class:`RedactingFilter`."""
+    handler = GatewayStreamHandler(stream)
+    handler.setFormatter(GatewayFormatter(FORMAT))
+    handler.addFilter(RedactingFilter())
+    return handler
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Log to stderr at ``level`` with :class:`RedactingFilter` on the handler.
+    """Log to stderr at ``level`` through :func:`gateway_handler`.
 
     Replaces handlers on the root logger, so it is safe to call once per process.
     """
-    handler = GatewayStreamHandler(sys.stderr)
-    handler.setFormatter(GatewayFormatter(FORMAT))
-    handler.addFilter(RedactingFilter())
+    handler = gateway_handler(sys.stderr)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -72,7 +72,12 @@ def tile_response(
         clock: Unix time, seconds, for ``max-age``; default: the app's (:data:`CLOCK`).
         extra: more headers (the fast path's ``RateLimit-*``, :mod:`gateway.http.hits`).
     """
-    clock = clock or request.app[CLOCK]
+    tile = result.tile
+    status = result.cache_status
+    if status in _UPSTREAM_STATUSES:
+        request[UPSTREAM_TIME_KEY] = tile.fetch_s
+    left = max(0, int(tile.fresh_until - (clock or request.app[CLOCK])()))
+    not_modified = hdrs.IF_NONE_MATCH in request.headers and none_match(request, tile.etag)
     if (
         request.method == hdrs.METH_GET
         and request.version == HttpVersion11
@@ -81,17 +86,12 @@ def tile_response(
     ):
         rate = request.get(RATE_HEADERS_KEY)
         ready = READY_HEADS.response(
-            request, result, private, clock, (*extra, *rate.items()) if rate else extra
+            result, private, left, not_modified, (*extra, *rate.items()) if rate else extra
         )
         if ready is not None:
             return ready
-    tile = result.tile
-    status = result.cache_status
-    if status in _UPSTREAM_STATUSES:
-        request[UPSTREAM_TIME_KEY] = tile.fetch_s
-    left = int(tile.fresh_until - clock())
-    control = ("Cache-Control", _MAX_AGE_PREFIX[private] + (str(left) if left > 0 else "0"))
-    if hdrs.IF_NONE_MATCH in request.headers and none_match(request, tile.etag):
+    control = ("Cache-Control", _MAX_AGE_PREFIX[private] + str(left))
+    if not_modified:
         return web.Response(
             status=304, headers=[tile.headers[0], control, ("X-Cache", status), *_COMMON, *extra]
         )
@@ -171,33 +171,29 @@ class ReadyHeads:
     def __init__(self) -> None:
         self._second = -1
         self._date = ""
-        self._blocks: dict[tuple[object, ...], tuple[bytes, int]] = {}
+        self._blocks: dict[tuple[object, ...], tuple[bytes, int]] = {}  # by _block's arguments
 
     def response(
         self,
-        request: web.BaseRequest,
         result: TileResult,
         private: bool,
-        clock: Callable[[], float],
+        left: int,
+        not_modified: bool,
         extra: tuple[tuple[str, str], ...] = (),
     ) -> ReadyResponse | None:
-        """:func:`tile_response`'s answer (200, or 304 for a matching ``If-None-Match``) as
-        a :class:`ReadyResponse`; None when a header value holds a line break (then the
-        caller answers through :func:`tile_response`, whose serialiser refuses it)."""
+        """:func:`tile_response`'s answer for ``result`` with ``left`` seconds of freshness
+        (``max-age``): 200, or 304 when ``not_modified`` (``If-None-Match`` matched), as a
+        :class:`ReadyResponse`; None when a header value holds a line break (then
+        :func:`tile_response` answers through aiohttp, whose serialiser refuses it)."""
         now = int(time.time())
         if now != self._second:
             self._blocks.clear()
             self._second, self._date = now, rfc822_formatted_time()
-        tile = result.tile
-        status = result.cache_status
-        if status in _UPSTREAM_STATUSES:
-            request[UPSTREAM_TIME_KEY] = tile.fetch_s
-        left = int(tile.fresh_until - clock())
-        not_modified = hdrs.IF_NONE_MATCH in request.headers and none_match(request, tile.etag)
-        key = (tile.headers, len(tile.body), left if left > 0 else 0, private, status, not_modified)
+        tile, status = result.tile, result.cache_status
+        key = (tile.headers, len(tile.body), left, private, status, not_modified)
         block = self._blocks.get(key)
         if block is None:
-            block = self._blocks[key] = self._block(key)
+            block = self._blocks[key] = self._block(*key)
         head, split = block
         if split < 0:
             return None
@@ -208,16 +204,22 @@ class ReadyHeads:
             return ReadyResponse(304, head, b"", status)
         return ReadyResponse(200, head, tile.body, status)
 
-    def _block(self, key: tuple[object, ...]) -> tuple[bytes, int]:
-        """The header block of ``key`` (:meth:`response`) and the offset where the extra
-        headers go in it (before the blank line that ends it: the full path's prepare hook
-        adds them after ``Date``); ``(b"", -1)`` when a value holds a line break."""
-        headers, length, left, private, status, not_modified = key
-        assert isinstance(headers, tuple)
-        before: list[tuple[str, str]] = [headers[0]] if not_modified else list(headers)
+    def _block(
+        self,
+        headers: tuple[tuple[str, str], ...],
+        length: int,
+        left: int,
+        private: bool,
+        status: str,
+        not_modified: bool,
+    ) -> tuple[bytes, int]:
+        """The header block of a tile answer (:meth:`response`) and the offset where the
+        extra headers go in it (before the blank line that ends it: the full path's prepare
+        hook adds them after ``Date``); ``(b"", -1)`` when a value holds a line break."""
+        before = [headers[0]] if not_modified else list(headers)
         before += [
-            ("Cache-Control", _MAX_AGE_PREFIX[bool(private)] + str(left)),
-            ("X-Cache", str(status)),
+            ("Cache-Control", _MAX_AGE_PREFIX[private] + str(left)),
+            ("X-Cache", status),
             *_COMMON,
         ]
         after = [("Date", self._date)]
