@@ -63,6 +63,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -424,11 +425,22 @@ def _parse_response(data: bytes) -> tuple[str, str]:
     return parts[1], headers.get("x-cache", "-")
 
 
-async def cold_miss_burst(port: int, path: str, connections: int, result: ColdMiss) -> None:
+async def _read_one(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 response from ``reader``: its head, then ``Content-Length`` bytes."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+    return head + (await reader.readexactly(int(match.group(1))) if match else b"")
+
+
+async def cold_miss_burst(
+    port: int, path: str, connections: int, result: ColdMiss, keep_alive: bool = False
+) -> None:
     """Open ``connections`` connections, then write the same GET on all and read every answer.
 
-    Each latency runs from the write of that request to the end of its response (the gateway
-    closes the connection after it, as asked). Fills ``result`` in place.
+    Each latency runs from the write of that request to the end of its response: the
+    connection's end (the request says ``Connection: close``), or with ``keep_alive`` its
+    ``Content-Length``-th body byte (the connection stays open, as a map client's does).
+    Fills ``result`` in place.
 
     Raises:
         BenchError: the connections could not be opened or the answers took over
@@ -450,14 +462,13 @@ async def cold_miss_burst(port: int, path: str, connections: int, result: ColdMi
             failed = next(s for s in opened if isinstance(s, BaseException))
             raise harness.BenchError(f"cold miss: opened {len(streams)}/{connections}: {failed!r}")
         await asyncio.sleep(0.3)  # let the gateway accept every connection before the burst
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {harness.HOST}:{port}\r\nConnection: close\r\n\r\n"
-        ).encode()
+        close = "" if keep_alive else "Connection: close\r\n"
+        request = f"GET {path} HTTP/1.1\r\nHost: {harness.HOST}:{port}\r\n{close}\r\n".encode()
 
         async def answer(reader: asyncio.StreamReader, sent: float) -> None:
             try:
-                data = await reader.read()  # until EOF
-            except OSError as exc:
+                data = await (_read_one(reader) if keep_alive else reader.read())
+            except (OSError, asyncio.IncompleteReadError) as exc:
                 result.statuses[type(exc).__name__] += 1
                 return
             result.latencies_ms.append((time.perf_counter() - sent) * 1000)
@@ -576,7 +587,7 @@ def print_report(
         print_hits(args, warm, runs)
         targets += hit_targets(args, runs)
     print()
-    print_bursts(colds)
+    print_bursts(colds, args.burst_keep_alive)
     targets += burst_targets(args, colds)
     harness.print_targets(["measured", "ratio"], targets)
 
@@ -610,11 +621,12 @@ def print_hits(args: argparse.Namespace, warm: Pass, runs: Sequence[WrkRun]) -> 
     )
 
 
-def print_bursts(colds: Sequence[ColdMiss]) -> None:
+def print_bursts(colds: Sequence[ColdMiss], keep_alive: bool = False) -> None:
     """The cold-miss table: one row per burst, latencies from each request's write."""
+    mode = "kept alive, until each body's last byte" if keep_alive else "Connection: close"
     print(
         f"### Cold miss: {COLDMISS_CONNECTIONS} connections opened first, then the same GET "
-        "(Connection: close) for a never-seen tile on all of them"
+        f"({mode}) for a never-seen tile on all of them"
     )
     print()
     print(
@@ -899,6 +911,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "gateway's pooled upstream connection has closed, as after the wrk runs",
     )
     parser.add_argument(
+        "--burst-keep-alive",
+        action="store_true",
+        help="the bursts' requests keep their connections open (as map clients do) and each "
+        "latency ends at its body's last byte, not at the connection's close",
+    )
+    parser.add_argument(
         "--anchors-dir",
         type=Path,
         default=DEFAULT_ANCHORS_DIR,
@@ -934,11 +952,13 @@ def run_bursts(
     problems: list[str],
     gap_s: float = 0.0,
     cpu: int | None = None,
+    keep_alive: bool = False,
 ) -> list[ColdMiss]:
     """``count`` cold-miss bursts, each for a new tile (:func:`cold_tile`), each bracketed by
     direct renders: another never-seen tile just before ("upstream alone") and the burst's
     own tile just after ("same tile"). With ``cpu``, this process (the bursts' client) is
-    pinned to it first. Adds what went wrong to ``problems``."""
+    pinned to it first; ``keep_alive``: see :func:`cold_miss_burst`. Adds what went wrong
+    to ``problems``."""
     allowed = os.sched_getaffinity(0)
     if cpu is not None:  # the burst's client (this process) on wrk's CPU, beside the emulator
         os.sched_setaffinity(0, {cpu})
@@ -951,7 +971,7 @@ def run_bursts(
             cold.upstream_alone_ms = asyncio.run(time_upstream_render(emulator_url, probe_tile(i)))
             before = upstream_renders(emulator_url)
             path = tile_path(cold.tile)
-            asyncio.run(cold_miss_burst(gateway.port, path, COLDMISS_CONNECTIONS, cold))
+            asyncio.run(cold_miss_burst(gateway.port, path, COLDMISS_CONNECTIONS, cold, keep_alive))
             cold.upstream_calls = upstream_renders(emulator_url) - before
             cold.upstream_same_ms = asyncio.run(time_upstream_render(emulator_url, cold.tile))
             print(
@@ -1022,7 +1042,14 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
         warmed.upstream_calls = upstream_renders(emulator_url) - before
         print(f"before the bursts: {warmed.describe()}", flush=True)
         colds = run_bursts(
-            procs, gateway, emulator_url, args.bursts, problems, args.burst_gap, wrk_cpu
+            procs,
+            gateway,
+            emulator_url,
+            args.bursts,
+            problems,
+            args.burst_gap,
+            wrk_cpu,
+            args.burst_keep_alive,
         )
         print_report(args, None, None, [], colds, placement, config_note)
         harness.print_log_findings(procs.log_path(gateway.popen))
@@ -1097,7 +1124,16 @@ def benchmark(args: argparse.Namespace, scratch: Path, procs: harness.Processes)
         problems.append("HIT runs: wrk saw socket errors, timeouts or non-2xx answers")
 
     # -- cold miss
-    colds = run_bursts(procs, gateway, emulator_url, args.bursts, problems, args.burst_gap, wrk_cpu)
+    colds = run_bursts(
+        procs,
+        gateway,
+        emulator_url,
+        args.bursts,
+        problems,
+        args.burst_gap,
+        wrk_cpu,
+        args.burst_keep_alive,
+    )
 
     print_report(args, warm, verify, runs, colds, placement, config_note)
     harness.print_log_findings(procs.log_path(gateway.popen))
