@@ -88,23 +88,43 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         response = _http_problem(request, exc)
-    except ConnectionResetError:  # the client left while the answer was being sent
-        request[CLIENT_GONE_KEY] = True
-        response = web.Response(status=CLIENT_CLOSED)
+    except ConnectionError:
+        # the client left while the answer was being sent: a reset (RST, as a client that
+        # closes with unread data sends) comes as aiohttp's ``ConnectionError("Connection
+        # lost")``, a clean close as ``ConnectionResetError``; with the client's
+        # connection still open it is an error of ours
+        if not client_left(request):
+            response = _internal_error(request)
+        else:
+            request[CLIENT_GONE_KEY] = True
+            response = web.Response(status=CLIENT_CLOSED)
     except asyncio.CancelledError:  # the client left and the server cancels its handlers
         observe(request.method, CLIENT_CLOSED, perf_counter() - started)
         raise
     except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        response = Problem(
-            500,
-            "Internal error",
-            "The gateway failed to answer this request; the error is in its log.",
-            slug="internal-error",
-        ).response(request.path)
+        response = _internal_error(request)
     status = CLIENT_CLOSED if request.get(CLIENT_GONE_KEY) else response.status
     observe(request.method, status, perf_counter() - started)
     return response
+
+
+def client_left(request: web.Request) -> bool:
+    """Whether ``request``'s client connection is gone or closing (what a
+    ``ConnectionError`` while writing its answer means when it is)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    """Log the exception being handled, with its trace, and answer 500 problem+json that
+    names none of it."""
+    log.exception("unhandled error serving %s %s", request.method, request.path)
+    return Problem(
+        500,
+        "Internal error",
+        "The gateway failed to answer this request; the error is in its log.",
+        slug="internal-error",
+    ).response(request.path)
 
 
 async def common_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -36,6 +36,7 @@ from gateway.http.auth import presented_token
 from gateway.http.callers import caller_address
 from gateway.http.conditional import none_match
 from gateway.http.keys import DOWNLOAD_SERVICE, SETTINGS
+from gateway.http.middleware import client_left
 from gateway.http.params import authorize_job, job_id_of, mosaic_type_of
 from gateway.http.policy import RoutePolicy, add_get
 from gateway.http.problem import PROBLEM_JSON, Problem
@@ -222,7 +223,10 @@ async def _stream_transfer(
         except TransferBroken:
             _cut_connection(request)
             return response
-        except ConnectionResetError:  # the client left; the transfer goes on and is stored
+        except ConnectionError:  # reset or closed (middleware.client_left)
+            if not client_left(request):
+                raise
+            # the client left; the transfer goes on and is stored
             request[CLIENT_GONE_KEY] = True
             return response
         await response.write_eof()
