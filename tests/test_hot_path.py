@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 from gateway import metrics
 from gateway.app import create_app
 from gateway.http import answers as answers_module
+from gateway.http import hits
 from gateway.http.answers import ReadyHeads, ReadyResponse
 from gateway.http.hits import tile_route
 from gateway.http.keys import LAYERS
@@ -252,7 +253,7 @@ async def test_a_fast_path_answer_is_the_full_paths_answer(
     settings = settings_for(emulator, config=config)
     limited = rate == "3/minute"
     fast, full = create_app(settings, clock=clock), create_app(settings, clock=clock)
-    del full._handle  # the app's own handler: router and middleware for every request
+    hits.uninstall(full)  # the app's own handler: router and middleware for every request
     caplog.set_level(logging.INFO, logger="gateway.access")  # before any connection opens
     routed = []
     resolve = fast.router.resolve
@@ -396,7 +397,8 @@ async def test_a_ready_header_block_is_the_bytes_aiohttp_would_send(
     config = config_with(tmp_path, ('rate_limit = "200/second"', f'rate_limit = "{rate}"'))
     settings = settings_for(emulator, config=config)
     fast, full, plain = (create_app(settings, clock=clock) for _ in range(3))
-    del full._handle, plain._handle
+    hits.uninstall(full)
+    hits.uninstall(plain)
 
     class Counting:
         """The ready header blocks, counting their answers; none while ``off``."""
@@ -409,6 +411,13 @@ async def test_a_ready_header_block_is_the_bytes_aiohttp_would_send(
                 return None
             self.served += 1
             return self.heads.response(*args)
+
+        def head(self, *args: Any) -> tuple[bytes, int] | None:
+            return None if self.off else self.heads.head(*args)
+
+        def answer(self, *args: Any) -> ReadyResponse:
+            self.served += 1
+            return self.heads.answer(*args)
 
     heads = Counting(answers_module.READY_HEADS)
     monkeypatch.setattr(answers_module, "READY_HEADS", heads)

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.cli.serve import bound_port, listen
-from gateway.http.server import GatewayRunner
 from gateway.logs import access_log_options
 from tests.conftest import TOKENS
 
@@ -42,8 +41,8 @@ CASES = {
 
 @pytest.fixture
 async def port(settings_for, emulator):
-    """The gateway app served as ``serve`` serves it (GatewayRunner on a bound socket)."""
-    runner = GatewayRunner(create_app(settings_for(emulator)), **access_log_options(True))
+    """The gateway app served as ``serve`` serves it (``web.AppRunner`` on a bound socket)."""
+    runner = web.AppRunner(create_app(settings_for(emulator)), **access_log_options(True))
     await runner.setup()
     sockets = listen("127.0.0.1", 0)
     for sock in sockets:

@@ -31,7 +31,6 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config.settings import Settings, load_settings
-from gateway.http.server import GatewayRunner
 from gateway.logs import access_log_options, configure_logging
 
 log = logging.getLogger("gateway.server")
@@ -116,13 +115,14 @@ async def serve_app(
     gracefully (in-flight requests finish, up to ``shutdown_timeout_s`` seconds; the app's
     cleanup contexts run).
 
-    The app runs through :class:`~gateway.http.server.GatewayRunner`; ``access_log`` turns
+    The app's connections are :class:`~gateway.http.server.GatewayRequestHandler`'s (the
+    app made by :func:`~gateway.app.create_app` says so itself); ``access_log`` turns
     the JSON access log on; ``ready`` is called once the sockets accept requests. A
     connection that has not sent a whole request head ``header_timeout_s`` seconds after it
     opened or after its last answer is closed (aiohttp's keep-alive timer, which runs from
     the connection's start: the slowloris defence).
     """
-    runner = GatewayRunner(
+    runner = web.AppRunner(
         app,
         keepalive_timeout=header_timeout_s,
         shutdown_timeout=shutdown_timeout_s,

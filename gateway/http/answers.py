@@ -31,7 +31,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from gateway.http.conditional import none_match
 from gateway.http.keys import CLOCK
 from gateway.http.middleware import RATE_HEADERS_KEY
-from gateway.http.server import COMMON_HEADERS
+from gateway.http.server import COMMON_HEADERS, DEFERRED_WRITES
 from gateway.logs import UPSTREAM_TIME_KEY
 from gateway.services.tiles import TileResult
 
@@ -137,22 +137,51 @@ class ReadyResponse(web.StreamResponse):
     async def write_eof(self, data: bytes = b"") -> None:
         if self._eof_sent:
             return
-        request, writer = self._req, self._payload_writer
+        writer = self._payload_writer
+        assert writer is not None, "write_eof before prepare"
+        self._send(self._req)
+        await writer.drain()
+        self._end()
+
+    def send_now(self, request: web.BaseRequest) -> None:
+        """Send the answer to ``request`` with this loop turn's other answers
+        (:data:`~gateway.http.server.DEFERRED_WRITES`), without waiting for the transport to
+        drain (for :class:`~gateway.http.server.GatewayRequestHandler`, which answers from
+        its ``data_received`` only while the transport takes writes: aiohttp's writer would
+        not wait either).
+
+        Raises:
+            ConnectionResetError: as :meth:`write_eof`.
+        """
+        self._req, self._payload_writer = request, request.writer
+        self._send(request, deferred=True)
+        self._end()
+
+    def _send(self, request: web.BaseRequest | None, deferred: bool = False) -> None:
+        """Write the block and the body to ``request``'s transport in one call (now, or
+        ``deferred`` to the end of the loop turn), counted on its writer as aiohttp counts
+        a write."""
+        writer = self._payload_writer
         assert request is not None, "write_eof before prepare"
         assert writer is not None, "write_eof before prepare"
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ClientConnectionResetError("Cannot write to closing transport")
         head, body = self._head, self._ready_body
-        if body:
-            transport.writelines((head, body))
+        parts = (head, body) if body else (head,)
+        if deferred:
+            DEFERRED_WRITES.write(transport, parts)
         else:
-            transport.write(head)
+            transport.writelines(parts)
         size = len(head) + len(body)
         writer.buffer_size += size
         writer.output_size += size
-        await writer.drain()
+
+    def _end(self) -> None:
+        writer = self._payload_writer
+        assert writer is not None
         self._eof_sent = True
+        self._keep_alive = True
         self._body_length = writer.output_size
         self._req = None
         self._payload_writer = None
@@ -185,6 +214,14 @@ class ReadyHeads:
         (``max-age``): 200, or 304 when ``not_modified`` (``If-None-Match`` matched), as a
         :class:`ReadyResponse`; None when a header value holds a line break (then
         :func:`tile_response` answers through aiohttp, whose serialiser refuses it)."""
+        block = self.head(result, private, left, not_modified)
+        return None if block is None else self.answer(block, result, not_modified, extra)
+
+    def head(
+        self, result: TileResult, private: bool, left: int, not_modified: bool
+    ) -> tuple[bytes, int] | None:
+        """The first step of :meth:`response`: the header block of ``result``'s answer and
+        where the extra headers go in it, or None when the answer cannot have one."""
         now = int(time.time())
         if now != self._second:
             self._blocks.clear()
@@ -194,15 +231,25 @@ class ReadyHeads:
         block = self._blocks.get(key)
         if block is None:
             block = self._blocks[key] = self._block(*key)
+        return None if block[1] < 0 else block
+
+    @staticmethod
+    def answer(
+        block: tuple[bytes, int],
+        result: TileResult,
+        not_modified: bool,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> ReadyResponse:
+        """The second step of :meth:`response`: the answer with ``block`` (from
+        :meth:`head`) and the ``extra`` headers (values without line breaks: the caller
+        limit's numbers)."""
         head, split = block
-        if split < 0:
-            return None
         if extra:
             lines = "".join([f"{name}: {value}\r\n" for name, value in extra]).encode()
             head = head[:split] + lines + head[split:]
         if not_modified:
-            return ReadyResponse(304, head, b"", status)
-        return ReadyResponse(200, head, tile.body, status)
+            return ReadyResponse(304, head, b"", result.cache_status)
+        return ReadyResponse(200, head, result.tile.body, result.cache_status)
 
     def _block(
         self,

@@ -184,6 +184,13 @@ class CallerRateLimit:
         """
         return self._answer(*self._local.hit(key), self._clock())
 
+    def try_local(self, key: str) -> dict[str, str] | None:
+        """:meth:`check_local` without the refusal: the RateLimit headers when ``key`` is
+        within its limit (the request is counted), None when it is over (nothing is
+        counted, so :meth:`check_local` refuses it the same way right after)."""
+        allowed, stats = self._local.hit(key)
+        return self._answer(True, stats, self._clock()) if allowed else None
+
     async def check(self, key: str) -> dict[str, str]:
         """Count one request for ``key``; returns the RateLimit headers to send.
 

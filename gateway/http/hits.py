@@ -44,8 +44,10 @@ from time import perf_counter
 from aiohttp import HttpVersion11, hdrs, web
 
 from gateway import metrics
+from gateway.http import answers, server
 from gateway.http.answers import tile_response
-from gateway.http.callers import caller_address
+from gateway.http.callers import CallerRateLimit, caller_address
+from gateway.http.conditional import none_match
 from gateway.http.keys import AUTH, CALLER_LIMITS, CLOCK, LAYERS, SETTINGS, TILE_SERVICE
 from gateway.http.params import parse_tile
 from gateway.http.problem import Problem
@@ -53,7 +55,8 @@ from gateway.http.server import COMMON_HEADERS
 from gateway.http.validation import MAX_HEADERS, MAX_PATH
 from gateway.layers import Layer
 from gateway.logs import CLIENT_GONE_KEY, CLIENT_KEY
-from gateway.services.tiles import TileService
+from gateway.services.tiles import TileAddress, TileResult, TileService
+from gateway.storage.tiles import CachedTile
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,69 +102,113 @@ def tile_route(
 
 
 def install(app: web.Application) -> None:
-    """Put :func:`hit_handler` in front of ``app``'s request handler. Call it once the
-    routes are added and before the app is served (the server takes the handler when it is
-    made)."""
+    """Put the hit path in front of ``app``'s request handler (:meth:`HitPath.handle`) and
+    in its connections (:meth:`HitPath.answer_now`, through
+    :func:`gateway.http.server.install`). Call it once the routes are added and before the
+    app is served (the server takes the handler when it is made)."""
+    hits = HitPath(app, app._handle)
     # the server is made with ``app._handle`` (web_app.py, ``_make_handler``): shadowed on
     # the instance; object.__setattr__ skips the "custom attribute" warning of debug mode
-    object.__setattr__(app, "_handle", hit_handler(app, app._handle))
+    object.__setattr__(app, "_handle", hits.handle)
+    server.install(app, hits.answer_now if hits.active else None)
 
 
-def hit_handler(app: web.Application, full: Handler) -> Handler:
-    """The request handler that answers tile hits itself and hands everything else to
-    ``full`` (the app's own handler). Reads the app's services on first use (they are made
-    at startup)."""
-    layers = app[LAYERS]
-    settings = app[SETTINGS]
-    default = settings.default_layer
-    default_layer = layers.get(default) if default is not None else None
-    trusted = settings.server.trusted_proxies
-    auth = app[AUTH]
-    clock = app[CLOCK]
-    limits = app[CALLER_LIMITS]
-    if any(not limit.local for limit in limits.values()):
-        return full  # caller limits in Redis: every request takes the full path
-    observe_tile = metrics.route_observer("tile")
-    observe_default = metrics.route_observer("default_tile")
-    services: list[TileService] = []  # bound on first use
+def uninstall(app: web.Application) -> None:
+    """Take the hit path out of ``app`` again (tests compare answers with and without it):
+    every request goes through the router and the middleware."""
+    del app._handle  # the class's own handler again
+    server.install(app, None)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        started = perf_counter()
+
+_Taken = tuple[Layer, TileAddress, CachedTile, Callable[[str, int, float], None]]
+"""What :meth:`HitPath._take` found: layer, tile address, the fresh tile held in memory and
+the route's latency observer."""
+
+
+class HitPath:
+    """The cache-hit fast path of one app (module docstring): reads the app's services on
+    first use (they are made at startup).
+
+    Args:
+        app: the gateway app.
+        full: the app's own request handler (router and middleware), for everything else.
+    """
+
+    def __init__(self, app: web.Application, full: Handler) -> None:
+        self._app = app
+        self._full = full
+        settings = app[SETTINGS]
+        self._layers = app[LAYERS]
+        default = settings.default_layer
+        self._default_layer = self._layers.get(default) if default is not None else None
+        self._trusted = settings.server.trusted_proxies
+        self._auth = app[AUTH]
+        self._clock = app[CLOCK]
+        self._limits = app[CALLER_LIMITS]
+        # caller limits in Redis: every request takes the full path
+        self.active = all(limit.local for limit in self._limits.values())
+        self._observers = {
+            "tile": metrics.route_observer("tile"),
+            "default_tile": metrics.route_observer("default_tile"),
+        }
+        self._service: TileService | None = None  # bound on first use
+
+    def _take(self, request: web.Request) -> _Taken | None:
+        """The tile ``request`` asks for when the fast path may answer it and memory holds
+        it fresh (module docstring); None, having counted nothing, otherwise."""
         if request.method != hdrs.METH_GET or request.version != HttpVersion11:
-            return await full(request)
+            return None
         if not request.keep_alive:  # the ready header blocks carry no Connection header
-            return await full(request)
+            return None
         headers = request.headers
         if hdrs.ORIGIN in headers or hdrs.EXPECT in headers or len(headers) > MAX_HEADERS:
-            return await full(request)
-        route = tile_route(request.raw_path, layers, default_layer)
+            return None
+        route = tile_route(request.raw_path, self._layers, self._default_layer)
         if route is None:
-            return await full(request)
+            return None
         name, layer, z, x, tail = route
-        observe = observe_tile if name == "tile" else observe_default
-        if not services:
-            services.append(app[TILE_SERVICE])
-        service = services[0]
+        service = self._service
+        if service is None:
+            service = self._service = self._app[TILE_SERVICE]
         try:
-            auth.authorize(request, "tiles", layer)
+            self._auth.authorize(request, "tiles", layer)
             address = parse_tile(layer, z, x, tail)
         except Problem:
-            return await full(request)  # nothing counted yet: the full path answers it
+            return None  # nothing counted yet: the full path answers it
         # looked up before any counting: a request the fast path does not answer must not
         # be counted against its caller's limit twice
         held = service.fresh_in_memory(address)
         if held is None:
-            return await full(request)
+            return None
+        return layer, address, held, self._observers[name]
+
+    def _limit(self, request: web.Request) -> tuple[CallerRateLimit | None, str]:
+        """The caller limit that counts ``request`` (None: none does) and its key; sets the
+        caller's address on the request for the access line."""
+        caller = caller_address(request, self._trusted)
+        request[CLIENT_KEY] = caller
+        token = self._auth.identify(request)  # known by now: authorize identified it
+        limit = self._limits.get((token.rate_limit if token is not None else None) or "default")
+        return limit, f"token:{token.name}" if token is not None else caller
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The app's request handler: a hit the fast path takes is answered here (a
+        :class:`~gateway.http.answers.ReadyResponse`, or the caller limit's 429), anything
+        else by the full path."""
+        if not self.active:
+            return await self._full(request)
+        started = perf_counter()
+        taken = self._take(request)
+        if taken is None:
+            return await self._full(request)
+        layer, address, held, observe = taken
         request[CLIENT_GONE_KEY] = False
         extra: tuple[tuple[str, str], ...] = ()
-        if limits:
-            caller = caller_address(request, trusted)
-            request[CLIENT_KEY] = caller
-            token = auth.identify(request)  # known by now: authorize identified it
-            limit = limits.get((token.rate_limit if token is not None else None) or "default")
+        if self._limits:
+            limit, key = self._limit(request)
             if limit is not None:
                 try:
-                    rate = limit.check_local(f"token:{token.name}" if token is not None else caller)
+                    rate = limit.check_local(key)
                 except Problem as problem:  # 429, as the middleware answers it
                     metrics.CLIENT_REJECTIONS.inc()
                     response = problem.response(request.path)
@@ -169,9 +216,54 @@ def hit_handler(app: web.Application, full: Handler) -> Handler:
                     observe(hdrs.METH_GET, response.status, perf_counter() - started)
                     return response
                 extra = tuple(rate.items())
-        result = service.served_from_memory(address, held)
-        answer = tile_response(request, result, not layer.public, clock, extra)
+        result = self._service_of().served_from_memory(address, held)
+        answer = tile_response(request, result, not layer.public, self._clock, extra)
         observe(hdrs.METH_GET, answer.status, perf_counter() - started)
         return answer
 
-    return handle
+    def answer_now(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``request`` at once, outside any task, when the fast path takes it and
+        its answer is a ready one (:class:`~gateway.http.answers.ReadyResponse`): the
+        answer is queued with this loop turn's writes
+        (:data:`~gateway.http.server.DEFERRED_WRITES`) and returned (for the access line).
+        None, having written and
+        counted nothing, for anything else, the caller limit's refusal included (its 429
+        comes from :meth:`handle` or the full path, which count it).
+
+        Raises:
+            ConnectionResetError: the transport is closing (nothing counted then either).
+        """
+        if not self.active:
+            return None
+        started = perf_counter()
+        taken = self._take(request)
+        if taken is None:
+            return None
+        layer, address, held, observe = taken
+        private = not layer.public
+        result = TileResult(held, "EMPTY" if held.empty else "HIT")
+        left = max(0, int(held.fresh_until - self._clock()))
+        not_modified = hdrs.IF_NONE_MATCH in request.headers and none_match(request, held.etag)
+        heads = answers.READY_HEADS
+        block = heads.head(result, private, left, not_modified)
+        if block is None or request.transport is None or request.transport.is_closing():
+            return None
+        extra: tuple[tuple[str, str], ...] = ()
+        if self._limits:
+            limit, key = self._limit(request)
+            if limit is not None:
+                rate = limit.try_local(key)
+                if rate is None:
+                    return None
+                extra = tuple(rate.items())
+        request[CLIENT_GONE_KEY] = False
+        self._service_of().served_from_memory(address, held)
+        answer = heads.answer(block, result, not_modified, extra)
+        answer.send_now(request)
+        observe(hdrs.METH_GET, answer.status, perf_counter() - started)
+        return answer
+
+    def _service_of(self) -> TileService:
+        service = self._service
+        assert service is not None, "taken before the service was bound"
+        return service
