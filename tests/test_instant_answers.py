@@ -114,6 +114,30 @@ async def test_hits_answered_on_the_spot_are_counted_and_keep_the_connection(gat
     assert count(after) - count(before) == 10
 
 
+async def test_a_client_that_pipelines_many_hits_gets_them_all_without_a_flood_of_buffers(
+    gateway, on_the_spot
+):
+    """Enough pipelined hits in one write for a megabyte of answers, from a client that
+    reads nothing yet: at most :data:`~gateway.http.server.INSTANT_BYTES_PER_TURN` (plus one
+    answer) is queued on the spot, the rest waits in aiohttp's queue for the client to
+    read; then every answer arrives, in order."""
+    first = await gateway.get(TILE)
+    tile = await first.read()
+    count = (4 * server.INSTANT_BYTES_PER_TURN) // len(tile) + 1
+    on_the_spot.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    try:
+        writer.write(_get(TILE) * count)
+        await asyncio.sleep(0.2)  # the gateway reads it all; the client reads nothing
+        queued = sum(on_the_spot)
+        answers = [await _answer(reader) for _ in range(count)]
+    finally:
+        writer.close()
+    assert 0 < queued <= server.INSTANT_BYTES_PER_TURN + len(tile) + 1024
+    assert len(on_the_spot) < count
+    assert all(status == 200 and body == tile for status, _, body in answers)
+
+
 async def test_a_request_it_cannot_parse_after_a_hit_gets_its_problem_json_400(gateway):
     """(As in aiohttp, a parse error refuses all of the bytes it came in: the requests
     sent before it in the same write get no answer.)"""
@@ -174,10 +198,15 @@ async def test_answers_left_by_a_closed_loop_do_not_stop_the_next_loops():
     """A flush due on a loop that closed before running it (a test's loop, a stopped
     server) does not keep a later loop's answers queued."""
     writes = DeferredWrites()
+    stale = await _Connection().open()
     gone = asyncio.new_event_loop()
     gone.close()
-    writes._flush_on = gone  # as if a write had been queued there
+    writes._flush_on = gone  # as if a write had been queued there, on ``stale``
+    writes._pending.append((stale.transport, (b"for a client of the loop gone",)))
     connection = await _Connection().open()
     writes.write(connection.transport, (b"still sent",))
     assert await asyncio.wait_for(connection.reader.readexactly(10), 5) == b"still sent"
-    await connection.close()
+    stale.transport.close()
+    assert await stale.reader.read() == b""  # the loop gone took its answers with it
+    for one in (stale, connection):
+        await one.close()

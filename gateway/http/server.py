@@ -166,8 +166,13 @@ class GatewayRequestHandler(RequestHandler):
             self._hand_over(parser, exc)
             return
         answered = 0
+        transport = self.transport
         for message, payload in messages:
-            if payload is not EMPTY_PAYLOAD or not self._answer_now(instant, message, payload):
+            if payload is not EMPTY_PAYLOAD or transport is None:
+                break
+            if DEFERRED_WRITES.queued(transport) >= INSTANT_BYTES_PER_TURN:
+                break
+            if not self._answer_now(instant, message, payload):
                 break
             answered += 1
             parser.message_consumed()
@@ -232,27 +237,49 @@ class DeferredWrites:
 
     def __init__(self) -> None:
         self._pending: list[tuple[asyncio.BaseTransport, tuple[bytes, ...]]] = []
+        self._bytes: dict[asyncio.BaseTransport, int] = {}  # queued, by transport
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
 
     def write(self, transport: asyncio.BaseTransport, parts: tuple[bytes, ...]) -> None:
         """Queue ``parts`` (bytes, sent in one ``writelines``) for ``transport``."""
         loop = asyncio.get_running_loop()
-        if self._flush_on is not loop:  # none due yet (or due on a loop now gone)
+        if self._flush_on is not loop:  # none due yet, or due on a loop now gone
+            if self._flush_on is not None:  # that loop stopped before its flush ran
+                self._pending.clear()  # (a test's loop, a stopped server): its clients
+                self._bytes.clear()  # are gone with it
             self._flush_on = loop
             loop.call_soon(self.flush)
         self._pending.append((transport, parts))
+        self._bytes[transport] = self._bytes.get(transport, 0) + sum(map(len, parts))
+
+    def queued(self, transport: asyncio.BaseTransport) -> int:
+        """Bytes queued for ``transport`` in this turn and not sent yet, plus what its own
+        write buffer still holds."""
+        held = cast(asyncio.WriteTransport, transport).get_write_buffer_size()
+        return self._bytes.get(transport, 0) + held
 
     def flush(self) -> None:
         """Send the queued writes now, in the order they were queued."""
         self._flush_on = None
+        self._bytes.clear()
         batch, self._pending = self._pending, []
         for transport, parts in batch:
             if not transport.is_closing():
-                cast(asyncio.WriteTransport, transport).writelines(parts)
+                try:
+                    cast(asyncio.WriteTransport, transport).writelines(parts)
+                except (ConnectionError, RuntimeError):  # gone meanwhile: its client left
+                    continue
 
 
 DEFERRED_WRITES = DeferredWrites()
 """This process's :class:`DeferredWrites`."""
+
+
+INSTANT_BYTES_PER_TURN = 256 << 10
+"""Answer bytes a connection may have queued on the spot in one loop turn, bytes: the
+requests past it (pipelined by a client that may not read) go to aiohttp's queue, whose
+answers wait for the client to drain each, so a read of many small requests cannot make the
+gateway buffer thousands of tiles."""
 
 
 InstantAnswer = Callable[[web.Request], web.StreamResponse | None]
