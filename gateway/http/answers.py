@@ -52,6 +52,12 @@ def cache_control(private: bool, max_age: int) -> str:
     return _MAX_AGE_PREFIX[private] + str(max_age)
 
 
+def is_not_modified(request: web.BaseRequest, etag: str) -> bool:
+    """Whether ``request``'s ``If-None-Match`` matches ``etag`` (a 304 is due); the header
+    is parsed only when sent (:func:`gateway.http.conditional.none_match`)."""
+    return hdrs.IF_NONE_MATCH in request.headers and none_match(request, etag)
+
+
 def tile_response(
     request: web.Request,
     result: TileResult,
@@ -76,8 +82,8 @@ def tile_response(
     status = result.cache_status
     if status in _UPSTREAM_STATUSES:
         request[UPSTREAM_TIME_KEY] = tile.fetch_s
-    left = max(0, int(tile.fresh_until - (clock or request.app[CLOCK])()))
-    not_modified = hdrs.IF_NONE_MATCH in request.headers and none_match(request, tile.etag)
+    left = tile.max_age((clock or request.app[CLOCK])())
+    not_modified = is_not_modified(request, tile.etag)
     if (
         request.method == hdrs.METH_GET
         and request.version == HttpVersion11

@@ -47,7 +47,6 @@ from gateway import metrics
 from gateway.http import answers, server
 from gateway.http.answers import tile_response
 from gateway.http.callers import CallerRateLimit, caller_address
-from gateway.http.conditional import none_match
 from gateway.http.keys import AUTH, CALLER_LIMITS, CLOCK, LAYERS, SETTINGS, TILE_SERVICE
 from gateway.http.params import parse_tile
 from gateway.http.problem import Problem
@@ -226,26 +225,22 @@ class HitPath:
         its answer is a ready one (:class:`~gateway.http.answers.ReadyResponse`): the
         answer is queued with this loop turn's writes
         (:data:`~gateway.http.server.DEFERRED_WRITES`) and returned (for the access line).
-        None, having written and
-        counted nothing, for anything else, the caller limit's refusal included (its 429
-        comes from :meth:`handle` or the full path, which count it).
+        None, having written and counted nothing, for anything else, the caller limit's
+        refusal included (its 429 comes from :meth:`handle` or the full path, which count
+        it). Installed only while :attr:`active` (:func:`install`).
 
         Raises:
             ConnectionResetError: the transport is closing (nothing counted then either).
         """
-        if not self.active:
-            return None
         started = perf_counter()
         taken = self._take(request)
         if taken is None:
             return None
         layer, address, held, observe = taken
-        private = not layer.public
-        result = TileResult(held, "EMPTY" if held.empty else "HIT")
-        left = max(0, int(held.fresh_until - self._clock()))
-        not_modified = hdrs.IF_NONE_MATCH in request.headers and none_match(request, held.etag)
+        result = TileResult.from_memory(held)
+        not_modified = answers.is_not_modified(request, held.etag)
         heads = answers.READY_HEADS
-        block = heads.head(result, private, left, not_modified)
+        block = heads.head(result, not layer.public, held.max_age(self._clock()), not_modified)
         if block is None or request.transport is None or request.transport.is_closing():
             return None
         extra: tuple[tuple[str, str], ...] = ()
@@ -257,7 +252,7 @@ class HitPath:
                     return None
                 extra = tuple(rate.items())
         request[CLIENT_GONE_KEY] = False
-        self._service_of().served_from_memory(address, held)
+        self._service_of().count_served(address, result)
         answer = heads.answer(block, result, not_modified, extra)
         answer.send_now(request)
         observe(hdrs.METH_GET, answer.status, perf_counter() - started)

@@ -143,6 +143,12 @@ class TileResult:
     tile: CachedTile
     cache_status: str
 
+    @classmethod
+    def from_memory(cls, tile: CachedTile) -> TileResult:
+        """The result of ``tile`` served from the memory tier: ``HIT``, or ``EMPTY`` for an
+        empty tile (negative caching)."""
+        return cls(tile, "EMPTY" if tile.empty else "HIT")
+
     @property
     def upstream_s(self) -> float | None:
         """Upstream time spent on this request (MISS or COALESCED), seconds, else None."""
@@ -204,13 +210,20 @@ class TileService:
 
     def served_from_memory(self, address: TileAddress, tile: CachedTile) -> TileResult:
         """Count ``tile`` (from :meth:`fresh_in_memory`) as served from memory, as
-        :meth:`get` counts a hit; the result to answer with (``HIT`` or ``EMPTY``)."""
-        status = "EMPTY" if tile.empty else "HIT"
-        metrics.CACHE_LOOKUP[status].inc()
+        :meth:`get` counts a hit; the result to answer with (:meth:`TileResult.from_memory`)."""
+        result = TileResult.from_memory(tile)
+        self.count_served(address, result)
+        return result
+
+    def count_served(self, address: TileAddress, result: TileResult) -> None:
+        """Count ``result`` (:meth:`TileResult.from_memory` of a tile from
+        :meth:`fresh_in_memory`) as served from memory, as :meth:`get` counts a hit: the
+        cache lookup, the upstream call saved and its bytes."""
+        metrics.CACHE_LOOKUP[result.cache_status].inc()
         metrics.UPSTREAM_SAVED.inc()
+        tile = result.tile
         if not tile.empty:
             self._egress_saved(address.layer.operation).inc(len(tile.body))
-        return TileResult(tile, status)
 
     def _egress_saved(self, operation: str) -> Counter:
         """The ``gateway_upstream_saved_bytes_total`` child of ``operation``, bound once."""
