@@ -12,6 +12,7 @@ same values.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 
@@ -159,8 +160,55 @@ class RouteObserver:
                 child = self._counts[(method, status)] = HTTP_REQUESTS.labels(
                     self._route, method, str(status)
                 )
-        child.inc()
+        TURN_COUNTS.inc(child)
         self._duration.observe(seconds)
+
+
+class TurnCounts:
+    """Counter increments made in one event-loop turn, added to their counters together
+    once the turn's ready callbacks have run (``loop.call_soon``): a cache hit counts four
+    counters, and prometheus-client takes a lock for every increment (0.5 µs a call on this
+    project's VM, against 0.1 µs to add to this turn's sum). Answers written in the turn go
+    out after this flush (:class:`gateway.http.server.DeferredWrites` is scheduled later in
+    it, aiohttp's own writes reach their client in a later turn), and :func:`render` adds
+    what is pending first: a client never sees an answer its counters lack. With
+    ``--workers N`` another worker's pending counts (at most one loop turn's) show in its
+    next turn.
+
+    Outside a running loop an increment is added at once; what a loop that stopped before
+    its flush left is added at the next increment or :meth:`flush`, never dropped. Not
+    thread-safe: one event loop per process.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Counter, float] = {}
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
+
+    def inc(self, child: Counter, amount: float = 1.0) -> None:
+        """Add ``amount`` to the counter (a child bound with ``.labels()``, or one without
+        labels) at the end of this loop turn."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            child.inc(amount)
+            return
+        if self._flush_on is not loop:
+            self.flush()  # what a stopped loop left, if anything
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+        pending = self._pending
+        pending[child] = pending.get(child, 0.0) + amount
+
+    def flush(self) -> None:
+        """Add the pending increments to their counters now."""
+        self._flush_on = None
+        batch, self._pending = self._pending, {}
+        for child, amount in batch.items():
+            child.inc(amount)
+
+
+TURN_COUNTS = TurnCounts()
+"""This process's :class:`TurnCounts`."""
 
 
 _OBSERVERS: dict[str, RouteObserver] = {}
@@ -243,7 +291,9 @@ class StateCollector(Collector):
 
 
 def render(state: Collector) -> tuple[bytes, str]:
-    """The exposition text for all metrics plus ``state``; returns ``(body, content_type)``."""
+    """The exposition text for all metrics plus ``state``; returns ``(body, content_type)``.
+    This loop turn's pending counts (:data:`TURN_COUNTS`) are added first."""
+    TURN_COUNTS.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

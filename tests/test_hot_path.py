@@ -150,6 +150,38 @@ def test_route_metrics_are_bound_before_the_first_request_and_stay_bounded():
     assert len(observe._counts) <= len(observe.PREBOUND) + 4  # one "other", not one per method
 
 
+async def test_a_turns_counts_are_added_at_its_end_or_by_a_scrape():
+    counter = metrics.HTTP_REQUESTS.labels("turn-counts-test", "GET", "200")
+    labels = {"route": "turn-counts-test", "method": "GET", "status": "200"}
+
+    def value() -> float | None:
+        return REGISTRY.get_sample_value("gateway_http_requests_total", labels)
+
+    for _ in range(3):
+        metrics.TURN_COUNTS.inc(counter)
+    assert value() == 0.0  # pending in this turn
+    await asyncio.sleep(0)
+    assert value() == 3.0  # added once the turn's callbacks ran
+    metrics.TURN_COUNTS.inc(counter, 2)
+    state = metrics.StateCollector(lambda: 0, list, lambda: None)
+    body, _ = metrics.render(state)  # a scrape in the same turn sees the pending 2
+    assert b'route="turn-counts-test",status="200"} 5.0' in body
+
+
+def test_counts_left_by_a_stopped_loop_are_added_not_dropped():
+    counter = metrics.HTTP_REQUESTS.labels("turn-counts-stopped", "GET", "200")
+    labels = {"route": "turn-counts-stopped", "method": "GET", "status": "200"}
+
+    async def count_and_leave() -> None:
+        metrics.TURN_COUNTS.inc(counter)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(count_and_leave())  # stops before the flush's turn
+    loop.close()
+    metrics.TURN_COUNTS.inc(counter)  # no loop now: added at once, with what was left
+    assert REGISTRY.get_sample_value("gateway_http_requests_total", labels) == 2.0
+
+
 async def test_a_tile_hit_carries_each_header_once(gateway):
     await gateway.get(TILE)
     hit = await gateway.get(TILE)

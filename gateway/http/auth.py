@@ -56,7 +56,8 @@ def presented_token(request: web.BaseRequest) -> str | None:
             parameters; no one of them is chosen.
     """
     header = request.headers.get("Authorization")
-    in_query = "token" in request.query
+    # without a "?" in the raw target there is no query to parse (a cache hit's usual case)
+    in_query = "?" in request.raw_path and "token" in request.query
     if header is not None:
         if in_query:
             raise _twice("in the Authorization header or as ?token=, not both")
