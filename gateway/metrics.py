@@ -176,8 +176,9 @@ class TurnCounts:
     next turn.
 
     Outside a running loop an increment is added at once; what a loop that stopped before
-    its flush left is added at the next increment or :meth:`flush`, never dropped. Not
-    thread-safe: one event loop per process.
+    its flush left is added with the next batch (or by :meth:`flush`), never dropped: the
+    scheduling of :class:`gateway.logs.AccessLines`. Not thread-safe: one event loop per
+    process.
     """
 
     def __init__(self) -> None:
@@ -187,17 +188,16 @@ class TurnCounts:
     def inc(self, child: Counter, amount: float = 1.0) -> None:
         """Add ``amount`` to the counter (a child bound with ``.labels()``, or one without
         labels) at the end of this loop turn."""
+        pending = self._pending
+        pending[child] = pending.get(child, 0.0) + amount
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            child.inc(amount)
+            self.flush()
             return
-        if self._flush_on is not loop:
-            self.flush()  # what a stopped loop left, if anything
+        if self._flush_on is not loop:  # not yet due on this loop (or due on one now gone)
             self._flush_on = loop
             loop.call_soon(self.flush)
-        pending = self._pending
-        pending[child] = pending.get(child, 0.0) + amount
 
     def flush(self) -> None:
         """Add the pending increments to their counters now."""
